@@ -1,0 +1,55 @@
+"""orbax CheckpointManager: periodic async saves, keep N, auto-resume.
+
+Orbax writes each step into a temporary directory and renames it when
+complete, so a crash mid-save never leaves a half-written checkpoint that
+would be restored: a run loses at most the steps since the last save.
+"""
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def make_manager(workdir: str, *, save_every: int, keep: int,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=save_every,
+      enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints')
+      if '://' not in workdir else workdir.rstrip('/') + '/checkpoints',
+      options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state: Any,
+         force: bool = False) -> bool:
+  """Saves `state` (a TrainState pytree) if `step` is due or `force`."""
+  # apply_fn and tx are static fields: the pytree holds step, params,
+  # opt_state and ema_params.
+  return mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
+                   step: Optional[int] = None):
+  """Restores the latest (or given) step into the abstract (sharded) state.
+
+  Returns:
+    (state, step) or (None, None) when the directory has no checkpoint.
+  """
+  step = mgr.latest_step() if step is None else step
+  if step is None:
+    return None, None
+  logging.info('Restoring checkpoint of step %d from %s', step,
+               mgr.directory)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  try:
+    state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+        f'Checkpoint at step {step} in {mgr.directory} does not match this '
+        f'model/optimizer ({e}). Use a fresh --workdir or the config the '
+        'checkpoint was written with.') from e
+  return state, step

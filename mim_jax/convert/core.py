@@ -1,0 +1,241 @@
+"""Generic PyTorch <-> Flax parameter conversion, driven by prefix rules.
+
+A method declares `RULES`: pairs (torch_prefix, flax_prefix) such as
+('blocks.{i}.', 'encoder/blocks_{i}/'). `{i}` matches a block index. The rest
+of the key maps dots to slashes, and the leaf is renamed by module type:
+LayerNorm `weight` <-> `scale`, Linear `weight` (out, in) <-> `kernel`
+(in, out), Conv `weight` (O, I, kh, kw) <-> `kernel` (kh, kw, I, O). Other
+leaves (cls_token, mask_token, ...) keep their name and layout.
+
+Fixed buffers (the sin-cos position tables) are not Flax params. On import
+they are checked against the values our model computes, and on export they
+are written, so an exported state dict loads with `strict=True` upstream.
+"""
+
+import os
+import re
+from typing import Callable, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from mim_jax.models import vit
+
+Rules = list[tuple[str, str]]
+
+
+class ConversionError(ValueError):
+  """Raised with the full list of unknown, missing and mis-shaped keys."""
+
+
+def _template_regex(template: str) -> re.Pattern:
+  parts = re.split(r'(\{\w+\})', template)
+  rx = ''.join(rf'(?P<{p[1:-1]}>\d+)' if p.startswith('{') else re.escape(p)
+               for p in parts)
+  return re.compile('^' + rx)
+
+
+def _map_module(mod: str, rules: Rules, forward: bool) -> Optional[str]:
+  """Maps a module path ('blocks.0.attn.qkv') with the prefix rules."""
+  sep = '.' if forward else '/'
+  out = _map_key(mod + sep, rules, forward)
+  return out[:-1] if out else None
+
+
+def _map_key(key: str, rules: Rules, forward: bool) -> Optional[str]:
+  """Maps one key with the first matching rule (or None)."""
+  for torch_t, flax_t in rules:
+    src, dst = (torch_t, flax_t) if forward else (flax_t, torch_t)
+    m = _template_regex(src).match(key)
+    if not m:
+      continue
+    rest = key[m.end():]
+    if rest and not (src.endswith('.') or src.endswith('/')):
+      continue  # exact-key rule, but the key is longer
+    rest = rest.replace('.', '/') if forward else rest.replace('/', '.')
+    return dst.format(**m.groupdict()) + rest
+  return None
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a PyTorch checkpoint (.pth/.pt, via torch.load(weights_only=True))
+  or a state dict saved as .npz. Unwraps {'model': ...} / {'state_dict': ...}
+  as written by the official training scripts."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'checkpoint {path!r} does not exist.')
+  if path.endswith('.npz'):
+    with np.load(path) as f:
+      return {k: np.asarray(f[k]) for k in f.files}
+  import torch  # pylint: disable=g-import-not-at-top
+  obj = torch.load(path, map_location='cpu', weights_only=True)
+  for wrapper in ('model', 'state_dict', 'module'):
+    if isinstance(obj, dict) and wrapper in obj and isinstance(
+        obj[wrapper], dict):
+      obj = obj[wrapper]
+  return {k: v.detach().float().numpy() if v.is_floating_point()
+          else v.numpy() for k, v in obj.items()}
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str):
+  """Writes a state dict as .npz, or as a torch .pth for any other suffix."""
+  if path.endswith('.npz'):
+    np.savez(path, **state_dict)
+    return
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+              for k, v in state_dict.items()}, path)
+
+
+def _to_flax_leaf(name: str, value: np.ndarray, expected: dict):
+  """Renames/transposes a torch leaf for the flax module holding it."""
+  if name == 'weight':
+    if 'scale' in expected:
+      return 'scale', value
+    if value.ndim == 2:
+      return 'kernel', value.T
+    if value.ndim == 4:
+      return 'kernel', value.transpose(2, 3, 1, 0)
+    return 'kernel', value
+  return name, value
+
+
+def _to_torch_leaf(name: str, value: np.ndarray):
+  if name == 'scale':
+    return 'weight', value
+  if name == 'kernel':
+    if value.ndim == 2:
+      return 'weight', value.T
+    if value.ndim == 4:
+      return 'weight', value.transpose(3, 2, 0, 1)
+    return 'weight', value
+  return name, value
+
+
+def is_scanned(params) -> bool:
+  """True if the tree uses the nn.scan layout (a `blocks` subtree)."""
+  return any('blocks' in k for k in traverse_util.flatten_dict(params))
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
+                  rules: Rules, frozen: Mapping[str, np.ndarray] = (),
+                  ignore: Iterable[str] = (), strict: bool = True,
+                  frozen_atol: float = 1e-5):
+  """Converts a torch state dict into a Flax params tree.
+
+  Args:
+    state_dict: torch key -> array.
+    target_params: the Flax params tree (arrays or ShapeDtypeStructs) of the
+      model to fill, in either loop or scan layout: it fixes names and shapes.
+    rules: the method's (torch_prefix, flax_prefix) rules.
+    frozen: torch key -> expected value, for fixed buffers.
+    ignore: torch keys (regexes) to skip silently (e.g. optimizer leftovers).
+    strict: if False, params absent from the state dict keep the values in
+      `target_params` (e.g. an encoder-only checkpoint into a full MAE).
+    frozen_atol: tolerance for fixed buffers.
+
+  Returns:
+    A params tree in the layout of `target_params`.
+
+  Raises:
+    ConversionError: listing unknown keys, missing params, shape mismatches
+      and fixed buffers that differ from ours.
+  """
+  scanned = is_scanned(target_params)
+  loop_target = vit.scan_to_loop(jax.tree.map(np.asarray, target_params)) \
+      if scanned else target_params
+  expected = traverse_util.flatten_dict(loop_target, sep='/')
+  modules: dict[str, set] = {}
+  for k in expected:
+    mod, _, leaf = k.rpartition('/')
+    modules.setdefault(mod, set()).add(leaf)
+
+  unknown, mismatched, bad_frozen = [], [], []
+  out = {}
+  ignore_rx = [re.compile(r) for r in ignore]
+  for key, value in state_dict.items():
+    value = np.asarray(value)
+    if key in frozen:
+      ref = np.asarray(frozen[key])
+      if ref.shape != value.shape or np.abs(ref - value).max() > frozen_atol:
+        bad_frozen.append(
+            f'{key}: {value.shape} differs from the fixed table {ref.shape}')
+      continue
+    if any(r.match(key) for r in ignore_rx):
+      continue
+    mod_t, _, leaf_t = key.rpartition('.')
+    mod_f = _map_module(mod_t, rules, forward=True) if mod_t else None
+    if mod_f is None:  # a top-level param such as cls_token
+      full = _map_key(key, rules, forward=True)
+      if full is None:
+        unknown.append(key)
+        continue
+      mod_f, _, leaf_t = full.rpartition('/')
+    leaf_f, arr = _to_flax_leaf(leaf_t, value, modules.get(mod_f, set()))
+    path = f'{mod_f}/{leaf_f}'
+    if path not in expected:
+      unknown.append(f'{key} (-> {path})')
+      continue
+    if tuple(arr.shape) != tuple(expected[path].shape):
+      mismatched.append(f'{key}: got {tuple(value.shape)}, model wants '
+                        f'{tuple(expected[path].shape)} (as {path})')
+      continue
+    out[path] = arr.astype(np.float32)
+  missing = sorted(set(expected) - set(out))
+  problems = []
+  if unknown:
+    problems.append(f'unknown keys ({len(unknown)}): {unknown}')
+  if missing and strict:
+    problems.append(f'missing params ({len(missing)}): {missing}')
+  if mismatched:
+    problems.append(f'shape mismatches ({len(mismatched)}): {mismatched}')
+  if bad_frozen:
+    problems.append(f'fixed buffers ({len(bad_frozen)}): {bad_frozen}')
+  if problems:
+    raise ConversionError(
+        'Cannot load the state dict into this model:\n  ' +
+        '\n  '.join(problems) + '\nCheck that the config (variant, patch '
+        'size, image size, decoder) matches the checkpoint; pass strict=False'
+        ' to keep freshly initialised values for missing params.')
+  for k in missing:
+    out[k] = np.asarray(expected[k])
+  tree = traverse_util.unflatten_dict(out, sep='/')
+  return vit.loop_to_scan(tree) if scanned else tree
+
+
+def flax_to_torch(params, rules: Rules,
+                  frozen: Mapping[str, np.ndarray] = ()) -> dict:
+  """Inverse of `torch_to_flax`: params tree -> torch state dict (numpy)."""
+  params = vit.scan_to_loop(jax.tree.map(np.asarray, params))
+  out = dict(frozen)
+  unmapped = []
+  for path, value in traverse_util.flatten_dict(params, sep='/').items():
+    mod, _, leaf = path.rpartition('/')
+    tmod = _map_module(mod, rules, forward=False) if mod else None
+    if tmod is None:
+      full = _map_key(path, rules, forward=False)
+      if full is None:
+        unmapped.append(path)
+        continue
+      out[full] = np.asarray(value)
+      continue
+    leaf_t, arr = _to_torch_leaf(leaf, np.asarray(value))
+    out[f'{tmod}.{leaf_t}'] = arr
+  if unmapped:
+    raise ConversionError(f'No torch name for params: {unmapped}')
+  return out
+
+
+def torch_grads_to_flax(grads: Mapping[str, np.ndarray], params,
+                        rules: Rules) -> dict[str, np.ndarray]:
+  """Maps a torch-keyed gradient dict onto flat flax paths (loop layout).
+
+  Returns {flax_path: array}. Gradients follow the same layout rules as the
+  weights, so this reuses `torch_to_flax` in non-strict mode.
+  """
+  tree = torch_to_flax(grads, params, rules, strict=False)
+  return traverse_util.flatten_dict(vit.scan_to_loop(
+      jax.tree.map(np.asarray, tree)), sep='/')
+
+
+Converter = Callable

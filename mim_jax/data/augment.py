@@ -1,0 +1,155 @@
+"""Image decoding and augmentation for MAE pretraining (TensorFlow).
+
+All randomness is stateless (`tf.random.stateless_*`): the output is a pure
+function of the encoded image and the seed, so a batch can be reproduced
+from (seed, step, example index) alone.
+"""
+
+import math
+from typing import Sequence
+
+import tensorflow as tf
+
+# RandomResizedCrop attempts before falling back to a center crop, as in
+# torchvision / timm.
+_NUM_CROP_TRIES = 10
+
+
+def sample_crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
+                       scale: Sequence[float],
+                       ratio: Sequence[float]) -> tf.Tensor:
+  """Samples a RandomResizedCrop window like torchvision's `get_params`.
+
+  Ten candidate windows are drawn at once (area fraction uniform in `scale`,
+  aspect ratio log-uniform in `ratio`); the first that fits is used, else a
+  center crop clamped to the ratio range.
+
+  Args:
+    seed: stateless seed, int tensor of shape [2].
+    height: image height (int scalar tensor).
+    width: image width (int scalar tensor).
+    scale: (min, max) fraction of the image area.
+    ratio: (min, max) aspect ratio width / height.
+
+  Returns:
+    int32 tensor [top, left, crop_height, crop_width].
+  """
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
+  u = tf.random.stateless_uniform([_NUM_CROP_TRIES, 4], seed=seed)
+  target_area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+  crop_w = tf.round(tf.sqrt(target_area * aspect))
+  crop_h = tf.round(tf.sqrt(target_area / aspect))
+  fits = (crop_w > 0) & (crop_w <= w) & (crop_h > 0) & (crop_h <= h)
+  # torch.randint(0, n + 1): floor(u * (n + 1)), clamped against rounding.
+  top = tf.minimum(tf.floor(u[:, 2] * (h - crop_h + 1)), h - crop_h)
+  left = tf.minimum(tf.floor(u[:, 3] * (w - crop_w + 1)), w - crop_w)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  sampled = tf.stack([top[first], left[first], crop_h[first], crop_w[first]])
+
+  # Fallback: whole image, cropped to the nearest allowed aspect ratio.
+  in_ratio = w / h
+  fb_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+  fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  fallback = tf.stack([tf.floor((h - fb_h) / 2), tf.floor((w - fb_w) / 2),
+                       fb_h, fb_w])
+  window = tf.where(tf.reduce_any(fits), sampled, fallback)
+  return tf.cast(window, tf.int32)
+
+
+def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 (H, W, 3)."""
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
+                           scale: Sequence[float],
+                           ratio: Sequence[float]) -> tf.Tensor:
+  """Decodes an image and takes a RandomResizedCrop window (not resized).
+
+  JPEGs are only partially decoded (`decode_and_crop_jpeg`), which is much
+  cheaper for large ImageNet photos and small crops.
+
+  Args:
+    image_bytes: scalar string tensor, encoded image.
+    seed: stateless seed, int tensor of shape [2].
+    scale: (min, max) area fraction.
+    ratio: (min, max) aspect ratio.
+
+  Returns:
+    uint8 tensor (h, w, 3), the crop.
+  """
+
+  def jpeg_crop():
+    shape = tf.io.extract_jpeg_shape(image_bytes)
+    window = sample_crop_window(seed, shape[0], shape[1], scale, ratio)
+    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+  def generic_crop():
+    image = _decode(image_bytes)
+    shape = tf.shape(image)
+    top, left, crop_h, crop_w = tf.unstack(
+        sample_crop_window(seed, shape[0], shape[1], scale, ratio))
+    return image[top:top + crop_h, left:left + crop_w]
+
+  crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg_crop, generic_crop)
+  crop.set_shape([None, None, 3])
+  return crop
+
+
+def decode_and_center_crop(image_bytes: tf.Tensor) -> tf.Tensor:
+  """Decodes an image and takes its largest centered square.
+
+  Resizing that square to S equals "resize the shorter side to S, then center
+  crop S x S".
+
+  Args:
+    image_bytes: scalar string tensor, encoded image.
+
+  Returns:
+    uint8 tensor (s, s, 3).
+  """
+  image = _decode(image_bytes)
+  shape = tf.shape(image)
+  side = tf.minimum(shape[0], shape[1])
+  top = (shape[0] - side) // 2
+  left = (shape[1] - side) // 2
+  return image[top:top + side, left:left + side]
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bicubic resize to (size, size), float32 in [0, 255].
+
+  Antialiasing matters here: crops of large photos are shrunk by 10x or more
+  for small image sizes, and without it bicubic aliases badly (PIL, used by
+  timm/torchvision, antialiases too).
+
+  Args:
+    image: uint8 or float (h, w, 3).
+    size: output side.
+
+  Returns:
+    float32 (size, size, 3).
+  """
+  image = tf.image.resize(tf.cast(image, tf.float32), [size, size],
+                          method='bicubic', antialias=True)
+  # Bicubic overshoots around edges.
+  return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Flips (H, W, C) left-right with probability 0.5."""
+  flip = tf.random.stateless_uniform([], seed=seed) < 0.5
+  return tf.where(flip, tf.reverse(image, axis=[1]), image)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float],
+              std: Sequence[float]) -> tf.Tensor:
+  """Maps [0, 255] pixels to (x / 255 - mean) / std (mean/std in [0, 1])."""
+  mean = tf.constant(mean, tf.float32)
+  std = tf.constant(std, tf.float32)
+  return (image / 255.0 - mean) / std

@@ -1,0 +1,146 @@
+"""Small photo data sets that ship inside installed Python packages.
+
+They need no download, so pipelines, tests and smoke runs work on machines
+without network access. Each image is returned as PNG bytes so that it goes
+through exactly the same decode path as TFDS and image-folder records.
+"""
+
+import functools
+import io
+from typing import Callable
+
+from absl import logging
+import numpy as np
+from PIL import Image
+
+# Longest side, in pixels, of an embedded image. Every training example
+# decodes its full PNG, and some bundled photos are ~1.4k pixels wide; 512
+# keeps decoding cheap while RandomResizedCrop to 32-224 px still sees plenty
+# of detail.
+MAX_SIDE = 512
+
+# Photographs bundled with scikit-image (skimage/data/*). Only functions that
+# read a file shipped inside the wheel are listed: the others fetch their
+# file over the network through `pooch`, which is not available offline.
+# Grayscale photos are kept (replicated to 3 channels) for variety.
+SKIMAGE_IMAGES = (
+    'astronaut',
+    'brick',
+    'camera',
+    'chelsea',
+    'clock',
+    'coffee',
+    'coins',
+    'grass',
+    'gravel',
+    'hubble_deep_field',
+    'immunohistochemistry',
+    'moon',
+    'retina',
+    'rocket',
+    'stereo_motorcycle',
+    'text',
+)
+
+
+def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
+  """Converts an skimage array to uint8 HWC RGB.
+
+  Args:
+    image: (H, W), (H, W, 3) or (H, W, 4) array of bool, uint8 or float.
+
+  Returns:
+    uint8 array of shape (H, W, 3).
+  """
+  image = np.asarray(image)
+  if image.dtype == bool:
+    image = image.astype(np.uint8) * 255
+  elif image.dtype != np.uint8:
+    # skimage floats are in [0, 1].
+    image = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.shape[-1] == 4:
+    image = image[..., :3]
+  return image
+
+
+def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+  """Downscales (antialiased) so that the longest side is <= max_side."""
+  height, width = image.shape[:2]
+  if max(height, width) <= max_side:
+    return image
+  factor = max_side / max(height, width)
+  size = (max(1, round(width * factor)), max(1, round(height * factor)))
+  return np.asarray(
+      Image.fromarray(image).resize(size, resample=Image.Resampling.BICUBIC))
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _skimage_pngs() -> tuple[tuple[str, bytes], ...]:
+  """Loads the bundled scikit-image photos as (name, PNG bytes) pairs."""
+  from skimage import data as skdata  # pylint: disable=g-import-not-at-top
+
+  images = []
+  for name in SKIMAGE_IMAGES:
+    loader = getattr(skdata, name, None)
+    if loader is None:
+      logging.warning('skimage.data.%s does not exist in this version of '
+                      'scikit-image; skipping it.', name)
+      continue
+    try:
+      image = loader()
+    # Broad on purpose: depending on the scikit-image version a missing file
+    # surfaces as ImportError (no pooch), OSError (no network) or ValueError.
+    # A missing photo only makes the set smaller, so skip it and go on.
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Could not load skimage.data.%s offline (%s); '
+                      'skipping it.', name, e)
+      continue
+    if isinstance(image, tuple):  # stereo_motorcycle: (left, right, disp).
+      image = image[0]
+    image = _shrink(_to_rgb_uint8(image), MAX_SIDE)
+    images.append((name, _encode_png(image)))
+  if not images:
+    raise ValueError(
+        'None of the scikit-image bundled photos could be loaded '
+        f'({", ".join(SKIMAGE_IMAGES)}). Reinstall scikit-image '
+        '(pip install scikit-image) or use another input.data source.')
+  logging.info('Embedded skimage data set: %d images (%s).', len(images),
+               ', '.join(n for n, _ in images))
+  return tuple(images)
+
+
+_DATASETS: dict[str, Callable[[], tuple[tuple[str, bytes], ...]]] = {
+    'skimage': _skimage_pngs,
+}
+
+
+def available() -> list[str]:
+  """Returns the names accepted after `embedded:`."""
+  return sorted(_DATASETS)
+
+
+def load(name: str) -> list[tuple[str, bytes]]:
+  """Returns the images of an embedded data set.
+
+  Args:
+    name: data set name, e.g. 'skimage' (the part after `embedded:`).
+
+  Returns:
+    List of (image name, PNG-encoded uint8 RGB bytes), in a fixed order.
+
+  Raises:
+    ValueError: if `name` is unknown or none of its images can be loaded.
+  """
+  if name not in _DATASETS:
+    raise ValueError(
+        f'Unknown embedded data set {name!r}. Available: '
+        f'{", ".join("embedded:" + n for n in available())}.')
+  return list(_DATASETS[name]())

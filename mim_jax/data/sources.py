@@ -1,0 +1,278 @@
+"""Raw (undecoded) record sources for the input pipeline.
+
+A source holds one host's shard of a data set and yields *records*: cheap
+handles (encoded bytes or an index into an in-memory table) that `read` turns
+into encoded image bytes. Shuffling and skipping act on records, so resuming
+never decodes an image it throws away.
+
+Supported `input.data` values:
+  tfds:NAME[/CONFIG][:VERSION]  a prepared TensorFlow Datasets data set.
+  folder:/path                  *.jpg/*.jpeg/*.png found recursively.
+  embedded:NAME                 photos bundled in a package (no download).
+"""
+
+import abc
+import os
+from typing import Any
+
+from absl import logging
+import tensorflow as tf
+
+from mim_jax.data import embedded
+from mim_jax.data import seeds
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+KNOWN_PREFIXES = ('tfds:', 'folder:', 'embedded:')
+
+
+class RecordSource(abc.ABC):
+  """One host's shard of a data set, as a stream of raw records.
+
+  Attributes:
+    description: human-readable name, for logs.
+    num_records: number of records in this host's shard (one epoch).
+  """
+
+  description: str
+  num_records: int
+
+  @abc.abstractmethod
+  def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+    """All records of the shard, shuffled deterministically for `epoch`.
+
+    Args:
+      epoch: int64 scalar tensor (this is used inside `flat_map`).
+
+    Returns:
+      Finite dataset of `num_records` records.
+    """
+
+  @abc.abstractmethod
+  def ordered(self) -> tf.data.Dataset:
+    """All records of the shard in their stored order (no shuffling)."""
+
+  def read(self, record: tf.Tensor) -> tf.Tensor:
+    """Turns a record into a scalar string tensor of encoded image bytes."""
+    return record
+
+
+class ArraySource(RecordSource):
+  """Source whose records are an in-memory table (image bytes or paths).
+
+  Epochs are full random permutations computed with the stateless
+  `tf.random.experimental.index_shuffle`, so they need no shuffle buffer.
+  Records are row indices; `read` gathers the row (and reads the file for
+  path tables), so skipped records cost only an integer.
+  """
+
+  def __init__(self, description: str, rows: list[Any], *, are_paths: bool,
+               seed: int, process_index: int, process_count: int):
+    shard = rows[process_index::process_count]
+    if not shard:
+      raise ValueError(
+          f'{description} has {len(rows)} images, fewer than '
+          f'process_count={process_count}: host {process_index} gets none.')
+    self.description = description
+    self.num_records = len(shard)
+    self._table = tf.constant(shard, tf.string)
+    self._are_paths = are_paths
+    self._shuffle_key = seeds.fold_in(
+        seeds.base_key(seed, seeds.SHUFFLE), process_index)
+
+  def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+    key = seeds.fold_in(self._shuffle_key, epoch)
+    order = tf.random.experimental.index_shuffle(
+        tf.range(self.num_records, dtype=tf.int64), key,
+        tf.constant(self.num_records - 1, tf.int64))
+    return tf.data.Dataset.from_tensor_slices(order)
+
+  def ordered(self) -> tf.data.Dataset:
+    return tf.data.Dataset.range(self.num_records)
+
+  def read(self, record: tf.Tensor) -> tf.Tensor:
+    row = tf.gather(self._table, record)
+    return tf.io.read_file(row) if self._are_paths else row
+
+
+class TfdsSource(RecordSource):
+  """A prepared TFDS data set, read with undecoded images.
+
+  Epochs shuffle with a buffer of `shuffle_buffer` records seeded by
+  (seed, epoch, host). The file order itself is fixed (TFDS already shuffles
+  examples when it writes the files), which keeps every epoch addressable
+  without iterator state.
+  """
+
+  def __init__(self, name: str, input_config: Any, *, seed: int,
+               process_index: int, process_count: int):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    data_dir = input_config.get('tfds_data_dir', None)
+    manual_dir = input_config.get('tfds_manual_dir', None)
+    builder = _tfds_builder(name, data_dir, manual_dir)
+    split = input_config.get('split', 'train')
+    image_key = input_config.get('tfds_image_key', 'image')
+    if image_key not in builder.info.features:
+      raise ValueError(
+          f'TFDS data set {name!r} has no feature {image_key!r} (features: '
+          f'{", ".join(builder.info.features)}); set input.tfds_image_key.')
+    # Each host reads a disjoint, contiguous ~1/process_count of the split.
+    host_split = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count)
+    try:
+      self.num_records = builder.info.splits[host_split].num_examples
+    except (KeyError, ValueError) as e:
+      raise ValueError(
+          f'Bad input.split={split!r} for TFDS data set {name!r} '
+          f'(available splits: {", ".join(builder.info.splits)}): {e}'
+      ) from None
+    if self.num_records < 1:
+      raise ValueError(
+          f'TFDS {name!r} split {split!r} gives host {process_index} of '
+          f'{process_count} no examples.')
+    self.description = f'tfds:{name} split={split} shard={host_split}'
+
+    read_config = tfds.ReadConfig(try_autocache=False, skip_prefetch=True)
+    records = builder.as_dataset(
+        split=host_split, shuffle_files=False, read_config=read_config,
+        decoders={image_key: tfds.decode.SkipDecoding()})
+    records = records.map(lambda example: example[image_key],
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    if input_config.get('cache', False):
+      # Caches the encoded bytes, not decoded pixels: augmentation is
+      # random per step, and encoded images are ~10x smaller.
+      records = records.cache()
+    self._records = records
+    self._buffer = max(1, min(int(input_config.get('shuffle_buffer', 10_000)),
+                              self.num_records))
+    self._shuffle_key = seeds.fold_in(
+        seeds.base_key(seed, seeds.SHUFFLE), process_index)
+
+  def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+    key = seeds.fold_in(self._shuffle_key, epoch)
+    return self._records.shuffle(
+        self._buffer, seed=key[0], reshuffle_each_iteration=False)
+
+  def ordered(self) -> tf.data.Dataset:
+    return self._records
+
+
+def _default_tfds_data_dir() -> str:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return os.environ.get('TFDS_DATA_DIR') or tfds.core.constants.DATA_DIR
+
+
+def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
+  """Returns the TFDS builder of `name`, checking that it is prepared.
+
+  Args:
+    name: 'NAME[/CONFIG][:VERSION]'.
+    data_dir: input.tfds_data_dir (None: TFDS default).
+    manual_dir: input.tfds_manual_dir, only used in the error message.
+
+  Raises:
+    ValueError: unknown name, or files not prepared in `data_dir`.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    first_line = str(e).splitlines()[0] if str(e) else ''
+    raise ValueError(
+        f'{name!r} is not a registered TFDS data set ({first_line}). Check '
+        'input.data="tfds:NAME[/CONFIG]" against `tfds.list_builders()`.'
+    ) from None
+  if builder.is_prepared():
+    return builder
+
+  root = data_dir or _default_tfds_data_dir()
+  base_name = name.split('/')[0].split(':')[0]
+  if base_name == 'imagenet2012':
+    manual = manual_dir or os.path.join(root, 'downloads', 'manual')
+    how = (
+        'ImageNet cannot be downloaded automatically: download '
+        f'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar to {manual} '
+        f'and run `tfds build imagenet2012 --manual_dir={manual} '
+        f'--data_dir={root}`. Then point input.tfds_data_dir at {root} '
+        '(input.tfds_manual_dir sets the manual download folder).')
+  else:
+    how = (f'Run `tfds build {name} --data_dir={root}` on a machine with '
+           'internet access and copy the result there, or set '
+           'input.tfds_data_dir to where it is prepared.')
+  raise ValueError(
+      f'TFDS data set {name!r} is not prepared in data_dir {root!r} '
+      f'(expected files under {builder.data_dir}). {how}')
+
+
+def _list_image_files(path: str) -> list[str]:
+  """Sorted image files under `path`, recursively (class folders optional)."""
+  if not tf.io.gfile.isdir(path):
+    raise ValueError(
+        f'input.data folder {path!r} does not exist or is not a directory. '
+        'Expected a folder of images (extensions: '
+        f'{", ".join(IMAGE_EXTENSIONS)}, any case), optionally in class '
+        'subfolders.')
+  files = []
+  for root, _, names in tf.io.gfile.walk(path):
+    for name in names:
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        files.append(os.path.join(root, name))
+  if not files:
+    raise ValueError(
+        f'No images found under {path!r}: looked recursively for files with '
+        f'extensions {", ".join(IMAGE_EXTENSIONS)} (any case).')
+  # Sorted so that order, shuffling and host shards are reproducible.
+  return sorted(files)
+
+
+def check_data_spec(data: str) -> tuple[str, str]:
+  """Splits 'kind:value' and validates the kind. Returns (kind, value)."""
+  if not isinstance(data, str) or not data.startswith(KNOWN_PREFIXES):
+    raise ValueError(
+        f'Unknown input.data={data!r}; expected one of '
+        '"tfds:NAME[/CONFIG]", "folder:/path/to/images", "embedded:NAME" '
+        f'(embedded: {", ".join(embedded.available())}).')
+  kind, value = data.split(':', 1)
+  if not value:
+    raise ValueError(f'input.data={data!r} is missing the part after ":".')
+  return kind, value
+
+
+def open_source(input_config: Any, *, seed: int, process_index: int,
+                process_count: int) -> RecordSource:
+  """Opens the source named by `input_config.data` for one host.
+
+  Args:
+    input_config: the `config.input` ConfigDict.
+    seed: experiment seed (drives the per-epoch shuffling).
+    process_index: this host's index.
+    process_count: number of hosts; each gets a disjoint shard.
+
+  Returns:
+    The host's RecordSource.
+
+  Raises:
+    ValueError: unknown/unprepared data set, missing or empty folder.
+  """
+  kind, value = check_data_spec(input_config.get('data', None))
+  if kind == 'tfds':
+    source = TfdsSource(value, input_config, seed=seed,
+                        process_index=process_index,
+                        process_count=process_count)
+  elif kind == 'folder':
+    files = _list_image_files(value)
+    source = ArraySource(f'folder:{value} ({len(files)} images)', files,
+                         are_paths=True, seed=seed,
+                         process_index=process_index,
+                         process_count=process_count)
+  else:
+    images = embedded.load(value)
+    source = ArraySource(f'embedded:{value} ({len(images)} images)',
+                         [png for _, png in images], are_paths=False,
+                         seed=seed, process_index=process_index,
+                         process_count=process_count)
+  logging.info('Input source %s: %d records for host %d/%d.',
+               source.description, source.num_records, process_index,
+               process_count)
+  return source

@@ -1,0 +1,261 @@
+"""tf.data input pipeline for MAE pretraining.
+
+`make_train_dataset` yields per-host batches of augmented images together with
+their patch masks, generated inside tf.data:
+
+  image: float32 (B, H, W, 3), (x / 255 - mean) / std.
+  noise: float32 (B, L) in [0, 1), L = (H / p) * (W / p).
+  mask:  float32 (B, L), 1.0 = masked; the len_keep = int(L * (1 - ratio))
+         patches with the smallest noise are visible (official MAE rule).
+  step:  int32 (B,) global step of the batch.
+  index: int32 (B,) position of the example in the global batch.
+
+Determinism and resume: every random decision (crop, flip, mask) comes from
+stateless TF ops keyed by (seed, step, global index), and the record order of
+each epoch is a pure function of (seed, epoch, host). A pipeline started at
+`start_step=s` therefore starts directly in epoch
+`(s * host_batch) // records_per_host`, skips the remaining records of that
+epoch *before* reading or decoding them, and then produces exactly the batch
+that a pipeline started at step 0 produces as its s-th batch. The resume cost
+is skipping at most one epoch of undecoded records: integers for folder and
+embedded sources, encoded records (I/O, no decoding) for TFDS.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+
+def _hide_accelerators_from_tf():
+  """Keeps TF on the CPU: JAX owns the GPUs/TPUs and their memory."""
+  for device_type in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], device_type)
+    # RuntimeError: TF already initialised its devices; ValueError: device
+    # type unknown to this TF build. Either way there is nothing to hide.
+    except (RuntimeError, ValueError) as e:
+      logging.debug('Could not hide %s devices from TF: %s', device_type, e)
+
+
+_hide_accelerators_from_tf()
+
+from mim_jax.data import augment
+from mim_jax.data import masks
+from mim_jax.data import seeds
+from mim_jax.data import sources
+# pylint: enable=g-import-not-at-top,g-bad-import-order
+
+_DEFAULT_MASK = {'kind': 'random', 'ratio': 0.75}
+# Key used for the vis batch's masks: fixed, so the same patches are masked
+# in every visualisation of a run.
+_VIS_STEP = 0
+
+
+def _image_size(input_config: Any, patch_size: int) -> int:
+  """Validates image_size / patch_size and returns image_size."""
+  image_size = int(input_config.image_size)
+  if patch_size < 1 or image_size < 1:
+    raise ValueError(
+        f'input.image_size={image_size} and patch_size={patch_size} must be '
+        'positive.')
+  if image_size % patch_size:
+    raise ValueError(
+        f'input.image_size={image_size} is not divisible by '
+        f'patch_size={patch_size}; choose an image_size that is a multiple '
+        f'of {patch_size} (e.g. {image_size // patch_size * patch_size or patch_size}).')
+  return image_size
+
+
+def _process_info(process_index: int | None,
+                  process_count: int | None) -> tuple[int, int]:
+  """Fills in the JAX process index/count when not given explicitly."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in '
+                     f'[0, process_count={process_count}).')
+  return process_index, process_count
+
+
+def _host_batch_size(global_batch: int, process_count: int) -> int:
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(
+        f'input.batch_size={global_batch} (the global batch) must be a '
+        f'positive multiple of process_count={process_count}.')
+  return global_batch // process_count
+
+
+def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
+  lo, hi = (float(v) for v in value)
+  if not 0 < lo <= hi:
+    raise ValueError(f'input.{name}={tuple(value)} must satisfy 0 < min <= '
+                     'max.')
+  return lo, hi
+
+
+def _mask_config(input_config: Any) -> Any:
+  return input_config.get('mask', None) or _DEFAULT_MASK
+
+
+def make_train_dataset(input_config: Any,
+                       *,
+                       patch_size: int,
+                       seed: int,
+                       start_step: int = 0,
+                       process_index: int | None = None,
+                       process_count: int | None = None) -> tf.data.Dataset:
+  """Builds the infinite, deterministic MAE training pipeline of one host.
+
+  For host h with host batch b, example j of the k-th local batch has
+  step = start_step + k and global index h * b + j; its crop, flip and mask
+  are keyed by (seed, step, global index) only.
+
+  Args:
+    input_config: the `config.input` ConfigDict (see module docstring of
+      `mim_jax.data.sources` for `data`).
+    patch_size: ViT patch size; image_size must be a multiple of it.
+    seed: experiment seed.
+    start_step: global step of the first batch (resume).
+    process_index: this host's index (default: `jax.process_index()`).
+    process_count: number of hosts (default: `jax.process_count()`).
+
+  Returns:
+    tf.data.Dataset of dicts with 'image', 'noise', 'mask', 'step', 'index'
+    (leading dimension: host batch = input.batch_size // process_count).
+
+  Raises:
+    ValueError: on invalid configuration or an unusable data source.
+  """
+  # Validate everything cheap before touching any data.
+  image_size = _image_size(input_config, patch_size)
+  mask_fn = masks.make_mask_fn(_mask_config(input_config),
+                               image_size // patch_size)
+  process_index, process_count = _process_info(process_index, process_count)
+  host_batch = _host_batch_size(int(input_config.batch_size), process_count)
+  if start_step < 0:
+    raise ValueError(f'start_step={start_step} must be >= 0.')
+  scale = _pair(input_config.get('crop_scale', (0.2, 1.0)), 'crop_scale')
+  ratio = _pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)), 'crop_ratio')
+  hflip = bool(input_config.get('hflip', True))
+  mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
+  std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+
+  source = sources.open_source(input_config, seed=seed,
+                               process_index=process_index,
+                               process_count=process_count)
+
+  # Local record position of the first example, and where it lies.
+  first_record = start_step * host_batch
+  start_epoch, skip = divmod(first_record, source.num_records)
+  logging.info(
+      'Train pipeline: host %d/%d, host batch %d, start_step %d -> epoch %d, '
+      'skipping %d undecoded records.', process_index, process_count,
+      host_batch, start_step, start_epoch, skip)
+
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(source.epoch)
+  if skip:
+    ds = ds.skip(skip)
+  ds = ds.enumerate()
+
+  train_key = seeds.base_key(seed, seeds.TRAIN)
+
+  def process(position, record):
+    step = start_step + position // host_batch
+    index = process_index * host_batch + position % host_batch
+    key = seeds.fold_in(train_key, step, index)
+    crop_key, flip_key, mask_key = tf.unstack(
+        tf.random.experimental.stateless_split(key, 3))
+    crop = augment.decode_and_random_crop(source.read(record), crop_key,
+                                          scale, ratio)
+    image = augment.resize(crop, image_size)
+    if hflip:
+      image = augment.random_flip(image, flip_key)
+    example = {'image': augment.normalize(image, mean, std)}
+    example.update(mask_fn(mask_key))
+    example['step'] = tf.cast(step, tf.int32)
+    example['index'] = tf.cast(index, tf.int32)
+    return example
+
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(host_batch, drop_remainder=True)
+  prefetch = input_config.get('prefetch', 2)
+  ds = ds.prefetch(tf.data.AUTOTUNE if prefetch is None else int(prefetch))
+  options = tf.data.Options()
+  # Order must not depend on thread timing, or resume would not be exact.
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def make_vis_batch(input_config: Any,
+                   *,
+                   patch_size: int,
+                   seed: int,
+                   num_images: int = 8) -> dict[str, np.ndarray]:
+  """A fixed batch of the first source images, for reconstruction plots.
+
+  Images are resized (shorter side) and center-cropped, with no random
+  augmentation; masks come from the configured mask function with a fixed
+  key, so every call returns the same batch.
+
+  Args:
+    input_config: the `config.input` ConfigDict.
+    patch_size: ViT patch size.
+    seed: experiment seed.
+    num_images: batch size; the source is cycled if it has fewer images.
+
+  Returns:
+    Dict of numpy arrays with the keys of `make_train_dataset`.
+  """
+  image_size = _image_size(input_config, patch_size)
+  if num_images < 1:
+    raise ValueError(f'num_images={num_images} must be >= 1.')
+  mask_fn = masks.make_mask_fn(_mask_config(input_config),
+                               image_size // patch_size)
+  mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
+  std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  source = sources.open_source(input_config, seed=seed, process_index=0,
+                               process_count=1)
+  vis_key = seeds.base_key(seed, seeds.VIS)
+
+  def process(index, record):
+    image = augment.decode_and_center_crop(source.read(record))
+    image = augment.resize(image, image_size)
+    example = {'image': augment.normalize(image, mean, std)}
+    example.update(mask_fn(seeds.fold_in(vis_key, _VIS_STEP, index)))
+    example['step'] = tf.constant(_VIS_STEP, tf.int32)
+    example['index'] = tf.cast(index, tf.int32)
+    return example
+
+  ds = source.ordered().repeat().take(num_images).enumerate()
+  ds = ds.map(process).batch(num_images)
+  batch = ds.get_single_element()
+  return {k: v.numpy() for k, v in batch.items()}
+
+
+def denormalize(images: np.ndarray, mean: Sequence[float],
+                std: Sequence[float]) -> np.ndarray:
+  """Inverts `normalize`: returns float32 images in [0, 1] (clipped).
+
+  Args:
+    images: (..., 3) normalised images.
+    mean: per-channel mean in [0, 1] pixel units.
+    std: per-channel std in [0, 1] pixel units.
+
+  Returns:
+    float32 array of the same shape, clipped to [0, 1].
+  """
+  images = np.asarray(images, np.float32)
+  out = images * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  return np.clip(out, 0.0, 1.0)

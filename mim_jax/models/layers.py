@@ -1,0 +1,221 @@
+"""Building blocks shared by every MIM model: ViT blocks, patchify, pos-embs.
+
+All modules are pure Flax linen. Parameter names mirror the official PyTorch
+(timm) names (`norm1`, `attn/qkv`, `mlp/fc1`, ...) so that conversion between
+the two is a mechanical rename plus transposes (see `mim_jax/convert`).
+"""
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# torch.nn.init.xavier_uniform_ on Linear weights; biases start at zero.
+xavier_uniform = nn.initializers.xavier_uniform()
+# timm / MAE use trunc_normal(.02) or normal(.02) for cls / mask tokens.
+token_init = nn.initializers.normal(stddev=0.02)
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def get_remat_policy(name: str):
+  if name not in REMAT_POLICIES:
+    raise ValueError(
+        f'Unknown remat_policy {name!r}; choose one of '
+        f'{sorted(REMAT_POLICIES)}.')
+  return REMAT_POLICIES[name]
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+  """(N, H, W, C) -> (N, L, p*p*C), patches in raster order (numpy or jax).
+
+  Within a patch vector the order is (row-in-patch, col-in-patch, channel)
+  with the channel fastest, exactly as the official MAE `patchify`.
+  """
+  n, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(n, h // p, p, w // p, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: jax.Array, patch_size: int, grid_hw: tuple[int, int],
+               channels: int = 3) -> jax.Array:
+  """Inverse of `patchify`: (N, L, p*p*C) -> (N, H, W, C)."""
+  n = patches.shape[0]
+  gh, gw = grid_hw
+  p = patch_size
+  x = patches.reshape(n, gh, gw, p, p, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, gh * p, gw * p, channels)
+
+
+def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int,
+                     cls_token: bool = True) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding of the official MAE code.
+
+  Row 1 + l (patch l = i * grid_w + j) is
+  [sin(j w), cos(j w), sin(i w), cos(i w)] with w_k = 1 / 10000**(k / q),
+  q = dim / 4: the first half encodes the column, the second the row. A zero
+  row for the cls token is prepended when `cls_token`. Computed in float64 and
+  cast to float32, like upstream.
+
+  Returns:
+    float32 array of shape (1, [1 +] grid_h * grid_w, dim).
+  """
+  if dim % 4:
+    raise ValueError(f'sin-cos position embedding needs dim % 4 == 0, '
+                     f'got dim={dim}.')
+  q = dim // 4
+  omega = 1.0 / 10000 ** (np.arange(q, dtype=np.float64) / q)
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64),
+                           np.arange(grid_w, dtype=np.float64), indexing='ij')
+  out_c = cols.reshape(-1)[:, None] * omega[None]
+  out_r = rows.reshape(-1)[:, None] * omega[None]
+  emb = np.concatenate(
+      [np.sin(out_c), np.cos(out_c), np.sin(out_r), np.cos(out_r)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+  return emb[None].astype(np.float32)
+
+
+def layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None):
+  # use_fast_variance=False computes E[(x - mean)^2] like torch, which keeps
+  # float32 parity with the official code at the 1e-7 level.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False,
+                      name=name)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth per sample (timm `drop_path`)."""
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if self.rate == 0.0 or deterministic:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    rng = self.make_rng('dropout')
+    mask = jax.random.bernoulli(rng, keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (timm layout).
+
+  The qkv kernel is (D, 3D); its columns are ordered (q|k|v, head, head_dim),
+  the transpose of timm's `qkv.weight`. `attn_drop` is dropout on the
+  attention probabilities (the robust-MAE "drop edge" on the decoder).
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  attn_drop: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    n, t, d = x.shape
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by num_heads '
+                       f'{self.num_heads}.')
+    hd = d // self.num_heads
+    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype,
+                   kernel_init=xavier_uniform, name='qkv')(x)
+    qkv = qkv.reshape(n, t, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * (hd ** -0.5)
+    logits = jnp.einsum('nqhd,nkhd->nhqk', q, k)
+    # Softmax in float32 even under bf16 compute: long runs stay finite.
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    probs = nn.Dropout(self.attn_drop)(probs, deterministic=deterministic)
+    out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(self.dtype), v)
+    out = out.reshape(n, t, d)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform,
+                    name='proj')(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact (erf) GELU -> fc2."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=xavier_uniform,
+                 name='fc1')(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform,
+                    name='fc2')(x)
+
+
+class Block(nn.Module):
+  """Pre-norm ViT block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  qkv_bias: bool = True
+  attn_drop: float = 0.0
+  drop_path: float = 0.0
+  layernorm_eps: float = 1e-6
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    y = layer_norm(self.layernorm_eps, self.dtype, 'norm1')(x)
+    y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.dtype,
+                  name='attn')(y, self.deterministic)
+    x = x + DropPath(self.drop_path)(y, self.deterministic)
+    y = layer_norm(self.layernorm_eps, self.dtype, 'norm2')(x)
+    y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
+    x = x + DropPath(self.drop_path)(y, self.deterministic)
+    # The second output is the per-block activation, collected by scan.
+    return x, None
+
+
+def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
+                remat_policy: str = 'none', deterministic: bool = True,
+                drop_path_rates: Optional[tuple] = None,
+                name: str = 'blocks'):
+  """Applies `depth` blocks, as a python loop or as one `nn.scan`.
+
+  Call it inside the `nn.compact` method of the owning module, so the blocks
+  are that module's children: `{name}_{i}` for the loop, or a single `{name}`
+  whose params carry a leading layer axis for `scan=True`. Scan compiles one
+  block instead of `depth`, so compile time does not grow with depth.
+  `remat_policy` wraps each block in `nn.remat` with a jax checkpoint policy.
+  `mim_jax.models.vit` converts params between the two layouts.
+  """
+  policy = get_remat_policy(remat_policy)
+  block_cls: Callable = Block
+  if remat_policy != 'none':
+    block_cls = nn.remat(Block, policy=policy, prevent_cse=not scan)
+  if scan:
+    if drop_path_rates and len(set(drop_path_rates)) > 1:
+      raise ValueError('scan=True needs one drop_path rate for all layers; '
+                       'use scan=False for a linearly increasing rate.')
+    rate = drop_path_rates[0] if drop_path_rates else 0.0
+    stack = nn.scan(
+        block_cls,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+    )(**block_kwargs, drop_path=rate, deterministic=deterministic, name=name)
+    x, _ = stack(x, None)
+    return x
+  for i in range(depth):
+    rate = drop_path_rates[i] if drop_path_rates else 0.0
+    x, _ = block_cls(**block_kwargs, drop_path=rate,
+                     deterministic=deterministic, name=f'{name}_{i}')(x, None)
+  return x

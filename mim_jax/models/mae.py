@@ -1,0 +1,164 @@
+"""MAE (He et al. 2021): ViT encoder on visible patches + light decoder.
+
+Masking follows the official code exactly: per-sample noise, ids_shuffle =
+argsort(noise) ascending, the first int(L * (1 - mask_ratio)) are kept in
+that (noise) order, ids_restore = argsort(ids_shuffle). The noise comes from
+the input pipeline (`batch['noise']`), so masks are reproducible per
+(seed, step, example) and the official fixtures can be replayed.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models import layers
+from mim_jax.models import vit
+
+
+def len_keep_for(num_patches: int, mask_ratio: float) -> int:
+  """int(L * (1 - ratio)) in python float64, truncated, as upstream."""
+  if not 0.0 < mask_ratio < 1.0:
+    raise ValueError(f'mask_ratio must be in (0, 1), got {mask_ratio}; '
+                     'MAE uses 0.75.')
+  return int(num_patches * (1 - mask_ratio))
+
+
+def ids_from_noise(noise: jax.Array, len_keep: int):
+  """Official MAE masking from noise (N, L).
+
+  Returns:
+    ids_keep (N, len_keep), ids_restore (N, L), mask (N, L) float32 with
+    1 = removed (masked), 0 = kept.
+  """
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  ids_keep = ids_shuffle[:, :len_keep]
+  n, num_patches = noise.shape
+  mask = jnp.ones((n, num_patches), jnp.float32).at[:, :len_keep].set(0.0)
+  mask = jnp.take_along_axis(mask, ids_restore, axis=1)
+  return ids_keep, ids_restore, mask
+
+
+def noise_from_mask(mask: jax.Array) -> jax.Array:
+  """A noise whose argsort keeps the visible patches (mask == 0) first, in
+  raster order: lets a model driven by noise replay a boolean mask."""
+  num_patches = mask.shape[1]
+  return mask.astype(jnp.float32) + jnp.arange(num_patches) / (2 * num_patches)
+
+
+class MAEDecoder(nn.Module):
+  """decoder_embed -> mask tokens + unshuffle -> pos -> blocks -> norm -> pred.
+
+  `attn_drop` is the robust-MAE dropout on the decoder attention
+  probabilities (0 in the official MAE).
+  """
+  width: int = 512
+  depth: int = 8
+  num_heads: int = 16
+  mlp_dim: Optional[int] = None
+  out_dim: int = 768
+  attn_drop: float = 0.0
+  layernorm_eps: float = 1e-6
+  scan: bool = False
+  remat_policy: str = 'none'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, latent, ids_restore, grid_hw, *, train: bool = False):
+    n, _, _ = latent.shape
+    num_patches = ids_restore.shape[1]
+    x = nn.Dense(self.width, dtype=self.dtype,
+                 kernel_init=layers.xavier_uniform, name='decoder_embed')(
+                     latent)
+    mask_token = self.param('mask_token', layers.token_init,
+                            (1, 1, self.width))
+    num_mask = num_patches + 1 - x.shape[1]
+    x_ = jnp.concatenate(
+        [x[:, 1:], jnp.broadcast_to(mask_token.astype(self.dtype),
+                                    (n, num_mask, self.width))], axis=1)
+    x_ = vit.gather_tokens(x_, ids_restore)
+    x = jnp.concatenate([x[:, :1], x_], axis=1)
+    pos = layers.posemb_sincos_2d(*grid_hw, self.width)
+    x = x + jnp.asarray(pos, self.dtype)
+    x = layers.block_stack(
+        x, depth=self.depth,
+        block_kwargs=dict(num_heads=self.num_heads,
+                          mlp_dim=self.mlp_dim or 4 * self.width,
+                          attn_drop=self.attn_drop,
+                          layernorm_eps=self.layernorm_eps, dtype=self.dtype),
+        scan=self.scan, remat_policy=self.remat_policy,
+        deterministic=not train, name='blocks')
+    x = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')(x)
+    x = nn.Dense(self.out_dim, dtype=self.dtype,
+                 kernel_init=layers.xavier_uniform, name='pred')(x)
+    return x[:, 1:]
+
+
+class MAE(nn.Module):
+  """Masked autoencoder. Params: {'encoder': ..., 'decoder': ...}."""
+  encoder: dict
+  decoder_width: int = 512
+  decoder_depth: int = 8
+  decoder_num_heads: int = 16
+  decoder_mlp_dim: Optional[int] = None
+  decoder_attn_drop: float = 0.0
+  mask_ratio: float = 0.75
+  in_chans: int = 3
+  scan: bool = False
+  remat_policy: str = 'none'
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.enc = vit.Encoder(**self.encoder, scan=self.scan,
+                           remat_policy=self.remat_policy, dtype=self.dtype,
+                           name='encoder')
+    p = self.enc.patch_size
+    self.dec = MAEDecoder(
+        width=self.decoder_width, depth=self.decoder_depth,
+        num_heads=self.decoder_num_heads, mlp_dim=self.decoder_mlp_dim,
+        out_dim=p * p * self.in_chans, attn_drop=self.decoder_attn_drop,
+        layernorm_eps=self.enc.layernorm_eps, scan=self.scan,
+        remat_policy=self.remat_policy, dtype=self.dtype, name='decoder')
+
+  def __call__(self, images, noise=None, *, mask=None, train: bool = False):
+    """Forward pass.
+
+    Args:
+      images: (N, H, W, C) normalised images (NHWC).
+      noise: (N, L) float, the masking noise (official convention).
+      mask: alternatively (N, L) with 1 = masked; visible patches are kept in
+        raster order. Every row must hold int(L * (1 - mask_ratio)) zeros.
+      train: enables dropout / drop path.
+
+    Returns:
+      (pred, out): pred (N, L, p*p*C) in the float32 target space; out holds
+      'mask', 'ids_restore', 'ids_keep', 'latent' and 'target' (patchified
+      input, not normalised: the loss applies norm_pix).
+    """
+    grid_hw = self.enc.grid(images)
+    num_patches = grid_hw[0] * grid_hw[1]
+    len_keep = len_keep_for(num_patches, self.mask_ratio)
+    if noise is None:
+      if mask is None:
+        raise ValueError('MAE needs `noise` or `mask` (N, L) per batch.')
+      noise = noise_from_mask(mask)
+    if noise.shape[1] != num_patches:
+      raise ValueError(f'noise/mask has {noise.shape[1]} patches per row but '
+                       f'the images have {num_patches} ({grid_hw}).')
+    ids_keep, ids_restore, mask = ids_from_noise(noise, len_keep)
+    latent, _ = self.enc(images, ids_keep, train=train)
+    pred = self.dec(latent, ids_restore, grid_hw, train=train)
+    target = layers.patchify(images.astype(jnp.float32), self.enc.patch_size)
+    out = dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
+               latent=latent, target=target)
+    return pred.astype(jnp.float32), out
+
+
+def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
+          **kw) -> MAE:
+  """Builds MAE from a ViT variant ('B/16') and/or explicit encoder fields."""
+  enc = vit.decode_variant(variant)
+  enc.update(encoder or {})
+  return MAE(encoder=enc, **kw)

@@ -1,0 +1,158 @@
+"""ViT encoder that runs on the visible tokens only, plus presets and scan tools.
+
+The encoder is shared by every MIM method (and by fine-tuning and probing):
+patch embedding, fixed 2-D sin-cos position embedding, a per-sample gather of
+the kept tokens, a cls token (whose position row is zero), pre-norm blocks
+and a final LayerNorm.
+"""
+
+import re
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mim_jax.models import layers
+
+# name -> (width, depth, num_heads, mlp_dim). Published ViT sizes.
+VARIANTS = {
+    'mu': (32, 2, 2, 128),     # for tests
+    'Ti': (192, 12, 3, 768),
+    'S': (384, 12, 6, 1536),
+    'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096),
+    'H': (1280, 32, 16, 5120),
+}
+
+
+def decode_variant(variant: Optional[str]) -> dict[str, Any]:
+  """'B/16' -> dict(width=768, depth=12, num_heads=12, mlp_dim=3072,
+  patch_size=16). None -> {}."""
+  if variant is None:
+    return {}
+  m = re.fullmatch(r'(\w+)/(\d+)', variant)
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(
+        f'Unknown ViT variant {variant!r}: use "<size>/<patch>" with size in '
+        f'{list(VARIANTS)}, e.g. "B/16".')
+  width, depth, heads, mlp = VARIANTS[m.group(1)]
+  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+              patch_size=int(m.group(2)))
+
+
+def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """x: (N, L, D), ids: (N, K) -> (N, K, D), a per-sample gather."""
+  return jnp.take_along_axis(x, ids[..., None].astype(jnp.int32), axis=1)
+
+
+class Encoder(nn.Module):
+  """ViT encoder over a subset of patch tokens.
+
+  Attributes mirror big_vision's ViT. `dtype` is the compute dtype; params
+  are always float32.
+  """
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: Optional[int] = None   # default 4 * width
+  patch_size: int = 16
+  qkv_bias: bool = True
+  layernorm_eps: float = 1e-6
+  drop_path_rate: float = 0.0
+  scan: bool = False
+  remat_policy: str = 'none'
+  dtype: Any = jnp.float32
+
+  def grid(self, images) -> tuple[int, int]:
+    _, h, w, _ = images.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f'image size {h}x{w} is not divisible by the patch '
+                       f'size {p}; pick image_size a multiple of {p}.')
+    return h // p, w // p
+
+  def pos_embed(self, images) -> np.ndarray:
+    """(1, 1 + L, width) fixed table, cls row first (zeros)."""
+    return layers.posemb_sincos_2d(*self.grid(images), self.width)
+
+  @nn.compact
+  def __call__(self, images, ids_keep=None, *, train: bool = False):
+    """Encodes the patches `ids_keep` (all patches when None).
+
+    Args:
+      images: (N, H, W, C) normalised images.
+      ids_keep: optional (N, K) int patch indices to keep, in the order the
+        tokens should appear (MAE: ascending noise order).
+      train: enables drop path.
+
+    Returns:
+      (latent, out): latent (N, 1 + K, width) after the final norm, cls
+      first; out holds 'tokens' (the embedded, position-added patches of all
+      L positions, before the gather).
+    """
+    gh, gw = self.grid(images)
+    p = self.patch_size
+    # xavier_uniform on the (D, C*p*p) view of the torch conv weight.
+    conv_init = nn.initializers.variance_scaling(
+        1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=-1)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
+                kernel_init=conv_init, dtype=self.dtype,
+                name='patch_embed')(images.astype(self.dtype))
+    n = x.shape[0]
+    x = x.reshape(n, gh * gw, self.width)
+    pos = jnp.asarray(self.pos_embed(images), self.dtype)
+    tokens = x + pos[:, 1:]
+    x = tokens if ids_keep is None else gather_tokens(tokens, ids_keep)
+    cls = self.param('cls_token', layers.token_init, (1, 1, self.width))
+    cls = (cls + pos[:, :1]).astype(self.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
+    dpr = tuple(float(r) for r in
+                np.linspace(0, self.drop_path_rate, self.depth))
+    x = layers.block_stack(
+        x, depth=self.depth,
+        block_kwargs=dict(num_heads=self.num_heads,
+                          mlp_dim=self.mlp_dim or 4 * self.width,
+                          qkv_bias=self.qkv_bias,
+                          layernorm_eps=self.layernorm_eps, dtype=self.dtype),
+        scan=self.scan, remat_policy=self.remat_policy,
+        deterministic=not train, drop_path_rates=dpr, name='blocks')
+    x = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')(x)
+    return x, {'tokens': tokens}
+
+
+# ---------------------------------------------------------------------------
+# Parameter layout converters: python loop  <->  nn.scan.
+
+
+def loop_to_scan(tree: dict, name: str = 'blocks') -> dict:
+  """Stacks `{name}_0 .. {name}_{n-1}` subtrees into one `{name}` subtree,
+  recursively in every sub-dict (encoder and decoder alike)."""
+  if not isinstance(tree, dict):
+    return tree
+  pat = re.compile(rf'{re.escape(name)}_(\d+)$')
+  idx = sorted(int(m.group(1)) for k in tree if (m := pat.match(k)))
+  out = {k: loop_to_scan(v, name) for k, v in tree.items()
+         if not pat.match(k)}
+  if idx:
+    if idx != list(range(len(idx))):
+      raise ValueError(f'non-contiguous block indices {idx} under {name!r}.')
+    blocks = [tree[f'{name}_{i}'] for i in idx]
+    out[name] = jax.tree.map(lambda *xs: np.stack(xs), *blocks)
+  return out
+
+
+def scan_to_loop(tree: dict, name: str = 'blocks') -> dict:
+  """Inverse of `loop_to_scan`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    if k == name and isinstance(v, dict):
+      depth = jax.tree.leaves(v)[0].shape[0]
+      for i in range(depth):
+        out[f'{name}_{i}'] = jax.tree.map(lambda a, i=i: a[i], v)
+    else:
+      out[k] = scan_to_loop(v, name)
+  return out

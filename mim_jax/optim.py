@@ -1,0 +1,163 @@
+"""The optax chain: schedule, AdamW with the official decay grouping, clipping.
+
+Everything MAE-family recipes need, built from `config`:
+- lr = base_lr * global_batch / 256 (or an absolute `lr`);
+- per-step linear warmup from 0, then half-cycle cosine to `min_lr`
+  (MAE `util/lr_sched.py`, evaluated per iteration);
+- AdamW (decoupled decay) where biases and LayerNorm scales get no decay and
+  everything else, cls and mask tokens included, does (timm
+  `param_groups_weight_decay`, as `main_pretrain.py` uses it);
+- optional gradient clipping with torch's `clip_grad_norm_` formula;
+- optional layer-wise lr decay (fine-tuning).
+"""
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+
+def peak_lr(config) -> float:
+  """`config.lr` if set, else `config.base_lr * batch_size / 256`."""
+  if config.get('lr') is not None:
+    return float(config.lr)
+  return float(config.base_lr) * config.input.batch_size / 256
+
+
+def steps_from(config, key: str) -> int:
+  """Reads `{key}_steps` or `{key}_epochs` (x steps per epoch)."""
+  steps, epochs = config.get(f'{key}_steps'), config.get(f'{key}_epochs')
+  if (steps is None) == (epochs is None):
+    raise ValueError(f'Set exactly one of config.{key}_steps and '
+                     f'config.{key}_epochs (got {steps} and {epochs}).')
+  if steps is not None:
+    return int(steps)
+  n = config.input.get('num_train_examples')
+  if not n:
+    raise ValueError(f'config.{key}_epochs needs '
+                     'config.input.num_train_examples (e.g. 1281167 for '
+                     'ImageNet-1k).')
+  return int(round(epochs * (n // config.input.batch_size)))
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
+                  min_lr: float = 0.0):
+  """lr(t) = peak * t / warmup for t < warmup, then half-cycle cosine.
+
+  Step t is 0-based and is the lr of the t-th update, so lr(0) = 0 exactly
+  as in the official per-iteration schedule.
+  """
+  if total_steps <= warmup_steps:
+    raise ValueError(f'total steps ({total_steps}) must exceed warmup steps '
+                     f'({warmup_steps}).')
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    warm = peak * t / max(warmup_steps, 1)
+    frac = (t - warmup_steps) / (total_steps - warmup_steps)
+    cos = min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    return jnp.where(t < warmup_steps, warm, cos)
+
+  return schedule
+
+
+def make_schedule(config):
+  total = steps_from(config, 'total')
+  warmup = steps_from(config, 'warmup')
+  return warmup_cosine(peak_lr(config), warmup, total,
+                       config.schedule.get('min_lr', 0.0))
+
+
+def decay_mask(params, exclude: Sequence[str] = ('bias', 'scale')):
+  """True where weight decay applies: every leaf whose name is not in
+  `exclude` (biases and LayerNorm scales by default)."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: k[-1] not in exclude for k in flat})
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (norm + 1e-6))."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(
+      lambda _: optax.EmptyState(), update)
+
+
+def layer_id_for(path: tuple, num_layers: int) -> int:
+  """MAE/BEiT layer ids: embeddings 0, block i -> i + 1, rest num_layers + 1."""
+  name = '/'.join(path)
+  if re.search(r'(cls_token|patch_embed|pos_embed)', name):
+    return 0
+  m = re.search(r'blocks_(\d+)/', name)
+  if m:
+    return int(m.group(1)) + 1
+  return num_layers + 1
+
+
+def layer_decay_scales(params, layer_decay: float, num_layers: int):
+  """decay ** (num_layers + 1 - layer_id) per leaf (loop layout only)."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({
+      k: layer_decay ** (num_layers + 1 - layer_id_for(k, num_layers))
+      for k in flat})
+
+
+def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
+  """Builds (tx, schedule) from `config.optim` / `config.schedule`.
+
+  Args:
+    config: the experiment ConfigDict.
+    params: params tree (or shapes), needed for the decay mask and layer
+      decay.
+
+  Returns:
+    The optax transformation and the lr schedule (for logging).
+  """
+  oc = config.optim
+  schedule = make_schedule(config)
+  chain = []
+  if oc.get('grad_clip_norm'):
+    chain.append(clip_by_global_norm_torch(float(oc.grad_clip_norm)))
+  if oc.get('name', 'adamw') != 'adamw':
+    raise ValueError(f'Unknown optimizer {oc.name!r}; supported: adamw.')
+  mu_dtype = oc.get('mu_dtype')
+  chain.append(optax.scale_by_adam(
+      b1=oc.b1, b2=oc.b2, eps=oc.eps,
+      mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
+  if oc.weight_decay:
+    mask = decay_mask(params, tuple(oc.get('wd_exclude', ('bias', 'scale'))))
+    chain.append(optax.add_decayed_weights(oc.weight_decay, mask))
+  if oc.get('layer_decay'):
+    scales = layer_decay_scales(params, oc.layer_decay, oc.num_layers)
+    chain.append(optax.GradientTransformation(
+        lambda _: optax.EmptyState(),
+        lambda u, s, p=None: (jax.tree.map(lambda g, c: g * c, u, scales), s)))
+  chain.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*chain), schedule
+
+
+def tx_config_from_curve(curve: dict, batch_size: int) -> dict:
+  """Optimizer/schedule config fields from a fixture's train_curve.json."""
+  return dict(
+      lr=curve['peak_lr'],
+      total_steps=curve['steps'],
+      warmup_steps=curve['warmup_steps'],
+      schedule=dict(min_lr=curve.get('min_lr', 0.0)),
+      optim=dict(name='adamw', b1=curve['betas'][0], b2=curve['betas'][1],
+                 eps=curve.get('eps', 1e-8),
+                 weight_decay=curve['weight_decay'],
+                 grad_clip_norm=curve.get('grad_clip'), mu_dtype=None),
+      input=dict(batch_size=batch_size),
+  )
+
+

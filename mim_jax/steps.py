@@ -1,0 +1,148 @@
+"""Model/loss selection, the pure train step and sharded state creation.
+
+Shared by the trainer (`train.py`) and the parity checker, so the fixtures
+are replayed through exactly the code that trains.
+"""
+
+import functools
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from mim_jax import optim
+from mim_jax import sharding
+from mim_jax.state import TrainState
+
+
+def _import(kind: str, name: str):
+  try:
+    return importlib.import_module(f'mim_jax.{kind}.{name}')
+  except ModuleNotFoundError as e:
+    raise ValueError(f'Unknown {kind[:-1]} {name!r}: there is no '
+                     f'mim_jax/{kind}/{name}.py.') from e
+
+
+def build_model(config):
+  """`mim_jax.models.<config.model_name>.Model(**config.model)`."""
+  mod = _import('models', config.model_name)
+  kw = config.model.to_dict()
+  if 'dtype' in kw:
+    kw['dtype'] = jnp.dtype(kw['dtype'])
+  try:
+    return mod.Model(**kw)
+  except TypeError as e:
+    raise ValueError(
+        f'config.model does not fit model {config.model_name!r}: {e}. Remove '
+        f'or rename the key; the fields are those of mim_jax/models/'
+        f'{config.model_name}.py.') from e
+
+
+def build_loss(config) -> Callable:
+  """`mim_jax.losses.<config.loss_name>.loss_fn` bound to `config.loss`."""
+  mod = _import('losses', config.loss_name)
+  return functools.partial(mod.loss_fn, **config.get('loss', {}))
+
+
+def model_inputs(batch: dict) -> dict:
+  """The mask inputs a model takes from a batch (noise and/or mask)."""
+  return {k: batch[k] for k in ('noise', 'mask') if k in batch}
+
+
+def make_loss_fn(model, loss_fn: Callable) -> Callable:
+  """(params, batch, rng, train) -> (loss, (pred, out, aux))."""
+
+  def compute(params, batch, rng, train: bool = True):
+    pred, out = model.apply({'params': params}, batch['image'],
+                            **model_inputs(batch), train=train,
+                            rngs={'dropout': rng})
+    loss, aux = loss_fn(pred, out, batch)
+    return loss, (pred, out, aux)
+
+  return compute
+
+
+def grads_and_metrics(compute: Callable, params, batch, rng,
+                      accum_steps: int = 1):
+  """Loss, grads and scalar metrics, optionally over `accum_steps`
+  microbatches (summed in a lax.scan: memory of one microbatch)."""
+  grad_fn = jax.value_and_grad(compute, has_aux=True)
+  if accum_steps == 1:
+    (loss, (_, _, aux)), grads = grad_fn(params, batch, rng)
+    return loss, grads, aux
+  # Strided split keeps the sharded batch dim in place (no resharding):
+  # microbatch k holds examples k, k + accum, k + 2 accum, ...
+  micro = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps,
+                          *x.shape[1:]).swapaxes(0, 1), batch)
+
+  def body(carry, xs):
+    mb, k = xs
+    (loss, _), grads = grad_fn(params, mb, jax.random.fold_in(rng, k))
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32),
+           jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(body, zeros,
+                                  (micro, jnp.arange(accum_steps)))
+  scale = 1.0 / accum_steps
+  return loss * scale, jax.tree.map(lambda g: g * scale, grads), {}
+
+
+def make_train_step(model, loss_fn: Callable, schedule, *, seed: int = 0,
+                    accum_steps: int = 1):
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+  compute = make_loss_fn(model, loss_fn)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    loss, grads, _ = grads_and_metrics(compute, state.params, batch, rng,
+                                       accum_steps)
+    metrics = {
+        'loss': loss,
+        'l2_grads': optax.global_norm(grads),
+        'lr': schedule(state.step),
+    }
+    new_state = state.apply_gradients(grads=grads)
+    metrics['l2_params'] = optax.global_norm(new_state.params)
+    return new_state, metrics
+
+  return train_step
+
+
+def init_params(model, batch_shapes: dict, seed: int):
+  """Initialises params from ShapeDtypeStructs (no data needed)."""
+  dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_shapes.items()}
+  variables = model.init(
+      {'params': jax.random.PRNGKey(seed), 'dropout': jax.random.PRNGKey(0)},
+      dummy['image'], **model_inputs(dummy), train=False)
+  return variables['params']
+
+
+def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
+                       params=None):
+  """Creates the TrainState directly with its shardings (eval_shape first,
+  then a jitted init with out_shardings: nothing is materialised whole on
+  one device before being placed).
+
+  Returns:
+    (state, state_shardings, tx, schedule).
+  """
+  abstract_params = jax.eval_shape(
+      functools.partial(init_params, model, batch_shapes, config.seed))
+  tx, schedule = optim.make_tx(config, abstract_params)
+
+  def make_state(params):
+    if params is None:
+      params = init_params(model, batch_shapes, config.seed)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  abstract = jax.eval_shape(make_state, params)
+  repl = sharding.replicated(mesh)
+  shardings = jax.tree.map(lambda _: repl, abstract)
+  state = jax.jit(make_state, out_shardings=shardings)(params)
+  return state, shardings, tx, schedule
+

@@ -1,0 +1,42 @@
+r"""Checks mim_jax against a folder of official PyTorch numbers.
+
+  python -m mim_jax.tools.check_parity FIXTURE_DIR [FIXTURE_DIR ...]
+
+Prints one JSON object per folder (forward outputs, every gradient, the
+replayed training curve and final parameters, with the worst errors) and
+exits 1 when any check is over the tolerances of the fixtures README.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+flags.DEFINE_bool('verbose', False, 'Include per-step losses in the report.')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  from mim_jax.parity import core  # pylint: disable=g-import-not-at-top
+  dirs = argv[1:]
+  if not dirs:
+    raise app.UsageError('usage: python -m mim_jax.tools.check_parity DIR...')
+  ok = True
+  for d in dirs:
+    if not os.path.exists(os.path.join(d, 'config.json')):
+      raise app.UsageError(f'{d} is not a fixture folder (no config.json).')
+    report = core.run(d)
+    if not FLAGS.verbose and 'curve' in report:
+      report['curve'].pop('losses', None)
+    print(json.dumps(report, indent=1, default=float))
+    ok &= report['pass']
+  sys.exit(0 if ok else 1)
+
+
+if __name__ == '__main__':
+  app.run(main)
