@@ -66,10 +66,11 @@ def _image_size(input_config: Any, patch_size: int) -> int:
         f'input.image_size={image_size} and patch_size={patch_size} must be '
         'positive.')
   if image_size % patch_size:
+    suggestion = max(patch_size, image_size // patch_size * patch_size)
     raise ValueError(
         f'input.image_size={image_size} is not divisible by '
         f'patch_size={patch_size}; choose an image_size that is a multiple '
-        f'of {patch_size} (e.g. {image_size // patch_size * patch_size or patch_size}).')
+        f'of {patch_size} (e.g. {suggestion}).')
   return image_size
 
 

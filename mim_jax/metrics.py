@@ -56,10 +56,16 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 def make_writer(workdir: str, is_main: bool,
                 jsonl_name: Optional[str] = 'metrics.jsonl'):
-  """TensorBoard + jsonl on the main process, logging only elsewhere."""
+  """TensorBoard + jsonl on the main process, logging only elsewhere.
+
+  Returns:
+    (writer, tb_writer): the combined writer for the per-step rows, and the
+    TensorBoard-only one (for clu's progress reports, so metrics.jsonl keeps
+    exactly one row per logged step).
+  """
   tb = metric_writers.create_default_writer(
       workdir, just_logging=not is_main, asynchronous=False)
   if not is_main or not jsonl_name:
-    return tb
+    return tb, tb
   return metric_writers.MultiWriter(
-      [tb, JsonlWriter(os.path.join(workdir, jsonl_name))])
+      [tb, JsonlWriter(os.path.join(workdir, jsonl_name))]), tb

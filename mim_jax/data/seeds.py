@@ -26,3 +26,13 @@ def fold_in(key: tf.Tensor, *data) -> tf.Tensor:
     key = tf.random.experimental.stateless_fold_in(
         key, tf.cast(value, tf.int64))
   return key
+
+
+def to_int(key: tf.Tensor) -> tf.Tensor:
+  """Hashes a [2] key into one int64 scalar (for ops taking a single seed).
+
+  Note `stateless_fold_in(key, x)` returns [hash(key), x]: its first element
+  does not depend on x, so never use `key[0]` alone as a seed.
+  """
+  return tf.random.stateless_uniform([], seed=key, minval=None, maxval=None,
+                                     dtype=tf.int64)

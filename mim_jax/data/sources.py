@@ -100,7 +100,8 @@ class TfdsSource(RecordSource):
   Epochs shuffle with a buffer of `shuffle_buffer` records seeded by
   (seed, epoch, host). The file order itself is fixed (TFDS already shuffles
   examples when it writes the files), which keeps every epoch addressable
-  without iterator state.
+  without iterator state. (`Dataset.shuffle` also mixes in TF's global seed:
+  do not call `tf.random.set_seed` differently between runs to be resumed.)
   """
 
   def __init__(self, name: str, input_config: Any, *, seed: int,
@@ -151,7 +152,7 @@ class TfdsSource(RecordSource):
   def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
     key = seeds.fold_in(self._shuffle_key, epoch)
     return self._records.shuffle(
-        self._buffer, seed=key[0], reshuffle_each_iteration=False)
+        self._buffer, seed=seeds.to_int(key), reshuffle_each_iteration=False)
 
   def ordered(self) -> tf.data.Dataset:
     return self._records

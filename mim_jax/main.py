@@ -1,0 +1,46 @@
+r"""Entry point: python -m mim_jax.main --config=configs/mae_tiny.py --workdir=DIR
+
+Any config value can be overridden: --config.input.batch_size=256. The run
+resumes automatically from the latest checkpoint in --workdir.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and images.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of orbax / tensorstore (dozens of lines per save)."""
+
+  def filter(self, record):
+    noisy = ('/orbax/' in record.pathname or '/etils/' in record.pathname)
+    return record.levelno >= 30 or not noisy
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  if os.environ.get('MIM_JAX_DISTRIBUTED') or os.environ.get(
+      'TPU_WORKER_HOSTNAMES', '').count(','):
+    jax.distributed.initialize()
+  logging.info('JAX process %d / %d, %d local devices of %d.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

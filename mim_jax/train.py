@@ -1,0 +1,193 @@
+"""train_and_evaluate: mesh, sharded state, jitted step, loop, ckpt, metrics.
+
+The loop is the same for every method: the model and loss come from
+`config.model_name` / `config.loss_name`, the batches (with their masks) from
+the tf.data pipeline, and everything method-specific lives in those files.
+"""
+
+import os
+import time
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+from flax import traverse_util
+import tensorflow as tf
+
+from mim_jax import checkpoint
+from mim_jax import input_pipeline
+from mim_jax import metrics as metrics_lib
+from mim_jax import optim
+from mim_jax import sharding
+from mim_jax import steps
+from mim_jax import visualize
+from mim_jax.models import mae as mae_model
+
+DEVICE_KEYS = ('image', 'noise', 'mask')
+
+
+def patch_size_of(config) -> int:
+  m = config.model
+  if m.get('encoder') and m.encoder.get('patch_size'):
+    return int(m.encoder.patch_size)
+  if m.get('variant'):
+    return int(m.variant.split('/')[-1])
+  raise ValueError('Set config.model.variant ("B/16") or '
+                   'config.model.encoder.patch_size.')
+
+
+def validate_config(config, num_devices: int, data_parallel: int):
+  """Checks the config before anything is built or compiled.
+
+  Raises:
+    ValueError naming the bad value and the fix.
+  """
+  p = patch_size_of(config)
+  size = config.input.image_size
+  if size % p:
+    raise ValueError(
+        f'config.input.image_size={size} is not divisible by the patch size '
+        f'{p}; use a multiple of {p} (e.g. {size - size % p or p}).')
+  ratio = config.input.mask.get('ratio')
+  if ratio is not None and not 0.0 < ratio < 1.0:
+    raise ValueError(f'mask ratio {ratio} is outside (0, 1); MAE uses 0.75 '
+                     '(set --config.mask_ratio).')
+  if ratio is not None:
+    mae_model.len_keep_for((size // p) ** 2, ratio)
+  bs = config.input.batch_size
+  accum = config.get('grad_accum_steps', 1)
+  if bs % (data_parallel * accum):
+    raise ValueError(
+        f'global batch size {bs} is not divisible by {data_parallel} '
+        f'data-parallel devices x {accum} accumulation steps (of '
+        f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
+  if bs % jax.process_count():
+    raise ValueError(f'batch size {bs} is not divisible by the '
+                     f'{jax.process_count()} processes.')
+
+
+def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
+  """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
+  pred, out = vis_fn(params, vis_batch)
+  grid = visualize.reconstruction_grid(
+      vis_batch['image'], jax.device_get(pred), jax.device_get(out['mask']),
+      patch_size=patch_size_of(config), mean=config.input.mean,
+      std=config.input.std,
+      norm_pix=bool(config.get('loss', {}).get('norm_pix_loss', False)))
+  path = os.path.join(workdir, f'recon_{step:07d}.png')
+  if jax.process_index() == 0:
+    visualize.save_png(grid, path)
+    writer.write_images(step, {'reconstruction': grid[None]})
+  return path
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains (resuming from `workdir` if it has checkpoints).
+
+  Returns:
+    The final TrainState.
+  """
+  mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+  dp = sharding.data_parallel_size(mesh)
+  validate_config(config, jax.device_count(), dp)
+  total_steps = optim.steps_from(config, 'total')
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True) if '://' not in workdir else None
+  writer, tb_writer = metrics_lib.make_writer(workdir, is_main)
+  if is_main:
+    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
+                          else str(v) for k, v in flat.items()})
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+  model = steps.build_model(config)
+  loss_fn = steps.build_loss(config)
+  host_bs = config.input.batch_size // jax.process_count()
+  p = patch_size_of(config)
+  num_patches = (config.input.image_size // p) ** 2
+  size = config.input.image_size
+  batch_shapes = {
+      'image': jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3),
+                                    np.float32),
+      'noise': jax.ShapeDtypeStruct((config.input.batch_size, num_patches),
+                                    np.float32),
+      'mask': jax.ShapeDtypeStruct((config.input.batch_size, num_patches),
+                                   np.float32),
+  }
+  state, state_shardings, _, schedule = steps.create_train_state(
+      config, model, mesh, batch_shapes)
+
+  mgr = checkpoint.make_manager(
+      workdir, save_every=config.ckpt_every_steps,
+      keep=config.get('keep_ckpts', 3),
+      async_save=config.get('async_ckpt', True))
+  restored, start_step = checkpoint.restore_latest(mgr, state)
+  if restored is not None:
+    state = jax.device_put(restored, state_shardings)
+    logging.info('Resumed from step %d.', start_step)
+  start_step = int(start_step or 0)
+
+  data_sh = sharding.data_sharding(mesh)
+  train_step = jax.jit(
+      steps.make_train_step(model, loss_fn, schedule, seed=config.seed,
+                            accum_steps=config.get('grad_accum_steps', 1)),
+      in_shardings=(state_shardings, data_sh),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+  ds = input_pipeline.make_train_dataset(
+      config.input, patch_size=p, seed=config.seed, start_step=start_step)
+  it = iter(ds.as_numpy_iterator())
+  vis_batch = input_pipeline.make_vis_batch(
+      config.input, patch_size=p, seed=config.seed,
+      num_images=config.get('vis_images', 8))
+  vis_batch = {k: v for k, v in vis_batch.items() if k in DEVICE_KEYS}
+  vis_fn = jax.jit(lambda prm, b: model.apply(
+      {'params': prm}, b['image'], **steps.model_inputs(b), train=False))
+
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=tb_writer if is_main else None,
+      every_steps=config.log_every_steps)
+  pending, t_log, n_log = [], time.time(), 0
+  logging.info('Training steps %d..%d, host batch %d, mesh %s.', start_step,
+               total_steps, host_bs, dict(mesh.shape))
+  step = start_step
+  while step < total_steps:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      local = next(it)
+      batch = sharding.to_global(
+          {k: local[k] for k in DEVICE_KEYS if k in local}, data_sh)
+      state, m = train_step(state, batch)
+    step += 1
+    pending.append(m)
+    n_log += 1
+    progress(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      stacked = jax.device_get(pending)
+      row = {f'train/{k}': float(np.mean([x[k] for x in stacked]))
+             for k in stacked[0]}
+      if not np.isfinite(row['train/loss']):
+        raise FloatingPointError(
+            f'loss became {row["train/loss"]} at step {step}; lower the lr, '
+            'enable optim.grad_clip_norm, or use float32 compute.')
+      dt = time.time() - t_log
+      row['train/images_per_sec'] = n_log * config.input.batch_size / dt
+      row['train/steps_per_sec'] = n_log / dt
+      writer.write_scalars(step, row)
+      logging.info('step %d: %s', step,
+                   ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
+      pending, t_log, n_log = [], time.time(), 0
+    if step % config.vis_every_steps == 0 or step == total_steps:
+      _vis(config, vis_fn, state.params, vis_batch, workdir, step, writer)
+    checkpoint.save(mgr, step, state, force=step == total_steps)
+    if mgr.reached_preemption(step):
+      checkpoint.save(mgr, step, state, force=True)
+      mgr.wait_until_finished()
+      logging.warning('Preempted at step %d; checkpoint saved.', step)
+      break
+  mgr.wait_until_finished()
+  writer.flush()
+  return state

@@ -1,0 +1,415 @@
+"""Tests for mim_jax.input_pipeline and mim_jax.data (CPU, offline, fast)."""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mim_jax import input_pipeline
+from mim_jax.data import augment
+from mim_jax.data import masks
+from mim_jax.data import sources
+# pylint: enable=g-import-not-at-top,g-bad-import-order
+
+IMAGE_SIZE = 32
+PATCH = 4
+NUM_PATCHES = (IMAGE_SIZE // PATCH)**2  # 64
+LEN_KEEP = 16  # int(64 * (1 - 0.75))
+KEYS = ('image', 'noise', 'mask', 'step', 'index')
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(
+      dict(
+          data='embedded:skimage',
+          split='train',
+          tfds_data_dir=None,
+          tfds_manual_dir=None,
+          batch_size=8,
+          image_size=IMAGE_SIZE,
+          crop_scale=(0.2, 1.0),
+          crop_ratio=(3 / 4, 4 / 3),
+          hflip=True,
+          mean=(0.485, 0.456, 0.406),
+          std=(0.229, 0.224, 0.225),
+          shuffle_buffer=100,
+          cache=False,
+          prefetch=2,
+          mask=dict(kind='random', ratio=0.75),
+      ))
+  config.update(overrides)
+  return config
+
+
+def _batches(config, num, **kwargs):
+  kwargs.setdefault('process_index', 0)
+  kwargs.setdefault('process_count', 1)
+  kwargs.setdefault('seed', 0)
+  ds = input_pipeline.make_train_dataset(config, patch_size=PATCH, **kwargs)
+  iterator = ds.as_numpy_iterator()
+  return [next(iterator) for _ in range(num)]
+
+
+def _assert_batch_equal(a, b):
+  assert set(a) == set(b) == set(KEYS)
+  for key in KEYS:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _assert_valid_batch(batch, batch_size):
+  assert batch['image'].shape == (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert batch['image'].dtype == np.float32
+  for key in ('noise', 'mask'):
+    assert batch[key].shape == (batch_size, NUM_PATCHES), key
+    assert batch[key].dtype == np.float32, key
+  for key in ('step', 'index'):
+    assert batch[key].shape == (batch_size,), key
+    assert batch[key].dtype == np.int32, key
+  assert np.all(np.isfinite(batch['image']))
+  assert np.all((batch['noise'] >= 0) & (batch['noise'] < 1))
+  # Exactly len_keep visible patches: the ones with the smallest noise.
+  np.testing.assert_array_equal((batch['mask'] == 0).sum(axis=1), LEN_KEEP)
+  ids_shuffle = np.argsort(batch['noise'], axis=1, kind='stable')
+  expected = np.ones_like(batch['mask'])
+  np.put_along_axis(expected, ids_shuffle[:, :LEN_KEEP], 0.0, axis=1)
+  np.testing.assert_array_equal(batch['mask'], expected)
+
+
+# ----------------------------------------------------------------- embedded
+
+
+def test_embedded_batch():
+  (batch,) = _batches(_config(), 1)
+  _assert_valid_batch(batch, 8)
+  np.testing.assert_array_equal(batch['step'], 0)
+  np.testing.assert_array_equal(batch['index'], np.arange(8))
+  images = batch['image']
+  # Normalised with ImageNet statistics: within [-mean/std, (1-mean)/std].
+  assert images.min() >= -2.2 and images.max() <= 2.7
+  assert abs(images.mean()) < 1.5 and images.std() > 0.2
+  # Every example is a different crop (and mask).
+  flat = images.reshape(8, -1)
+  assert len({row.tobytes() for row in flat}) == 8
+  assert len({row.tobytes() for row in batch['mask']}) == 8
+
+
+def test_embedded_images_load_offline():
+  source = sources.open_source(_config(), seed=0, process_index=0,
+                               process_count=1)
+  assert source.num_records >= 10
+
+
+def test_same_seed_same_batches_different_seed_differs():
+  a = _batches(_config(), 2, seed=7)
+  b = _batches(_config(), 2, seed=7)
+  c = _batches(_config(), 1, seed=8)
+  for x, y in zip(a, b):
+    _assert_batch_equal(x, y)
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+  assert not np.array_equal(a[0]['noise'], c[0]['noise'])
+  # Consecutive steps differ too.
+  assert not np.array_equal(a[0]['noise'], a[1]['noise'])
+  np.testing.assert_array_equal(a[1]['step'], 1)
+
+
+def test_resume_matches_uninterrupted_run():
+  # 6 per batch over 16 embedded images: batch 2 spans the epoch boundary and
+  # batch 3 starts mid-epoch 1 (skip of 2 records).
+  config = _config(batch_size=6)
+  full = _batches(config, 4, seed=3)
+  (resumed,) = _batches(config, 1, seed=3, start_step=3)
+  _assert_batch_equal(resumed, full[3])
+  np.testing.assert_array_equal(resumed['step'], 3)
+
+
+def test_per_host_sharding():
+  config = _config(batch_size=8)
+  (host0,) = _batches(config, 1, process_index=0, process_count=2)
+  (host1,) = _batches(config, 1, process_index=1, process_count=2)
+  _assert_valid_batch(host0, 4)
+  _assert_valid_batch(host1, 4)
+  np.testing.assert_array_equal(host0['index'], [0, 1, 2, 3])
+  np.testing.assert_array_equal(host1['index'], [4, 5, 6, 7])
+  assert not np.array_equal(host0['image'], host1['image'])
+  assert not np.array_equal(host0['noise'], host1['noise'])
+
+
+def test_process_info_defaults_to_jax():
+  ds = input_pipeline.make_train_dataset(_config(batch_size=4),
+                                         patch_size=PATCH, seed=0)
+  batch = next(ds.as_numpy_iterator())
+  # Single-process JAX on CPU: host 0 of 1 gets the whole global batch.
+  np.testing.assert_array_equal(batch['index'], [0, 1, 2, 3])
+
+
+def test_host_shards_are_disjoint():
+  shards = [
+      sources.open_source(_config(), seed=0, process_index=i,
+                          process_count=3) for i in range(3)
+  ]
+  rows = [set(s.read(r).numpy() for r in s.ordered()) for s in shards]
+  total = sources.open_source(_config(), seed=0, process_index=0,
+                              process_count=1).num_records
+  assert sum(len(r) for r in rows) == total
+  assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
+
+
+def test_epochs_are_permutations():
+  source = sources.open_source(_config(), seed=0, process_index=0,
+                               process_count=1)
+  n = source.num_records
+  e0 = list(source.epoch(tf.constant(0, tf.int64)).as_numpy_iterator())
+  e1 = list(source.epoch(tf.constant(1, tf.int64)).as_numpy_iterator())
+  assert sorted(e0) == sorted(e1) == list(range(n))
+  assert e0 != e1
+
+
+# ------------------------------------------------------------------- folder
+
+
+def _write_image(path, height, width, seed, fmt):
+  rng = np.random.default_rng(seed)
+  # Smooth gradients plus noise, so crops differ but compress fine.
+  y, x = np.mgrid[0:height, 0:width]
+  base = np.stack([x * 255 // width, y * 255 // height,
+                   (x + y) * 127 // (height + width)], axis=-1)
+  noise = rng.integers(0, 40, (height, width, 3))
+  array = np.clip(base + noise, 0, 255).astype(np.uint8)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path, format=fmt)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp('images')
+  _write_image(str(root / 'top.png'), 40, 56, 0, 'PNG')
+  _write_image(str(root / 'cat' / 'a.jpg'), 48, 40, 1, 'JPEG')
+  _write_image(str(root / 'cat' / 'B.JPEG'), 36, 60, 2, 'JPEG')
+  _write_image(str(root / 'dog' / 'c.PNG'), 50, 50, 3, 'PNG')
+  _write_image(str(root / 'dog' / 'deep' / 'd.jpeg'), 64, 33, 4, 'JPEG')
+  (root / 'dog' / 'notes.txt').write_text('not an image')
+  return root
+
+
+def test_folder_source(image_folder):
+  config = _config(data=f'folder:{image_folder}', batch_size=4)
+  source = sources.open_source(config, seed=0, process_index=0,
+                               process_count=1)
+  assert source.num_records == 5
+  batches = _batches(config, 4, seed=1)
+  for batch in batches:
+    _assert_valid_batch(batch, 4)
+  (resumed,) = _batches(config, 1, seed=1, start_step=3)
+  _assert_batch_equal(resumed, batches[3])
+
+
+def test_empty_folder_error(tmp_path):
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'sub' / 'readme.txt').write_text('x')
+  with pytest.raises(ValueError, match=r'No images found.*\.jpg'):
+    _batches(_config(data=f'folder:{tmp_path}'), 1)
+
+
+def test_missing_folder_error(tmp_path):
+  missing = tmp_path / 'does_not_exist'
+  with pytest.raises(ValueError, match='does not exist') as info:
+    _batches(_config(data=f'folder:{missing}'), 1)
+  assert str(missing) in str(info.value)
+
+
+# ------------------------------------------------------------------- errors
+
+
+def test_image_size_not_divisible_by_patch():
+  with pytest.raises(ValueError, match=r'image_size=30.*patch_size=4'):
+    _batches(_config(image_size=30), 1)
+
+
+@pytest.mark.parametrize('ratio', [0.0, 1.0, 1.5, -0.1])
+def test_bad_mask_ratio(ratio):
+  with pytest.raises(ValueError, match=r'ratio=.*between 0 and 1'):
+    _batches(_config(mask=dict(kind='random', ratio=ratio)), 1)
+
+
+def test_unknown_mask_kind():
+  with pytest.raises(ValueError, match=r"kind='checkers'.*random"):
+    _batches(_config(mask=dict(kind='checkers', ratio=0.5)), 1)
+
+
+def test_batch_not_divisible_by_process_count():
+  with pytest.raises(ValueError, match=r'batch_size=6.*process_count=4'):
+    _batches(_config(batch_size=6), 1, process_count=4)
+
+
+def test_unknown_data_specs():
+  with pytest.raises(ValueError, match=r'embedded:skimage'):
+    _batches(_config(data='embedded:nope'), 1)
+  with pytest.raises(ValueError, match=r'tfds:NAME'):
+    _batches(_config(data='s3://bucket/images'), 1)
+
+
+# --------------------------------------------------------------------- tfds
+
+
+class TinyMimImages(tfds.core.GeneratorBasedBuilder):
+  """A 10-image data set built offline by the tests."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            'label': tfds.features.ClassLabel(num_classes=2),
+        }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {'train': self._generate_examples(10)}
+
+  def _generate_examples(self, num):
+    rng = np.random.default_rng(0)
+    for i in range(num):
+      image = rng.integers(0, 256, (36 + 2 * i, 48, 3), dtype=np.uint8)
+      yield i, {'image': image, 'label': i % 2}
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  tfds.disable_progress_bar()
+  TinyMimImages(data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+@pytest.mark.parametrize('cache', [False, True])
+def test_tfds_source(tfds_dir, cache):
+  config = _config(data='tfds:tiny_mim_images', tfds_data_dir=tfds_dir,
+                   batch_size=4, cache=cache)
+  batches = _batches(config, 4, seed=2)
+  for batch in batches:
+    _assert_valid_batch(batch, 4)
+  (resumed,) = _batches(config, 1, seed=2, start_step=3)
+  _assert_batch_equal(resumed, batches[3])
+  host1 = _batches(config, 2, seed=2, process_index=1, process_count=2)
+  np.testing.assert_array_equal(host1[0]['index'], [2, 3])
+  source = sources.open_source(config, seed=0, process_index=1,
+                               process_count=2)
+  assert source.num_records == 5
+
+
+def test_tfds_epochs_shuffle_deterministically(tfds_dir):
+  config = _config(data='tfds:tiny_mim_images', tfds_data_dir=tfds_dir)
+
+  def epoch(seed, index):
+    source = sources.open_source(config, seed=seed, process_index=0,
+                                 process_count=1)
+    return list(source.epoch(tf.constant(index, tf.int64)))
+
+  first = epoch(0, 0)
+  assert [r.numpy() for r in first] == [r.numpy() for r in epoch(0, 0)]
+  assert [r.numpy() for r in first] != [r.numpy() for r in epoch(0, 1)]
+  assert len(first) == 10
+
+
+def test_tfds_not_prepared(tmp_path):
+  config = _config(data='tfds:mnist', tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match='tfds build mnist') as info:
+    _batches(config, 1)
+  assert str(tmp_path) in str(info.value)
+
+
+def test_tfds_imagenet_not_prepared(tmp_path):
+  config = _config(data='tfds:imagenet2012', tfds_data_dir=str(tmp_path),
+                   tfds_manual_dir=str(tmp_path / 'manual'))
+  with pytest.raises(ValueError, match='tfds build imagenet2012') as info:
+    _batches(config, 1)
+  message = str(info.value)
+  assert 'ILSVRC2012_img_train.tar' in message
+  assert f'--manual_dir={tmp_path / "manual"}' in message
+  assert 'input.tfds_data_dir' in message
+
+
+def test_tfds_unknown_dataset(tmp_path):
+  config = _config(data='tfds:no_such_dataset_xyz', tfds_data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match='not a registered TFDS'):
+    _batches(config, 1)
+
+
+# ---------------------------------------------------------------- vis batch
+
+
+def test_vis_batch_deterministic(image_folder):
+  config = _config(data=f'folder:{image_folder}')
+  a = input_pipeline.make_vis_batch(config, patch_size=PATCH, seed=0,
+                                    num_images=7)
+  b = input_pipeline.make_vis_batch(config, patch_size=PATCH, seed=0,
+                                    num_images=7)
+  _assert_batch_equal(a, b)
+  _assert_valid_batch(a, 7)
+  np.testing.assert_array_equal(a['index'], np.arange(7))
+  # 5 images in the folder: the source is cycled (same image, new mask).
+  np.testing.assert_array_equal(a['image'][5], a['image'][0])
+  assert not np.array_equal(a['image'][1], a['image'][0])
+  assert not np.array_equal(a['mask'][5], a['mask'][0])
+
+
+def test_vis_batch_embedded_center_crop():
+  batch = input_pipeline.make_vis_batch(_config(), patch_size=PATCH, seed=0,
+                                        num_images=2)
+  _assert_valid_batch(batch, 2)
+  # astronaut.png is square: its center crop is the whole (resized) photo.
+  pixels = input_pipeline.denormalize(batch['image'][0], _config().mean,
+                                      _config().std)
+  assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert 0.0 <= pixels.min() and pixels.max() <= 1.0
+
+
+def test_denormalize_inverts_normalize():
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (2, 4, 4, 3)).astype(np.float32)
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  normalized = augment.normalize(tf.constant(pixels), mean, std).numpy()
+  np.testing.assert_allclose(
+      input_pipeline.denormalize(normalized, mean, std), pixels / 255.0,
+      atol=1e-6)
+  assert input_pipeline.denormalize(np.full((1, 3), 9.0), mean, std).max() == 1
+
+
+# -------------------------------------------------------------- components
+
+
+def test_mask_fn_rectangular_grid():
+  mask_fn = masks.make_mask_fn({'kind': 'random', 'ratio': 0.5}, (2, 5))
+  out = mask_fn(tf.constant([1, 2], tf.int64))
+  assert out['noise'].shape == (10,) and out['mask'].shape == (10,)
+  assert int((out['mask'].numpy() == 0).sum()) == 5
+  again = mask_fn(tf.constant([1, 2], tf.int64))
+  np.testing.assert_array_equal(out['noise'], again['noise'])
+
+
+def test_mask_ratio_leaving_nothing_visible():
+  with pytest.raises(ValueError, match='no visible patch'):
+    masks.make_mask_fn({'kind': 'random', 'ratio': 0.9}, 2)
+
+
+def test_crop_window_in_bounds_and_fallback():
+  for i in range(20):
+    top, left, h, w = augment.sample_crop_window(
+        tf.constant([i, 0], tf.int64), 50, 80, (0.2, 1.0),
+        (3 / 4, 4 / 3)).numpy()
+    assert 0 <= top and top + h <= 50 and 0 <= left and left + w <= 80
+    assert 0.2 * 4000 * 0.9 <= h * w <= 4000
+  # A 10x1000 strip: no window with ratio <= 4/3 covers >= 50% of it, so the
+  # fallback center crop (height 10, width round(10 * 4/3)) is used.
+  window = augment.sample_crop_window(tf.constant([0, 0], tf.int64), 10,
+                                      1000, (0.5, 1.0), (3 / 4, 4 / 3))
+  np.testing.assert_array_equal(window.numpy(), [0, 493, 10, 13])

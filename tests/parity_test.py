@@ -1,0 +1,59 @@
+"""check_parity on the official MAE fixture, and that it catches errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURES, ROOT
+from mim_jax.parity import core
+
+MAE = os.path.join(FIXTURES, 'mae')
+
+
+@pytest.fixture(scope='module')
+def report():
+  return core.run(MAE)
+
+
+def test_mae_fixture_passes(report):
+  assert report['pass'], report['failures']
+  fwd = report['forward']
+  assert fwd['loss_rel']['loss'] <= 1e-5
+  assert fwd['tensors']['compared'] == 5  # pred, mask, latent, ids, target
+  assert fwd['tensors']['worst_rel_to_max'] <= 1e-5
+  assert report['grads']['compared'] == 84
+  assert report['grads']['worst_rel_to_max'] <= 2e-5
+  assert report['grads']['worst_zero_part_abs'] <= 1e-7
+  curve = report['curve']
+  assert curve['steps'] == 30
+  assert curve['decay_groups_match']
+  assert curve['loss_max_rel'] <= 1e-5
+  assert curve['final_params']['worst_rel_to_max'] <= 2e-5
+
+
+def test_cli_fails_on_wrong_recipe(tmp_path):
+  """Leaving cls/mask tokens out of weight decay must be caught (exit 1)."""
+  bad = tmp_path / 'mae_bad'
+  shutil.copytree(MAE, bad)
+  with open(bad / 'train_curve.json') as f:
+    curve = json.load(f)
+  for g in curve['param_groups']:
+    if g['weight_decay'] > 0:
+      g['params'] = [p for p in g['params']
+                     if p not in ('cls_token', 'mask_token')]
+    else:
+      g['params'] += ['cls_token', 'mask_token']
+  with open(bad / 'train_curve.json', 'w') as f:
+    json.dump(curve, f)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.tools.check_parity', str(bad)],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert res.returncode == 1, res.stderr[-2000:]
+  out = json.loads(res.stdout)
+  assert not out['pass']
+  assert any('weight-decay groups differ' in f for f in out['failures'])
