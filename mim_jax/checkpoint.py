@@ -13,10 +13,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
-def make_manager(workdir: str, *, save_every: int, keep: int,
+def make_manager(workdir: str, *, keep: int,
                  async_save: bool = True) -> ocp.CheckpointManager:
+  # The save interval is applied by `save` (orbax would also save step 1).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=save_every,
+      max_to_keep=keep,
       enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints')
@@ -24,12 +25,14 @@ def make_manager(workdir: str, *, save_every: int, keep: int,
       options=options)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: Any,
+def save(mgr: ocp.CheckpointManager, step: int, state: Any, every: int,
          force: bool = False) -> bool:
-  """Saves `state` (a TrainState pytree) if `step` is due or `force`."""
+  """Saves `state` (a TrainState pytree) if `step % every == 0` or `force`."""
+  if not force and step % every:
+    return False
   # apply_fn and tx are static fields: the pytree holds step, params,
   # opt_state and ema_params.
-  return mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+  return mgr.save(step, args=ocp.args.StandardSave(state), force=True)
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,

@@ -3,6 +3,8 @@
 Config files in `configs/` call these, so recipes are written once.
 """
 
+import os
+
 import ml_collections
 from ml_collections.config_dict import placeholder
 
@@ -80,3 +82,51 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.ckpt_every_steps = 200
   c.vis_every_steps = 200
   return c
+
+
+def load_config_file(path: str):
+  """Loads `get_config(arg)` from 'configs/x.py[:arg]' (as config_flags)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  file, _, arg = path.partition(':')
+  if not os.path.exists(file):
+    raise ValueError(f'config file {file!r} does not exist.')
+  spec = importlib.util.spec_from_file_location('_mim_jax_config', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv: list[str]):
+  """Rejects `--config.a.b=v` overrides of keys the config does not have.
+
+  ml_collections would fail deep inside flag parsing with a bare
+  AttributeError; this names the key, the known keys there, and the fix.
+
+  Raises:
+    ValueError: for the first unknown key.
+  """
+  config_path = None
+  keys = []
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      config_path = a.split('=', 1)[1]
+    elif a == '--config' and i + 1 < len(argv):
+      config_path = argv[i + 1]
+    elif a.startswith('--config.'):
+      keys.append(a[len('--config.'):].split('=', 1)[0])
+  if not config_path or not keys:
+    return
+  config = load_config_file(config_path)
+  for key in keys:
+    node = config
+    parts = key.split('.')
+    for j, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = '.'.join(parts[:j]) or '<top level>'
+        known = sorted(node.keys()) if isinstance(
+            node, ml_collections.ConfigDict) else []
+        raise ValueError(
+            f'Unknown config key {key!r} (in --config.{key}): {where} has no '
+            f'field {part!r}. Known fields there: {known}. Fix the spelling, '
+            f'or add the field to {config_path.partition(":")[0]}.')
+      node = node[part]

@@ -5,6 +5,7 @@ resumes automatically from the latest checkpoint in --workdir.
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -42,5 +43,14 @@ def main(argv):
   train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == '__main__':
+def run():
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.check_overrides(sys.argv[1:])
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -80,12 +80,18 @@ def decay_mask(params, exclude: Sequence[str] = ('bias', 'scale')):
       {k: k[-1] not in exclude for k in flat})
 
 
+def global_norm(tree) -> jax.Array:
+  """L2 norm over all leaves, in float32 (stable across optax versions)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in jax.tree.leaves(tree)))
+
+
 def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
   """torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (norm + 1e-6))."""
 
   def update(updates, state, params=None):
     del params
-    norm = optax.global_norm(updates)
+    norm = global_norm(updates)
     scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
     return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 

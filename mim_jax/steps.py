@@ -10,7 +10,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
 from mim_jax import optim
@@ -103,11 +102,11 @@ def make_train_step(model, loss_fn: Callable, schedule, *, seed: int = 0,
                                        accum_steps)
     metrics = {
         'loss': loss,
-        'l2_grads': optax.global_norm(grads),
+        'l2_grads': optim.global_norm(grads),
         'lr': schedule(state.step),
     }
     new_state = state.apply_gradients(grads=grads)
-    metrics['l2_params'] = optax.global_norm(new_state.params)
+    metrics['l2_params'] = optim.global_norm(new_state.params)
     return new_state, metrics
 
   return train_step

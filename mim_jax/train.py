@@ -121,8 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       config, model, mesh, batch_shapes)
 
   mgr = checkpoint.make_manager(
-      workdir, save_every=config.ckpt_every_steps,
-      keep=config.get('keep_ckpts', 3),
+      workdir, keep=config.get('keep_ckpts', 3),
       async_save=config.get('async_ckpt', True))
   restored, start_step = checkpoint.restore_latest(mgr, state)
   if restored is not None:
@@ -182,9 +181,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       pending, t_log, n_log = [], time.time(), 0
     if step % config.vis_every_steps == 0 or step == total_steps:
       _vis(config, vis_fn, state.params, vis_batch, workdir, step, writer)
-    checkpoint.save(mgr, step, state, force=step == total_steps)
+    checkpoint.save(mgr, step, state, config.ckpt_every_steps,
+                    force=step == total_steps)
     if mgr.reached_preemption(step):
-      checkpoint.save(mgr, step, state, force=True)
+      checkpoint.save(mgr, step, state, 1, force=True)
       mgr.wait_until_finished()
       logging.warning('Preempted at step %d; checkpoint saved.', step)
       break

@@ -1,0 +1,101 @@
+"""Every config builds; bad input fails early with a clear message."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import ROOT
+from mim_jax import config_lib
+from mim_jax import steps
+from mim_jax import train
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_config_builds_model(path):
+  config = config_lib.load_config_file(path)
+  train.validate_config(config, 8, 8)
+  model = steps.build_model(config)
+  size = config.input.image_size
+  p = train.patch_size_of(config)
+  shapes = {'image': jax.ShapeDtypeStruct((2, size, size, 3), 'float32'),
+            'noise': jax.ShapeDtypeStruct((2, (size // p) ** 2), 'float32')}
+  params = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+  assert set(params) == {'encoder', 'decoder'}
+
+
+def test_official_recipes():
+  for v, width, depth in (('b', 768, 12), ('l', 1024, 24), ('h', 1280, 32)):
+    c = config_lib.load_config_file(
+        os.path.join(ROOT, 'configs', f'mae_vit{v}.py'))
+    assert c.input.batch_size == 4096 and c.base_lr == 1.5e-4
+    assert c.optim.b2 == 0.95 and c.optim.weight_decay == 0.05
+    assert c.total_epochs == 800 and c.warmup_epochs == 40
+    assert c.mask_ratio == 0.75 and c.loss.norm_pix_loss
+    model = steps.build_model(c)
+    assert model.encoder['width'] == width
+    assert model.encoder['depth'] == depth
+    assert (model.decoder_width, model.decoder_depth,
+            model.decoder_num_heads) == (512, 8, 16)
+
+
+def _tiny(**kw):
+  c = config_lib.tiny_overrides(config_lib.mae_config())
+  for k, v in kw.items():
+    node = c
+    *path, last = k.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = v
+  return c
+
+
+@pytest.mark.parametrize('overrides, words', [
+    ({'input.image_size': 30}, ['image_size=30', 'patch size 4']),
+    ({'mask_ratio': 0.0}, ['mask ratio 0.0', '(0, 1)']),
+    ({'mask_ratio': 1.0}, ['mask ratio 1.0']),
+    ({'mask_ratio': 1.5}, ['mask ratio 1.5']),
+    ({'input.batch_size': 12}, ['batch size 12', '8 data-parallel']),
+    ({'grad_accum_steps': 4, 'input.batch_size': 16},
+     ['batch size 16', 'x 4 accumulation']),
+])
+def test_bad_config_fails_before_compiling(tmp_path, overrides, words):
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(_tiny(**overrides), str(tmp_path))
+  for w in words:
+    assert w in str(e.value), str(e.value)
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_unknown_model_field():
+  c = _tiny()
+  c.model.unlock()
+  c.model.decoder_widht = 3
+  with pytest.raises(ValueError, match='decoder_widht'):
+    steps.build_model(c)
+
+
+def test_unknown_mesh_axis_and_size():
+  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='model'):
+    sharding.make_mesh([('model', -1)])
+  with pytest.raises(ValueError, match='3 slots but there are 8'):
+    sharding.make_mesh([('data', 3)])
+  assert dict(sharding.make_mesh([('data', -1), ('fsdp', 2)]).shape) == {
+      'data': 4, 'fsdp': 2}
+
+
+def test_unknown_config_key_on_the_command_line(tmp_path):
+  res = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.main', '--config=configs/mae_tiny.py',
+       f'--workdir={tmp_path}', '--config.input.batch_sise=8'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  assert res.returncode != 0
+  assert "Unknown config key 'input.batch_sise'" in res.stderr
+  assert 'batch_size' in res.stderr  # lists the known fields
