@@ -50,6 +50,10 @@ def mae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
                  wd_exclude=('bias', 'scale'),
                  grad_clip_norm=placeholder(float), mu_dtype=placeholder(str))
   c.grad_accum_steps = 1
+  # Start from an official PyTorch checkpoint (.pth/.npz) when the workdir
+  # has none; init_strict=False for encoder-only files (random decoder).
+  c.init_from = placeholder(str)
+  c.init_strict = True
   c.mesh = (('data', -1),)
   c.log_every_steps = 100
   c.ckpt_every_steps = 1000

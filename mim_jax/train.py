@@ -5,6 +5,7 @@ The loop is the same for every method: the model and loss come from
 the tf.data pipeline, and everything method-specific lives in those files.
 """
 
+import importlib
 import os
 import time
 import jax
@@ -82,6 +83,25 @@ def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   return path
 
 
+def _load_init(config, model, batch_shapes):
+  """Params from an official PyTorch checkpoint (`config.init_from`).
+
+  Only used when the workdir has no checkpoint of its own. Encoder-only
+  checkpoints need `config.init_strict=False` (the decoder stays random).
+  """
+  from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
+  conv = importlib.import_module(f'mim_jax.convert.{config.model_name}')
+  shapes = jax.eval_shape(
+      lambda: steps.init_params(model, batch_shapes, config.seed))
+  fresh = steps.init_params(model, batch_shapes, config.seed) \
+      if not config.get('init_strict', True) else shapes
+  sd = core.load_state_dict(config.init_from)
+  logging.info('Initialising from %s (%d tensors).', config.init_from,
+               len(sd))
+  return conv.to_flax(sd, model, fresh, config.input.image_size,
+                      strict=config.get('init_strict', True))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from `workdir` if it has checkpoints).
 
@@ -117,8 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       'mask': jax.ShapeDtypeStruct((config.input.batch_size, num_patches),
                                    np.float32),
   }
+  init = None
+  if config.get('init_from'):
+    init = _load_init(config, model, batch_shapes)
   state, state_shardings, _, schedule = steps.create_train_state(
-      config, model, mesh, batch_shapes)
+      config, model, mesh, batch_shapes, params=init)
 
   mgr = checkpoint.make_manager(
       workdir, keep=config.get('keep_ckpts', 3),

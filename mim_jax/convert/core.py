@@ -83,7 +83,7 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str):
     np.savez(path, **state_dict)
     return
   import torch  # pylint: disable=g-import-not-at-top
-  torch.save({k: torch.from_numpy(np.ascontiguousarray(v))
+  torch.save({k: torch.from_numpy(np.array(v, copy=True))
               for k, v in state_dict.items()}, path)
 
 

@@ -270,7 +270,7 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
   else:
     images = embedded.load(value)
     source = ArraySource(f'embedded:{value} ({len(images)} images)',
-                         [png for _, png in images], are_paths=False,
+                         [data for _, data in images], are_paths=False,
                          seed=seed, process_index=process_index,
                          process_count=process_count)
   logging.info('Input source %s: %d records for host %d/%d.',

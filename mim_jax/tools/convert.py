@@ -1,0 +1,102 @@
+r"""Weight conversion between official PyTorch checkpoints and mim_jax.
+
+Export the params of a training run as an official state dict (encoder +
+decoder, official key names, loads with strict=True upstream):
+
+  python -m mim_jax.tools.convert export --config=configs/mae_vitb.py \
+      --workdir=DIR [--step=N] --out=mae_vitb.pth     # or .npz
+
+Import an official checkpoint into an orbax params checkpoint (and check it):
+
+  python -m mim_jax.tools.convert import --config=configs/mae_vitb.py \
+      --torch_ckpt=mae_pretrain_vit_base.pth --out=DIR [--nostrict]
+
+The released `mae_pretrain_vit_*.pth` hold the encoder only: use --nostrict
+to keep a freshly initialised decoder (it is listed in the log).
+"""
+
+import importlib
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+flags.DEFINE_string('workdir', None, 'Training workdir (export).')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+flags.DEFINE_string('torch_ckpt', None, '.pth/.pt/.npz state dict (import).')
+flags.DEFINE_string('out', None, 'Output: .pth/.npz (export) or dir (import).')
+flags.DEFINE_bool('strict', True, 'Fail on params missing from the ckpt.')
+FLAGS = flags.FLAGS
+
+
+def _setup(config):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  model = steps.build_model(config)
+  size = config.input.image_size
+  n = (size // train.patch_size_of(config)) ** 2
+  shapes = {'image': jax.ShapeDtypeStruct((1, size, size, 3), 'float32'),
+            'noise': jax.ShapeDtypeStruct((1, n), 'float32')}
+  conv = importlib.import_module(f'mim_jax.convert.{config.model_name}')
+  return model, shapes, conv
+
+
+def export(config):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mim_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
+  model, shapes, conv = _setup(config)
+  mesh = sharding.make_mesh([('data', -1)])
+  abstract = jax.eval_shape(
+      lambda: steps.create_train_state(config, model, mesh, shapes)[0])
+  mgr = checkpoint.make_manager(FLAGS.workdir, keep=10**6, async_save=False)
+  state, step = checkpoint.restore_latest(mgr, abstract, FLAGS.step)
+  if state is None:
+    raise app.UsageError(f'No checkpoint in {FLAGS.workdir}/checkpoints.')
+  sd = conv.to_torch(jax.device_get(state.params), model,
+                     config.input.image_size)
+  core.save_state_dict(sd, FLAGS.out)
+  logging.info('Wrote %d tensors of step %d to %s', len(sd), step, FLAGS.out)
+
+
+def import_(config):
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
+  model, shapes, conv = _setup(config)
+  init = steps.init_params(model, shapes, config.seed)
+  sd = core.load_state_dict(FLAGS.torch_ckpt)
+  params = conv.to_flax(sd, model, init, config.input.image_size,
+                        strict=FLAGS.strict)
+  out = os.path.abspath(FLAGS.out)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(out, jax.tree.map(jax.numpy.asarray, params))
+  logging.info('Wrote params of %s to %s', FLAGS.torch_ckpt, out)
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in ('export', 'import'):
+    raise app.UsageError('usage: convert {export|import} --config=... ...')
+  if not FLAGS.config or not FLAGS.out:
+    raise app.UsageError('--config and --out are required.')
+  if argv[1] == 'export':
+    if not FLAGS.workdir:
+      raise app.UsageError('export needs --workdir.')
+    export(FLAGS.config)
+  else:
+    if not FLAGS.torch_ckpt:
+      raise app.UsageError('import needs --torch_ckpt.')
+    import_(FLAGS.config)
+
+
+if __name__ == '__main__':
+  app.run(main)
