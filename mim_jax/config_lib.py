@@ -74,7 +74,7 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.decoder_num_heads = 4
   c.input.data = 'embedded:skimage'
   c.input.num_train_examples = placeholder(int)
-  c.input.batch_size = 64
+  c.input.batch_size = 32
   c.input.image_size = 32
   c.input.shuffle_buffer = 1000
   c.lr = 1.5e-3

@@ -112,6 +112,11 @@ def _to_torch_leaf(name: str, value: np.ndarray):
   return name, value
 
 
+def _host(x):
+  """numpy copy of an array leaf; ShapeDtypeStructs (eval_shape) are kept."""
+  return x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)
+
+
 def is_scanned(params) -> bool:
   """True if the tree uses the nn.scan layout (a `blocks` subtree)."""
   return any('blocks' in k for k in traverse_util.flatten_dict(params))
@@ -142,7 +147,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
       and fixed buffers that differ from ours.
   """
   scanned = is_scanned(target_params)
-  loop_target = vit.scan_to_loop(jax.tree.map(np.asarray, target_params)) \
+  loop_target = vit.scan_to_loop(jax.tree.map(_host, target_params)) \
       if scanned else target_params
   expected = traverse_util.flatten_dict(loop_target, sep='/')
   modules: dict[str, set] = {}
@@ -151,6 +156,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
     modules.setdefault(mod, set()).add(leaf)
 
   unknown, mismatched, bad_frozen = [], [], []
+  mismatched_paths = set()
   out = {}
   ignore_rx = [re.compile(r) for r in ignore]
   for key, value in state_dict.items():
@@ -179,14 +185,20 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
     if tuple(arr.shape) != tuple(expected[path].shape):
       mismatched.append(f'{key}: got {tuple(value.shape)}, model wants '
                         f'{tuple(expected[path].shape)} (as {path})')
+      mismatched_paths.add(path)
       continue
     out[path] = arr.astype(np.float32)
-  missing = sorted(set(expected) - set(out))
+  # A mis-shaped param is reported as such, not again as missing.
+  missing = sorted(set(expected) - set(out) - mismatched_paths)
   problems = []
   if unknown:
     problems.append(f'unknown keys ({len(unknown)}): {unknown}')
   if missing and strict:
     problems.append(f'missing params ({len(missing)}): {missing}')
+  elif any(isinstance(expected[k], jax.ShapeDtypeStruct) for k in missing):
+    problems.append(f'missing params ({len(missing)}): {missing}; with '
+                    'strict=False, target_params must hold initialised '
+                    'values to keep, not shapes')
   if mismatched:
     problems.append(f'shape mismatches ({len(mismatched)}): {mismatched}')
   if bad_frozen:

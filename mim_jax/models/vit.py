@@ -143,8 +143,16 @@ def loop_to_scan(tree: dict, name: str = 'blocks') -> dict:
   return out
 
 
+def _layer(a, i: int):
+  """Layer i of a stacked leaf; a ShapeDtypeStruct (from eval_shape) gives
+  the per-layer ShapeDtypeStruct."""
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+  return a[i]
+
+
 def scan_to_loop(tree: dict, name: str = 'blocks') -> dict:
-  """Inverse of `loop_to_scan`."""
+  """Inverse of `loop_to_scan` (leaves may also be ShapeDtypeStructs)."""
   if not isinstance(tree, dict):
     return tree
   out = {}
@@ -152,7 +160,7 @@ def scan_to_loop(tree: dict, name: str = 'blocks') -> dict:
     if k == name and isinstance(v, dict):
       depth = jax.tree.leaves(v)[0].shape[0]
       for i in range(depth):
-        out[f'{name}_{i}'] = jax.tree.map(lambda a, i=i: a[i], v)
+        out[f'{name}_{i}'] = jax.tree.map(lambda a, i=i: _layer(a, i), v)
     else:
       out[k] = scan_to_loop(v, name)
   return out
