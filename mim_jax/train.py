@@ -137,20 +137,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       'mask': jax.ShapeDtypeStruct((config.input.batch_size, num_patches),
                                    np.float32),
   }
-  init = None
-  if config.get('init_from'):
-    init = _load_init(config, model, batch_shapes)
-  state, state_shardings, _, schedule = steps.create_train_state(
-      config, model, mesh, batch_shapes, params=init)
-
   mgr = checkpoint.make_manager(
       workdir, keep=config.get('keep_ckpts', 3),
       async_save=config.get('async_ckpt', True))
-  restored, start_step = checkpoint.restore_latest(mgr, state)
-  if restored is not None:
+  start_step = int(mgr.latest_step() or 0)
+  # The data sources are opened before anything compiles, so a missing
+  # dataset or an empty folder fails in seconds, not after compilation.
+  ds = input_pipeline.make_train_dataset(
+      config.input, patch_size=p, seed=config.seed, start_step=start_step)
+  vis_batch = input_pipeline.make_vis_batch(
+      config.input, patch_size=p, seed=config.seed,
+      num_images=config.get('vis_images', 8))
+  vis_batch = {k: v for k, v in vis_batch.items() if k in DEVICE_KEYS}
+
+  init = None
+  if config.get('init_from') and not start_step:
+    init = _load_init(config, model, batch_shapes)
+  state, state_shardings, _, schedule = steps.create_train_state(
+      config, model, mesh, batch_shapes, params=init)
+  if start_step:
+    restored, _ = checkpoint.restore_latest(mgr, state, start_step)
     state = jax.device_put(restored, state_shardings)
     logging.info('Resumed from step %d.', start_step)
-  start_step = int(start_step or 0)
 
   data_sh = sharding.data_sharding(mesh)
   train_step = jax.jit(
@@ -159,14 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       in_shardings=(state_shardings, data_sh),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
-
-  ds = input_pipeline.make_train_dataset(
-      config.input, patch_size=p, seed=config.seed, start_step=start_step)
   it = iter(ds.as_numpy_iterator())
-  vis_batch = input_pipeline.make_vis_batch(
-      config.input, patch_size=p, seed=config.seed,
-      num_images=config.get('vis_images', 8))
-  vis_batch = {k: v for k, v in vis_batch.items() if k in DEVICE_KEYS}
   vis_fn = jax.jit(lambda prm, b: model.apply(
       {'params': prm}, b['image'], **steps.model_inputs(b), train=False))
 

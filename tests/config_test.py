@@ -99,3 +99,28 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
   assert res.returncode != 0
   assert "Unknown config key 'input.batch_sise'" in res.stderr
   assert 'batch_size' in res.stderr  # lists the known fields
+
+
+@pytest.mark.parametrize('data, words', [
+    ('tfds:mnist', ['mnist', 'tfds build']),
+    ('folder:EMPTY', ['EMPTY', '.jpg']),
+])
+def test_missing_data_fails_before_compiling(tmp_path, monkeypatch, data,
+                                             words):
+  """An unprepared TFDS dataset / empty image folder is reported before the
+  state is created (nothing is compiled)."""
+  empty = tmp_path / 'empty_folder'
+  empty.mkdir()
+  data = data.replace('EMPTY', str(empty))
+  words = [w.replace('EMPTY', str(empty)) for w in words]
+
+  def no_compile(*a, **k):
+    raise AssertionError('state created before the data check')
+
+  monkeypatch.setattr(steps, 'create_train_state', no_compile)
+  c = _tiny(**{'input.data': data})
+  c.input.tfds_data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(c, str(tmp_path / 'wd'))
+  for w in words:
+    assert w in str(e.value), str(e.value)
