@@ -10,21 +10,42 @@ from clu import metric_writers
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends one JSON object per written step to `path`: {"step": s, ...}.
+  """Writes one JSON object per written step to `path`: {"step": s, ...}.
 
-  Scalars only; every line is flushed, so a crashed run keeps its curve.
+  Scalars only. Rows of steps after `resume_step` (logged by a run that
+  crashed before its next checkpoint) are dropped on open, so a resumed run
+  leaves one row per step. Local files are appended to and flushed per row;
+  object stores (gs://), which cannot append, get the whole file rewritten.
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, resume_step: Optional[int] = None):
     self._path = path
+    self._remote = '://' in path
     tf.io.gfile.makedirs(os.path.dirname(path) or '.')
-    self._f = tf.io.gfile.GFile(path, 'a')
+    self._rows = []
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        self._rows = [line for line in f.read().splitlines() if line.strip()]
+      if resume_step is not None:
+        self._rows = [r for r in self._rows
+                      if json.loads(r)['step'] <= resume_step]
+    self._rewrite()
+    self._f = None if self._remote else tf.io.gfile.GFile(path, 'a')
+
+  def _rewrite(self):
+    with tf.io.gfile.GFile(self._path, 'w') as f:
+      f.write(''.join(r + '\n' for r in self._rows))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._f.write(json.dumps(row) + '\n')
-    self._f.flush()
+    line = json.dumps(row)
+    self._rows.append(line)
+    if self._remote:
+      self._rewrite()
+    else:
+      self._f.write(line + '\n')
+      self._f.flush()
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -48,14 +69,17 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._f.flush()
+    if self._f:
+      self._f.flush()
 
   def close(self):
-    self._f.close()
+    if self._f:
+      self._f.close()
 
 
 def make_writer(workdir: str, is_main: bool,
-                jsonl_name: Optional[str] = 'metrics.jsonl'):
+                jsonl_name: Optional[str] = 'metrics.jsonl',
+                resume_step: Optional[int] = None):
   """TensorBoard + jsonl on the main process, logging only elsewhere.
 
   Returns:
@@ -68,4 +92,4 @@ def make_writer(workdir: str, is_main: bool,
   if not is_main or not jsonl_name:
     return tb, tb
   return metric_writers.MultiWriter(
-      [tb, JsonlWriter(os.path.join(workdir, jsonl_name))]), tb
+      [tb, JsonlWriter(os.path.join(workdir, jsonl_name), resume_step)]), tb

@@ -115,14 +115,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True) if '://' not in workdir else None
-  writer, tb_writer = metrics_lib.make_writer(workdir, is_main)
-  if is_main:
-    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
-    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
-                          else str(v) for k, v in flat.items()})
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
-
   model = steps.build_model(config)
   loss_fn = steps.build_loss(config)
   host_bs = config.input.batch_size // jax.process_count()
@@ -141,6 +133,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       workdir, keep=config.get('keep_ckpts', 3),
       async_save=config.get('async_ckpt', True))
   start_step = int(mgr.latest_step() or 0)
+  writer, tb_writer = metrics_lib.make_writer(
+      workdir, is_main, resume_step=start_step)
+  if is_main:
+    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
+                          else str(v) for k, v in flat.items()})
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+
   # The data sources are opened before anything compiles, so a missing
   # dataset or an empty folder fails in seconds, not after compilation.
   ds = input_pipeline.make_train_dataset(

@@ -61,8 +61,8 @@ def _tiny_config(**kw):
   c.input.batch_size = 8
   c.total_steps = 6
   c.warmup_steps = 2
-  c.log_every_steps = 3
-  c.ckpt_every_steps = 1
+  c.log_every_steps = 1
+  c.ckpt_every_steps = 2
   c.vis_every_steps = 100
   c.async_ckpt = False
   c.update(kw)
@@ -74,8 +74,9 @@ class _Crash(Exception):
 
 
 def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
-  """A run killed after step 3 and restarted ends where an uninterrupted
-  run ends: same params, since masks and crops depend on (seed, step)."""
+  """A run killed during step 6 (last checkpoint: step 4) and restarted ends
+  where an uninterrupted run ends: same params, since masks and crops depend
+  on (seed, step); metrics.jsonl keeps one row per step."""
   full = train.train_and_evaluate(_tiny_config(), str(tmp_path / 'a'))
 
   real = input_pipeline.make_train_dataset
@@ -87,7 +88,7 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
 
       def as_numpy_iterator(self):
         for i, b in enumerate(ds.as_numpy_iterator()):
-          if i == 3:
+          if i == 5:
             raise _Crash()
           yield b
 
@@ -97,8 +98,8 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
   monkeypatch.setattr(input_pipeline, 'make_train_dataset', crashing)
   with pytest.raises(_Crash):
     train.train_and_evaluate(_tiny_config(), wd)
-  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == [
-      '1', '2', '3']
+  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4']
+  assert [r['step'] for r in _rows(wd)] == [1, 2, 3, 4, 5]
   monkeypatch.setattr(input_pipeline, 'make_train_dataset', real)
   resumed = train.train_and_evaluate(_tiny_config(), wd)
   assert int(resumed.step) == 6
@@ -107,4 +108,4 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
       full.params, resumed.params))
   assert max(diffs) <= 1e-6
   rows = _rows(wd)
-  assert [r['step'] for r in rows] == [3, 6]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
