@@ -3,8 +3,10 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -15,17 +17,18 @@ from mim_jax import config_lib
 from mim_jax import input_pipeline
 from mim_jax import train
 
-SMALL = ['--config.total_steps=8', '--config.warmup_steps=2',
-         '--config.log_every_steps=2', '--config.ckpt_every_steps=4',
-         '--config.vis_every_steps=4', '--config.input.batch_size=16']
+SMALL = ['--config.total_steps=40', '--config.warmup_steps=4',
+         '--config.log_every_steps=4', '--config.ckpt_every_steps=4',
+         '--config.vis_every_steps=20', '--config.input.batch_size=16']
 
 
-def _main(workdir, *extra):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-      [sys.executable, '-m', 'mim_jax.main', '--config=configs/mae_tiny.py',
-       f'--workdir={workdir}', *SMALL, *extra],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+def _cmd(workdir):
+  return [sys.executable, '-m', 'mim_jax.main',
+          '--config=configs/mae_tiny.py', f'--workdir={workdir}', *SMALL]
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=ROOT)
 
 
 def _rows(workdir):
@@ -33,27 +36,41 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def test_cli_trains_logs_and_resumes(tmp_path):
+def test_cli_killed_and_restarted_resumes(tmp_path):
+  """README command 1, killed after its first checkpoint, then the very same
+  command again: it resumes from the last checkpoint and trains to the end."""
   wd = str(tmp_path / 'run')
-  res = _main(wd)
+  proc = subprocess.Popen(_cmd(wd), env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  first_ckpt = os.path.join(wd, 'checkpoints', '4')
+  deadline = time.time() + 300
+  while not os.path.isdir(first_ckpt) and proc.poll() is None:
+    assert time.time() < deadline, 'no checkpoint after 300 s'
+    time.sleep(0.2)
+  assert proc.poll() is None, 'finished before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  done = [d for d in os.listdir(os.path.join(wd, 'checkpoints'))
+          if d.isdigit()]
+  last = max(int(d) for d in done)
+  assert last < 40
+
+  res = subprocess.run(_cmd(wd), capture_output=True, text=True, env=_env(),
+                       cwd=ROOT, timeout=400)
   assert res.returncode == 0, res.stderr[-3000:]
+  assert f'Resumed from step {last}' in res.stderr
   rows = _rows(wd)
-  assert [r['step'] for r in rows] == [2, 4, 6, 8]
+  steps = [r['step'] for r in rows]
+  assert steps == list(range(4, 41, 4))  # one row per logged step
   for r in rows:
     for k in ('train/loss', 'train/lr', 'train/l2_grads',
               'train/images_per_sec'):
       assert np.isfinite(r[k]), (k, r)
+  assert rows[-1]['train/loss'] < rows[0]['train/loss']
   assert glob.glob(os.path.join(wd, 'events.out.tfevents.*'))
-  assert os.path.exists(os.path.join(wd, 'recon_0000004.png'))
-  assert os.path.exists(os.path.join(wd, 'recon_0000008.png'))
-  assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['4', '8']
-
-  # The same command with a longer schedule continues from step 8.
-  res = _main(wd, '--config.total_steps=12')
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert 'Resumed from step 8' in res.stderr
-  steps = [r['step'] for r in _rows(wd)]
-  assert steps == [2, 4, 6, 8, 10, 12]
+  assert os.path.exists(os.path.join(wd, 'recon_0000040.png'))
+  assert '40' in os.listdir(os.path.join(wd, 'checkpoints'))
 
 
 def _tiny_config(**kw):

@@ -1,0 +1,67 @@
+r"""Train-step speed (compile time, steps/s, images/s), printed as JSON.
+
+  python benchmarks/train_step_bench.py [--config=configs/mae_tiny.py]
+      [--steps=20] [--config.input.batch_size=...] [--config.model.scan=True]
+
+Synthetic inputs of the config's shapes, so it measures the jitted step
+alone (compare with benchmarks/input_pipeline_bench.py).
+"""
+
+import json
+import os
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', 'configs/mae_tiny.py', 'Config.')
+flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile step).')
+
+
+def main(_):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  config = flags.FLAGS.config
+  mesh = sharding.make_mesh(config.mesh)
+  model = steps.build_model(config)
+  bs, size = config.input.batch_size, config.input.image_size
+  n = (size // train.patch_size_of(config)) ** 2
+  rng = np.random.default_rng(0)
+  host = {'image': rng.standard_normal((bs, size, size, 3), np.float32),
+          'noise': rng.random((bs, n), np.float32)}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+  state, shardings, _, schedule = steps.create_train_state(
+      config, model, mesh, shapes)
+  data_sh = sharding.data_sharding(mesh)
+  step = jax.jit(
+      steps.make_train_step(model, steps.build_loss(config), schedule,
+                            accum_steps=config.grad_accum_steps),
+      in_shardings=(shardings, data_sh), donate_argnums=(0,))
+  batch = sharding.to_global(host, data_sh)
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(flags.FLAGS.steps):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / flags.FLAGS.steps
+  print(json.dumps(dict(
+      benchmark='train_step', model=config.model.get('variant') or
+      dict(config.model.encoder), batch=bs, image_size=size,
+      scan=config.model.scan, dtype=config.model.dtype,
+      devices=jax.device_count(), platform=jax.devices()[0].platform,
+      compile_sec=round(compile_s, 2), step_sec=round(dt, 4),
+      steps_per_sec=round(1 / dt, 2), images_per_sec=round(bs / dt, 1))))
+
+
+if __name__ == '__main__':
+  app.run(main)
