@@ -196,6 +196,9 @@ def make_train_dataset(input_config: Any,
   options = tf.data.Options()
   # Order must not depend on thread timing, or resume would not be exact.
   options.deterministic = True
+  # One thread per op (parallelism comes from the parallel map), as
+  # big_vision does: TF ops then do not fight the train step for cores.
+  options.threading.max_intra_op_parallelism = 1
   return ds.with_options(options)
 
 
