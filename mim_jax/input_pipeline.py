@@ -109,6 +109,26 @@ def _mask_config(input_config: Any) -> Any:
   return input_config.get('mask', None) or _DEFAULT_MASK
 
 
+def validate_config(input_config: Any, *, patch_size: int,
+                    process_count: int | None = None):
+  """Checks image/patch sizes, the mask config and the host batch.
+
+  Cheap and data-free, so the trainer calls it before building anything.
+
+  Returns:
+    (image_size, mask_fn, host_batch).
+
+  Raises:
+    ValueError naming the bad value and the fix.
+  """
+  image_size = _image_size(input_config, patch_size)
+  mask_fn = masks.make_mask_fn(_mask_config(input_config),
+                               image_size // patch_size)
+  _, process_count = _process_info(0, process_count)
+  host_batch = _host_batch_size(int(input_config.batch_size), process_count)
+  return image_size, mask_fn, host_batch
+
+
 def make_train_dataset(input_config: Any,
                        *,
                        patch_size: int,
@@ -139,11 +159,9 @@ def make_train_dataset(input_config: Any,
     ValueError: on invalid configuration or an unusable data source.
   """
   # Validate everything cheap before touching any data.
-  image_size = _image_size(input_config, patch_size)
-  mask_fn = masks.make_mask_fn(_mask_config(input_config),
-                               image_size // patch_size)
+  image_size, mask_fn, host_batch = validate_config(
+      input_config, patch_size=patch_size, process_count=process_count)
   process_index, process_count = _process_info(process_index, process_count)
-  host_batch = _host_batch_size(int(input_config.batch_size), process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
   scale = _pair(input_config.get('crop_scale', (0.2, 1.0)), 'crop_scale')

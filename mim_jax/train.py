@@ -23,7 +23,6 @@ from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax import visualize
-from mim_jax.models import mae as mae_model
 
 DEVICE_KEYS = ('image', 'noise', 'mask')
 
@@ -44,18 +43,8 @@ def validate_config(config, num_devices: int, data_parallel: int):
   Raises:
     ValueError naming the bad value and the fix.
   """
-  p = patch_size_of(config)
-  size = config.input.image_size
-  if size % p:
-    raise ValueError(
-        f'config.input.image_size={size} is not divisible by the patch size '
-        f'{p}; use a multiple of {p} (e.g. {size - size % p or p}).')
-  ratio = config.input.mask.get('ratio')
-  if ratio is not None and not 0.0 < ratio < 1.0:
-    raise ValueError(f'mask ratio {ratio} is outside (0, 1); MAE uses 0.75 '
-                     '(set --config.mask_ratio).')
-  if ratio is not None:
-    mae_model.len_keep_for((size // p) ** 2, ratio)
+  input_pipeline.validate_config(config.input,
+                                 patch_size=patch_size_of(config))
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
@@ -63,9 +52,6 @@ def validate_config(config, num_devices: int, data_parallel: int):
         f'global batch size {bs} is not divisible by {data_parallel} '
         f'data-parallel devices x {accum} accumulation steps (of '
         f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
-  if bs % jax.process_count():
-    raise ValueError(f'batch size {bs} is not divisible by the '
-                     f'{jax.process_count()} processes.')
 
 
 def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):

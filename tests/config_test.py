@@ -56,10 +56,10 @@ def _tiny(**kw):
 
 
 @pytest.mark.parametrize('overrides, words', [
-    ({'input.image_size': 30}, ['image_size=30', 'patch size 4']),
-    ({'mask_ratio': 0.0}, ['mask ratio 0.0', '(0, 1)']),
-    ({'mask_ratio': 1.0}, ['mask ratio 1.0']),
-    ({'mask_ratio': 1.5}, ['mask ratio 1.5']),
+    ({'input.image_size': 30}, ['image_size=30', 'patch_size=4']),
+    ({'mask_ratio': 0.0}, ['input.mask.ratio=0.0', 'between 0 and 1']),
+    ({'mask_ratio': 1.0}, ['input.mask.ratio=1.0']),
+    ({'mask_ratio': 1.5}, ['input.mask.ratio=1.5']),
     ({'input.batch_size': 12}, ['batch size 12', '8 data-parallel']),
     ({'grad_accum_steps': 4, 'input.batch_size': 16},
      ['batch size 16', 'x 4 accumulation']),
