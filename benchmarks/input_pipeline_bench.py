@@ -24,10 +24,10 @@ flags.DEFINE_integer('batches', 30, 'Timed batches (after 3 warm-up ones).')
 
 def main(_):
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   ds = input_pipeline.make_train_dataset(
-      config.input, patch_size=train.patch_size_of(config), seed=0)
+      config.input, patch_size=weights.patch_size_of(config), seed=0)
   it = ds.as_numpy_iterator()
   for _ in range(3):
     next(it)

@@ -26,12 +26,12 @@ def main(_):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mim_jax import sharding  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
-  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   mesh = sharding.make_mesh(config.mesh)
   model = steps.build_model(config)
   bs, size = config.input.batch_size, config.input.image_size
-  n = (size // train.patch_size_of(config)) ** 2
+  n = (size // weights.patch_size_of(config)) ** 2
   rng = np.random.default_rng(0)
   host = {'image': rng.standard_normal((bs, size, size, 3), np.float32),
           'noise': rng.random((bs, n), np.float32)}

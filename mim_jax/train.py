@@ -5,7 +5,6 @@ The loop is the same for every method: the model and loss come from
 the tf.data pipeline, and everything method-specific lives in those files.
 """
 
-import importlib
 import os
 import time
 import jax
@@ -23,18 +22,9 @@ from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax import visualize
+from mim_jax import weights
 
 DEVICE_KEYS = ('image', 'noise', 'mask')
-
-
-def patch_size_of(config) -> int:
-  m = config.model
-  if m.get('encoder') and m.encoder.get('patch_size'):
-    return int(m.encoder.patch_size)
-  if m.get('variant'):
-    return int(m.variant.split('/')[-1])
-  raise ValueError('Set config.model.variant ("B/16") or '
-                   'config.model.encoder.patch_size.')
 
 
 def validate_config(config, num_devices: int, data_parallel: int):
@@ -44,7 +34,7 @@ def validate_config(config, num_devices: int, data_parallel: int):
     ValueError naming the bad value and the fix.
   """
   input_pipeline.validate_config(config.input,
-                                 patch_size=patch_size_of(config))
+                                 patch_size=weights.patch_size_of(config))
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
@@ -56,36 +46,12 @@ def validate_config(config, num_devices: int, data_parallel: int):
 
 def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
-  pred, out = vis_fn(params, vis_batch)
-  grid = visualize.reconstruction_grid(
-      vis_batch['image'], jax.device_get(pred), jax.device_get(out['mask']),
-      patch_size=patch_size_of(config), mean=config.input.mean,
-      std=config.input.std,
-      norm_pix=bool(config.get('loss', {}).get('norm_pix_loss', False)))
+  grid = visualize.render(config, vis_fn, params, vis_batch)
   path = os.path.join(workdir, f'recon_{step:07d}.png')
   if jax.process_index() == 0:
     visualize.save_png(grid, path)
     writer.write_images(step, {'reconstruction': grid[None]})
   return path
-
-
-def _load_init(config, model, batch_shapes):
-  """Params from an official PyTorch checkpoint (`config.init_from`).
-
-  Only used when the workdir has no checkpoint of its own. Encoder-only
-  checkpoints need `config.init_strict=False` (the decoder stays random).
-  """
-  from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
-  conv = importlib.import_module(f'mim_jax.convert.{config.model_name}')
-  shapes = jax.eval_shape(
-      lambda: steps.init_params(model, batch_shapes, config.seed))
-  fresh = steps.init_params(model, batch_shapes, config.seed) \
-      if not config.get('init_strict', True) else shapes
-  sd = core.load_state_dict(config.init_from)
-  logging.info('Initialising from %s (%d tensors).', config.init_from,
-               len(sd))
-  return conv.to_flax(sd, model, fresh, config.input.image_size,
-                      strict=config.get('init_strict', True))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -104,17 +70,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = steps.build_model(config)
   loss_fn = steps.build_loss(config)
   host_bs = config.input.batch_size // jax.process_count()
-  p = patch_size_of(config)
-  num_patches = (config.input.image_size // p) ** 2
-  size = config.input.image_size
-  batch_shapes = {
-      'image': jax.ShapeDtypeStruct((config.input.batch_size, size, size, 3),
-                                    np.float32),
-      'noise': jax.ShapeDtypeStruct((config.input.batch_size, num_patches),
-                                    np.float32),
-      'mask': jax.ShapeDtypeStruct((config.input.batch_size, num_patches),
-                                   np.float32),
-  }
+  p = weights.patch_size_of(config)
+  batch_shapes = weights.batch_shapes(config)
   mgr = checkpoint.make_manager(
       workdir, keep=config.get('keep_ckpts', 3),
       async_save=config.get('async_ckpt', True))
@@ -139,7 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   init = None
   if config.get('init_from') and not start_step:
-    init = _load_init(config, model, batch_shapes)
+    init = weights.from_torch(config, model, config.init_from,
+                              strict=config.get('init_strict', True))
   state, state_shardings, _, schedule = steps.create_train_state(
       config, model, mesh, batch_shapes, params=init)
   if start_step:

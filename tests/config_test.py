@@ -12,6 +12,7 @@ from conftest import ROOT
 from mim_jax import config_lib
 from mim_jax import steps
 from mim_jax import train
+from mim_jax import weights
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
@@ -22,7 +23,7 @@ def test_config_builds_model(path):
   train.validate_config(config, 8, 8)
   model = steps.build_model(config)
   size = config.input.image_size
-  p = train.patch_size_of(config)
+  p = weights.patch_size_of(config)
   shapes = {'image': jax.ShapeDtypeStruct((2, size, size, 3), 'float32'),
             'noise': jax.ShapeDtypeStruct((2, (size // p) ** 2), 'float32')}
   params = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))

@@ -15,7 +15,6 @@ The released `mae_pretrain_vit_*.pth` hold the encoder only: use --nostrict
 to keep a freshly initialised decoder (it is listed in the log).
 """
 
-import importlib
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -34,35 +33,14 @@ flags.DEFINE_bool('strict', True, 'Fail on params missing from the ckpt.')
 FLAGS = flags.FLAGS
 
 
-def _setup(config):
-  import jax  # pylint: disable=g-import-not-at-top
-  from mim_jax import steps  # pylint: disable=g-import-not-at-top
-  from mim_jax import train  # pylint: disable=g-import-not-at-top
-  model = steps.build_model(config)
-  size = config.input.image_size
-  n = (size // train.patch_size_of(config)) ** 2
-  shapes = {'image': jax.ShapeDtypeStruct((1, size, size, 3), 'float32'),
-            'noise': jax.ShapeDtypeStruct((1, n), 'float32')}
-  conv = importlib.import_module(f'mim_jax.convert.{config.model_name}')
-  return model, shapes, conv
-
-
 def export(config):
-  import jax  # pylint: disable=g-import-not-at-top
-  from mim_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
   from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
-  model, shapes, conv = _setup(config)
-  mesh = sharding.make_mesh([('data', -1)])
-  abstract = jax.eval_shape(
-      lambda: steps.create_train_state(config, model, mesh, shapes)[0])
-  mgr = checkpoint.make_manager(FLAGS.workdir, keep=10**6, async_save=False)
-  state, step = checkpoint.restore_latest(mgr, abstract, FLAGS.step)
-  if state is None:
-    raise app.UsageError(f'No checkpoint in {FLAGS.workdir}/checkpoints.')
-  sd = conv.to_torch(jax.device_get(state.params), model,
-                     config.input.image_size)
+  model = steps.build_model(config)
+  params, step = weights.from_workdir(config, model, FLAGS.workdir,
+                                      FLAGS.step)
+  sd = weights.to_torch(config, model, params)
   core.save_state_dict(sd, FLAGS.out)
   logging.info('Wrote %d tensors of step %d to %s', len(sd), step, FLAGS.out)
 
@@ -71,12 +49,10 @@ def import_(config):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
-  from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
-  model, shapes, conv = _setup(config)
-  init = steps.init_params(model, shapes, config.seed)
-  sd = core.load_state_dict(FLAGS.torch_ckpt)
-  params = conv.to_flax(sd, model, init, config.input.image_size,
-                        strict=FLAGS.strict)
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  model = steps.build_model(config)
+  params = weights.from_torch(config, model, FLAGS.torch_ckpt,
+                              strict=FLAGS.strict)
   out = os.path.abspath(FLAGS.out)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out, jax.tree.map(jax.numpy.asarray, params))

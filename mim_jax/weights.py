@@ -1,0 +1,76 @@
+"""Getting params in and out: official PyTorch files and our checkpoints.
+
+One place for what the trainer (`config.init_from`), the conversion tool and
+the reconstruction visualiser share.
+"""
+
+import importlib
+from typing import Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from mim_jax import checkpoint
+from mim_jax import sharding
+from mim_jax import steps
+from mim_jax.convert import core
+
+
+def patch_size_of(config) -> int:
+  m = config.model
+  if m.get('encoder') and m.encoder.get('patch_size'):
+    return int(m.encoder.patch_size)
+  if m.get('variant'):
+    return int(m.variant.split('/')[-1])
+  raise ValueError('Set config.model.variant ("B/16") or '
+                   'config.model.encoder.patch_size.')
+
+
+def batch_shapes(config, batch_size: Optional[int] = None) -> dict:
+  """ShapeDtypeStructs of a batch's device inputs (image, noise, mask)."""
+  bs = config.input.batch_size if batch_size is None else batch_size
+  size = config.input.image_size
+  n = (size // patch_size_of(config)) ** 2
+  return {'image': jax.ShapeDtypeStruct((bs, size, size, 3), np.float32),
+          'noise': jax.ShapeDtypeStruct((bs, n), np.float32),
+          'mask': jax.ShapeDtypeStruct((bs, n), np.float32)}
+
+
+def converter(config):
+  """The `mim_jax.convert.<model_name>` module."""
+  return importlib.import_module(f'mim_jax.convert.{config.model_name}')
+
+
+def from_torch(config, model, path: str, strict: bool = True):
+  """Params from an official PyTorch state dict (.pth/.pt/.npz).
+
+  With strict=False, params missing from the file (the decoder of the
+  released encoder-only MAE checkpoints) keep a fresh initialisation.
+  """
+  shapes = batch_shapes(config, 1)
+  init = lambda: steps.init_params(model, shapes, config.seed)
+  target = jax.eval_shape(init) if strict else init()
+  sd = core.load_state_dict(path)
+  logging.info('Loading %d tensors from %s.', len(sd), path)
+  return converter(config).to_flax(sd, model, target,
+                                   config.input.image_size, strict=strict)
+
+
+def from_workdir(config, model, workdir: str, step: Optional[int] = None):
+  """(params, step) of a training run's checkpoint (latest by default)."""
+  mesh = sharding.make_mesh([('data', -1)])
+  abstract = jax.eval_shape(lambda: steps.create_train_state(
+      config, model, mesh, batch_shapes(config, 1))[0])
+  mgr = checkpoint.make_manager(workdir, keep=10**6, async_save=False)
+  state, step = checkpoint.restore_latest(mgr, abstract, step)
+  if state is None:
+    raise ValueError(f'No checkpoint in {workdir}/checkpoints: train first, '
+                     'or pass a PyTorch checkpoint instead.')
+  return jax.device_get(state.params), step
+
+
+def to_torch(config, model, params) -> dict[str, np.ndarray]:
+  """params -> state dict with the official key names."""
+  return converter(config).to_torch(jax.device_get(params), model,
+                                    config.input.image_size)
