@@ -37,7 +37,13 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, every: int,
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
                    step: Optional[int] = None):
-  """Restores the latest (or given) step into the abstract (sharded) state.
+  """Restores the latest (or given) step into `abstract_state`.
+
+  Args:
+    mgr: the manager.
+    abstract_state: the target: ShapeDtypeStructs with shardings (see
+      `steps.create_train_state(materialize=False)`) or arrays.
+    step: the step to restore; default the latest.
 
   Returns:
     (state, step) or (None, None) when the directory has no checkpoint.

@@ -1,4 +1,6 @@
-r"""Entry point: python -m mim_jax.main --config=configs/mae_tiny.py --workdir=DIR
+r"""Entry point of mim_jax training.
+
+  python -m mim_jax.main --config=configs/mae_tiny.py --workdir=DIR
 
 Any config value can be overridden: --config.input.batch_size=256. The run
 resumes automatically from the latest checkpoint in --workdir.

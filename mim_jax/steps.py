@@ -46,6 +46,10 @@ def build_loss(config) -> Callable:
   return functools.partial(mod.loss_fn, **config.get('loss', {}))
 
 
+# The batch entries that go to the devices (the rest is bookkeeping).
+DEVICE_KEYS = ('image', 'noise', 'mask')
+
+
 def model_inputs(batch: dict) -> dict:
   """The mask inputs a model takes from a batch (noise and/or mask)."""
   return {k: batch[k] for k in ('noise', 'mask') if k in batch}
@@ -122,10 +126,20 @@ def init_params(model, batch_shapes: dict, seed: int):
 
 
 def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
-                       params=None):
+                       params=None, materialize: bool = True):
   """Creates the TrainState directly with its shardings (eval_shape first,
   then a jitted init with out_shardings: nothing is materialised whole on
   one device before being placed).
+
+  Args:
+    config: experiment config (optimizer, schedule, seed).
+    model: the flax module.
+    mesh: device mesh.
+    batch_shapes: ShapeDtypeStructs of a batch (image, noise/mask).
+    params: initial params (e.g. converted from PyTorch); None = fresh init.
+    materialize: if False, return the abstract state instead (leaves are
+      ShapeDtypeStructs carrying their sharding), the restore target of a
+      checkpoint: nothing is initialised that the restore would overwrite.
 
   Returns:
     (state, state_shardings, tx, schedule).
@@ -142,6 +156,17 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
   abstract = jax.eval_shape(make_state, params)
   repl = sharding.replicated(mesh)
   shardings = jax.tree.map(lambda _: repl, abstract)
-  state = jax.jit(make_state, out_shardings=shardings)(params)
+  if not materialize:
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract, shardings)
+  else:
+    state = jax.jit(make_state, out_shardings=shardings)(params)
   return state, shardings, tx, schedule
 
+
+def make_forward(model):
+  """Jitted eval forward `(params, batch) -> (pred, out)`."""
+  return jax.jit(lambda params, batch: model.apply(
+      {'params': params}, batch['image'], **model_inputs(batch),
+      train=False))

@@ -24,9 +24,6 @@ from mim_jax import steps
 from mim_jax import visualize
 from mim_jax import weights
 
-DEVICE_KEYS = ('image', 'noise', 'mask')
-
-
 def validate_config(config, num_devices: int, data_parallel: int):
   """Checks the config before anything is built or compiled.
 
@@ -65,8 +62,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   validate_config(config, jax.device_count(), dp)
   total_steps = optim.steps_from(config, 'total')
   is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(workdir, exist_ok=True) if '://' not in workdir else None
+  if is_main and '://' not in workdir:
+    os.makedirs(workdir, exist_ok=True)
   model = steps.build_model(config)
   loss_fn = steps.build_loss(config)
   host_bs = config.input.batch_size // jax.process_count()
@@ -92,17 +89,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   vis_batch = input_pipeline.make_vis_batch(
       config.input, patch_size=p, seed=config.seed,
       num_images=config.get('vis_images', 8))
-  vis_batch = {k: v for k, v in vis_batch.items() if k in DEVICE_KEYS}
+  vis_batch = {k: v for k, v in vis_batch.items() if k in steps.DEVICE_KEYS}
 
   init = None
   if config.get('init_from') and not start_step:
     init = weights.from_torch(config, model, config.init_from,
                               strict=config.get('init_strict', True))
   state, state_shardings, _, schedule = steps.create_train_state(
-      config, model, mesh, batch_shapes, params=init)
+      config, model, mesh, batch_shapes, params=init,
+      materialize=not start_step)
   if start_step:
-    restored, _ = checkpoint.restore_latest(mgr, state, start_step)
-    state = jax.device_put(restored, state_shardings)
+    state, _ = checkpoint.restore_latest(mgr, state, start_step)
     logging.info('Resumed from step %d.', start_step)
 
   data_sh = sharding.data_sharding(mesh)
@@ -113,8 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
   it = iter(ds.as_numpy_iterator())
-  vis_fn = jax.jit(lambda prm, b: model.apply(
-      {'params': prm}, b['image'], **steps.model_inputs(b), train=False))
+  vis_fn = steps.make_forward(model)
 
   progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=tb_writer if is_main else None,
@@ -127,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       local = next(it)
       batch = sharding.to_global(
-          {k: local[k] for k in DEVICE_KEYS if k in local}, data_sh)
+          {k: local[k] for k in steps.DEVICE_KEYS if k in local}, data_sh)
       state, m = train_step(state, batch)
     step += 1
     pending.append(m)

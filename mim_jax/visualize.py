@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from mim_jax import weights
 from mim_jax.models import layers
 
 
@@ -86,8 +87,8 @@ def render(config, forward, params, batch) -> np.ndarray:
   """Runs `forward(params, batch) -> (pred, out)` and draws the grid with the
   config's patch size, normalisation and target type."""
   pred, out = forward(params, batch)
-  from mim_jax import weights  # pylint: disable=g-import-not-at-top
   return reconstruction_grid(
       batch['image'], np.asarray(pred), np.asarray(out['mask']),
-      patch_size=weights.patch_size_of(config), mean=config.input.mean, std=config.input.std,
+      patch_size=weights.patch_size_of(config), mean=config.input.mean,
+      std=config.input.std,
       norm_pix=bool(config.get('loss', {}).get('norm_pix_loss', False)))

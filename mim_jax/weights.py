@@ -60,8 +60,8 @@ def from_torch(config, model, path: str, strict: bool = True):
 def from_workdir(config, model, workdir: str, step: Optional[int] = None):
   """(params, step) of a training run's checkpoint (latest by default)."""
   mesh = sharding.make_mesh([('data', -1)])
-  abstract = jax.eval_shape(lambda: steps.create_train_state(
-      config, model, mesh, batch_shapes(config, 1))[0])
+  abstract = steps.create_train_state(
+      config, model, mesh, batch_shapes(config, 1), materialize=False)[0]
   mgr = checkpoint.make_manager(workdir, keep=10**6, async_save=False)
   state, step = checkpoint.restore_latest(mgr, abstract, step)
   if state is None:

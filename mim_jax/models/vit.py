@@ -1,4 +1,4 @@
-"""ViT encoder that runs on the visible tokens only, plus presets and scan tools.
+"""ViT encoder on the visible tokens only, plus presets and scan tools.
 
 The encoder is shared by every MIM method (and by fine-tuning and probing):
 patch embedding, fixed 2-D sin-cos position embedding, a per-sample gather of

@@ -187,8 +187,9 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
       ref_decay |= set(g['params'])
   if ours_decay != ref_decay:
     failures.append(
-        f'weight-decay groups differ: only ours {sorted(ours_decay - ref_decay)}'
-        f', only official {sorted(ref_decay - ours_decay)}')
+        'weight-decay groups differ: only ours '
+        f'{sorted(ours_decay - ref_decay)}, only official '
+        f'{sorted(ref_decay - ours_decay)}')
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in batches[0].items()}

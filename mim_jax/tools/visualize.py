@@ -34,7 +34,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
   from mim_jax import visualize  # pylint: disable=g-import-not-at-top
@@ -53,10 +52,8 @@ def main(argv):
   batch = input_pipeline.make_vis_batch(
       config.input, patch_size=weights.patch_size_of(config),
       seed=FLAGS.seed, num_images=FLAGS.num_images)
-  batch = {k: batch[k] for k in ('image', 'noise', 'mask')}
-  forward = jax.jit(lambda p, b: model.apply(
-      {'params': p}, b['image'], **steps.model_inputs(b), train=False))
-  grid = visualize.render(config, forward, params, batch)
+  batch = {k: batch[k] for k in steps.DEVICE_KEYS}
+  grid = visualize.render(config, steps.make_forward(model), params, batch)
   visualize.save_png(grid, FLAGS.out)
   logging.info('Wrote %s (%dx%d).', FLAGS.out, grid.shape[1], grid.shape[0])
 
