@@ -7,6 +7,7 @@ the tf.data pipeline, and everything method-specific lives in those files.
 
 import os
 import time
+
 import jax
 import ml_collections
 import numpy as np
@@ -23,6 +24,7 @@ from mim_jax import sharding
 from mim_jax import steps
 from mim_jax import visualize
 from mim_jax import weights
+
 
 def validate_config(config, num_devices: int, data_parallel: int):
   """Checks the config before anything is built or compiled.
@@ -149,7 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     checkpoint.save(mgr, step, state, config.ckpt_every_steps,
                     force=step == total_steps)
     if mgr.reached_preemption(step):
-      checkpoint.save(mgr, step, state, 1, force=True)
+      if mgr.latest_step() != step:  # not saved by the line above
+        checkpoint.save(mgr, step, state, 1, force=True)
       mgr.wait_until_finished()
       logging.warning('Preempted at step %d; checkpoint saved.', step)
       break

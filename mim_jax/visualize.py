@@ -82,7 +82,6 @@ def save_png(grid: np.ndarray, path: str):
     f.write(buf.getvalue())
 
 
-
 def render(config, forward, params, batch) -> np.ndarray:
   """Runs `forward(params, batch) -> (pred, out)` and draws the grid with the
   config's patch size, normalisation and target type."""

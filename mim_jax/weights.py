@@ -15,6 +15,7 @@ from mim_jax import checkpoint
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax.convert import core
+from mim_jax.models import vit
 
 
 def patch_size_of(config) -> int:
@@ -22,7 +23,7 @@ def patch_size_of(config) -> int:
   if m.get('encoder') and m.encoder.get('patch_size'):
     return int(m.encoder.patch_size)
   if m.get('variant'):
-    return int(m.variant.split('/')[-1])
+    return vit.decode_variant(m.variant)['patch_size']
   raise ValueError('Set config.model.variant ("B/16") or '
                    'config.model.encoder.patch_size.')
 

@@ -9,8 +9,9 @@ r"""Reconstruction figures from any checkpoint, on any images.
 Columns: original | masked | reconstruction | reconstruction + visible, in
 un-normalised pixels (norm-pix predictions are mapped back with each patch's
 own statistics, as in the official MAE demo). A PyTorch checkpoint must hold
-the decoder (the released `mae_pretrain_vit_*.pth` do not: their
-reconstructions would come from a random decoder, so --nostrict is refused).
+the decoder: it is loaded strictly, so the encoder-only releases
+(`mae_pretrain_vit_*.pth`) fail with the list of missing decoder params
+rather than being drawn through a random decoder.
 """
 
 import os
