@@ -39,10 +39,8 @@ def main(_):
   state, shardings, _, schedule = steps.create_train_state(
       config, model, mesh, shapes)
   data_sh = sharding.data_sharding(mesh)
-  step = jax.jit(
-      steps.make_train_step(model, steps.build_loss(config), schedule,
-                            accum_steps=config.grad_accum_steps),
-      in_shardings=(shardings, data_sh), donate_argnums=(0,))
+  step = steps.jit_train_step(config, model, steps.build_loss(config),
+                              schedule, mesh, shardings)
   batch = sharding.to_global(host, data_sh)
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()

@@ -54,6 +54,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
   logging.info('Restoring checkpoint of step %d from %s', step,
                mgr.directory)
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  check_compatible(mgr, step, target)
   try:
     state = mgr.restore(step, args=ocp.args.StandardRestore(target))
   except (ValueError, KeyError) as e:
@@ -62,3 +63,47 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
         f'model/optimizer ({e}). Use a fresh --workdir or the config the '
         'checkpoint was written with.') from e
   return state, step
+
+
+def _flat_shapes(tree) -> dict:
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
+        k, 'idx', k)))) for k in path)
+    out[name] = tuple(getattr(leaf, 'shape', ()) or ())
+  return out
+
+
+def check_compatible(mgr: ocp.CheckpointManager, step: int, target) -> None:
+  """Compares the stored arrays with the restore target, before reading.
+
+  Raises:
+    ValueError listing the paths missing on either side and the shape
+    mismatches, with both shapes (a restore onto another model).
+  """
+  try:
+    meta = mgr.item_metadata(step)
+  except Exception:  # pylint: disable=broad-except
+    return  # old / foreign layout: orbax's own restore checks still apply
+  meta = getattr(meta, 'tree', meta)
+  if meta is None:
+    return
+  stored, wanted = _flat_shapes(meta), _flat_shapes(target)
+  only_ckpt = sorted(set(stored) - set(wanted))
+  only_model = sorted(set(wanted) - set(stored))
+  shapes = [f'{k}: checkpoint {stored[k]} vs model {wanted[k]}'
+            for k in sorted(set(stored) & set(wanted))
+            if stored[k] != wanted[k]]
+  if not (only_ckpt or only_model or shapes):
+    return
+  lines = []
+  for title, items in (('shape mismatches', shapes),
+                       ('only in the checkpoint', only_ckpt),
+                       ('only in the model', only_model)):
+    if items:
+      more = f' (+{len(items) - 8} more)' if len(items) > 8 else ''
+      lines.append(f'{len(items)} {title}: ' + '; '.join(items[:8]) + more)
+  raise ValueError(
+      f'Checkpoint at step {step} in {mgr.directory} does not fit this '
+      'model/optimizer: ' + ' | '.join(lines) + '. Use a fresh --workdir or '
+      'the config the checkpoint was written with.')

@@ -8,6 +8,8 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mim_jax import sharding
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -29,7 +31,7 @@ def mae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
   c.model = dict(
       variant=variant, encoder=dict(), decoder_width=512, decoder_depth=8,
       decoder_num_heads=16, decoder_attn_drop=0.0,
-      mask_ratio=c.get_ref('mask_ratio'), scan=False, remat_policy='none',
+      mask_ratio=c.get_ref('mask_ratio'), scan=True, remat_policy='none',
       dtype='float32')
   c.loss = dict(norm_pix_loss=True)
   c.input = dict(
@@ -54,7 +56,12 @@ def mae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
   # has none; init_strict=False for encoder-only files (random decoder).
   c.init_from = placeholder(str)
   c.init_strict = True
-  c.mesh = (('data', -1),)
+  # Pure FSDP over every device: params, optimizer state and EMA are split
+  # by the rules below, the batch over (data, fsdp). Data parallelism with
+  # replicated params: (('data', -1),). See `python -m mim_jax.tools.plan`.
+  c.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
+  c.sharding_rules = sharding.DEFAULT_RULES
+  c.min_shard_size = sharding.DEFAULT_MIN_SHARD_SIZE
   c.log_every_steps = 100
   c.ckpt_every_steps = 1000
   c.keep_ckpts = 3
@@ -67,6 +74,7 @@ def mae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
 def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A tiny ViT on the embedded photos: trains on a 2-core CPU in minutes."""
   c.model.variant = None
+  c.model.scan = False
   c.model.encoder = dict(width=64, depth=4, num_heads=4, mlp_dim=256,
                          patch_size=4)
   c.model.decoder_width = 64

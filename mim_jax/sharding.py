@@ -1,17 +1,50 @@
-"""Device mesh and data sharding (jax.sharding; no pmap).
+"""Device mesh, logical axis rules and shardings (jax.sharding; no pmap).
 
-M1 scope: a mesh built from `config.mesh`, the batch split over the data
-axes, parameters replicated. Logical-axis rules and FSDP build on this.
+Modules name the axes of every parameter and of the activations at block
+boundaries with *logical* names from a closed vocabulary; the config maps
+them to the mesh axes `data`, `fsdp` and `tensor` (lm1b / t5x style):
+
+  params:      embed, mlp, heads, kv, layers
+  activations: act_batch, act_len, act_emb, act_mlp
+
+With the default rules, `embed` goes to `fsdp` (FSDP: each large parameter
+and its optimizer and EMA copies are split over the `fsdp` devices and
+gathered per layer by XLA), `mlp` / `heads` go to `tensor`, and the batch is
+split over (`data`, `fsdp`).
 """
 
-from typing import Sequence
+import contextlib
+import contextvars
+import math
+from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+PARAM_AXES = ('embed', 'mlp', 'heads', 'kv', 'layers')
+ACT_AXES = ('act_batch', 'act_len', 'act_emb', 'act_mlp')
+
+# Logical name -> mesh axis (or axes, or None = replicated).
+DEFAULT_RULES = (
+    ('act_batch', ('data', 'fsdp')),
+    ('act_len', None),
+    ('act_emb', None),
+    ('act_mlp', 'tensor'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('layers', None),
+)
+# Parameters with fewer elements stay replicated: gathering biases and norm
+# scales costs a collective each and saves almost no memory.
+DEFAULT_MIN_SHARD_SIZE = 2 ** 14
 
 
 def make_mesh(mesh_config: Sequence[tuple[str, int]], devices=None) -> Mesh:
@@ -27,8 +60,12 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices=None) -> Mesh:
   bad = [a for a in names if a not in MESH_AXES]
   if bad:
     raise ValueError(f'Unknown mesh axes {bad}; use names from {MESH_AXES}.')
+  if len(set(names)) != len(names):
+    raise ValueError(f'Mesh axes repeat in {mesh_config}.')
   if sizes.count(-1) > 1:
     raise ValueError(f'At most one mesh axis may be -1, got {mesh_config}.')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'Mesh sizes must be positive or -1, got {mesh_config}.')
   known = int(np.prod([s for s in sizes if s != -1]))
   n = len(devices)
   if -1 in sizes:
@@ -41,7 +78,12 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices=None) -> Mesh:
         f'Mesh {dict(zip(names, sizes))} has {int(np.prod(sizes))} slots but '
         f'there are {n} devices; make the sizes multiply to {n} or set one '
         'to -1.')
-  dev = np.asarray(devices).reshape(sizes)
+  if len(devices) == jax.device_count() and n > 1:
+    # Topology-aware order (ICI rings on TPU); on CPU it is the plain order.
+    dev = mesh_utils.create_device_mesh(
+        sizes, devices=devices, allow_split_physical_axes=True)
+  else:
+    dev = np.asarray(devices).reshape(sizes)
   return Mesh(dev, tuple(names))
 
 
@@ -63,6 +105,188 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def to_global(local_batch: dict, sharding: NamedSharding) -> dict:
-  """Per-process numpy batch -> global jax.Arrays with `sharding`."""
+  """Per-process numpy batch -> global jax.Arrays with `sharding`.
+
+  Every process passes its own rows (its tf.data shard); the global batch is
+  their concatenation in process order.
+  """
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+# ---------------------------------------------------------------------------
+# Logical axis rules.
+
+
+def rules_from_config(config) -> tuple:
+  """`config.sharding_rules` (or the defaults) as a tuple of pairs, checked:
+  every vocabulary name has a rule and every rule targets mesh axes."""
+  raw = config.get('sharding_rules') or DEFAULT_RULES
+  rules = tuple((str(k), _mesh_target(v)) for k, v in raw)
+  for name, target in rules:
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(
+            f'sharding rule ({name!r}, {target!r}) names mesh axis {axis!r}; '
+            f'mesh axes are {MESH_AXES} (or None for replicated).')
+  check_rules(rules, PARAM_AXES + ACT_AXES)
+  return rules
+
+
+def _mesh_target(v):
+  if isinstance(v, (list, tuple)):
+    return tuple(v) if len(v) != 1 else v[0]
+  return v
+
+
+def check_rules(rules: Sequence, names) -> None:
+  """Raises if a logical axis in `names` has no rule."""
+  have = {k for k, _ in rules}
+  missing = sorted({n for n in names if n is not None and n not in have})
+  if missing:
+    raise ValueError(
+        f'Logical axes {missing} have no sharding rule; add e.g. '
+        f"('{missing[0]}', None) (replicated) or ('{missing[0]}', 'fsdp') to "
+        f'config.sharding_rules. Rules now: {[k for k, _ in rules]}.')
+
+
+def logical_names(specs) -> set:
+  """All logical names used in a tree of logical PartitionSpecs."""
+  out = set()
+  for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+    for entry in spec:
+      for name in (entry if isinstance(entry, tuple) else (entry,)):
+        if name is not None:
+          out.add(name)
+  return out
+
+
+def _axis_size(mesh: Mesh, target) -> int:
+  if target is None:
+    return 1
+  axes = target if isinstance(target, tuple) else (target,)
+  return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+def _drop_absent(mesh: Mesh, target):
+  """Removes mesh axes the mesh does not have (a rule for `tensor` on a mesh
+  without that axis means replicated)."""
+  if target is None:
+    return None
+  axes = tuple(a for a in (target if isinstance(target, tuple) else (target,))
+               if a in mesh.shape and mesh.shape[a] > 1)
+  if not axes:
+    return None
+  return axes if len(axes) > 1 else axes[0]
+
+
+def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Sequence,
+              min_shard_size: int = 0, path: str = '') -> P:
+  """Logical PartitionSpec of one array -> mesh PartitionSpec.
+
+  Dimensions that do not divide evenly over their mesh axes stay replicated
+  (logged once per array), and arrays under `min_shard_size` elements are
+  replicated whole.
+  """
+  if math.prod(shape) < max(min_shard_size, 1) or not len(shape):
+    return P()
+  axes = nn.logical_to_mesh_axes(tuple(logical), rules)
+  out = []
+  for dim, target in zip(shape, tuple(axes) + (None,) * len(shape)):
+    target = _drop_absent(mesh, target)
+    if target is not None and dim % _axis_size(mesh, target):
+      logging.warning('%s: dim %d of %s does not divide over mesh axes %s '
+                      '(size %d); kept replicated.', path, dim, tuple(shape),
+                      target, _axis_size(mesh, target))
+      target = None
+    out.append(target)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def param_shardings(logical_specs, abstract_params, mesh: Mesh,
+                    rules: Sequence, min_shard_size: int = 0):
+  """Tree of NamedShardings for the params from their logical specs."""
+  check_rules(rules, logical_names(logical_specs))
+
+  def one(path, spec, leaf):
+    name = jax.tree_util.keystr(path)
+    return NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh, rules,
+                                         min_shard_size, name))
+
+  return jax.tree_util.tree_map_with_path(
+      one, logical_specs, abstract_params,
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def _dict_keys(path) -> tuple:
+  return tuple(str(k.key) for k in path
+               if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
+  """Shardings of a whole train state (or any tree holding param copies).
+
+  A leaf whose dict-key path ends with a parameter's path and has its shape
+  (Adam's mu / nu, `ema_params`, a sub-tree copy such as an EMA encoder)
+  takes that parameter's sharding; everything else (step counters, scalars)
+  is replicated.
+  """
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    by_path[_dict_keys(path)] = (tuple(leaf.shape), path)
+  sh_by_path = {_dict_keys(p): s for p, s in
+                jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  repl = replicated(mesh)
+
+  def one(path, leaf):
+    keys = _dict_keys(path)
+    shape = tuple(getattr(leaf, 'shape', ()))
+    for i in range(len(keys)):
+      hit = by_path.get(keys[i:])
+      if hit is not None and hit[0] == shape:
+        return sh_by_path[keys[i:]]
+    return repl
+
+  return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def per_device_bytes(abstract_tree, shardings) -> int:
+  """Bytes one device holds of a tree with these shardings."""
+  total = 0
+  for leaf, sh in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+    shape = sh.shard_shape(tuple(leaf.shape))
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return int(total)
+
+
+# ---------------------------------------------------------------------------
+# Activation constraints.
+
+_ACTIVATION_CTX: contextvars.ContextVar[Optional[tuple]] = (
+    contextvars.ContextVar('mim_jax_activation_sharding', default=None))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Optional[Mesh], rules: Optional[Sequence]):
+  """Within this context (entered while tracing), `constrain` applies the
+  logical rules on `mesh`; outside it, `constrain` is the identity (parity
+  replays, single-device tools)."""
+  token = _ACTIVATION_CTX.set((mesh, tuple(rules)) if mesh is not None
+                              and rules else None)
+  try:
+    yield
+  finally:
+    _ACTIVATION_CTX.reset(token)
+
+
+def constrain(x: jax.Array, logical: tuple) -> jax.Array:
+  """with_sharding_constraint by logical names (no-op without a context)."""
+  ctx = _ACTIVATION_CTX.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = mesh_spec(P(*logical), x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

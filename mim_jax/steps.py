@@ -8,6 +8,7 @@ import functools
 import importlib
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -116,23 +117,46 @@ def make_train_step(model, loss_fn: Callable, schedule, *, seed: int = 0,
   return train_step
 
 
-def init_params(model, batch_shapes: dict, seed: int):
-  """Initialises params from ShapeDtypeStructs (no data needed)."""
+def init_variables(model, batch_shapes: dict, seed: int):
+  """Initialises the boxed variables (params carry their logical axes)."""
   dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_shapes.items()}
-  variables = model.init(
+  return model.init(
       {'params': jax.random.PRNGKey(seed), 'dropout': jax.random.PRNGKey(0)},
       dummy['image'], **model_inputs(dummy), train=False)
-  return variables['params']
+
+
+def init_params(model, batch_shapes: dict, seed: int):
+  """Initialises plain params from ShapeDtypeStructs (no data needed)."""
+  return nn.meta.unbox(init_variables(model, batch_shapes, seed)['params'])
+
+
+def param_specs(model, batch_shapes: dict):
+  """(abstract params, logical PartitionSpec per param), without compute."""
+  boxed = jax.eval_shape(
+      functools.partial(init_variables, model, batch_shapes, 0))['params']
+  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def param_shardings(config, model, mesh: Mesh, batch_shapes: dict):
+  """(abstract params, NamedSharding per param) under the config's rules."""
+  abstract, specs = param_specs(model, batch_shapes)
+  shardings = sharding.param_shardings(
+      specs, abstract, mesh, sharding.rules_from_config(config),
+      config.get('min_shard_size', sharding.DEFAULT_MIN_SHARD_SIZE))
+  return abstract, shardings
 
 
 def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
                        params=None, materialize: bool = True):
-  """Creates the TrainState directly with its shardings (eval_shape first,
-  then a jitted init with out_shardings: nothing is materialised whole on
-  one device before being placed).
+  """Creates the TrainState directly with its shardings.
+
+  The state is traced with eval_shape first; params, optimizer state and
+  `ema_params` get the shardings of the logical rules (FSDP), and a jitted
+  init with those out_shardings builds every array in place, so nothing is
+  materialised whole on one device.
 
   Args:
-    config: experiment config (optimizer, schedule, seed).
+    config: experiment config (optimizer, schedule, seed, sharding rules).
     model: the flax module.
     mesh: device mesh.
     batch_shapes: ShapeDtypeStructs of a batch (image, noise/mask).
@@ -144,8 +168,8 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
   Returns:
     (state, state_shardings, tx, schedule).
   """
-  abstract_params = jax.eval_shape(
-      functools.partial(init_params, model, batch_shapes, config.seed))
+  abstract_params, param_sh = param_shardings(config, model, mesh,
+                                              batch_shapes)
   tx, schedule = optim.make_tx(config, abstract_params)
 
   def make_state(params):
@@ -153,9 +177,11 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
       params = init_params(model, batch_shapes, config.seed)
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
+  if params is not None:
+    params = jax.device_put(params, param_sh)
   abstract = jax.eval_shape(make_state, params)
-  repl = sharding.replicated(mesh)
-  shardings = jax.tree.map(lambda _: repl, abstract)
+  shardings = sharding.state_shardings(abstract, abstract_params, param_sh,
+                                       mesh)
   if not materialize:
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -163,6 +189,25 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
   else:
     state = jax.jit(make_state, out_shardings=shardings)(params)
   return state, shardings, tx, schedule
+
+
+def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
+                   state_shardings):
+  """The train step jitted with explicit in/out shardings, the state
+  donated, and activations constrained by the config's logical rules."""
+  step = make_train_step(model, loss_fn, schedule, seed=config.seed,
+                         accum_steps=config.get('grad_accum_steps', 1))
+  rules = sharding.rules_from_config(config)
+
+  def sharded_step(state, batch):
+    with sharding.activation_sharding(mesh, rules):
+      return step(state, batch)
+
+  return jax.jit(
+      sharded_step,
+      in_shardings=(state_shardings, sharding.data_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
 
 
 def make_forward(model):

@@ -105,12 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     logging.info('Resumed from step %d.', start_step)
 
   data_sh = sharding.data_sharding(mesh)
-  train_step = jax.jit(
-      steps.make_train_step(model, loss_fn, schedule, seed=config.seed,
-                            accum_steps=config.get('grad_accum_steps', 1)),
-      in_shardings=(state_shardings, data_sh),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
+                                    state_shardings)
   it = iter(ds.as_numpy_iterator())
   vis_fn = steps.make_forward(model)
 

@@ -3,6 +3,7 @@
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +33,18 @@ def _inputs(n=2, seed=0):
   return jnp.asarray(images), jnp.asarray(noise)
 
 
+def _abstract_params(model, *args):
+  """Plain (unboxed) param shapes: model.init returns params boxed with
+  their logical axis names."""
+  return nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                      *args)['params'])
+
+
 def _random_params(model, *args, seed=0):
   """Random params of `model` without compiling its init: eval_shape for the
   shapes, numpy for the values (every leaf non-trivial, no zero biases)."""
   args = args or _inputs()
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                          *args)['params']
+  shapes = _abstract_params(model, *args)
   rng = np.random.default_rng(seed)
 
   def value(path, s):
@@ -228,8 +235,7 @@ def test_scan_matches_loop_with_converted_params():
   # The scanned model's own init has exactly this structure and these shapes.
   images, noise = _inputs()
   scan_model = _tiny(scan=True)
-  shapes = jax.eval_shape(scan_model.init, jax.random.PRNGKey(0), images,
-                          noise)['params']
+  shapes = _abstract_params(scan_model, images, noise)
   assert (jax.tree.map(np.shape, shapes) ==
           jax.tree.map(np.shape, scanned))
   pred_l, out_l = _tiny().apply({'params': params}, images, noise)
@@ -278,8 +284,7 @@ def test_unknown_remat_policy_is_named():
 def test_bfloat16_compute_keeps_float32_params():
   model = _tiny(dtype=jnp.bfloat16)
   images, noise = _inputs()
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images,
-                          noise)['params']
+  shapes = _abstract_params(model, images, noise)
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype('float32')}
   params = _tiny_params()
   pred, out = jax.jit(model.apply)({'params': params}, images, noise)
@@ -330,10 +335,9 @@ def _count(tree):
 def test_vit_b16_param_count():
   model = mae.Model(variant='B/16', decoder_width=512, decoder_depth=8,
                     decoder_num_heads=16)
-  shapes = jax.eval_shape(
-      model.init, jax.random.PRNGKey(0),
-      jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
-      jax.ShapeDtypeStruct((1, 196), jnp.float32))['params']
+  shapes = _abstract_params(
+      model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+      jax.ShapeDtypeStruct((1, 196), jnp.float32))
   d, mlp, p, depth = 768, 3072, 16, 12
   enc = (d * 3 * p * p + d           # patch_embed conv
          + d                         # cls_token

@@ -12,12 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import sharding
+
 Dtype = Any
 
 # torch.nn.init.xavier_uniform_ on Linear weights; biases start at zero.
 xavier_uniform = nn.initializers.xavier_uniform()
 # timm / MAE use trunc_normal(.02) or normal(.02) for cls / mask tokens.
 token_init = nn.initializers.normal(stddev=0.02)
+# A (1, 1, width) learned token (cls, mask), sharded along its width.
+token_param = nn.with_logical_partitioning(token_init, (None, None, 'embed'))
 
 REMAT_POLICIES = {
     'none': None,
@@ -88,11 +92,33 @@ def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int,
   return emb[None].astype(np.float32)
 
 
+def logical(init, names: tuple):
+  """An initializer whose param carries logical axis names (sharding.py)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, names: tuple, dtype: Dtype, name: str,
+          use_bias: bool = True) -> nn.Dense:
+  """nn.Dense with xavier-uniform kernel and zero bias, both annotated:
+  `names` are the (input, output) logical axes of the kernel."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype,
+                  kernel_init=logical(xavier_uniform, names),
+                  bias_init=logical(nn.initializers.zeros_init(), names[1:]),
+                  name=name)
+
+
 def layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None):
   # use_fast_variance=False computes E[(x - mean)^2] like torch, which keeps
   # float32 parity with the official code at the 1e-7 level.
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False,
-                      name=name)
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, use_fast_variance=False,
+      scale_init=logical(nn.initializers.ones_init(), ('embed',)),
+      bias_init=logical(nn.initializers.zeros_init(), ('embed',)), name=name)
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+  """Pins (batch, tokens, width) activations to their logical sharding."""
+  return sharding.constrain(x, ('act_batch', 'act_len', 'act_emb'))
 
 
 class DropPath(nn.Module):
@@ -129,8 +155,8 @@ class Attention(nn.Module):
       raise ValueError(f'width {d} is not divisible by num_heads '
                        f'{self.num_heads}.')
     hd = d // self.num_heads
-    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype,
-                   kernel_init=xavier_uniform, name='qkv')(x)
+    qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv',
+                use_bias=self.qkv_bias)(x)
     qkv = qkv.reshape(n, t, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (hd ** -0.5)
@@ -140,8 +166,7 @@ class Attention(nn.Module):
     probs = nn.Dropout(self.attn_drop)(probs, deterministic=deterministic)
     out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(self.dtype), v)
     out = out.reshape(n, t, d)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform,
-                    name='proj')(out)
+    return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
 
 
 class Mlp(nn.Module):
@@ -152,11 +177,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=xavier_uniform,
-                 name='fc1')(x)
+    x = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1')(x)
+    x = sharding.constrain(x, ('act_batch', 'act_len', 'act_mlp'))
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform,
-                    name='fc2')(x)
+    return dense(d, ('mlp', 'embed'), self.dtype, 'fc2')(x)
 
 
 class Block(nn.Module):
@@ -172,6 +196,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, _=None):
+    x = constrain_tokens(x)
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm1')(x)
     y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.dtype,
                   name='attn')(y, self.deterministic)
@@ -179,6 +204,7 @@ class Block(nn.Module):
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm2')(x)
     y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
     x = x + DropPath(self.drop_path)(y, self.deterministic)
+    x = constrain_tokens(x)
     # The second output is the per-block activation, collected by scan.
     return x, None
 

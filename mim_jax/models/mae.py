@@ -69,10 +69,11 @@ class MAEDecoder(nn.Module):
   def __call__(self, latent, ids_restore, grid_hw, *, train: bool = False):
     n, _, _ = latent.shape
     num_patches = ids_restore.shape[1]
-    x = nn.Dense(self.width, dtype=self.dtype,
-                 kernel_init=layers.xavier_uniform, name='decoder_embed')(
-                     latent)
-    mask_token = self.param('mask_token', layers.token_init,
+    # Encoder width -> decoder width: only the decoder side is named, as a
+    # logical axis may appear once per array.
+    x = layers.dense(self.width, (None, 'embed'), self.dtype,
+                     'decoder_embed')(latent)
+    mask_token = self.param('mask_token', layers.token_param,
                             (1, 1, self.width))
     num_mask = num_patches + 1 - x.shape[1]
     x_ = jnp.concatenate(
@@ -91,8 +92,7 @@ class MAEDecoder(nn.Module):
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, name='blocks')
     x = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')(x)
-    x = nn.Dense(self.out_dim, dtype=self.dtype,
-                 kernel_init=layers.xavier_uniform, name='pred')(x)
+    x = layers.dense(self.out_dim, ('embed', None), self.dtype, 'pred')(x)
     return x[:, 1:]
 
 

@@ -98,14 +98,18 @@ class Encoder(nn.Module):
     conv_init = nn.initializers.variance_scaling(
         1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=-1)
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
-                kernel_init=conv_init, dtype=self.dtype,
+                kernel_init=layers.logical(conv_init,
+                                           (None, None, None, 'embed')),
+                bias_init=layers.logical(nn.initializers.zeros_init(),
+                                         ('embed',)),
+                dtype=self.dtype,
                 name='patch_embed')(images.astype(self.dtype))
     n = x.shape[0]
     x = x.reshape(n, gh * gw, self.width)
     pos = jnp.asarray(self.pos_embed(images), self.dtype)
     tokens = x + pos[:, 1:]
     x = tokens if ids_keep is None else gather_tokens(tokens, ids_keep)
-    cls = self.param('cls_token', layers.token_init, (1, 1, self.width))
+    cls = self.param('cls_token', layers.token_param, (1, 1, self.width))
     cls = (cls + pos[:, :1]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
     dpr = tuple(float(r) for r in
