@@ -1,0 +1,204 @@
+r"""Topology planner: will a run fit, and how fast can it be, before a pod?
+
+  python -m mim_jax.tools.plan --config=configs/mae_vitl.py --devices=64 \
+      [--config.mesh="(('data', 1), ('fsdp', -1))"] [--peak_tflops=275]
+
+It compiles the real train step ahead of time (jit -> lower -> compile) for
+N fake CPU devices with the config's mesh and sharding rules, runs nothing,
+and prints JSON:
+
+  - bytes per device of params, optimizer state and EMA (from the shardings),
+    and XLA's memory analysis of the compiled step (arguments, outputs,
+    temporaries = activations and workspace);
+  - FLOPs per step and per image, from XLA's cost analysis of the step
+    lowered with the layers unrolled (a compiled `scan` counts its body
+    once, so the count is taken before compilation);
+  - the step time and images/s at a few MFUs for a chip peak, by
+    step_time = flops_per_step / (devices * peak_flops * mfu).
+
+The memory figures come from the CPU compiler: TPU fusion and layouts
+differ, so treat temporaries as an estimate (params and optimizer state are
+exact).
+"""
+
+import os
+import sys
+
+
+def _devices_from_argv(argv) -> int | None:
+  for i, a in enumerate(argv):
+    if a.startswith('--devices='):
+      return int(a.split('=', 1)[1])
+    if a == '--devices' and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return None
+
+
+if __name__ == '__main__' and 'jax' not in sys.modules:
+  # Fake CPU devices must be requested before jax is imported.
+  _n = _devices_from_argv(sys.argv)
+  if _n:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={_n}')
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+import time
+
+import jax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from mim_jax import optim
+from mim_jax import sharding
+from mim_jax import steps
+from mim_jax import train
+from mim_jax import weights
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                lock_config=True)
+flags.DEFINE_integer('devices', None, 'Number of devices to plan for.')
+flags.DEFINE_float('peak_tflops', 275.0,
+                   'Peak dense bf16 TFLOP/s of one chip (TPU v4: 275; '
+                   'v5p: 459; v5e: 197; v6e: 918).')
+flags.DEFINE_float('hbm_gib', 32.0, 'Memory of one chip in GiB (v4: 32).')
+flags.DEFINE_list('mfu', ['0.3', '0.4', '0.5'], 'MFUs to tabulate.')
+
+GIB = 2 ** 30
+
+
+def _state_bytes(tree, shardings) -> int:
+  if tree is None:
+    return 0
+  return sharding.per_device_bytes(tree, shardings)
+
+
+def _unrolled(config):
+  """Same model with layers unrolled and no remat / accumulation: the
+  model-FLOPs convention (no recompute) and no loops for cost analysis."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.model.scan = False
+    c.model.remat_policy = 'none'
+    c.grad_accum_steps = 1
+  return c
+
+
+def _lowered_step(config, mesh):
+  model = steps.build_model(config)
+  shapes = weights.batch_shapes(config)
+  state, state_sh, _, schedule = steps.create_train_state(
+      config, model, mesh, shapes, materialize=False)
+  step = steps.jit_train_step(config, model, steps.build_loss(config),
+                              schedule, mesh, state_sh)
+  data_sh = sharding.data_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
+           for k, v in shapes.items()}
+  return step.lower(state, batch), state, state_sh
+
+
+def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
+         hbm_gib: float = 32.0, mfus=(0.3, 0.4, 0.5)) -> dict:
+  """Compiles the train step for `num_devices` and returns the plan dict."""
+  devices = jax.devices()
+  if len(devices) < num_devices:
+    raise ValueError(
+        f'{num_devices} devices requested but jax has {len(devices)}; run '
+        'as `python -m mim_jax.tools.plan --devices=N` (it creates N fake '
+        'CPU devices) or set XLA_FLAGS=--xla_force_host_platform_device_'
+        f'count={num_devices} before jax is imported.')
+  mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]),
+                            devices[:num_devices])
+  dp = sharding.data_parallel_size(mesh)
+  train.validate_config(config, num_devices, dp)
+  bs = int(config.input.batch_size)
+
+  t = time.perf_counter()
+  lowered, state, state_sh = _lowered_step(config, mesh)
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+
+  one = sharding.make_mesh([('data', 1)], devices[:1])
+  full = lambda tree: sharding.per_device_bytes(  # pylint: disable=g-long-lambda
+      tree, jax.tree.map(lambda _: sharding.replicated(one), tree))
+  per_dev = {
+      'params': _state_bytes(state.params, state_sh.params),
+      'opt_state': _state_bytes(state.opt_state, state_sh.opt_state),
+      'ema': _state_bytes(state.ema_params, state_sh.ema_params),
+  }
+  per_dev['params_opt_ema'] = sum(per_dev.values())
+  single = {
+      'params': full(state.params),
+      'opt_state': full(state.opt_state),
+      'ema': full(state.ema_params) if state.ema_params is not None else 0,
+  }
+  single['params_opt_ema'] = sum(single.values())
+  xla = {
+      'arguments': int(mem.argument_size_in_bytes),
+      'outputs': int(mem.output_size_in_bytes),
+      'aliased': int(mem.alias_size_in_bytes),
+      'temporaries': int(mem.temp_size_in_bytes),
+  }
+  # Donated state is aliased: inputs + temporaries (+ non-aliased outputs).
+  peak = (xla['arguments'] + xla['temporaries'] + xla['outputs'] -
+          xla['aliased'])
+
+  t = time.perf_counter()
+  flat_lowered, _, _ = _lowered_step(_unrolled(config), mesh)
+  flops = float(flat_lowered.cost_analysis()['flops'])
+  flops_s = time.perf_counter() - t
+  peak_flops = peak_tflops * 1e12
+  ideal = flops / (num_devices * peak_flops)
+  return {
+      'config': {'model': config.model_name,
+                 'variant': config.model.get('variant'),
+                 'scan': bool(config.model.get('scan')),
+                 'remat_policy': config.model.get('remat_policy'),
+                 'dtype': config.model.get('dtype'),
+                 'mu_dtype': config.optim.get('mu_dtype'),
+                 'grad_accum_steps': config.get('grad_accum_steps', 1),
+                 'image_size': config.input.image_size},
+      'devices': num_devices,
+      'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      'batch_size': bs,
+      'batch_per_device': bs // num_devices,
+      'bytes_per_device': per_dev,
+      'bytes_one_device': single,
+      'state_fraction_of_one_device': (per_dev['params_opt_ema'] /
+                                       single['params_opt_ema']),
+      'xla_memory_per_device': dict(xla, peak_estimate=peak),
+      'gib_per_device': round(peak / GIB, 3),
+      'fits_hbm': peak <= hbm_gib * GIB,
+      'hbm_gib': hbm_gib,
+      'flops_per_step': flops,
+      'model_flops_per_image': flops / bs,
+      'peak_tflops_per_chip': peak_tflops,
+      'step_time_s_at_mfu': {f'{m:g}': ideal / m for m in mfus},
+      'images_per_s_at_mfu': {f'{m:g}': bs * m / ideal for m in mfus},
+      'step_time_formula': ('flops_per_step / (devices * peak_tflops * 1e12 '
+                            '* mfu)'),
+      'optimizer_steps': optim.steps_from(config, 'total'),
+      'seconds': {'lower': round(lower_s, 2), 'compile': round(compile_s, 2),
+                  'flop_count': round(flops_s, 2)},
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  if not f.config or not f.devices:
+    raise app.UsageError('--config and --devices are required.')
+  result = plan(f.config, f.devices, peak_tflops=f.peak_tflops,
+                hbm_gib=f.hbm_gib, mfus=[float(m) for m in f.mfu])
+  print(json.dumps(result, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
