@@ -30,15 +30,39 @@ class _QuietLibraries:
     return record.levelno >= 30 or not noisy
 
 
+def distributed_args(env) -> dict | None:
+  """How to call jax.distributed.initialize, or None for one process.
+
+  - MIM_JAX_COORDINATOR=host:port with MIM_JAX_NUM_PROCESSES and
+    MIM_JAX_PROCESS_ID: explicit (CPU clusters, tests).
+  - MIM_JAX_DISTRIBUTED=1, or a TPU VM pod slice (several hosts in
+    TPU_WORKER_HOSTNAMES): jax detects everything itself.
+  """
+  if env.get('MIM_JAX_COORDINATOR'):
+    missing = [k for k in ('MIM_JAX_NUM_PROCESSES', 'MIM_JAX_PROCESS_ID')
+               if not env.get(k, '').isdigit()]
+    if missing:
+      raise app.UsageError(
+          f'MIM_JAX_COORDINATOR is set but {missing} are not (integers): '
+          'set the number of processes and this process\'s index.')
+    return dict(coordinator_address=env['MIM_JAX_COORDINATOR'],
+                num_processes=int(env['MIM_JAX_NUM_PROCESSES']),
+                process_id=int(env['MIM_JAX_PROCESS_ID']))
+  if env.get('MIM_JAX_DISTRIBUTED') or env.get(
+      'TPU_WORKER_HOSTNAMES', '').count(','):
+    return {}
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
-  if os.environ.get('MIM_JAX_DISTRIBUTED') or os.environ.get(
-      'TPU_WORKER_HOSTNAMES', '').count(','):
-    jax.distributed.initialize()
+  args = distributed_args(os.environ)
+  if args is not None:
+    jax.distributed.initialize(**args)
   logging.info('JAX process %d / %d, %d local devices of %d.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())

@@ -210,8 +210,14 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
       donate_argnums=(0,))
 
 
-def make_forward(model):
-  """Jitted eval forward `(params, batch) -> (pred, out)`."""
-  return jax.jit(lambda params, batch: model.apply(
-      {'params': params}, batch['image'], **model_inputs(batch),
-      train=False))
+def make_forward(model, mesh: Mesh | None = None):
+  """Jitted eval forward `(params, batch) -> (pred, out)`.
+
+  With a mesh the outputs are replicated, so every process (of a multi-host
+  run) can read them; the batch is the same host-side array everywhere.
+  """
+  fwd = lambda params, batch: model.apply(  # pylint: disable=g-long-lambda
+      {'params': params}, batch['image'], **model_inputs(batch), train=False)
+  if mesh is None:
+    return jax.jit(fwd)
+  return jax.jit(fwd, out_shardings=sharding.replicated(mesh))

@@ -108,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
                                     state_shardings)
   it = iter(ds.as_numpy_iterator())
-  vis_fn = steps.make_forward(model)
+  vis_fn = steps.make_forward(model, mesh)
 
   progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=tb_writer if is_main else None,
