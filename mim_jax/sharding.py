@@ -16,7 +16,7 @@ split over (`data`, `fsdp`).
 import contextlib
 import contextvars
 import math
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -120,7 +120,7 @@ def to_global(local_batch: dict, sharding: NamedSharding) -> dict:
 
 def rules_from_config(config) -> tuple:
   """`config.sharding_rules` (or the defaults) as a tuple of pairs, checked:
-  every vocabulary name has a rule and every rule targets mesh axes."""
+  every activation axis has a rule and every rule targets mesh axes."""
   raw = config.get('sharding_rules') or DEFAULT_RULES
   rules = tuple((str(k), _mesh_target(v)) for k, v in raw)
   for name, target in rules:
@@ -129,7 +129,9 @@ def rules_from_config(config) -> tuple:
         raise ValueError(
             f'sharding rule ({name!r}, {target!r}) names mesh axis {axis!r}; '
             f'mesh axes are {MESH_AXES} (or None for replicated).')
-  check_rules(rules, PARAM_AXES + ACT_AXES)
+  # Param axes are checked against the model's params (`param_shardings`);
+  # the activation axes are used by every model.
+  check_rules(rules, ACT_AXES)
   return rules
 
 
@@ -205,15 +207,50 @@ def mesh_spec(logical: P, shape: Sequence[int], mesh: Mesh, rules: Sequence,
   return P(*out)
 
 
+def _fsdp_fallback(spec: P, shape, mesh: Mesh) -> P:
+  """FSDP for a large param whose named axes did not reach `fsdp` (the
+  stacked (layers, mlp) bias of a scanned MLP when `tensor` is 1): its
+  largest free dimension that divides evenly goes to `fsdp`."""
+  size = mesh.shape.get('fsdp', 1)
+  used = {a for e in spec for a in (e if isinstance(e, tuple) else (e,))}
+  if size == 1 or 'fsdp' in used:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  free = [d for d in range(len(shape))
+          if entries[d] is None and shape[d] % size == 0]
+  if not free:
+    return spec
+  entries[max(free, key=lambda d: (shape[d], d))] = 'fsdp'
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries)
+
+
 def param_shardings(logical_specs, abstract_params, mesh: Mesh,
                     rules: Sequence, min_shard_size: int = 0):
-  """Tree of NamedShardings for the params from their logical specs."""
+  """Tree of NamedShardings for the params from their logical specs.
+
+  Every param of `min_shard_size` elements or more ends up split over
+  `fsdp` when the mesh has that axis: by its rules, or else along its
+  largest evenly dividing free dimension.
+  """
   check_rules(rules, logical_names(logical_specs))
+  bare = [jax.tree_util.keystr(p) for (p, spec), leaf in zip(
+      jax.tree_util.tree_flatten_with_path(
+          logical_specs, is_leaf=lambda x: isinstance(x, P))[0],
+      jax.tree.leaves(abstract_params)) if len(leaf.shape) and not len(spec)]
+  if bare:
+    raise ValueError(
+        f'Params without logical axis names: {bare[:8]}; create them with '
+        'nn.with_logical_partitioning(init, names) (see models/layers.py), '
+        'None for a dimension that is never sharded.')
 
   def one(path, spec, leaf):
     name = jax.tree_util.keystr(path)
-    return NamedSharding(mesh, mesh_spec(spec, leaf.shape, mesh, rules,
-                                         min_shard_size, name))
+    spec = mesh_spec(spec, leaf.shape, mesh, rules, min_shard_size, name)
+    if math.prod(leaf.shape) >= max(min_shard_size, 1):
+      spec = _fsdp_fallback(spec, leaf.shape, mesh)
+    return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(
       one, logical_specs, abstract_params,
@@ -229,24 +266,31 @@ def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
   """Shardings of a whole train state (or any tree holding param copies).
 
   A leaf whose dict-key path ends with a parameter's path and has its shape
-  (Adam's mu / nu, `ema_params`, a sub-tree copy such as an EMA encoder)
-  takes that parameter's sharding; everything else (step counters, scalars)
-  is replicated.
+  (Adam's mu / nu, `ema_params`) takes that parameter's sharding, as does a
+  leaf whose path is the end of parameter paths that agree on one sharding
+  (an EMA of `params['encoder']` kept without the 'encoder' key);
+  everything else (step counters, scalars) is replicated.
   """
-  by_path = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    by_path[_dict_keys(path)] = (tuple(leaf.shape), path)
-  sh_by_path = {_dict_keys(p): s for p, s in
-                jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  # (leaf name, shape) -> [(path, sharding)]: the candidates for a leaf.
+  index = {}
+  for (p, leaf), sh in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding))):
+    keys = _dict_keys(p)
+    index.setdefault((keys[-1], tuple(leaf.shape)), []).append((keys, sh))
   repl = replicated(mesh)
 
   def one(path, leaf):
     keys = _dict_keys(path)
     shape = tuple(getattr(leaf, 'shape', ()))
+    candidates = index.get((keys[-1], shape), []) if keys else []
+    # The longest tail of the leaf's path that ends parameter paths and so
+    # names one sharding.
     for i in range(len(keys)):
-      hit = by_path.get(keys[i:])
-      if hit is not None and hit[0] == shape:
-        return sh_by_path[keys[i:]]
+      tail = keys[i:]
+      found = {sh for p, sh in candidates if p[-len(tail):] == tail}
+      if len(found) == 1:
+        return found.pop()
     return repl
 
   return jax.tree_util.tree_map_with_path(one, abstract_state)

@@ -34,6 +34,7 @@ def validate_config(config, num_devices: int, data_parallel: int):
   """
   input_pipeline.validate_config(config.input,
                                  patch_size=weights.patch_size_of(config))
+  sharding.rules_from_config(config)
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
@@ -41,6 +42,25 @@ def validate_config(config, num_devices: int, data_parallel: int):
         f'global batch size {bs} is not divisible by {data_parallel} '
         f'data-parallel devices x {accum} accumulation steps (of '
         f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
+
+
+def lower_train_step(config, mesh):
+  """The sharded train step lowered for abstract inputs (nothing is
+  allocated): for ahead-of-time compilation, planning and benchmarks.
+
+  Returns:
+    (lowered, abstract_state, state_shardings).
+  """
+  model = steps.build_model(config)
+  shapes = weights.batch_shapes(config)
+  state, state_sh, _, schedule = steps.create_train_state(
+      config, model, mesh, shapes, materialize=False)
+  step = steps.jit_train_step(config, model, steps.build_loss(config),
+                              schedule, mesh, state_sh)
+  data_sh = sharding.data_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
+           for k, v in shapes.items()}
+  return step.lower(state, batch), state, state_sh
 
 
 def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):

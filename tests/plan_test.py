@@ -67,3 +67,11 @@ def test_plan_rejects_bad_mesh_and_batch_before_compiling():
   c.input.batch_size = 12
   with pytest.raises(ValueError, match='batch size 12 is not divisible by 8'):
     plan.plan(c, 8)
+
+
+def test_accum_to_fit_picks_smallest_dividing_factor():
+  xla = dict(arguments=10, outputs=5, aliased=5, temporaries=100)
+  assert plan.accum_to_fit(xla, 8, 1000) == 1
+  assert plan.accum_to_fit(xla, 8, 60) == 2      # 50 free, 100 / 2 fits
+  assert plan.accum_to_fit(xla, 6, 45) == 3      # 4 does not divide 6
+  assert plan.accum_to_fit(xla, 8, 20) is None   # 100 / 8 > 10 free

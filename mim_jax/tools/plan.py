@@ -13,6 +13,8 @@ and prints JSON:
   - FLOPs per step and per image, from XLA's cost analysis of the step
     lowered with the layers unrolled (a compiled `scan` counts its body
     once, so the count is taken before compilation);
+  - the gradient-accumulation factor that would fit the chip's memory
+    (temporaries scale with the microbatch), an estimate;
   - the step time and images/s at a few MFUs for a chip peak, by
     step_time = flops_per_step / (devices * peak_flops * mfu).
 
@@ -54,9 +56,7 @@ from ml_collections import config_flags
 
 from mim_jax import optim
 from mim_jax import sharding
-from mim_jax import steps
 from mim_jax import train
-from mim_jax import weights
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
@@ -87,17 +87,16 @@ def _unrolled(config):
   return c
 
 
-def _lowered_step(config, mesh):
-  model = steps.build_model(config)
-  shapes = weights.batch_shapes(config)
-  state, state_sh, _, schedule = steps.create_train_state(
-      config, model, mesh, shapes, materialize=False)
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
-                              schedule, mesh, state_sh)
-  data_sh = sharding.data_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
-           for k, v in shapes.items()}
-  return step.lower(state, batch), state, state_sh
+def accum_to_fit(xla: dict, microbatch: int, hbm_bytes: float):
+  """Smallest extra accumulation factor K (dividing the per-device
+  microbatch) whose temporaries, assumed to shrink as 1/K, fit next to the
+  state; None when even one example per device does not fit."""
+  state = xla['arguments'] + xla['outputs'] - xla['aliased']
+  free = hbm_bytes - state
+  for k in range(1, microbatch + 1):
+    if microbatch % k == 0 and xla['temporaries'] / k <= free:
+      return k
+  return None
 
 
 def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
@@ -117,7 +116,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   bs = int(config.input.batch_size)
 
   t = time.perf_counter()
-  lowered, state, state_sh = _lowered_step(config, mesh)
+  lowered, state, state_sh = train.lower_train_step(config, mesh)
   lower_s = time.perf_counter() - t
   t = time.perf_counter()
   compiled = lowered.compile()
@@ -149,8 +148,11 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   peak = (xla['arguments'] + xla['temporaries'] + xla['outputs'] -
           xla['aliased'])
 
+  accum = int(config.get('grad_accum_steps', 1))
+  suggestion = accum_to_fit(xla, bs // (dp * accum), hbm_gib * GIB)
+
   t = time.perf_counter()
-  flat_lowered, _, _ = _lowered_step(_unrolled(config), mesh)
+  flat_lowered, _, _ = train.lower_train_step(_unrolled(config), mesh)
   flops = float(flat_lowered.cost_analysis()['flops'])
   flops_s = time.perf_counter() - t
   peak_flops = peak_tflops * 1e12
@@ -176,6 +178,8 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
       'gib_per_device': round(peak / GIB, 3),
       'fits_hbm': peak <= hbm_gib * GIB,
       'hbm_gib': hbm_gib,
+      'grad_accum_steps_to_fit': (suggestion * accum if suggestion
+                                  else suggestion),
       'flops_per_step': flops,
       'model_flops_per_image': flops / bs,
       'peak_tflops_per_chip': peak_tflops,
