@@ -58,15 +58,6 @@ from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import train
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                lock_config=True)
-flags.DEFINE_integer('devices', None, 'Number of devices to plan for.')
-flags.DEFINE_float('peak_tflops', 275.0,
-                   'Peak dense bf16 TFLOP/s of one chip (TPU v4: 275; '
-                   'v5p: 459; v5e: 197; v6e: 918).')
-flags.DEFINE_float('hbm_gib', 32.0, 'Memory of one chip in GiB (v4: 32).')
-flags.DEFINE_list('mfu', ['0.3', '0.4', '0.5'], 'MFUs to tabulate.')
-
 GIB = 2 ** 30
 
 
@@ -204,5 +195,19 @@ def main(argv):
   print(json.dumps(result, indent=1))
 
 
+def _define_flags():
+  # Only when run as a program: importing the module (tests, notebooks)
+  # must not clash with other entry points' --config flag.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                  lock_config=True)
+  flags.DEFINE_integer('devices', None, 'Number of devices to plan for.')
+  flags.DEFINE_float('peak_tflops', 275.0,
+                     'Peak dense bf16 TFLOP/s of one chip (TPU v4: 275; '
+                     'v5p: 459; v5e: 197; v6e: 918).')
+  flags.DEFINE_float('hbm_gib', 32.0, 'Memory of one chip in GiB (v4: 32).')
+  flags.DEFINE_list('mfu', ['0.3', '0.4', '0.5'], 'MFUs to tabulate.')
+
+
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
