@@ -4,9 +4,12 @@
 their patch masks, generated inside tf.data:
 
   image: float32 (B, H, W, 3), (x / 255 - mean) / std.
-  noise: float32 (B, L) in [0, 1), L = (H / p) * (W / p).
-  mask:  float32 (B, L), 1.0 = masked; the len_keep = int(L * (1 - ratio))
-         patches with the smallest noise are visible (official MAE rule).
+  noise: float32 (B, L), L = (H / p) * (W / p); ascending order lists the
+         visible patches first.
+  mask:  float32 (B, L), 1.0 = masked. For 'random' masks the
+         len_keep = int(L * (1 - ratio)) patches with the smallest noise are
+         visible (official MAE rule); 'block' (BEiT/CAE/BootMAE) and 'grid'
+         masks come with a noise that replays them (see data/masks.py).
   step:  int32 (B,) global step of the batch.
   index: int32 (B,) position of the example in the global batch.
 
@@ -188,6 +191,7 @@ def make_train_dataset(input_config: Any,
   ds = ds.enumerate()
 
   train_key = seeds.base_key(seed, seeds.TRAIN)
+  mask_example, mask_batch = masks.stages(mask_fn)
 
   def process(position, record):
     step = start_step + position // host_batch
@@ -201,7 +205,7 @@ def make_train_dataset(input_config: Any,
     if hflip:
       image = augment.random_flip(image, flip_key)
     example = {'image': augment.normalize(image, mean, std)}
-    example.update(mask_fn(mask_key))
+    example.update(mask_example(mask_key))
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
     return example
@@ -209,6 +213,9 @@ def make_train_dataset(input_config: Any,
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
+  if mask_batch is not None:
+    ds = ds.map(mask_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
   prefetch = input_config.get('prefetch', 2)
   ds = ds.prefetch(tf.data.AUTOTUNE if prefetch is None else int(prefetch))
   options = tf.data.Options()
@@ -250,18 +257,21 @@ def make_vis_batch(input_config: Any,
   source = sources.open_source(input_config, seed=seed, process_index=0,
                                process_count=1)
   vis_key = seeds.base_key(seed, seeds.VIS)
+  mask_example, mask_batch = masks.stages(mask_fn)
 
   def process(index, record):
     image = augment.decode_and_center_crop(source.read(record))
     image = augment.resize(image, image_size)
     example = {'image': augment.normalize(image, mean, std)}
-    example.update(mask_fn(seeds.fold_in(vis_key, _VIS_STEP, index)))
+    example.update(mask_example(seeds.fold_in(vis_key, _VIS_STEP, index)))
     example['step'] = tf.constant(_VIS_STEP, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
     return example
 
   ds = source.ordered().repeat().take(num_images).enumerate()
   ds = ds.map(process).batch(num_images)
+  if mask_batch is not None:
+    ds = ds.map(mask_batch)
   batch = ds.get_single_element()
   return {k: v.numpy() for k, v in batch.items()}
 

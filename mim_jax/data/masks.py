@@ -9,7 +9,9 @@ Generating masks in tf.data (rather than in the jitted train step) keeps them
 reproducible from (seed, step, example index) alone, which makes resuming
 exact, and moves the argsort off the accelerator's critical path.
 
-New kinds (e.g. 'block', 'grid') are added with `register_mask`:
+Kinds: 'random' (MAE), 'block' (BEiT block-wise: the CAE exact-count, the
+BEiT and the BootMAE variants) and 'grid' (MAE's grid ablation). New kinds
+are added with `register_mask`:
 
   @masks.register_mask('grid')
   def _make_grid(mask_config, grid_height, grid_width):
@@ -17,12 +19,32 @@ New kinds (e.g. 'block', 'grid') are added with `register_mask`:
     return mask_fn
 """
 
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
+import numpy as np
 import tensorflow as tf
 
+from mim_jax.data import block_masks
+from mim_jax.data import seeds
+
 MaskFn = Callable[[tf.Tensor], dict[str, tf.Tensor]]
-MaskBuilder = Callable[[Any, int, int], MaskFn]
+
+
+class BatchedMaskFn(NamedTuple):
+  """A mask made once per batch on the host (numpy), for algorithms with
+  data-dependent loops (block masks): one call per batch instead of one per
+  example keeps the Python call overhead off each example.
+
+  per_example(key) -> private features ('_mask_*') of one example, from its
+    stateless key only (so a mask never depends on its batch);
+  per_batch(batch) -> the batch with those features replaced by
+    'noise' and 'mask'.
+  """
+  per_example: Callable[[tf.Tensor], dict[str, tf.Tensor]]
+  per_batch: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+
+
+MaskBuilder = Callable[[Any, int, int], Union[MaskFn, BatchedMaskFn]]
 
 _BUILDERS: dict[str, MaskBuilder] = {}
 
@@ -119,6 +141,99 @@ def _make_random(mask_config: Any, grid_height: int,
   return mask_fn
 
 
+def noise_for_mask(mask: tf.Tensor, uniform: tf.Tensor) -> tf.Tensor:
+  """Noise whose ascending order lists the visible patches first, each group
+  in random order: lets the noise-driven MAE model replay any mask."""
+  return mask + 0.5 * uniform
+
+
+def _check_count(mask_config: Any, num_masked: int, num_patches: int,
+                 kind: str) -> None:
+  """A `ratio` next to a fixed-count mask must agree with it: the model
+  keeps int(L * (1 - ratio)) patches."""
+  if _get(mask_config, 'ratio') is None:
+    return
+  expected = num_patches - num_visible(num_patches, get_ratio(mask_config))
+  if expected != num_masked:
+    raise ValueError(
+        f'input.mask.kind={kind!r} masks {num_masked} of {num_patches} '
+        f'patches but input.mask.ratio={_get(mask_config, "ratio")} (the '
+        f'model\'s mask ratio) means {expected}; make them agree.')
+
+
+@register_mask('block')
+def _make_block(mask_config: Any, grid_height: int,
+                grid_width: int) -> BatchedMaskFn:
+  """BEiT block-wise masks (CAE, BootMAE), made per batch in numpy.
+
+  Parameters: num_masking_patches (default: from `ratio`), min_num_patches
+  (16), max_num_patches (None = num_masking_patches), min_aspect (0.3),
+  max_aspect (None = 1 / min_aspect), variant ('cae' exact count, 'beit',
+  'bootmae').
+  """
+  num_patches = grid_height * grid_width
+  count = _get(mask_config, 'num_masking_patches')
+  if count is None:
+    count = num_patches - num_visible(num_patches, get_ratio(mask_config))
+  params = dict(
+      num_masking_patches=int(count),
+      min_num_patches=int(_get(mask_config, 'min_num_patches', 16)),
+      max_num_patches=_get(mask_config, 'max_num_patches'),
+      min_aspect=float(_get(mask_config, 'min_aspect', 0.3)),
+      max_aspect=_get(mask_config, 'max_aspect'),
+      variant=str(_get(mask_config, 'variant', 'cae')))
+  block_masks.check_params(grid_height, grid_width, **params)
+  if params['variant'] != 'beit':
+    _check_count(mask_config, params['num_masking_patches'], num_patches,
+                 'block')
+
+  def make(batch_seeds: np.ndarray) -> np.ndarray:
+    return block_masks.block_masks(batch_seeds, grid_height, grid_width,
+                                   **params)
+
+  def per_example(key: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {'_mask_seed': seeds.to_int(key),
+            '_mask_uniform': tf.random.stateless_uniform(
+                [num_patches], seed=seeds.fold_in(key, 1), dtype=tf.float32)}
+
+  def per_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    batch = dict(batch)
+    batch_seeds = batch.pop('_mask_seed')
+    uniform = batch.pop('_mask_uniform')
+    mask = tf.numpy_function(make, [batch_seeds], tf.float32, stateful=False)
+    mask.set_shape(batch_seeds.shape.concatenate([num_patches]))
+    batch['mask'] = mask
+    batch['noise'] = noise_for_mask(mask, uniform)
+    return batch
+
+  return BatchedMaskFn(per_example, per_batch)
+
+
+@register_mask('grid')
+def _make_grid(mask_config: Any, grid_height: int,
+               grid_width: int) -> MaskFn:
+  """MAE's grid ablation: keeps one patch of every `stride` x `stride` cell
+  (stride 2: 75% masked), the same patches in every image."""
+  stride = int(_get(mask_config, 'stride', 2))
+  side = min(grid_height, grid_width)
+  if stride < 2 or stride > side:
+    raise ValueError(
+        f'input.mask.stride={stride} must be in 2..{side} for a '
+        f'{grid_height}x{grid_width} grid.')
+  rows, cols = np.meshgrid(np.arange(grid_height), np.arange(grid_width),
+                           indexing='ij')
+  keep = (rows % stride == 0) & (cols % stride == 0)
+  fixed = tf.constant(1.0 - keep.reshape(-1), tf.float32)
+  _check_count(mask_config, int(fixed.numpy().sum()), keep.size, 'grid')
+
+  def mask_fn(seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    uniform = tf.random.stateless_uniform([keep.size], seed=seed,
+                                          dtype=tf.float32)
+    return {'noise': noise_for_mask(fixed, uniform), 'mask': fixed}
+
+  return mask_fn
+
+
 def make_mask_fn(mask_config: Any,
                  grid_size: Union[int, tuple[int, int]]) -> MaskFn:
   """Builds the mask function described by `mask_config`.
@@ -130,7 +245,8 @@ def make_mask_fn(mask_config: Any,
 
   Returns:
     fn(seed) -> dict(noise=float32 (L,), mask=float32 (L,)), with `seed` a
-    stateless RNG seed (int32/int64 tensor of shape [2]).
+    stateless RNG seed (int32/int64 tensor of shape [2]); or, for kinds made
+    per batch, a `BatchedMaskFn` (see `stages`).
 
   Raises:
     ValueError: on an unknown kind or invalid parameters.
@@ -149,3 +265,10 @@ def make_mask_fn(mask_config: Any,
   if grid_height < 1 or grid_width < 1:
     raise ValueError(f'Invalid patch grid {grid_height}x{grid_width}.')
   return _BUILDERS[kind](mask_config, grid_height, grid_width)
+
+
+def stages(mask_fn: Union[MaskFn, BatchedMaskFn]):
+  """(per-example fn, per-batch fn or None) of a mask function."""
+  if isinstance(mask_fn, BatchedMaskFn):
+    return mask_fn.per_example, mask_fn.per_batch
+  return mask_fn, None
