@@ -2,6 +2,8 @@
 device, scan/remat under a mesh, bf16, and checkpoint resharding 8 -> 4 -> 1.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,12 +240,19 @@ def test_state_shardings_follow_params_for_opt_state_and_ema_copies():
 # One train step: sharded == single device.
 
 
+@functools.lru_cache(maxsize=None)
+def _one_device_step():
+  """(initial params, params after one step, loss) on a single device."""
+  mesh1 = _mesh([('data', 1)], 1)
+  state, _, step = _setup(_config(), mesh1)
+  params0 = jax.device_get(state.params)
+  state, loss = _run(step, state, mesh1, [0])
+  return params0, jax.device_get(state.params), loss
+
+
 @pytest.mark.parametrize('scan,remat', [(False, 'none'), (True, 'dots')])
 def test_step_on_data4_fsdp2_matches_one_device(scan, remat):
-  mesh1 = _mesh([('data', 1)], 1)
-  ref_state, _, ref_step = _setup(_config(), mesh1)
-  params0 = jax.device_get(ref_state.params)
-  ref_state, ref_loss = _run(ref_step, ref_state, mesh1, [0])
+  params0, ref_params, ref_loss = _one_device_step()
   config = _config(scan=scan, remat_policy=remat)
   mesh = _mesh([('data', 4), ('fsdp', 2)], 8)
   init = vit.loop_to_scan(params0) if scan else params0
@@ -255,7 +264,7 @@ def test_step_on_data4_fsdp2_matches_one_device(scan, remat):
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   new = jax.device_get(state.params)
   new = vit.scan_to_loop(new) if scan else new
-  assert _max_diff(new, jax.device_get(ref_state.params)) <= 1e-5
+  assert _max_diff(new, ref_params) <= 1e-5
   # Optimizer moments are sharded like their params.
   leaves = jax.tree.leaves(state.opt_state)
   assert any('fsdp' in str(_spec(x)) for x in leaves if x.ndim >= 2)
