@@ -44,20 +44,28 @@ def steps_from(config, key: str) -> int:
   return int(round(epochs * (n // config.input.batch_size)))
 
 
+WARMUPS = ('linear', 'linspace')
+
+
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
-                  min_lr: float = 0.0):
-  """lr(t) = peak * t / warmup for t < warmup, then half-cycle cosine.
+                  min_lr: float = 0.0, warmup: str = 'linear'):
+  """Warmup from 0, then a half-cycle cosine from peak to min_lr.
 
   Step t is 0-based and is the lr of the t-th update, so lr(0) = 0 exactly
-  as in the official per-iteration schedule.
+  as in the official per-iteration schedules. warmup='linear' is MAE's
+  lr = peak * t / W; 'linspace' is BEiT's `cosine_scheduler` (CAE, BootMAE):
+  linspace(0, peak, W), which reaches the peak at t = W - 1.
   """
+  if warmup not in WARMUPS:
+    raise ValueError(f'schedule.warmup={warmup!r}; use one of {WARMUPS}.')
+  span = max(warmup_steps - (warmup == 'linspace'), 1)
   if total_steps <= warmup_steps:
     raise ValueError(f'total steps ({total_steps}) must exceed warmup steps '
                      f'({warmup_steps}).')
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
-    warm = peak * t / max(warmup_steps, 1)
+    warm = peak * t / span
     frac = (t - warmup_steps) / (total_steps - warmup_steps)
     cos = min_lr + (peak - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
     return jnp.where(t < warmup_steps, warm, cos)
@@ -69,12 +77,20 @@ def make_schedule(config):
   total = steps_from(config, 'total')
   warmup = steps_from(config, 'warmup')
   return warmup_cosine(peak_lr(config), warmup, total,
-                       config.schedule.get('min_lr', 0.0))
+                       config.schedule.get('min_lr', 0.0),
+                       config.schedule.get('warmup', 'linear'))
 
 
-def decay_mask(params, exclude: Sequence[str] = ('bias', 'scale')):
+# Leaves without weight decay in the official recipes (timm / BEiT rule:
+# 1-D params and biases): biases, LayerNorm scales, BEiT-style q/v biases
+# and layer-scale gammas.
+NO_DECAY = ('bias', 'scale', 'q_bias', 'v_bias', 'gamma_1', 'gamma_2',
+            'gamma_1_cross', 'gamma_2_cross')
+
+
+def decay_mask(params, exclude: Sequence[str] = NO_DECAY):
   """True where weight decay applies: every leaf whose name is not in
-  `exclude` (biases and LayerNorm scales by default)."""
+  `exclude` (by name, so a scanned stack of biases is still excluded)."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(
       {k: k[-1] not in exclude for k in flat})
@@ -141,7 +157,7 @@ def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
       b1=oc.b1, b2=oc.b2, eps=oc.eps,
       mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
   if oc.weight_decay:
-    mask = decay_mask(params, tuple(oc.get('wd_exclude', ('bias', 'scale'))))
+    mask = decay_mask(params, tuple(oc.get('wd_exclude', NO_DECAY)))
     chain.append(optax.add_decayed_weights(oc.weight_decay, mask))
   if oc.get('layer_decay'):
     scales = layer_decay_scales(params, oc.layer_decay, oc.num_layers)

@@ -48,7 +48,7 @@ def build_loss(config) -> Callable:
 
 
 # The batch entries that go to the devices (the rest is bookkeeping).
-DEVICE_KEYS = ('image', 'noise', 'mask')
+DEVICE_KEYS = ('image', 'noise', 'mask', 'token_ids')
 
 
 def model_inputs(batch: dict) -> dict:

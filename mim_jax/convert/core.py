@@ -178,7 +178,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
         continue
       mod_f, _, leaf_t = full.rpartition('/')
     leaf_f, arr = _to_flax_leaf(leaf_t, value, modules.get(mod_f, set()))
-    path = f'{mod_f}/{leaf_f}'
+    path = f'{mod_f}/{leaf_f}' if mod_f else leaf_f
     if path not in expected:
       unknown.append(f'{key} (-> {path})')
       continue

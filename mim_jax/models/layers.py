@@ -64,14 +64,16 @@ def unpatchify(patches: jax.Array, patch_size: int, grid_hw: tuple[int, int],
 
 
 def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int,
-                     cls_token: bool = True) -> np.ndarray:
+                     cls_token: bool = True,
+                     row_first: bool = False) -> np.ndarray:
   """Fixed 2-D sin-cos position embedding of the official MAE code.
 
   Row 1 + l (patch l = i * grid_w + j) is
   [sin(j w), cos(j w), sin(i w), cos(i w)] with w_k = 1 / 10000**(k / q),
   q = dim / 4: the first half encodes the column, the second the row. A zero
   row for the cls token is prepended when `cls_token`. Computed in float64 and
-  cast to float32, like upstream.
+  cast to float32, like upstream. `row_first` swaps the halves (row, then
+  column), the layout of the BEiT-family code (CAE, BootMAE).
 
   Returns:
     float32 array of shape (1, [1 +] grid_h * grid_w, dim).
@@ -85,8 +87,9 @@ def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int,
                            np.arange(grid_w, dtype=np.float64), indexing='ij')
   out_c = cols.reshape(-1)[:, None] * omega[None]
   out_r = rows.reshape(-1)[:, None] * omega[None]
+  first, second = (out_r, out_c) if row_first else (out_c, out_r)
   emb = np.concatenate(
-      [np.sin(out_c), np.cos(out_c), np.sin(out_r), np.cos(out_r)], axis=1)
+      [np.sin(first), np.cos(first), np.sin(second), np.cos(second)], axis=1)
   if cls_token:
     emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
   return emb[None].astype(np.float32)
@@ -142,9 +145,11 @@ class Attention(nn.Module):
   The qkv kernel is (D, 3D); its columns are ordered (q|k|v, head, head_dim),
   the transpose of timm's `qkv.weight`. `attn_drop` is dropout on the
   attention probabilities (the robust-MAE "drop edge" on the decoder).
+  `qkv_bias`: True (one fused bias), False, or 'qv': separate `q_bias` and
+  `v_bias` params and no key bias (BEiT / CAE / BootMAE).
   """
   num_heads: int
-  qkv_bias: bool = True
+  qkv_bias: Any = True
   attn_drop: float = 0.0
   dtype: Dtype = jnp.float32
 
@@ -156,7 +161,13 @@ class Attention(nn.Module):
                        f'{self.num_heads}.')
     hd = d // self.num_heads
     qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv',
-                use_bias=self.qkv_bias)(x)
+                use_bias=self.qkv_bias is True)(x)
+    if self.qkv_bias == 'qv':
+      zeros = nn.initializers.zeros_init()
+      q_bias = self.param('q_bias', logical(zeros, ('heads',)), (d,))
+      v_bias = self.param('v_bias', logical(zeros, ('heads',)), (d,))
+      qkv = qkv + jnp.concatenate(
+          [q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(n, t, 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = q * (hd ** -0.5)
@@ -187,12 +198,21 @@ class Block(nn.Module):
   """Pre-norm ViT block: x + Attn(LN(x)); x + MLP(LN(x))."""
   num_heads: int
   mlp_dim: int
-  qkv_bias: bool = True
+  qkv_bias: Any = True
   attn_drop: float = 0.0
   drop_path: float = 0.0
   layernorm_eps: float = 1e-6
+  layer_scale: Optional[float] = None   # gamma_1/gamma_2 init (BEiT, CAE)
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+
+  def scale(self, name: str, y):
+    """Multiplies by a learned per-channel gamma when layer scale is on."""
+    if self.layer_scale is None:
+      return y
+    gamma = self.param(name, logical(nn.initializers.constant(
+        self.layer_scale), ('embed',)), (y.shape[-1],))
+    return y * gamma.astype(y.dtype)
 
   @nn.compact
   def __call__(self, x, _=None):
@@ -200,10 +220,12 @@ class Block(nn.Module):
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm1')(x)
     y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.dtype,
                   name='attn')(y, self.deterministic)
-    x = x + DropPath(self.drop_path)(y, self.deterministic)
+    x = x + DropPath(self.drop_path)(self.scale('gamma_1', y),
+                                     self.deterministic)
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm2')(x)
     y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
-    x = x + DropPath(self.drop_path)(y, self.deterministic)
+    x = x + DropPath(self.drop_path)(self.scale('gamma_2', y),
+                                     self.deterministic)
     x = constrain_tokens(x)
     # The second output is the per-block activation, collected by scan.
     return x, None

@@ -58,7 +58,9 @@ class Encoder(nn.Module):
   num_heads: int = 12
   mlp_dim: Optional[int] = None   # default 4 * width
   patch_size: int = 16
-  qkv_bias: bool = True
+  qkv_bias: Any = True            # True, False or 'qv' (BEiT/CAE)
+  layer_scale: Optional[float] = None
+  posemb_row_first: bool = False  # BEiT-family sin-cos layout
   layernorm_eps: float = 1e-6
   drop_path_rate: float = 0.0
   scan: bool = False
@@ -75,7 +77,8 @@ class Encoder(nn.Module):
 
   def pos_embed(self, images) -> np.ndarray:
     """(1, 1 + L, width) fixed table, cls row first (zeros)."""
-    return layers.posemb_sincos_2d(*self.grid(images), self.width)
+    return layers.posemb_sincos_2d(*self.grid(images), self.width,
+                                   row_first=self.posemb_row_first)
 
   @nn.compact
   def __call__(self, images, ids_keep=None, *, train: bool = False):
@@ -119,6 +122,7 @@ class Encoder(nn.Module):
         block_kwargs=dict(num_heads=self.num_heads,
                           mlp_dim=self.mlp_dim or 4 * self.width,
                           qkv_bias=self.qkv_bias,
+                          layer_scale=self.layer_scale,
                           layernorm_eps=self.layernorm_eps, dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, drop_path_rates=dpr, name='blocks')

@@ -172,19 +172,28 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
   """Replays the fixture's optimiser steps with our own chain and step."""
   curve, arrays = fx['curve'], fx['train_curve']
   batches = adapter.curve_batches(arrays, fx['config'])
-  tc = optim.tx_config_from_curve(curve, batch_size=len(
-      next(iter(batches[0].values()))))
+  batch_size = len(next(iter(batches[0].values())))
+  if hasattr(adapter, 'tx_config'):
+    tc = adapter.tx_config(fx['config'], curve, batch_size)
+  else:
+    tc = optim.tx_config_from_curve(curve, batch_size=batch_size)
+  ref_losses, ref_lrs = (adapter.curve_reference(fx)
+                         if hasattr(adapter, 'curve_reference')
+                         else (curve['loss'], curve['lr']))
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.update(tc)
   failures = []
   # The official decay grouping, compared name by name.
   wd = optim.decay_mask(params, tuple(cfg.optim.get(
-      'wd_exclude', ('bias', 'scale'))))
+      'wd_exclude', optim.NO_DECAY)))
   ours_decay = {k for k, v in conv.to_torch_keys(wd).items() if bool(v)}
-  ref_decay = set()
-  for g in curve['param_groups']:
-    if g['weight_decay'] > 0:
-      ref_decay |= set(g['params'])
+  if hasattr(adapter, 'reference_decay'):
+    ref_decay = set(adapter.reference_decay(fx))
+  else:
+    ref_decay = set()
+    for g in curve['param_groups']:
+      if g['weight_decay'] > 0:
+        ref_decay |= set(g['params'])
   if ours_decay != ref_decay:
     failures.append(
         'weight-decay groups differ: only ours '
@@ -202,10 +211,10 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
     state, m = train_step(state, {k: jnp.asarray(v) for k, v in b.items()})
     losses.append(float(m['loss']))
     lrs.append(float(m['lr']))
-  ref_loss = np.asarray(curve['loss'], np.float64)
+  ref_loss = np.asarray(ref_losses, np.float64)
   loss_err = [rel(a, b) for a, b in zip(losses, ref_loss)]
   lr_err = max(abs(a - b) / max(abs(b), 1e-12) if b else abs(a)
-               for a, b in zip(lrs, curve['lr']))
+               for a, b in zip(lrs, ref_lrs))
   if max(loss_err) > TOL['curve_loss_rel']:
     failures.append(f'curve loss: max rel {max(loss_err):.3g} at step '
                     f'{int(np.argmax(loss_err))}')
@@ -216,7 +225,7 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
                if k not in adapter.frozen_keys(fx['config'])}
   fcmp = compare_tensor_dict(final, ref_final, TOL['final_rel_to_max'],
                              zero_slices=zero,
-                             zero_tol=float(np.sum(curve['lr'])))
+                             zero_tol=float(np.sum(ref_lrs)))
   failures += fcmp['failures'] + [f'{k}: missing' for k in fcmp['missing']]
   return dict(steps=len(batches), loss_max_rel=max(loss_err),
               losses=losses, lr_max_rel=lr_err,

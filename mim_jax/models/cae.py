@@ -1,0 +1,207 @@
+"""CAE, Context Autoencoder (Chen et al. 2022), v1 as in Atten4Vis/CAE.
+
+  encoder (visible patches + cls) -> latent regressor (cross-attention from
+  mask-token queries to [visible latents, queries]) -> decoder on the
+  predicted masked latents only -> token logits (or pixels).
+
+The alignment target is the *same* encoder under stop-gradient, run on the
+masked patches (upstream copies the encoder into `alignment_encoder` before
+every forward: momentum 0, no EMA). Masks come from the pipeline (block-wise,
+a fixed count per image); visible and masked patches are each taken in
+increasing patch order, as upstream's boolean indexing does.
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models import layers
+from mim_jax.models import vit
+
+
+def split_ids(mask: jax.Array, num_masked: int):
+  """(ids_visible (N, L - M), ids_masked (N, M)), each ascending."""
+  ids = jnp.argsort(mask, axis=1, stable=True)
+  return ids[:, :mask.shape[1] - num_masked], ids[:, mask.shape[1] -
+                                                   num_masked:]
+
+
+class CrossAttention(nn.Module):
+  """Separate q/k/v projections, q and v biases, no key bias."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in, k_in, v_in):
+    n, tq, d = q_in.shape
+    hd = d // self.num_heads
+    zeros = nn.initializers.zeros_init()
+    q_bias = self.param('q_bias', layers.logical(zeros, ('heads',)), (d,))
+    v_bias = self.param('v_bias', layers.logical(zeros, ('heads',)), (d,))
+    q = layers.dense(d, ('embed', 'heads'), self.dtype, 'q',
+                     use_bias=False)(q_in) + q_bias.astype(self.dtype)
+    k = layers.dense(d, ('embed', 'heads'), self.dtype, 'k',
+                     use_bias=False)(k_in)
+    v = layers.dense(d, ('embed', 'heads'), self.dtype, 'v',
+                     use_bias=False)(v_in) + v_bias.astype(self.dtype)
+    q = q.reshape(n, tq, self.num_heads, hd) * (hd ** -0.5)
+    k = k.reshape(n, -1, self.num_heads, hd)
+    v = v.reshape(n, -1, self.num_heads, hd)
+    logits = jnp.einsum('nqhd,nkhd->nhqk', q, k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(self.dtype), v)
+    return layers.dense(d, ('heads', 'embed'), self.dtype, 'proj')(
+        out.reshape(n, tq, d))
+
+
+class RegressorBlock(nn.Module):
+  """x = x_q + g1 * CrossAttn(LN_q(x_q + pos_q), LN_k(kv + pos_k), LN_v(kv));
+  x = LN_2(x) (post-norm); x = x + g2 * MLP(x). Only the queries move."""
+  num_heads: int
+  mlp_dim: int
+  layer_scale: float = 0.1
+  drop_path: float = 0.0
+  layernorm_eps: float = 1e-6
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+
+  def _gamma(self, name, y):
+    g = self.param(name, layers.logical(
+        nn.initializers.constant(self.layer_scale), ('embed',)),
+                   (y.shape[-1],))
+    return y * g.astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, pos_q, pos_k):
+    ln = lambda name: layers.layer_norm(self.layernorm_eps, self.dtype, name)
+    y = CrossAttention(self.num_heads, self.dtype, name='cross_attn')(
+        ln('norm1_q')(x_q + pos_q), ln('norm1_k')(x_kv + pos_k),
+        ln('norm1_v')(x_kv))
+    drop = layers.DropPath(self.drop_path)
+    x = x_q + drop(self._gamma('gamma_1_cross', y), self.deterministic)
+    x = ln('norm2_cross')(x)
+    y = layers.Mlp(self.mlp_dim, self.dtype, name='mlp_cross')(x)
+    return x + drop(self._gamma('gamma_2_cross', y), self.deterministic)
+
+
+class CAE(nn.Module):
+  """Params: encoder, mask_token, regressor, decoder (+ encoder_to_regressor
+  when the decoder width differs from the encoder's)."""
+  encoder: dict
+  decoder_width: Optional[int] = None     # default: the encoder width
+  decoder_num_heads: int = 12
+  regressor_depth: int = 4
+  decoder_depth: int = 4
+  decoder_layer_scale: float = 0.1
+  decoder_mlp_dim: Optional[int] = None
+  vocab_size: int = 8192
+  target: str = 'tokens'                  # or 'pixels' (CAE paper Table 8)
+  mask_ratio: float = 0.5
+  in_chans: int = 3
+  scan: bool = False
+  remat_policy: str = 'none'
+  dtype: Any = jnp.float32
+
+  def _encoder(self) -> vit.Encoder:
+    enc = dict(qkv_bias='qv', posemb_row_first=True, layer_scale=0.1)
+    enc.update(self.encoder)
+    return vit.Encoder(**enc, scan=self.scan, remat_policy=self.remat_policy,
+                       dtype=self.dtype, name='encoder')
+
+  @nn.compact
+  def __call__(self, images, noise=None, *, mask=None, train: bool = False):
+    """Forward pass.
+
+    Args:
+      images: (N, H, W, C) normalised images.
+      noise: unused (the batch's mask is authoritative).
+      mask: (N, L) with 1 = masked; every row masks the same count,
+        L - int(L * (1 - mask_ratio)).
+      train: enables drop path.
+
+    Returns:
+      (pred, out): pred (N, M, vocab_size) token logits (or (N, M, p*p*C)
+      pixels) for the masked patches in increasing patch order; out holds
+      'mask', 'ids_masked', 'latent_predict', 'latent_target' (N, M, D),
+      'encoder_out' and 'alignment_encoder_out' (cls first).
+    """
+    del noise
+    if self.target not in ('tokens', 'pixels'):
+      raise ValueError(f"CAE target {self.target!r}: use 'tokens' (dVAE ids)"
+                       " or 'pixels' (normalised pixels).")
+    enc = self._encoder()
+    if mask is None:
+      raise ValueError('CAE needs the batch mask (N, L), 1 = masked.')
+    grid_hw = enc.grid(images)
+    num_patches = grid_hw[0] * grid_hw[1]
+    num_masked = num_patches - int(num_patches * (1 - self.mask_ratio))
+    if mask.shape[1] != num_patches:
+      raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
+                       f'images have {num_patches} ({grid_hw}).')
+    ids_vis, ids_masked = split_ids(mask, num_masked)
+    width = self.decoder_width or enc.width
+    mlp_dim = self.decoder_mlp_dim or 4 * width
+    eps = enc.layernorm_eps
+
+    latent, _ = enc(images, ids_vis, train=train)
+    teacher, _ = enc(images, ids_masked, train=train)
+    teacher = jax.lax.stop_gradient(teacher)
+    z_vis, target = latent[:, 1:], teacher[:, 1:]
+    if width != enc.width:
+      proj = layers.dense(width, (None, 'embed'), self.dtype,
+                          'encoder_to_regressor')
+      norm = layers.layer_norm(eps, self.dtype,
+                               'encoder_to_regressor_norm')
+      z_vis = norm(proj(z_vis))
+      target = jax.lax.stop_gradient(norm(proj(target)))
+
+    rd = jnp.asarray(layers.posemb_sincos_2d(
+        *grid_hw, width, cls_token=False, row_first=True)[0], self.dtype)
+    pos_vis, pos_masked = rd[ids_vis], rd[ids_masked]
+    n = images.shape[0]
+    mask_token = self.param('mask_token', layers.token_param, (1, 1, width))
+    x = jnp.broadcast_to(mask_token.astype(self.dtype),
+                         (n, num_masked, width))
+    pos_kv = jnp.concatenate([pos_vis, pos_masked], axis=1)
+    for i in range(self.regressor_depth):
+      x = RegressorBlock(
+          self.decoder_num_heads, mlp_dim, self.decoder_layer_scale,
+          layernorm_eps=eps, deterministic=not train,
+          dtype=self.dtype, name=f'regressor_blocks_{i}')(
+              x, jnp.concatenate([z_vis, x], axis=1), pos_masked, pos_kv)
+    latent_predict = layers.layer_norm(eps, self.dtype,
+                                       'regressor_norm')(x)
+
+    y = latent_predict + pos_masked
+    y = layers.block_stack(
+        y, depth=self.decoder_depth,
+        block_kwargs=dict(num_heads=self.decoder_num_heads, mlp_dim=mlp_dim,
+                          qkv_bias='qv', layer_scale=self.decoder_layer_scale,
+                          layernorm_eps=eps,
+                          dtype=self.dtype),
+        scan=self.scan, remat_policy=self.remat_policy,
+        deterministic=not train, name='decoder_blocks')
+    y = layers.layer_norm(eps, self.dtype,
+                          'decoder_norm')(y)
+    p = enc.patch_size
+    out_dim = self.vocab_size if self.target == 'tokens' else (
+        p * p * self.in_chans)
+    pred = layers.dense(out_dim, ('embed', None), self.dtype,
+                        'decoder_head')(y)
+    out = dict(mask=mask, ids_masked=ids_masked,
+               latent_predict=latent_predict.astype(jnp.float32),
+               latent_target=target.astype(jnp.float32),
+               encoder_out=latent, alignment_encoder_out=teacher)
+    if self.target == 'pixels':
+      out['target'] = layers.patchify(images.astype(jnp.float32), p)
+    return pred.astype(jnp.float32), out
+
+
+def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
+          **kw) -> CAE:
+  """Builds CAE from a ViT variant ('B/16') and/or explicit encoder fields."""
+  enc = vit.decode_variant(variant)
+  enc.update(encoder or {})
+  return CAE(encoder=enc, **kw)

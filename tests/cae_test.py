@@ -1,0 +1,120 @@
+"""CAE: parity with the official code, conversion, losses and options."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from mim_jax import steps
+from mim_jax.convert import cae as convert_cae
+from mim_jax.convert import core as convert_core
+from mim_jax.losses import cae as cae_loss
+from mim_jax.models import cae
+from mim_jax.parity import cae as parity_cae
+from mim_jax.parity import core
+
+CAE = os.path.join(FIXTURES, 'cae')
+
+
+@pytest.fixture(scope='module')
+def report():
+  return core.run(CAE)
+
+
+def test_cae_fixture_passes(report):
+  assert report['pass'], report['failures']
+  fwd = report['forward']
+  assert max(fwd['loss_rel'].values()) <= 1e-5
+  # logits, latent_predict, latent_target, encoder_out, teacher, mlm_acc
+  assert fwd['tensors']['compared'] == 6
+  assert fwd['tensors']['worst_rel_to_max'] <= 1e-5
+  assert report['grads']['compared'] == 144
+  assert report['grads']['worst_rel_to_max'] <= 2e-5
+  # regressor norm1_k.bias: a true zero gradient, compared in absolute terms
+  assert report['grads']['worst_zero_part_abs'] <= 1e-7
+  curve = report['curve']
+  assert curve['steps'] == 30 and curve['decay_groups_match']
+  assert curve['loss_max_rel'] <= 1e-5 and curve['lr_max_rel'] <= 1e-5
+  assert curve['final_params']['worst_rel_to_max'] <= 2e-5
+
+
+def _model_and_params():
+  fx = core.load_fixture(CAE)
+  config = parity_cae.experiment_config(fx['config'])
+  model = steps.build_model(config)
+  batch = parity_cae.batch_from_inputs(fx['inputs'], fx['config'])
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in batch.items()}
+  abstract = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+  params = convert_cae.to_flax(fx['state_dict'], model, abstract, 32)
+  return fx, model, params, batch
+
+
+def test_export_writes_the_official_keys_teacher_included():
+  fx, model, params, _ = _model_and_params()
+  sd = convert_cae.to_torch(params, model, 32)
+  assert set(sd) == set(fx['state_dict'])
+  for k, v in fx['state_dict'].items():
+    np.testing.assert_allclose(sd[k], v, atol=1e-6, err_msg=k)
+  back = convert_cae.to_flax(sd, model, params, 32)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_wrong_architecture_is_named():
+  fx, model, params, _ = _model_and_params()
+  sd = dict(fx['state_dict'])
+  sd.pop('regresser.regressor_blocks.1.norm2_cross.weight')
+  sd['decoder.head.weight'] = sd['decoder.head.weight'][:10]
+  with pytest.raises(convert_core.ConversionError) as e:
+    convert_cae.to_flax(sd, model, params, 32)
+  msg = str(e.value)
+  assert 'regressor_blocks_1/norm2_cross/scale' in msg
+  assert 'decoder.head.weight: got (10, 64)' in msg
+
+
+def test_teacher_is_the_encoder_under_stop_gradient():
+  fx, model, params, batch = _model_and_params()
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  def align(p):
+    _, out = model.apply({'params': p}, batch['image'], mask=batch['mask'])
+    return out['latent_target'].sum()
+
+  g = jax.jit(jax.grad(align))(params)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
+  # Same weights on the masked patches: the teacher's cls row equals an
+  # encoder pass over those patches.
+  _, out = jax.jit(lambda p: model.apply({'params': p}, batch['image'],
+                                         mask=batch['mask']))(params)
+  np.testing.assert_allclose(out['alignment_encoder_out'],
+                             fx['outputs']['alignment_encoder_out'],
+                             rtol=0, atol=1e-5)
+
+
+def test_pixel_targets_train_without_a_tokenizer():
+  fx, _, _, batch = _model_and_params()
+  config = parity_cae.experiment_config(fx['config'])
+  config.model.target = 'pixels'
+  model = steps.build_model(config)
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'token_ids'}
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in batch.items()}
+  params = steps.init_params(model, shapes, 0)
+  assert params['decoder_head']['kernel'].shape == (64, 4 * 4 * 3)
+  pred, out = model.apply({'params': params}, batch['image'],
+                          mask=batch['mask'])
+  loss, aux = cae_loss.loss_fn(pred, out, batch)
+  assert np.isfinite(float(loss)) and 'mlm_acc' not in aux
+  with pytest.raises(ValueError, match='token_ids'):
+    model_t = cae.Model(encoder=dict(width=64, depth=1, num_heads=4,
+                                     patch_size=4), decoder_width=64,
+                        decoder_num_heads=4, regressor_depth=1,
+                        decoder_depth=1, vocab_size=16)
+    p = steps.init_params(model_t, shapes, 0)
+    pred, out = model_t.apply({'params': p}, batch['image'],
+                              mask=batch['mask'])
+    cae_loss.loss_fn(pred, out, batch)
