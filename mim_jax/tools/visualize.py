@@ -53,7 +53,7 @@ def main(argv):
   batch = input_pipeline.make_vis_batch(
       config.input, patch_size=weights.patch_size_of(config),
       seed=FLAGS.seed, num_images=FLAGS.num_images)
-  batch = {k: batch[k] for k in steps.DEVICE_KEYS}
+  batch = {k: batch[k] for k in steps.DEVICE_KEYS if k in batch}
   grid = visualize.render(config, steps.make_forward(model), params, batch)
   visualize.save_png(grid, FLAGS.out)
   logging.info('Wrote %s (%dx%d).', FLAGS.out, grid.shape[1], grid.shape[0])
