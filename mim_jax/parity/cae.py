@@ -4,14 +4,12 @@ config.json carries `constructor_kwargs`, the training `recipe` and the
 official weight-decay groups; train_curve.json has per-step records.
 """
 
-import types
-
 import ml_collections
 import numpy as np
 
 from mim_jax import optim
 from mim_jax.convert import cae as convert_cae
-from mim_jax.convert import core
+from mim_jax.parity import core as parity_core
 
 EXACT_OUTPUTS = ()
 
@@ -43,15 +41,7 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
 
 
 def converter():
-
-  def to_flax(state_dict, model, shapes, fc):
-    return convert_cae.to_flax(state_dict, model, shapes,
-                               fc['constructor_kwargs']['img_size'])
-
-  def to_torch_keys(tree):
-    return core.flax_to_torch(tree, convert_cae.RULES)
-
-  return types.SimpleNamespace(to_flax=to_flax, to_torch_keys=to_torch_keys)
+  return parity_core.converter_for(convert_cae, 'constructor_kwargs')
 
 
 def frozen_keys(fc: dict) -> tuple[str, ...]:

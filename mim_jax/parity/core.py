@@ -12,6 +12,7 @@ optax chain and train step) is shared here.
 import importlib
 import json
 import os
+import types
 from typing import Any
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
+from mim_jax.convert import core as convert_core
 
 # Tolerances of the fixtures README (tighter than the per-folder ones).
 TOL = dict(loss_rel=1e-5, tensor_rel_to_max=1e-5, grad_rel_to_max=2e-5,
@@ -39,6 +41,21 @@ def rel_to_max(a, b) -> float:
 def rel(a, b) -> float:
   a, b = float(np.asarray(a)), float(np.asarray(b))
   return abs(a - b) / max(abs(b), 1e-12)
+
+
+def converter_for(convert_module, kwargs_key: str):
+  """An adapter's converter: `to_flax(state_dict, model, shapes, fc)` bound
+  to the fixture's image size (config.json[kwargs_key]['img_size']), and
+  `to_torch_keys(tree)` with the method's rules."""
+
+  def to_flax(state_dict, model, shapes, fc):
+    return convert_module.to_flax(state_dict, model, shapes,
+                                  fc[kwargs_key]['img_size'])
+
+  def to_torch_keys(tree):
+    return convert_core.flax_to_torch(tree, convert_module.RULES)
+
+  return types.SimpleNamespace(to_flax=to_flax, to_torch_keys=to_torch_keys)
 
 
 def load_fixture(path: str) -> dict[str, Any]:

@@ -1,12 +1,10 @@
 """Parity adapter for MAE fixtures (facebookresearch/mae `models_mae.py`)."""
 
-import types
-
 import ml_collections
 import numpy as np
 
-from mim_jax.convert import core
 from mim_jax.convert import mae as convert_mae
+from mim_jax.parity import core as parity_core
 
 # Outputs compared exactly rather than with a tolerance.
 EXACT_OUTPUTS = ('mask', 'ids_restore')
@@ -36,16 +34,7 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
 
 
 def converter():
-  """to_flax / to_torch_keys bound to the fixture's image size."""
-
-  def to_flax(state_dict, model, shapes, fc):
-    return convert_mae.to_flax(state_dict, model, shapes,
-                               fc['constructor_args']['img_size'])
-
-  def to_torch_keys(tree):
-    return core.flax_to_torch(tree, convert_mae.RULES)
-
-  return types.SimpleNamespace(to_flax=to_flax, to_torch_keys=to_torch_keys)
+  return parity_core.converter_for(convert_mae, 'constructor_args')
 
 
 def frozen_keys(fc: dict) -> tuple[str, ...]:
