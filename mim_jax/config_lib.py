@@ -8,6 +8,7 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from mim_jax import optim
 from mim_jax import sharding
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,6 +94,60 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.ckpt_every_steps = 200
   c.vis_every_steps = 200
+  return c
+
+
+def cae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
+  """The official CAE v1 pretraining recipe (methods.md 3.2; Atten4Vis/CAE
+  scripts): AdamW (0.9, 0.999), lr 1.5e-3 absolute at batch 2048, wd 0.05,
+  clip 3.0, BEiT schedule (linspace warmup, cosine to 1e-5), block masks
+  98/196 (min 16 per block), RandomResizedCrop(0.08-1) + flip, ImageNet
+  mean/std, layer scale 0.1 (ViT-B) / 1e-5 (ViT-L), drop path 0.1,
+  regressor and decoder depth 4 at the encoder width, lambda = 2.
+
+  Token targets need the DALL-E tokenizer (`config.tokenizer.weights`);
+  `model.target='pixels'` trains on normalised pixels instead (the CAE
+  paper's Table 8).
+  """
+  c = mae_config(variant)
+  c.model_name = 'cae'
+  c.loss_name = 'cae'
+  c.mask_ratio = 0.5
+  large = variant.startswith('L') or variant.startswith('H')
+  c.model = dict(
+      variant=variant,
+      encoder=dict(layer_scale=1e-5 if large else 0.1, drop_path_rate=0.1),
+      decoder_width=None, decoder_num_heads=16 if large else 12,
+      regressor_depth=4, decoder_depth=4,
+      decoder_layer_scale=1e-5 if large else 0.1, vocab_size=8192,
+      target='tokens', mask_ratio=c.get_ref('mask_ratio'), scan=False,
+      remat_policy='none', dtype='float32')
+  c.loss = dict(align_weight=2.0, norm_pix_loss=True)
+  c.tokenizer = dict(weights=placeholder(str))
+  c.input.batch_size = 2048
+  c.input.crop_scale = (0.08, 1.0)
+  c.input.mask = dict(kind='block', ratio=c.get_ref('mask_ratio'),
+                      min_num_patches=16, variant='cae')
+  c.lr = 1.5e-3
+  c.base_lr = placeholder(float)
+  c.total_epochs = 1600.0 if large else 800.0
+  c.warmup_epochs = 40.0 if large else 20.0
+  c.schedule = dict(min_lr=1e-5, warmup='linspace')
+  c.optim = dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
+                 wd_exclude=optim.NO_DECAY, grad_clip_norm=3.0,
+                 mu_dtype=placeholder(str))
+  return c
+
+
+def cae_tiny_overrides(c: ml_collections.ConfigDict):
+  """CAE on the embedded photos with pixel targets (no tokenizer)."""
+  c = tiny_overrides(c)
+  c.model.encoder = dict(width=64, depth=4, num_heads=4, mlp_dim=256,
+                         patch_size=4, layer_scale=0.1, drop_path_rate=0.0)
+  c.model.decoder_num_heads = 4
+  c.model.regressor_depth = 2
+  c.model.decoder_depth = 2
+  c.model.target = 'pixels'
   return c
 
 

@@ -26,9 +26,14 @@ def _import(kind: str, name: str):
                      f'mim_jax/{kind}/{name}.py.') from e
 
 
+def model_module(config):
+  """The module `mim_jax.models.<config.model_name>`."""
+  return _import('models', config.model_name)
+
+
 def build_model(config):
   """`mim_jax.models.<config.model_name>.Model(**config.model)`."""
-  mod = _import('models', config.model_name)
+  mod = model_module(config)
   kw = config.model.to_dict()
   if 'dtype' in kw:
     kw['dtype'] = jnp.dtype(kw['dtype'])

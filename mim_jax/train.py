@@ -35,6 +35,9 @@ def validate_config(config, num_devices: int, data_parallel: int):
   input_pipeline.validate_config(config.input,
                                  patch_size=weights.patch_size_of(config))
   sharding.rules_from_config(config)
+  check = getattr(steps.model_module(config), 'validate_config', None)
+  if check is not None:
+    check(config)
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
@@ -66,6 +69,8 @@ def lower_train_step(config, mesh):
 def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
   grid = visualize.render(config, vis_fn, params, vis_batch)
+  if grid is None:
+    return None
   path = os.path.join(workdir, f'recon_{step:07d}.png')
   if jax.process_index() == 0:
     visualize.save_png(grid, path)

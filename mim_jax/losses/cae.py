@@ -8,7 +8,7 @@ from mim_jax.losses import mae as mae_loss
 
 
 def loss_fn(pred, out, batch, *, align_weight: float = 2.0,
-            norm_pix_eps: float = 1e-6):
+            norm_pix_loss: bool = True, norm_pix_eps: float = 1e-6):
   """Returns (loss, aux).
 
   Args:
@@ -18,6 +18,7 @@ def loss_fn(pred, out, batch, *, align_weight: float = 2.0,
       'latent_target', ...).
     batch: holds 'token_ids' (N, L) int for token targets.
     align_weight: lambda of the alignment MSE (2 in every official recipe).
+    norm_pix_loss: pixel targets normalised per patch (as MAE's norm-pix).
     norm_pix_eps: epsilon of the per-patch normalisation (pixel targets).
 
   Returns:
@@ -27,7 +28,8 @@ def loss_fn(pred, out, batch, *, align_weight: float = 2.0,
   ids = out['ids_masked']
   if 'target' in out:   # normalised pixels of the masked patches
     target = jnp.take_along_axis(out['target'], ids[..., None], axis=1)
-    target = mae_loss.normalize_patches(target, norm_pix_eps)
+    if norm_pix_loss:
+      target = mae_loss.normalize_patches(target, norm_pix_eps)
     main = jnp.mean((pred - target) ** 2)
     aux = {}
   else:

@@ -196,7 +196,31 @@ class CAE(nn.Module):
                encoder_out=latent, alignment_encoder_out=teacher)
     if self.target == 'pixels':
       out['target'] = layers.patchify(images.astype(jnp.float32), p)
+      # The masked predictions on the full grid (visible rows zero), the
+      # layout of MAE's pred, for reconstruction figures.
+      out['pred_patches'] = jnp.zeros(
+          (n, num_patches, out_dim), jnp.float32).at[
+              jnp.arange(n)[:, None], ids_masked].set(
+                  pred.astype(jnp.float32))
     return pred.astype(jnp.float32), out
+
+
+def validate_config(config) -> None:
+  """Checks a CAE experiment config before anything is built.
+
+  Raises:
+    ValueError: token targets without tokenizer weights.
+  """
+  target = config.model.get('target', 'tokens')
+  if target == 'tokens' and not config.get('tokenizer', {}).get('weights'):
+    raise ValueError(
+        'CAE with token targets needs the DALL-E tokenizer: set '
+        '--config.tokenizer.weights=/path/to/encoder.pkl, or train on '
+        "normalised pixels with --config.model.target=pixels.")
+  if target == 'tokens':
+    raise ValueError(
+        'CAE token targets: the DALL-E tokenizer is not available in '
+        'mim_jax yet (M3); use --config.model.target=pixels.')
 
 
 def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,

@@ -55,6 +55,10 @@ def main(argv):
       seed=FLAGS.seed, num_images=FLAGS.num_images)
   batch = {k: batch[k] for k in steps.DEVICE_KEYS if k in batch}
   grid = visualize.render(config, steps.make_forward(model), params, batch)
+  if grid is None:
+    raise app.UsageError(
+        f'{config.model_name} with these settings predicts no pixels (e.g. '
+        'token targets): there is no reconstruction to draw.')
   visualize.save_png(grid, FLAGS.out)
   logging.info('Wrote %s (%dx%d).', FLAGS.out, grid.shape[1], grid.shape[0])
 
