@@ -275,7 +275,8 @@ def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
   index = {}
   for (p, leaf), sh in zip(
       jax.tree_util.tree_flatten_with_path(params)[0],
-      jax.tree.leaves(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding))):
+      jax.tree.leaves(param_sh,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))):
     keys = _dict_keys(p)
     index.setdefault((keys[-1], tuple(leaf.shape)), []).append((keys, sh))
   repl = replicated(mesh)
@@ -296,12 +297,16 @@ def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
   return jax.tree_util.tree_map_with_path(one, abstract_state)
 
 
-def per_device_bytes(abstract_tree, shardings) -> int:
-  """Bytes one device holds of a tree with these shardings."""
+def per_device_bytes(abstract_tree, shardings=None) -> int:
+  """Bytes one device holds of a tree with these shardings (None: the
+  whole arrays, as on a single device)."""
+  leaves = jax.tree.leaves(abstract_tree)
+  shards = [None] * len(leaves) if shardings is None else jax.tree.leaves(
+      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   total = 0
-  for leaf, sh in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(
-      shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
-    shape = sh.shard_shape(tuple(leaf.shape))
+  for leaf, sh in zip(leaves, shards):
+    shape = tuple(leaf.shape) if sh is None else sh.shard_shape(
+        tuple(leaf.shape))
     total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
   return int(total)
 

@@ -35,25 +35,16 @@ class CrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, q_in, k_in, v_in):
-    n, tq, d = q_in.shape
-    hd = d // self.num_heads
-    zeros = nn.initializers.zeros_init()
-    q_bias = self.param('q_bias', layers.logical(zeros, ('heads',)), (d,))
-    v_bias = self.param('v_bias', layers.logical(zeros, ('heads',)), (d,))
+    d = q_in.shape[-1]
+    q_bias, v_bias = layers.qv_biases(self, d)
     q = layers.dense(d, ('embed', 'heads'), self.dtype, 'q',
                      use_bias=False)(q_in) + q_bias.astype(self.dtype)
     k = layers.dense(d, ('embed', 'heads'), self.dtype, 'k',
                      use_bias=False)(k_in)
     v = layers.dense(d, ('embed', 'heads'), self.dtype, 'v',
                      use_bias=False)(v_in) + v_bias.astype(self.dtype)
-    q = q.reshape(n, tq, self.num_heads, hd) * (hd ** -0.5)
-    k = k.reshape(n, -1, self.num_heads, hd)
-    v = v.reshape(n, -1, self.num_heads, hd)
-    logits = jnp.einsum('nqhd,nkhd->nhqk', q, k)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(self.dtype), v)
-    return layers.dense(d, ('heads', 'embed'), self.dtype, 'proj')(
-        out.reshape(n, tq, d))
+    out = layers.attend(q, k, v, self.num_heads, self.dtype)
+    return layers.dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
 
 
 class RegressorBlock(nn.Module):
@@ -67,12 +58,6 @@ class RegressorBlock(nn.Module):
   deterministic: bool = True
   dtype: Any = jnp.float32
 
-  def _gamma(self, name, y):
-    g = self.param(name, layers.logical(
-        nn.initializers.constant(self.layer_scale), ('embed',)),
-                   (y.shape[-1],))
-    return y * g.astype(y.dtype)
-
   @nn.compact
   def __call__(self, x_q, x_kv, pos_q, pos_k):
     ln = lambda name: layers.layer_norm(self.layernorm_eps, self.dtype, name)
@@ -80,10 +65,12 @@ class RegressorBlock(nn.Module):
         ln('norm1_q')(x_q + pos_q), ln('norm1_k')(x_kv + pos_k),
         ln('norm1_v')(x_kv))
     drop = layers.DropPath(self.drop_path)
-    x = x_q + drop(self._gamma('gamma_1_cross', y), self.deterministic)
+    scale = lambda name, y: layers.layer_scale(self, name, y,
+                                               self.layer_scale)
+    x = x_q + drop(scale('gamma_1_cross', y), self.deterministic)
     x = ln('norm2_cross')(x)
     y = layers.Mlp(self.mlp_dim, self.dtype, name='mlp_cross')(x)
-    return x + drop(self._gamma('gamma_2_cross', y), self.deterministic)
+    return x + drop(scale('gamma_2_cross', y), self.deterministic)
 
 
 class CAE(nn.Module):

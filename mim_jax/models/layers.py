@@ -139,6 +139,45 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def qv_biases(module: nn.Module, width: int):
+  """BEiT-style `q_bias` and `v_bias` params of `module` (no key bias)."""
+  zeros = nn.initializers.zeros_init()
+  return (module.param('q_bias', logical(zeros, ('heads',)), (width,)),
+          module.param('v_bias', logical(zeros, ('heads',)), (width,)))
+
+
+def layer_scale(module: nn.Module, name: str, y: jax.Array,
+                init_value: Optional[float]) -> jax.Array:
+  """y times a learned per-channel gamma of `module` (BEiT layer scale);
+  the identity when `init_value` is None."""
+  if init_value is None:
+    return y
+  gamma = module.param(name, logical(nn.initializers.constant(init_value),
+                                     ('embed',)), (y.shape[-1],))
+  return y * gamma.astype(y.dtype)
+
+
+def attend(q, k, v, num_heads: int, dtype: Dtype,
+           probs_fn: Optional[Callable] = None) -> jax.Array:
+  """Multi-head attention core: (N, Tq, D) queries over (N, Tk, D) keys and
+  values, softmax(q k^T / sqrt(head_dim)) v -> (N, Tq, D).
+
+  The softmax runs in float32 even under bf16 compute, so long runs stay
+  finite; `probs_fn` (e.g. attention dropout) acts on the probabilities.
+  """
+  n, tq, d = q.shape
+  hd = d // num_heads
+  q = q.reshape(n, tq, num_heads, hd) * (hd ** -0.5)
+  k = k.reshape(n, -1, num_heads, hd)
+  v = v.reshape(n, -1, num_heads, hd)
+  logits = jnp.einsum('nqhd,nkhd->nhqk', q, k)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  if probs_fn is not None:
+    probs = probs_fn(probs)
+  out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(dtype), v)
+  return out.reshape(n, tq, d)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (timm layout).
 
@@ -159,24 +198,17 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f'width {d} is not divisible by num_heads '
                        f'{self.num_heads}.')
-    hd = d // self.num_heads
     qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv',
                 use_bias=self.qkv_bias is True)(x)
     if self.qkv_bias == 'qv':
-      zeros = nn.initializers.zeros_init()
-      q_bias = self.param('q_bias', logical(zeros, ('heads',)), (d,))
-      v_bias = self.param('v_bias', logical(zeros, ('heads',)), (d,))
+      q_bias, v_bias = qv_biases(self, d)
       qkv = qkv + jnp.concatenate(
           [q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(n, t, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * (hd ** -0.5)
-    logits = jnp.einsum('nqhd,nkhd->nhqk', q, k)
-    # Softmax in float32 even under bf16 compute: long runs stay finite.
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    probs = nn.Dropout(self.attn_drop)(probs, deterministic=deterministic)
-    out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(self.dtype), v)
-    out = out.reshape(n, t, d)
+    qkv = qkv.reshape(n, t, 3, d)
+    drop = nn.Dropout(self.attn_drop)
+    out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.num_heads,
+                 self.dtype,
+                 lambda p: drop(p, deterministic=deterministic))
     return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
 
 
@@ -206,26 +238,18 @@ class Block(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
 
-  def scale(self, name: str, y):
-    """Multiplies by a learned per-channel gamma when layer scale is on."""
-    if self.layer_scale is None:
-      return y
-    gamma = self.param(name, logical(nn.initializers.constant(
-        self.layer_scale), ('embed',)), (y.shape[-1],))
-    return y * gamma.astype(y.dtype)
-
   @nn.compact
   def __call__(self, x, _=None):
     x = constrain_tokens(x)
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm1')(x)
     y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.dtype,
                   name='attn')(y, self.deterministic)
-    x = x + DropPath(self.drop_path)(self.scale('gamma_1', y),
-                                     self.deterministic)
+    x = x + DropPath(self.drop_path)(
+        layer_scale(self, 'gamma_1', y, self.layer_scale), self.deterministic)
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm2')(x)
     y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
-    x = x + DropPath(self.drop_path)(self.scale('gamma_2', y),
-                                     self.deterministic)
+    x = x + DropPath(self.drop_path)(
+        layer_scale(self, 'gamma_2', y, self.layer_scale), self.deterministic)
     x = constrain_tokens(x)
     # The second output is the per-block activation, collected by scan.
     return x, None

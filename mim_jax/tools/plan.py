@@ -61,10 +61,9 @@ from mim_jax import train
 GIB = 2 ** 30
 
 
-def _state_bytes(tree, shardings) -> int:
-  if tree is None:
-    return 0
-  return sharding.per_device_bytes(tree, shardings)
+def _state_bytes(tree, shardings=None) -> int:
+  """Per-device bytes of a state field (whole arrays without shardings)."""
+  return 0 if tree is None else sharding.per_device_bytes(tree, shardings)
 
 
 def _unrolled(config):
@@ -114,20 +113,12 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
 
-  one = sharding.make_mesh([('data', 1)], devices[:1])
-  full = lambda tree: sharding.per_device_bytes(  # pylint: disable=g-long-lambda
-      tree, jax.tree.map(lambda _: sharding.replicated(one), tree))
-  per_dev = {
-      'params': _state_bytes(state.params, state_sh.params),
-      'opt_state': _state_bytes(state.opt_state, state_sh.opt_state),
-      'ema': _state_bytes(state.ema_params, state_sh.ema_params),
-  }
+  fields = {'params': (state.params, state_sh.params),
+            'opt_state': (state.opt_state, state_sh.opt_state),
+            'ema': (state.ema_params, state_sh.ema_params)}
+  per_dev = {k: _state_bytes(tree, sh) for k, (tree, sh) in fields.items()}
   per_dev['params_opt_ema'] = sum(per_dev.values())
-  single = {
-      'params': full(state.params),
-      'opt_state': full(state.opt_state),
-      'ema': full(state.ema_params) if state.ema_params is not None else 0,
-  }
+  single = {k: _state_bytes(tree) for k, (tree, _) in fields.items()}
   single['params_opt_ema'] = sum(single.values())
   xla = {
       'arguments': int(mem.argument_size_in_bytes),
