@@ -4,7 +4,8 @@ r"""Input-pipeline throughput (images/s per host), printed as JSON.
       [--batches=30] [--config.input.image_size=224 ...]
 
 Compare `images_per_sec` with the train step's images/s in metrics.jsonl:
-the pipeline must be faster for it not to be the bottleneck.
+the pipeline must be faster for it not to be the bottleneck. Configs with
+token targets (CAE) also make the tokenizer's Lanczos view, as in training.
 """
 
 import json
@@ -24,10 +25,14 @@ flags.DEFINE_integer('batches', 30, 'Timed batches (after 3 warm-up ones).')
 
 def main(_):
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mim_jax import tokenizer  # pylint: disable=g-import-not-at-top
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  ds = input_pipeline.make_train_dataset(
-      config.input, patch_size=weights.patch_size_of(config), seed=0)
+  p = weights.patch_size_of(config)
+  view = (tokenizer.view_size(config, p)
+          if tokenizer.uses_tokenizer(config) else None)
+  ds = input_pipeline.make_train_dataset(config.input, patch_size=p, seed=0,
+                                         tokenizer_size=view)
   it = ds.as_numpy_iterator()
   for _ in range(3):
     next(it)
@@ -39,7 +44,8 @@ def main(_):
   bs = b['image'].shape[0]
   print(json.dumps(dict(
       benchmark='input_pipeline', data=config.input.data,
-      image_size=config.input.image_size, host_batch=bs, batches=n,
+      image_size=config.input.image_size, tokenizer_size=view,
+      host_batch=bs, batches=n,
       images_per_sec=round(n * bs / dt, 1), sec_per_batch=round(dt / n, 4),
       cpu_cores=os.cpu_count())))
 

@@ -12,6 +12,9 @@ their patch masks, generated inside tf.data:
          masks come with a noise that replays them (see data/masks.py).
   step:  int32 (B,) global step of the batch.
   index: int32 (B,) position of the example in the global batch.
+  tokenizer_image: uint8 (B, S, S, 3), only with `tokenizer_size=S`: the
+         same crop and flip, Lanczos-resized, for token targets (see
+         mim_jax/tokenizer.py).
 
 Determinism and resume: every random decision (crop, flip, mask) comes from
 stateless TF ops keyed by (seed, step, global index), and the record order of
@@ -138,7 +141,8 @@ def make_train_dataset(input_config: Any,
                        seed: int,
                        start_step: int = 0,
                        process_index: int | None = None,
-                       process_count: int | None = None) -> tf.data.Dataset:
+                       process_count: int | None = None,
+                       tokenizer_size: int | None = None) -> tf.data.Dataset:
   """Builds the infinite, deterministic MAE training pipeline of one host.
 
   For host h with host batch b, example j of the k-th local batch has
@@ -153,6 +157,8 @@ def make_train_dataset(input_config: Any,
     start_step: global step of the first batch (resume).
     process_index: this host's index (default: `jax.process_index()`).
     process_count: number of hosts (default: `jax.process_count()`).
+    tokenizer_size: if set, also emit 'tokenizer_image', the same crop and
+      flip Lanczos-resized to this side (uint8).
 
   Returns:
     tf.data.Dataset of dicts with 'image', 'noise', 'mask', 'step', 'index'
@@ -167,6 +173,8 @@ def make_train_dataset(input_config: Any,
   process_index, process_count = _process_info(process_index, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
+  if tokenizer_size is not None and tokenizer_size < 1:
+    raise ValueError(f'tokenizer_size={tokenizer_size} must be positive.')
   scale = _pair(input_config.get('crop_scale', (0.2, 1.0)), 'crop_scale')
   ratio = _pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)), 'crop_ratio')
   hflip = bool(input_config.get('hflip', True))
@@ -205,6 +213,11 @@ def make_train_dataset(input_config: Any,
     if hflip:
       image = augment.random_flip(image, flip_key)
     example = {'image': augment.normalize(image, mean, std)}
+    if tokenizer_size:
+      view = augment.resize_lanczos_uint8(crop, tokenizer_size)
+      # The same flip_key: both views flip together.
+      example['tokenizer_image'] = augment.random_flip(
+          view, flip_key) if hflip else view
     example.update(mask_example(mask_key))
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)

@@ -53,7 +53,9 @@ def build_loss(config) -> Callable:
 
 
 # The batch entries that go to the devices (the rest is bookkeeping).
-DEVICE_KEYS = ('image', 'noise', 'mask', 'token_ids')
+# `tokenizer_image` is turned into `token_ids` before the step
+# (mim_jax/tokenizer.py).
+DEVICE_KEYS = ('image', 'noise', 'mask', 'token_ids', 'tokenizer_image')
 
 
 def model_inputs(batch: dict) -> dict:

@@ -22,6 +22,7 @@ from mim_jax import metrics as metrics_lib
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
+from mim_jax import tokenizer
 from mim_jax import visualize
 from mim_jax import weights
 
@@ -38,6 +39,8 @@ def validate_config(config, num_devices: int, data_parallel: int):
   check = getattr(steps.model_module(config), 'validate_config', None)
   if check is not None:
     check(config)
+  if tokenizer.uses_tokenizer(config):
+    tokenizer.validate_config(config)
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
@@ -111,12 +114,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # The data sources are opened before anything compiles, so a missing
   # dataset or an empty folder fails in seconds, not after compilation.
+  uses_tokens = tokenizer.uses_tokenizer(config)
   ds = input_pipeline.make_train_dataset(
-      config.input, patch_size=p, seed=config.seed, start_step=start_step)
+      config.input, patch_size=p, seed=config.seed, start_step=start_step,
+      tokenizer_size=tokenizer.view_size(config, p) if uses_tokens else None)
   vis_batch = input_pipeline.make_vis_batch(
       config.input, patch_size=p, seed=config.seed,
       num_images=config.get('vis_images', 8))
   vis_batch = {k: v for k, v in vis_batch.items() if k in steps.DEVICE_KEYS}
+
+  # Frozen token targets (CAE): read before compiling, after the data check.
+  tok = tokenizer.from_config(config, mesh)
 
   init = None
   if config.get('init_from') and not start_step:
@@ -147,6 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       local = next(it)
       batch = sharding.to_global(
           {k: local[k] for k in steps.DEVICE_KEYS if k in local}, data_sh)
+      if tok is not None:
+        batch = tok.add_token_ids(batch)
       state, m = train_step(state, batch)
     step += 1
     pending.append(m)

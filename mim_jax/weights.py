@@ -14,6 +14,7 @@ from absl import logging
 from mim_jax import checkpoint
 from mim_jax import sharding
 from mim_jax import steps
+from mim_jax import tokenizer
 from mim_jax.convert import core
 from mim_jax.models import vit
 
@@ -29,13 +30,18 @@ def patch_size_of(config) -> int:
 
 
 def batch_shapes(config, batch_size: Optional[int] = None) -> dict:
-  """ShapeDtypeStructs of a batch's device inputs (image, noise, mask)."""
+  """ShapeDtypeStructs of what the train step gets: image, noise, mask, and
+  token_ids for token targets (made on the devices from the tokenizer view,
+  see mim_jax/tokenizer.py)."""
   bs = config.input.batch_size if batch_size is None else batch_size
   size = config.input.image_size
   n = (size // patch_size_of(config)) ** 2
-  return {'image': jax.ShapeDtypeStruct((bs, size, size, 3), np.float32),
-          'noise': jax.ShapeDtypeStruct((bs, n), np.float32),
-          'mask': jax.ShapeDtypeStruct((bs, n), np.float32)}
+  shapes = {'image': jax.ShapeDtypeStruct((bs, size, size, 3), np.float32),
+            'noise': jax.ShapeDtypeStruct((bs, n), np.float32),
+            'mask': jax.ShapeDtypeStruct((bs, n), np.float32)}
+  if tokenizer.uses_tokenizer(config):
+    shapes['token_ids'] = jax.ShapeDtypeStruct((bs, n), np.int32)
+  return shapes
 
 
 def converter(config):

@@ -143,6 +143,8 @@ def test_token_targets_without_a_tokenizer_fail_before_building():
   from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
   c = config_lib.cae_config('B/16')
+  assert c.tokenizer.weights.endswith('dall_e/encoder.pkl')
+  c.tokenizer.weights = ''
   with pytest.raises(ValueError, match='tokenizer.weights'):
     train.validate_config(c, 8, 8)
   assert c.input.mask.kind == 'block' and c.lr == 1.5e-3

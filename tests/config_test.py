@@ -122,3 +122,20 @@ def test_missing_data_fails_before_compiling(tmp_path, monkeypatch, data,
     train.train_and_evaluate(c, str(tmp_path / 'wd'))
   for w in words:
     assert w in str(e.value), str(e.value)
+
+
+def test_cae_vitl_without_imagenet_fails_early(tmp_path):
+  """The mission's command on a machine without ImageNet: the data error
+  comes first (before the tokenizer file, before compiling)."""
+  res = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.main', '--config=configs/cae_vitl.py',
+       f'--workdir={tmp_path / "wd"}',
+       f'--config.input.tfds_data_dir={tmp_path / "tfds"}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env=dict(os.environ, PYTHONPATH=ROOT, HOME=str(tmp_path)))
+  assert res.returncode != 0
+  last = res.stderr.strip().splitlines()[-1]
+  assert "TFDS data set 'imagenet2012' is not prepared" in last
+  assert 'ILSVRC2012_img_train.tar' in last and 'tfds build' in last
+  ckpts = tmp_path / 'wd' / 'checkpoints'
+  assert not ckpts.exists() or not any(ckpts.iterdir())

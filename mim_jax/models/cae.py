@@ -192,22 +192,10 @@ class CAE(nn.Module):
     return pred.astype(jnp.float32), out
 
 
-def validate_config(config) -> None:
-  """Checks a CAE experiment config before anything is built.
-
-  Raises:
-    ValueError: token targets without tokenizer weights.
-  """
-  target = config.model.get('target', 'tokens')
-  if target == 'tokens' and not config.get('tokenizer', {}).get('weights'):
-    raise ValueError(
-        'CAE with token targets needs the DALL-E tokenizer: set '
-        '--config.tokenizer.weights=/path/to/encoder.pkl, or train on '
-        "normalised pixels with --config.model.target=pixels.")
-  if target == 'tokens':
-    raise ValueError(
-        'CAE token targets: the DALL-E tokenizer is not available in '
-        'mim_jax yet (M3); use --config.model.target=pixels.')
+def uses_tokenizer(config) -> bool:
+  """Token targets come from the frozen dVAE (`mim_jax.tokenizer`), which
+  checks `config.tokenizer` and adds `token_ids` to every batch."""
+  return config.model.get('target', 'tokens') == 'tokens'
 
 
 def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
