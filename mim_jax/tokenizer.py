@@ -100,6 +100,34 @@ def load_params(config) -> Any:
   return convert_dvae.to_flax(sd, target)
 
 
+def make_tokenize_fn(module: dvae.Encoder, mesh: Mesh):
+  """Jitted `(params, images_u8) -> token_ids`: params replicated, the
+  batch sharded over the data axes."""
+  data = sharding.data_sharding(mesh)
+
+  def tokenize(params, images_u8):
+    images01 = images_u8.astype(jnp.float32) / 255.0
+    return dvae.token_ids(module, params, images01)
+
+  return jax.jit(tokenize, in_shardings=(sharding.replicated(mesh), data),
+                 out_shardings=data)
+
+
+def cost(config, mesh: Mesh, batch_size: int, patch_size: int) -> dict:
+  """XLA FLOPs of tokenizing one global batch, and the replicated params'
+  bytes per device (for the planner; nothing is allocated)."""
+  module = encoder_of(config)
+  size = view_size(config, patch_size)
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, size, size, 3)))['params']
+  images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8)
+  flops = make_tokenize_fn(module, mesh).lower(
+      params, images).cost_analysis()['flops']
+  return {'view_size': size, 'flops_per_step': float(flops),
+          'params_bytes_per_device': int(sum(
+              x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))}
+
+
 @dataclasses.dataclass
 class Tokenizer:
   """A frozen tokenizer placed on a mesh."""
@@ -109,15 +137,7 @@ class Tokenizer:
 
   def __post_init__(self):
     self.params = jax.device_put(self.params, sharding.replicated(self.mesh))
-    data = sharding.data_sharding(self.mesh)
-
-    def tokenize(params, images_u8):
-      images01 = images_u8.astype(jnp.float32) / 255.0
-      return dvae.token_ids(self.module, params, images01)
-
-    self._tokenize = jax.jit(
-        tokenize, in_shardings=(sharding.replicated(self.mesh), data),
-        out_shardings=data)
+    self._tokenize = make_tokenize_fn(self.module, self.mesh)
 
   def add_token_ids(self, batch: dict) -> dict:
     """Replaces batch['tokenizer_image'] by batch['token_ids']."""

@@ -31,6 +31,21 @@ def test_plan_tiny_on_8_devices_fsdp():
   assert out['model_flops_per_image'] * 32 == out['flops_per_step']
 
 
+def test_plan_counts_the_tokenizer_of_token_targets():
+  """CAE with token targets: the frozen dVAE's FLOPs and replicated params
+  are part of the plan (no weights file is needed to plan)."""
+  c = config_lib.cae_tiny_overrides(config_lib.cae_config())
+  c.model.target = 'tokens'
+  c.tokenizer.update(dict(weights='/nowhere/encoder.pkl', hidden=8,
+                          vocab_size=32))
+  out = plan.plan(c, 8, mfus=(0.5,))
+  tok = out['tokenizer']
+  assert tok['view_size'] == 64
+  # The 32-token dVAE: 8-64 wide convs at 64..8 px.
+  assert 0 < tok['flops_per_step'] < out['flops_per_step']
+  assert tok['params_bytes_per_device'] > 0
+
+
 def test_plan_vitb_on_8_devices_counts_real_flops():
   c = config_lib.mae_config('B/16')
   out = plan.plan(c, 8)

@@ -134,16 +134,23 @@ class Encoder(nn.Module):
 # Parameter layout converters: python loop  <->  nn.scan.
 
 
-def loop_to_scan(tree: dict, name: str = 'blocks') -> dict:
+# The `layers.block_stack` groups that `scan=True` stacks (ViT/MAE blocks,
+# the CAE decoder); CAE's regressor is always a loop.
+STACKED = ('blocks', 'decoder_blocks')
+
+
+def loop_to_scan(tree: dict, names: tuple[str, ...] = STACKED) -> dict:
   """Stacks `{name}_0 .. {name}_{n-1}` subtrees into one `{name}` subtree,
-  recursively in every sub-dict (encoder and decoder alike)."""
+  for each name, recursively in every sub-dict (encoder and decoder)."""
   if not isinstance(tree, dict):
     return tree
-  pat = re.compile(rf'{re.escape(name)}_(\d+)$')
-  idx = sorted(int(m.group(1)) for k in tree if (m := pat.match(k)))
-  out = {k: loop_to_scan(v, name) for k, v in tree.items()
-         if not pat.match(k)}
-  if idx:
+  pats = {name: re.compile(rf'{re.escape(name)}_(\d+)$') for name in names}
+  stacked = lambda k: any(p.match(k) for p in pats.values())
+  out = {k: loop_to_scan(v, names) for k, v in tree.items() if not stacked(k)}
+  for name, pat in pats.items():
+    idx = sorted(int(m.group(1)) for k in tree if (m := pat.match(k)))
+    if not idx:
+      continue
     if idx != list(range(len(idx))):
       raise ValueError(f'non-contiguous block indices {idx} under {name!r}.')
     blocks = [tree[f'{name}_{i}'] for i in idx]
@@ -159,16 +166,16 @@ def _layer(a, i: int):
   return a[i]
 
 
-def scan_to_loop(tree: dict, name: str = 'blocks') -> dict:
+def scan_to_loop(tree: dict, names: tuple[str, ...] = STACKED) -> dict:
   """Inverse of `loop_to_scan` (leaves may also be ShapeDtypeStructs)."""
   if not isinstance(tree, dict):
     return tree
   out = {}
   for k, v in tree.items():
-    if k == name and isinstance(v, dict):
+    if k in names and isinstance(v, dict):
       depth = jax.tree.leaves(v)[0].shape[0]
       for i in range(depth):
-        out[f'{name}_{i}'] = jax.tree.map(lambda a, i=i: _layer(a, i), v)
+        out[f'{k}_{i}'] = jax.tree.map(lambda a, i=i: _layer(a, i), v)
     else:
-      out[k] = scan_to_loop(v, name)
+      out[k] = scan_to_loop(v, names)
   return out

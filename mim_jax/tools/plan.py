@@ -56,7 +56,9 @@ from ml_collections import config_flags
 
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax import tokenizer
 from mim_jax import train
+from mim_jax import weights
 
 GIB = 2 ** 30
 
@@ -136,6 +138,14 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   t = time.perf_counter()
   flat_lowered, _, _ = train.lower_train_step(_unrolled(config), mesh)
   flops = float(flat_lowered.cost_analysis()['flops'])
+  tok = None
+  if tokenizer.uses_tokenizer(config):
+    # The frozen dVAE runs before every step: its FLOPs count, and its
+    # replicated params stay resident (its activations come and go before
+    # the step's).
+    tok = tokenizer.cost(config, mesh, bs, weights.patch_size_of(config))
+    flops += tok['flops_per_step']
+    peak += tok['params_bytes_per_device']
   flops_s = time.perf_counter() - t
   peak_flops = peak_tflops * 1e12
   ideal = flops / (num_devices * peak_flops)
@@ -162,6 +172,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
       'hbm_gib': hbm_gib,
       'grad_accum_steps_to_fit': (suggestion * accum if suggestion
                                   else suggestion),
+      'tokenizer': tok,
       'flops_per_step': flops,
       'model_flops_per_image': flops / bs,
       'peak_tflops_per_chip': peak_tflops,
