@@ -73,6 +73,10 @@ def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
   grid = visualize.render(config, vis_fn, params, vis_batch)
   if grid is None:
+    logging.log_first_n(
+        logging.INFO, 'No reconstruction images: %s predicts no pixels here '
+        '(token targets; the dVAE decoder is not part of mim_jax).', 1,
+        config.model_name)
     return None
   path = os.path.join(workdir, f'recon_{step:07d}.png')
   if jax.process_index() == 0:
