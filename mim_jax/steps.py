@@ -6,6 +6,7 @@ are replayed through exactly the code that trains.
 
 import functools
 import importlib
+import inspect
 from typing import Callable
 
 import flax.linen as nn
@@ -46,10 +47,30 @@ def build_model(config):
         f'{config.model_name}.py.') from e
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+  fn = getattr(fn, 'func', fn)
+  return name in inspect.signature(fn).parameters
+
+
 def build_loss(config) -> Callable:
-  """`mim_jax.losses.<config.loss_name>.loss_fn` bound to `config.loss`."""
+  """`mim_jax.losses.<config.loss_name>.loss_fn` bound to `config.loss`.
+
+  A loss that takes `total_steps` / `steps_per_epoch` (a schedule inside
+  the loss, e.g. BootMAE's feature-weight ramp) gets them from the config
+  unless config.loss sets them.
+  """
   mod = _import('losses', config.loss_name)
-  return functools.partial(mod.loss_fn, **config.get('loss', {}))
+  kw = dict(config.get('loss', {}))
+  if _accepts(mod.loss_fn, 'total_steps') and 'total_steps' not in kw:
+    try:
+      kw['total_steps'] = optim.steps_from(config, 'total')
+    except ValueError:
+      pass  # no training length (e.g. a forward-only check)
+  n = config.get('input', {}).get('num_train_examples')
+  if _accepts(mod.loss_fn, 'steps_per_epoch') and n and (
+      'steps_per_epoch' not in kw):
+    kw['steps_per_epoch'] = max(n // config.input.batch_size, 1)
+  return functools.partial(mod.loss_fn, **kw)
 
 
 # The batch entries that go to the devices (the rest is bookkeeping).
@@ -63,14 +84,38 @@ def model_inputs(batch: dict) -> dict:
   return {k: batch[k] for k in ('noise', 'mask') if k in batch}
 
 
-def make_loss_fn(model, loss_fn: Callable) -> Callable:
-  """(params, batch, rng, train) -> (loss, (pred, out, aux))."""
+def _model_hook(model, name: str):
+  """A function of the module that defines `model`'s class (e.g.
+  `mim_jax.models.bootmae.ema_targets`), or None."""
+  return getattr(importlib.import_module(type(model).__module__), name, None)
 
-  def compute(params, batch, rng, train: bool = True):
+
+def make_loss_fn(model, loss_fn: Callable) -> Callable:
+  """(params, batch, rng, train, *, ema_params, step) -> (loss, (pred, out,
+  aux)).
+
+  Methods with an EMA target (their module defines `ema_targets(model,
+  ema_params, batch) -> dict`) get those targets added to the batch, under
+  stop_gradient; a loss that takes `step` gets the optimiser step.
+  """
+  targets_fn = _model_hook(model, 'ema_targets')
+  pass_step = _accepts(loss_fn, 'step')
+
+  def compute(params, batch, rng, train: bool = True, *, ema_params=None,
+              step=None):
+    targets = {}
+    if targets_fn is not None:
+      if ema_params is None:
+        raise ValueError(f'{type(model).__name__} needs the EMA params '
+                         '(TrainState.ema_params) for its targets.')
+      targets = jax.lax.stop_gradient(targets_fn(model, ema_params, batch))
+      batch = dict(batch, **targets)
     pred, out = model.apply({'params': params}, batch['image'],
                             **model_inputs(batch), train=train,
                             rngs={'dropout': rng})
-    loss, aux = loss_fn(pred, out, batch)
+    out = dict(out, **targets)
+    kw = {'step': step} if pass_step and step is not None else {}
+    loss, aux = loss_fn(pred, out, batch, **kw)
     return loss, (pred, out, aux)
 
   return compute
@@ -104,20 +149,36 @@ def grads_and_metrics(compute: Callable, params, batch, rng,
 
 
 def make_train_step(model, loss_fn: Callable, schedule, *, seed: int = 0,
-                    accum_steps: int = 1):
-  """Returns the pure `train_step(state, batch) -> (state, metrics)`."""
+                    accum_steps: int = 1, ema_momentum=None):
+  """Returns the pure `train_step(state, batch) -> (state, metrics)`.
+
+  With `ema_momentum` (step -> (m, 1 - m)), `state.ema_params` is updated
+  after the optimizer update: ema = m * ema + (1 - m) * new params.
+  """
   compute = make_loss_fn(model, loss_fn)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    loss, grads, _ = grads_and_metrics(compute, state.params, batch, rng,
-                                       accum_steps)
-    metrics = {
+    step_compute = functools.partial(compute, ema_params=state.ema_params,
+                                     step=state.step)
+    loss, grads, aux = grads_and_metrics(step_compute, state.params, batch,
+                                         rng, accum_steps)
+    # The loss terms (scalars of the loss's aux) are logged with the loss.
+    metrics = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+    metrics.update({
         'loss': loss,
         'l2_grads': optim.global_norm(grads),
         'lr': schedule(state.step),
-    }
+    })
     new_state = state.apply_gradients(grads=grads)
+    if state.ema_params is not None:
+      if ema_momentum is None:
+        raise ValueError('the state has ema_params but no EMA momentum '
+                         'schedule was given (config.ema).')
+      m, rate = ema_momentum(state.step)
+      new_state = new_state.replace(ema_params=optim.ema_update(
+          state.ema_params, new_state.params, m, rate))
+      metrics['ema_momentum'] = m
     metrics['l2_params'] = optim.global_norm(new_state.params)
     return new_state, metrics
 
@@ -154,7 +215,7 @@ def param_shardings(config, model, mesh: Mesh, batch_shapes: dict):
 
 
 def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
-                       params=None, materialize: bool = True):
+                       params=None, materialize: bool = True, ema=None):
   """Creates the TrainState directly with its shardings.
 
   The state is traced with eval_shape first; params, optimizer state and
@@ -171,6 +232,8 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
     materialize: if False, return the abstract state instead (leaves are
       ShapeDtypeStructs carrying their sharding), the restore target of a
       checkpoint: nothing is initialised that the restore would overwrite.
+    ema: initial `ema_params` (e.g. an official checkpoint's momentum
+      encoder); None = the model's `init_ema(params)` when it has an EMA.
 
   Returns:
     (state, state_shardings, tx, schedule).
@@ -179,14 +242,21 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
                                               batch_shapes)
   tx, schedule = optim.make_tx(config, abstract_params)
 
-  def make_state(params):
+  init_ema = _model_hook(model, 'init_ema')
+
+  def make_state(params, ema=None):
     if params is None:
       params = init_params(model, batch_shapes, config.seed)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    if init_ema is not None and ema is None:
+      ema = init_ema(params)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             ema_params=ema)
 
   if params is not None:
     params = jax.device_put(params, param_sh)
-  abstract = jax.eval_shape(make_state, params)
+  if ema is not None:
+    ema = jax.device_put(ema, {k: param_sh[k] for k in ema})
+  abstract = jax.eval_shape(make_state, params, ema)
   shardings = sharding.state_shardings(abstract, abstract_params, param_sh,
                                        mesh)
   if not materialize:
@@ -194,8 +264,15 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, shardings)
   else:
-    state = jax.jit(make_state, out_shardings=shardings)(params)
+    state = jax.jit(make_state, out_shardings=shardings)(params, ema)
   return state, shardings, tx, schedule
+
+
+def ema_schedule(config, model):
+  """The EMA momentum schedule when the model has an EMA target, else None."""
+  if _model_hook(model, 'init_ema') is None:
+    return None
+  return optim.ema_momentum_schedule(config)
 
 
 def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
@@ -203,7 +280,8 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
   """The train step jitted with explicit in/out shardings, the state
   donated, and activations constrained by the config's logical rules."""
   step = make_train_step(model, loss_fn, schedule, seed=config.seed,
-                         accum_steps=config.get('grad_accum_steps', 1))
+                         accum_steps=config.get('grad_accum_steps', 1),
+                         ema_momentum=ema_schedule(config, model))
   rules = sharding.rules_from_config(config)
 
   def sharded_step(state, batch):

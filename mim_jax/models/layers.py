@@ -186,30 +186,42 @@ class Attention(nn.Module):
   attention probabilities (the robust-MAE "drop edge" on the decoder).
   `qkv_bias`: True (one fused bias), False, or 'qv': separate `q_bias` and
   `v_bias` params and no key bias (BEiT / CAE / BootMAE).
+  `floor_head_dim`: head_dim = width // num_heads even when that does not
+  divide (BEiT's `all_head_dim`: BootMAE's 512-wide decoder with 12 heads
+  attends in 12 x 42 = 504 dims); otherwise the width must divide.
   """
   num_heads: int
   qkv_bias: Any = True
   attn_drop: float = 0.0
+  floor_head_dim: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     n, t, d = x.shape
-    if d % self.num_heads:
-      raise ValueError(f'width {d} is not divisible by num_heads '
-                       f'{self.num_heads}.')
-    qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv',
+    inner = inner_dim(d, self.num_heads, self.floor_head_dim)
+    qkv = dense(3 * inner, ('embed', 'heads'), self.dtype, 'qkv',
                 use_bias=self.qkv_bias is True)(x)
     if self.qkv_bias == 'qv':
-      q_bias, v_bias = qv_biases(self, d)
+      q_bias, v_bias = qv_biases(self, inner)
       qkv = qkv + jnp.concatenate(
           [q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(n, t, 3, d)
+    qkv = qkv.reshape(n, t, 3, inner)
     drop = nn.Dropout(self.attn_drop)
     out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.num_heads,
                  self.dtype,
                  lambda p: drop(p, deterministic=deterministic))
     return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
+
+
+def inner_dim(width: int, num_heads: int, floor_head_dim: bool) -> int:
+  """The attention's inner width: num_heads x head_dim."""
+  if width % num_heads and not floor_head_dim:
+    raise ValueError(f'width {width} is not divisible by num_heads '
+                     f'{num_heads}.')
+  if width < num_heads:
+    raise ValueError(f'width {width} is smaller than num_heads {num_heads}.')
+  return width // num_heads * num_heads
 
 
 class Mlp(nn.Module):
@@ -258,7 +270,7 @@ class Block(nn.Module):
 def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
                 remat_policy: str = 'none', deterministic: bool = True,
                 drop_path_rates: Optional[tuple] = None,
-                name: str = 'blocks'):
+                name: str = 'blocks', taps: tuple[int, ...] = ()):
   """Applies `depth` blocks, as a python loop or as one `nn.scan`.
 
   Call it inside the `nn.compact` method of the owning module, so the blocks
@@ -267,11 +279,17 @@ def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
   block instead of `depth`, so compile time does not grow with depth.
   `remat_policy` wraps each block in `nn.remat` with a jax checkpoint policy.
   `mim_jax.models.vit` converts params between the two layouts.
+
+  With `taps` (block indices, loop only) it returns (x, [outputs of those
+  blocks]) instead of x.
   """
   policy = get_remat_policy(remat_policy)
   block_cls: Callable = Block
   if remat_policy != 'none':
     block_cls = nn.remat(Block, policy=policy, prevent_cse=not scan)
+  if scan and taps:
+    raise ValueError(f'block outputs {taps} can only be tapped with '
+                     'scan=False.')
   if scan:
     if drop_path_rates and len(set(drop_path_rates)) > 1:
       raise ValueError('scan=True needs one drop_path rate for all layers; '
@@ -286,8 +304,11 @@ def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
     )(**block_kwargs, drop_path=rate, deterministic=deterministic, name=name)
     x, _ = stack(x, None)
     return x
+  tapped = []
   for i in range(depth):
     rate = drop_path_rates[i] if drop_path_rates else 0.0
     x, _ = block_cls(**block_kwargs, drop_path=rate,
                      deterministic=deterministic, name=f'{name}_{i}')(x, None)
-  return x
+    if i in taps:
+      tapped.append(x)
+  return (x, tapped) if taps else x

@@ -63,6 +63,7 @@ class Encoder(nn.Module):
   posemb_row_first: bool = False  # BEiT-family sin-cos layout
   layernorm_eps: float = 1e-6
   drop_path_rate: float = 0.0
+  taps: tuple[int, ...] = ()      # blocks whose outputs go to out['taps']
   scan: bool = False
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
@@ -93,7 +94,8 @@ class Encoder(nn.Module):
     Returns:
       (latent, out): latent (N, 1 + K, width) after the final norm, cls
       first; out holds 'tokens' (the embedded, position-added patches of all
-      L positions, before the gather).
+      L positions, before the gather) and, with `taps`, 'taps': the outputs
+      of those blocks (before the final norm), in the order of `taps`.
     """
     gh, gw = self.grid(images)
     p = self.patch_size
@@ -117,6 +119,10 @@ class Encoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
     dpr = tuple(float(r) for r in
                 np.linspace(0, self.drop_path_rate, self.depth))
+    bad = [i for i in self.taps if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f'encoder taps {bad} are outside the {self.depth} '
+                       f'blocks: use indices 0..{self.depth - 1}.')
     x = layers.block_stack(
         x, depth=self.depth,
         block_kwargs=dict(num_heads=self.num_heads,
@@ -125,9 +131,15 @@ class Encoder(nn.Module):
                           layer_scale=self.layer_scale,
                           layernorm_eps=self.layernorm_eps, dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
-        deterministic=not train, drop_path_rates=dpr, name='blocks')
+        deterministic=not train, drop_path_rates=dpr, name='blocks',
+        taps=tuple(sorted(set(self.taps))))
+    out = {'tokens': tokens}
+    if self.taps:
+      x, tapped = x
+      by_index = dict(zip(sorted(set(self.taps)), tapped))
+      out['taps'] = [by_index[i] for i in self.taps]
     x = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')(x)
-    return x, {'tokens': tokens}
+    return x, out
 
 
 # ---------------------------------------------------------------------------

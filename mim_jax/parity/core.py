@@ -9,6 +9,7 @@ Everything else (conversion, gradients, the 30-step replay through our own
 optax chain and train step) is shared here.
 """
 
+import functools
 import importlib
 import json
 import os
@@ -53,6 +54,9 @@ def converter_for(convert_module, kwargs_key: str):
                                   fc[kwargs_key]['img_size'])
 
   def to_torch_keys(tree):
+    own = getattr(convert_module, 'to_torch_keys', None)
+    if own is not None:  # a method with leaves the rules cannot map alone
+      return own(tree)
     return convert_core.flax_to_torch(tree, convert_module.RULES)
 
   return types.SimpleNamespace(to_flax=to_flax, to_torch_keys=to_torch_keys)
@@ -143,8 +147,12 @@ def run(path: str) -> dict[str, Any]:
                             'method': method, 'tolerances': TOL}
   zero = adapter.zero_gradient_slices(fx['state_dict'], fx['config'])
 
-  # 1. Forward outputs.
-  compute = steps.make_loss_fn(model, loss_fn)
+  # 1. Forward outputs (methods with a momentum target get the fixture's
+  # initial EMA weights).
+  ema = (adapter.initial_ema(fx, model, params)
+         if hasattr(adapter, 'initial_ema') else None)
+  compute = functools.partial(steps.make_loss_fn(model, loss_fn),
+                              ema_params=ema)
   loss, (pred, out, aux) = jax.jit(compute, static_argnums=3)(
       params, batch, jax.random.PRNGKey(0), False)
   ours = adapter.forward_outputs(loss, pred, out, aux)
@@ -177,7 +185,7 @@ def run(path: str) -> dict[str, Any]:
   # 3. The training curve, replayed through our optax chain + train step.
   if 'curve' in fx:
     report['curve'] = replay_curve(fx, config, model, loss_fn, conv, params,
-                                   adapter, zero)
+                                   adapter, zero, ema)
   failures = (report['forward']['failures'] + report['grads']['failures'] +
               report.get('curve', {}).get('failures', []))
   report['failures'] = failures
@@ -185,8 +193,10 @@ def run(path: str) -> dict[str, Any]:
   return report
 
 
-def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
-  """Replays the fixture's optimiser steps with our own chain and step."""
+def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero,
+                 ema=None):
+  """Replays the fixture's optimiser steps with our own chain and step (and
+  EMA update, for methods with a momentum target)."""
   curve, arrays = fx['curve'], fx['train_curve']
   batches = adapter.curve_batches(arrays, fx['config'])
   batch_size = len(next(iter(batches[0].values())))
@@ -220,14 +230,18 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in batches[0].items()}
   state, _, _, schedule = steps.create_train_state(cfg, model, mesh, shapes,
-                                                   params=params)
-  train_step = jax.jit(steps.make_train_step(model, loss_fn, schedule,
-                                             seed=cfg.seed))
-  losses, lrs = [], []
+                                                   params=params, ema=ema)
+  train_step = jax.jit(steps.make_train_step(
+      model, loss_fn, schedule, seed=cfg.seed,
+      ema_momentum=steps.ema_schedule(cfg, model)))
+  terms = getattr(adapter, 'CURVE_TERMS', ())
+  losses, lrs, term_values = [], [], {k: [] for k in terms}
   for b in batches:
     state, m = train_step(state, {k: jnp.asarray(v) for k, v in b.items()})
     losses.append(float(m['loss']))
     lrs.append(float(m['lr']))
+    for k in terms:
+      term_values[k].append(float(m[k]))
   ref_loss = np.asarray(ref_losses, np.float64)
   loss_err = [rel(a, b) for a, b in zip(losses, ref_loss)]
   lr_err = max(abs(a - b) / max(abs(b), 1e-12) if b else abs(a)
@@ -235,9 +249,18 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
   if max(loss_err) > TOL['curve_loss_rel']:
     failures.append(f'curve loss: max rel {max(loss_err):.3g} at step '
                     f'{int(np.argmax(loss_err))}')
+  term_err = {}
+  for k, values in term_values.items():
+    errs = [rel(a, b) for a, b in zip(values, fx['curve'][k])]
+    term_err[k] = max(errs)
+    if term_err[k] > TOL['curve_loss_rel']:
+      failures.append(f'curve {k}: max rel {term_err[k]:.3g} at step '
+                      f'{int(np.argmax(errs))}')
   if lr_err > TOL['lr_rel']:
     failures.append(f'lr schedule: max rel {lr_err:.3g}')
   final = conv.to_torch_keys(state.params)
+  if state.ema_params is not None:
+    final.update(adapter.ema_to_torch_keys(state.ema_params))
   ref_final = {k: v for k, v in fx['final_state_dict'].items()
                if k not in adapter.frozen_keys(fx['config'])}
   fcmp = compare_tensor_dict(final, ref_final, TOL['final_rel_to_max'],
@@ -245,6 +268,6 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero):
                              zero_tol=float(np.sum(ref_lrs)))
   failures += fcmp['failures'] + [f'{k}: missing' for k in fcmp['missing']]
   return dict(steps=len(batches), loss_max_rel=max(loss_err),
-              losses=losses, lr_max_rel=lr_err,
+              losses=losses, lr_max_rel=lr_err, terms_max_rel=term_err,
               decay_groups_match=ours_decay == ref_decay,
               final_params=fcmp, failures=failures)

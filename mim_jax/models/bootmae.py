@@ -1,0 +1,223 @@
+"""BootMAE (Dong et al. 2022), as in LightDXY/BootMAE.
+
+  encoder on [cls] + visible patches, tapping a low-level (first block) and
+  a high-level (last block) feature before the final norm;
+  pixel regressor: Linear(D -> Dd) of the normed latents, mask tokens with
+    decoder sin-cos positions (mask tokens only), then blocks of
+    self-attention -> cross-attention to the low-level feature -> MLP, a
+    LayerNorm and a per-patch transposed-conv head to pixels;
+  feature predictor: the same at width D, its own mask token with the
+    encoder positions, cross-attending to the high-level feature, LayerNorm
+    and Linear(D -> D).
+
+The target of the feature predictor comes from the momentum encoder
+(`TrainState.ema_params['encoder']`, an EMA of the online encoder): the last
+block's output on the full image, in eval mode, cls dropped, no gradient
+(`ema_targets`). Visible and masked patches are each taken in increasing
+patch order (the official outputs do not depend on the order).
+
+Heads: the decoders use the encoder's head count. With a 512-wide decoder
+and 12 heads (ViT-B) the official attention works in 12 x (512 // 12) = 504
+dims (BEiT's `all_head_dim`); `floor_head_dim` reproduces that.
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mim_jax.models import cae
+from mim_jax.models import layers
+from mim_jax.models import vit
+
+
+class CrossAttention(nn.Module):
+  """q = Linear(x) + q_bias; (k, v) = Linear(feature) + (0, v_bias)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, feature):
+    d = x.shape[-1]
+    inner = layers.inner_dim(d, self.num_heads, True)
+    q_bias, v_bias = layers.qv_biases(self, inner)
+    q = layers.dense(inner, ('embed', 'heads'), self.dtype, 'q',
+                     use_bias=False)(x) + q_bias.astype(self.dtype)
+    kv = layers.dense(2 * inner, ('embed', 'heads'), self.dtype, 'kv',
+                      use_bias=False)(feature)
+    k, v = kv[..., :inner], kv[..., inner:] + v_bias.astype(self.dtype)
+    out = layers.attend(q, k, v, self.num_heads, self.dtype)
+    return layers.dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
+
+
+class DecodeBlock(nn.Module):
+  """x += SelfAttn(LN1 x); x += CrossAttn(LN3 x, LN4 feature);
+  x += MLP(LN2 x)."""
+  num_heads: int
+  mlp_dim: int
+  layernorm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, feature):
+    ln = lambda name: layers.layer_norm(self.layernorm_eps, self.dtype, name)
+    x = x + layers.Attention(self.num_heads, 'qv', floor_head_dim=True,
+                             dtype=self.dtype, name='attn')(ln('norm1')(x))
+    x = x + CrossAttention(self.num_heads, self.dtype, name='c_attn')(
+        ln('norm3')(x), ln('norm4')(feature))
+    return x + layers.Mlp(self.mlp_dim, self.dtype, name='mlp')(
+        ln('norm2')(x))
+
+
+class PatchHead(nn.Module):
+  """ConvTranspose2d(D, C, k=p, s=p) on the token grid, written as what it
+  is: one linear map per token to its p x p x C pixels, one bias per
+  channel. kernel (D, p, p, C) is torch's (D, C, p, p) weight transposed;
+  the output is in `layers.patchify` layout (N, L, p*p*C)."""
+  patch_size: int
+  channels: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p, c = self.patch_size, self.channels
+    kernel = self.param(
+        'kernel', layers.logical(layers.xavier_uniform,
+                                 ('embed', None, None, None)),
+        (x.shape[-1], p, p, c))
+    bias = self.param('bias', layers.logical(nn.initializers.zeros_init(),
+                                             (None,)), (c,))
+    y = jnp.einsum('nld,dabc->nlabc', x, kernel.astype(self.dtype))
+    y = y + bias.astype(self.dtype)
+    return y.reshape(*x.shape[:2], p * p * c)
+
+
+class BootMAE(nn.Module):
+  """Params: encoder; pixel regressor pixel_{down, mask_token, blocks_{i},
+  norm, head}; feature predictor feature_{down, mask_token, blocks_{i},
+  norm, head}."""
+  encoder: dict
+  decoder_width: int = 512
+  decoder_depth: int = 2
+  feature_depth: Optional[int] = None   # default: decoder_depth
+  taps: Sequence[int] = (0, -1)         # (low, high) encoder blocks
+  mask_ratio: float = 0.75
+  in_chans: int = 3
+  dtype: Any = jnp.float32
+
+  def tap_indices(self) -> tuple[int, int]:
+    depth = self.encoder['depth']
+    taps = tuple(int(t) for t in self.taps)
+    if len(taps) != 2 or not all(-depth <= t < depth for t in taps):
+      raise ValueError(
+          f'model.taps={list(self.taps)}: give two encoder block indices '
+          f'(low, high) in [-{depth}, {depth - 1}], e.g. [0, {depth - 1}].')
+    return tuple(t % depth for t in taps)
+
+  def encoder_fields(self) -> dict:
+    enc = dict(qkv_bias='qv', posemb_row_first=True)
+    enc.update(self.encoder)
+    return dict(enc, dtype=self.dtype)
+
+  def _predictor(self, z, feature, ids_vis, ids_masked, pos, width, depth,
+                 prefix, num_heads, eps):
+    """One decoder: Linear(z) on [cls] + visible, mask tokens + pos, in
+    patch order, `depth` decode blocks, LayerNorm; returns (N, 1 + L,
+    width), cls first."""
+    n, num_vis = z.shape[0], z.shape[1] - 1
+    x_vis = layers.dense(width, ('embed', None), self.dtype,
+                         f'{prefix}_down')(z)
+    token = self.param(f'{prefix}_mask_token', layers.token_param,
+                       (1, 1, width))
+    x_mask = token.astype(self.dtype) + pos[ids_masked]
+    num_patches = num_vis + ids_masked.shape[1]
+    x = jnp.zeros((n, num_patches, width), x_vis.dtype)
+    rows = jnp.arange(n)[:, None]
+    x = x.at[rows, ids_vis].set(x_vis[:, 1:])
+    x = x.at[rows, ids_masked].set(x_mask)
+    x = jnp.concatenate([x_vis[:, :1], x], axis=1)
+    for i in range(depth):
+      x = DecodeBlock(num_heads, 4 * width, eps, self.dtype,
+                      name=f'{prefix}_blocks_{i}')(x, feature)
+    return layers.layer_norm(eps, self.dtype, f'{prefix}_norm')(x)
+
+  @nn.compact
+  def __call__(self, images, noise=None, *, mask=None, train: bool = False):
+    """Forward pass.
+
+    Args:
+      images: (N, H, W, C) normalised images (BootMAE: mean = std = 0.5).
+      noise: unused (the batch's mask is authoritative).
+      mask: (N, L), 1 = masked; every row masks the same count,
+        L - int(L * (1 - mask_ratio)).
+      train: unused (no dropout or drop path in BootMAE pretraining).
+
+    Returns:
+      (pred, out): pred (N, L, p*p*C) pixels of every patch (the MAE
+      layout); out holds 'mask', 'pred_feature' (N, L, D), 'encoder_out'
+      (N, 1 + V, D), 'taps' (low and high features) and the decoder outputs.
+    """
+    del noise, train
+    if mask is None:
+      raise ValueError('BootMAE needs the batch mask (N, L), 1 = masked.')
+    low, high = self.tap_indices()
+    enc = vit.Encoder(**self.encoder_fields(), taps=(low, high),
+                      name='encoder')
+    grid_hw = enc.grid(images)
+    num_patches = grid_hw[0] * grid_hw[1]
+    num_masked = num_patches - int(num_patches * (1 - self.mask_ratio))
+    if mask.shape[1] != num_patches:
+      raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
+                       f'images have {num_patches} ({grid_hw}).')
+    ids_vis, ids_masked = cae.split_ids(mask, num_masked)
+    latent, enc_out = enc(images, ids_vis)
+    feat_low, feat_high = enc_out['taps']
+    eps, heads, width = enc.layernorm_eps, enc.num_heads, enc.width
+
+    de_pos = jnp.asarray(layers.posemb_sincos_2d(
+        *grid_hw, self.decoder_width, cls_token=False, row_first=True)[0],
+                         self.dtype)
+    pix = self._predictor(latent, feat_low, ids_vis, ids_masked, de_pos,
+                          self.decoder_width, self.decoder_depth, 'pixel', heads,
+                          eps)
+    p = enc.patch_size
+    pred = PatchHead(p, self.in_chans, self.dtype, name='pixel_head')(
+        pix[:, 1:])
+
+    pos = jnp.asarray(enc.pos_embed(images)[0, 1:], self.dtype)
+    feat = self._predictor(latent, feat_high, ids_vis, ids_masked, pos, width,
+                           self.feature_depth or self.decoder_depth, 'feature',
+                           heads, eps)
+    pred_feature = layers.dense(width, ('embed', None), self.dtype,
+                                'feature_head')(feat[:, 1:])
+    out = dict(mask=mask, ids_masked=ids_masked, encoder_out=latent,
+               taps=(feat_low, feat_high), pix_decoder_out=pix,
+               feat_decoder_out=feat,
+               pred_feature=pred_feature.astype(jnp.float32))
+    return pred.astype(jnp.float32), out
+
+
+def ema_targets(model: BootMAE, ema_params, batch) -> dict:
+  """The momentum encoder's target: its last block's output (before the
+  final norm) on the full image, cls dropped. (N, L, D)."""
+  depth = model.encoder['depth']
+  # A standalone module (parent=None): the teacher has its own params.
+  enc = vit.Encoder(**model.encoder_fields(), taps=(depth - 1,), parent=None)
+  _, out = enc.apply({'params': ema_params['encoder']}, batch['image'])
+  return {'feature_target': out['taps'][0][:, 1:].astype(jnp.float32)}
+
+
+def init_ema(params) -> dict:
+  """The momentum encoder starts as a copy of the online encoder."""
+  return {'encoder': params['encoder']}
+
+
+def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
+          **kw) -> BootMAE:
+  """Builds BootMAE from a ViT variant ('B/16') and/or encoder fields."""
+  enc = vit.decode_variant(variant)
+  enc.update(encoder or {})
+  if 'taps' in kw:
+    kw['taps'] = tuple(kw['taps'])
+  return BootMAE(encoder=enc, **kw)

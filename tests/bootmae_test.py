@@ -1,0 +1,144 @@
+"""BootMAE: parity with the official code (momentum encoder included),
+conversion both ways, the EMA schedule and bad input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from mim_jax import optim
+from mim_jax import steps
+from mim_jax.convert import bootmae as convert_bootmae
+from mim_jax.models import bootmae
+from mim_jax.parity import bootmae as parity_bootmae
+from mim_jax.parity import core
+
+BOOTMAE = os.path.join(FIXTURES, 'bootmae')
+
+
+@pytest.fixture(scope='module')
+def report():
+  return core.run(BOOTMAE)
+
+
+def test_bootmae_fixture_passes(report):
+  assert report['pass'], report['failures']
+  fwd = report['forward']
+  assert set(fwd['loss_rel']) == {'loss', 'loss_pixel', 'loss_feature'}
+  assert max(fwd['loss_rel'].values()) <= 1e-5
+  # predictions, targets, their LayerNorms, the patch statistics, encoder
+  # taps and latents (patch order) and both decoders' outputs.
+  assert fwd['tensors']['compared'] >= 14
+  assert fwd['tensors']['worst_rel_to_max'] <= 1e-5
+  assert report['grads']['compared'] == 163
+  assert report['grads']['worst_rel_to_max'] <= 2e-5
+  curve = report['curve']
+  assert curve['steps'] == 30 and curve['decay_groups_match']
+  assert curve['loss_max_rel'] <= 1e-5 and curve['lr_max_rel'] <= 1e-5
+  assert max(curve['terms_max_rel'].values()) <= 1e-5
+  # Online params and the momentum encoder (model_ema.*) after 30 steps.
+  final = curve['final_params']
+  assert final['compared'] == 218 and final['worst_rel_to_max'] <= 2e-5
+
+
+def _model_and_params():
+  fx = core.load_fixture(BOOTMAE)
+  config = parity_bootmae.experiment_config(fx['config'])
+  model = steps.build_model(config)
+  batch = parity_bootmae.batch_from_inputs(fx['inputs'], fx['config'])
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in batch.items()}
+  abstract = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+  params = convert_bootmae.to_flax(fx['state_dict'], model, abstract, 32)
+  ema = convert_bootmae.ema_to_flax(fx['state_dict'], model, params, 32)
+  return fx, model, params, ema, batch
+
+
+def test_export_writes_the_official_keys_momentum_encoder_included():
+  fx, model, params, ema, _ = _model_and_params()
+  sd = convert_bootmae.to_torch(params, model, 32, ema=ema)
+  assert set(sd) == set(fx['state_dict'])
+  for k, v in fx['state_dict'].items():
+    np.testing.assert_allclose(sd[k], v, atol=1e-6, err_msg=k)
+  back = convert_bootmae.to_flax(sd, model, params, 32)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  ema_back = convert_bootmae.ema_to_flax(sd, model, params, 32)
+  for a, b in zip(jax.tree.leaves(ema_back), jax.tree.leaves(ema)):
+    np.testing.assert_array_equal(a, b)
+  # A file without the momentum encoder (e.g. an encoder export) has none.
+  online = {k: v for k, v in sd.items() if not k.startswith('model_ema.')}
+  assert convert_bootmae.ema_to_flax(online, model, params, 32) is None
+
+
+def test_pixel_head_is_the_transposed_conv():
+  """Our per-patch head equals torch's ConvTranspose2d(k=p, s=p)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  fx, model, params, _, batch = _model_and_params()
+  del fx, batch
+  w = convert_bootmae.to_torch(params, model, 32)['lm_head.proj.weight']
+  b = np.asarray(params['pixel_head']['bias'])
+  x = np.random.default_rng(0).standard_normal((2, 64, 48)).astype(
+      np.float32)
+  ours = bootmae.PatchHead(4, 3).apply({'params': params['pixel_head']},
+                                       x)
+  grid = torch.from_numpy(x.reshape(2, 8, 8, 48).transpose(0, 3, 1, 2))
+  ref = torch.nn.functional.conv_transpose2d(
+      grid, torch.from_numpy(w), torch.from_numpy(b), stride=4).numpy()
+  from mim_jax.models import layers  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(
+      layers.unpatchify(np.asarray(ours), 4, (8, 8), 3),
+      ref.transpose(0, 2, 3, 1), atol=1e-5)
+
+
+def test_decoder_head_dim_quirk():
+  """512 wide with 12 heads: 12 x 42 = 504 attention dims, as upstream."""
+  model = bootmae.Model(encoder=dict(width=48, depth=2, num_heads=12,
+                                     patch_size=4, mlp_dim=96),
+                        decoder_width=512, decoder_depth=1, taps=(0, 1))
+  shapes = {'image': jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
+            'mask': jax.ShapeDtypeStruct((1, 16), jnp.float32)}
+  p = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+  blk = p['pixel_blocks_0']
+  assert blk['attn']['qkv']['kernel'].shape == (512, 3 * 504)
+  assert blk['attn']['proj']['kernel'].shape == (504, 512)
+  assert blk['c_attn']['kv']['kernel'].shape == (48, 2 * 504)
+  assert blk['c_attn']['q_bias'].shape == (504,)
+
+
+def test_ema_schedule_official_and_bad_values():
+  c = ml_collections.ConfigDict(dict(
+      input=dict(batch_size=4096, num_train_examples=1281167),
+      ema=dict(momentum=[0.999, 0.9999, 0.99999],
+               boundary_epochs=[0, 100, 400])))
+  m = optim.ema_momentum_schedule(c)
+  spe = 1281167 // 4096
+  at = (0, spe - 1, 50 * spe, 100 * spe, 250 * spe, 400 * spe, 800 * spe)
+  want = [0.999, 0.999, 0.99945, 0.9999, 0.999945, 0.99999, 0.99999]
+  np.testing.assert_allclose([float(m(s)[0]) for s in at], want, rtol=1e-7)
+  # 1 - momentum is exact to float32 precision (not 1 - float32(m)).
+  np.testing.assert_allclose([float(m(s)[1]) for s in at],
+                             [1 - w for w in want], rtol=1e-6)
+  for bad, words in (({'momentum': [0.999, 1.0]}, 'outside [0, 1)'),
+                     ({'momentum': [-0.1, 0.9]}, 'outside [0, 1)'),
+                     ({'boundary_epochs': [100, 0, 400]}, 'must increase'),
+                     ({'momentum': []}, 'not set')):
+    c2 = ml_collections.ConfigDict(c.to_dict())
+    c2.ema.update(bad)
+    with pytest.raises(ValueError, match=words.replace('[', r'\[').replace(
+        ')', r'\)')):
+      optim.ema_momentum_schedule(c2)
+
+
+def test_taps_outside_the_encoder_are_rejected():
+  model = bootmae.Model(encoder=dict(width=32, depth=2, num_heads=2,
+                                     patch_size=4), decoder_width=32,
+                        decoder_depth=1, taps=(0, 5))
+  shapes = {'image': jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
+            'mask': jax.ShapeDtypeStruct((1, 16), jnp.float32)}
+  with pytest.raises(ValueError, match=r'model.taps=\[0, 5\]'):
+    jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
