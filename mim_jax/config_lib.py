@@ -11,6 +11,7 @@ from ml_collections.config_dict import placeholder
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax.convert import dvae as convert_dvae
+from mim_jax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,6 +164,63 @@ def cae_tiny_overrides(c: ml_collections.ConfigDict):
   c.model.regressor_depth = 2
   c.model.decoder_depth = 2
   c.model.target = 'pixels'
+  return c
+
+
+def bootmae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
+  """The official BootMAE pretraining recipe (methods.md 4.3; LightDXY/
+  BootMAE scripts): AdamW (0.9, 0.95) hard-coded upstream, wd 0.05 (not on
+  biases, norms, q/v biases or cls; the mask tokens are decayed), lr 1.5e-4
+  x batch / 256 at batch 4096, BEiT schedule (linspace warmup over 40
+  epochs, per-step cosine to min_lr 1e-4 for ViT-B, 1e-5 for ViT-L), 800
+  epochs, no clipping; mean = std = 0.5 inputs; RandomResizedCrop(0.2-1) +
+  flip; 120 block patches (min 16, max 60 per block) + random patches up to
+  147 of 196 with a roll of 0..3; decoders 512 wide (pixels) and
+  encoder-wide (features), 2 blocks each, encoder heads; features tapped
+  from the first and last encoder blocks; feature weight 1 ramped over the
+  first 25% of training; momentum encoder 0.999 -> 0.9999 over epochs
+  0-100, then (ViT-B, --model_ema_dynamic) -> 0.99999 by epoch 400.
+  """
+  c = mae_config(variant)
+  c.model_name = 'bootmae'
+  c.loss_name = 'bootmae'
+  large = variant.startswith('L') or variant.startswith('H')
+  depth = vit.decode_variant(variant)['depth']
+  c.model = dict(
+      variant=variant, encoder=dict(), decoder_width=512, decoder_depth=2,
+      feature_depth=2, taps=(0, depth - 1),
+      mask_ratio=c.get_ref('mask_ratio'), dtype='float32')
+  c.loss = dict(feature_weight=1.0, feature_ramp_fraction=0.25,
+                weighted_mask=True)
+  c.input.mean = (0.5, 0.5, 0.5)
+  c.input.std = (0.5, 0.5, 0.5)
+  c.input.mask = dict(kind='block', variant='bootmae',
+                      num_masking_patches=120, min_num_patches=16,
+                      max_num_patches=60, extra_random=True, roll=3,
+                      ratio=c.get_ref('mask_ratio'))
+  c.schedule = dict(min_lr=1e-5 if large else 1e-4, warmup='linspace')
+  c.optim.wd_exclude = optim.NO_DECAY + ('cls_token',)
+  c.ema = dict(momentum=(0.999, 0.9999) if large else
+               (0.999, 0.9999, 0.99999),
+               boundary_epochs=(0, 100) if large else (0, 100, 400),
+               boundary_steps=placeholder(tuple))
+  return c
+
+
+def bootmae_tiny_overrides(c: ml_collections.ConfigDict):
+  """BootMAE on the embedded photos: 8 x 8 patches, 30 block + random
+  patches up to 48 masked, tiny encoder and decoders, EMA over steps."""
+  c = tiny_overrides(c)
+  c.model = dict(
+      variant=None, encoder=dict(width=64, depth=4, num_heads=4, mlp_dim=256,
+                                 patch_size=4),
+      decoder_width=48, decoder_depth=2, feature_depth=2, taps=(0, 3),
+      mask_ratio=c.get_ref('mask_ratio'), dtype='float32')
+  c.input.mask.num_masking_patches = 30
+  c.input.mask.min_num_patches = 4
+  c.input.mask.max_num_patches = 16
+  c.ema = dict(momentum=(0.99, 0.999), boundary_steps=(0, 300),
+               boundary_epochs=placeholder(tuple))
   return c
 
 

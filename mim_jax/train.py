@@ -130,13 +130,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # Frozen token targets (CAE): read before compiling, after the data check.
   tok = tokenizer.from_config(config, mesh)
 
-  init = None
+  init = init_ema = None
   if config.get('init_from') and not start_step:
     init = weights.from_torch(config, model, config.init_from,
                               strict=config.get('init_strict', True))
+    init_ema = weights.ema_from_torch(config, model, config.init_from, init)
   state, state_shardings, _, schedule = steps.create_train_state(
       config, model, mesh, batch_shapes, params=init,
-      materialize=not start_step)
+      materialize=not start_step, ema=init_ema)
   if start_step:
     state, _ = checkpoint.restore_latest(mgr, state, start_step)
     logging.info('Resumed from step %d.', start_step)

@@ -16,16 +16,28 @@ from mim_jax import weights
 from mim_jax.models import layers
 
 
-def pred_to_pixels(pred, images, patch_size: int, norm_pix: bool,
+def pred_to_pixels(pred, images, patch_size: int, norm_pix,
                    eps: float = 1e-6):
-  """Maps predictions (N, L, p*p*C) back into the input's normalised space."""
+  """Maps predictions (N, L, p*p*C) back into the input's normalised space.
+
+  norm_pix: False/None (plain pixels), True or 'patch' (MAE: stats over
+  each patch, unbiased variance + 1e-6) or 'patch_channel' (BootMAE: stats
+  per patch and channel, biased variance + 1e-5).
+  """
   pred = np.asarray(pred, np.float64)
-  if norm_pix:
+  n, h, w, c = images.shape
+  if norm_pix == 'patch_channel':
+    target = layers.patchify(np.asarray(images, np.float64), patch_size)
+    target = target.reshape(n, target.shape[1], -1, c)
+    mean = target.mean(2, keepdims=True)
+    std = np.sqrt(target.var(2, keepdims=True) + 1e-5)
+    pred = (pred.reshape(target.shape) * std + mean).reshape(n, -1,
+                                                            pred.shape[-1])
+  elif norm_pix:
     target = layers.patchify(np.asarray(images, np.float64), patch_size)
     mean = target.mean(-1, keepdims=True)
     var = target.var(-1, keepdims=True, ddof=1)
     pred = pred * np.sqrt(var + eps) + mean
-  n, h, w, c = images.shape
   return layers.unpatchify(pred, patch_size, (h // patch_size, w // patch_size),
                           c)
 
@@ -42,7 +54,7 @@ def reconstruction_grid(images, pred, mask, *, patch_size: int,
     mask: (N, L), 1 = masked.
     patch_size: patch size p.
     mean, std: the input normalisation (per channel, [0, 1] units).
-    norm_pix: whether `pred` is in per-patch normalised space.
+    norm_pix: the target normalisation of `pred` (see `pred_to_pixels`).
     min_side: small images are upscaled (nearest) to at least this side.
   """
   images = np.asarray(images, np.float64)
@@ -98,4 +110,15 @@ def render(config, forward, params, batch) -> np.ndarray | None:
       batch['image'], pixels, np.asarray(out['mask']),
       patch_size=weights.patch_size_of(config), mean=config.input.mean,
       std=config.input.std,
-      norm_pix=bool(config.get('loss', {}).get('norm_pix_loss', False)))
+      norm_pix=target_norm(config))
+
+
+def target_norm(config):
+  """How the config's pixel targets are normalised: the loss module's
+  `PIXEL_NORM` if it has one (BootMAE), else MAE's norm-pix switch."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  mod = importlib.import_module(f'mim_jax.losses.{config.loss_name}')
+  fixed = getattr(mod, 'PIXEL_NORM', None)
+  if fixed is not None:
+    return fixed
+  return bool(config.get('loss', {}).get('norm_pix_loss', False))

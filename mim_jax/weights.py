@@ -64,8 +64,19 @@ def from_torch(config, model, path: str, strict: bool = True):
                                    config.input.image_size, strict=strict)
 
 
-def from_workdir(config, model, workdir: str, step: Optional[int] = None):
-  """(params, step) of a training run's checkpoint (latest by default)."""
+def ema_from_torch(config, model, path: str, params):
+  """The momentum encoder of an official file (BootMAE `model_ema.*`), or
+  None when the method has none or the file lacks it."""
+  conv = converter(config)
+  if not hasattr(conv, 'ema_to_flax'):
+    return None
+  return conv.ema_to_flax(core.load_state_dict(path), model, params,
+                          config.input.image_size)
+
+
+def state_from_workdir(config, model, workdir: str,
+                       step: Optional[int] = None):
+  """(TrainState, step) of a training run's checkpoint (latest default)."""
   mesh = sharding.make_mesh([('data', -1)])
   abstract = steps.create_train_state(
       config, model, mesh, batch_shapes(config, 1), materialize=False)[0]
@@ -74,10 +85,18 @@ def from_workdir(config, model, workdir: str, step: Optional[int] = None):
   if state is None:
     raise ValueError(f'No checkpoint in {workdir}/checkpoints: train first, '
                      'or pass a PyTorch checkpoint instead.')
-  return jax.device_get(state.params), step
+  return jax.device_get(state), step
 
 
-def to_torch(config, model, params) -> dict[str, np.ndarray]:
-  """params -> state dict with the official key names."""
+def from_workdir(config, model, workdir: str, step: Optional[int] = None):
+  """(params, step) of a training run's checkpoint (latest by default)."""
+  state, step = state_from_workdir(config, model, workdir, step)
+  return state.params, step
+
+
+def to_torch(config, model, params, ema=None) -> dict[str, np.ndarray]:
+  """params (and the EMA target, for methods that have one) -> state dict
+  with the official key names."""
+  kw = {} if ema is None else {'ema': jax.device_get(ema)}
   return converter(config).to_torch(jax.device_get(params), model,
-                                    config.input.image_size)
+                                    config.input.image_size, **kw)

@@ -156,3 +156,59 @@ def test_block_masks_in_the_pipeline_are_exact_and_resume_exactly():
   vis = input_pipeline.make_vis_batch(cfg, patch_size=4, seed=3,
                                       num_images=4)
   np.testing.assert_array_equal(vis['mask'].sum(1), 98)
+
+
+def test_bootmae_effective_mask_replays_the_fixture():
+  """Stored block masks, noise and roll -> the official effective masks, for
+  the forward batch and all 30 curve steps."""
+  import os  # pylint: disable=g-import-not-at-top
+  from conftest import FIXTURES  # pylint: disable=g-import-not-at-top
+  d = os.path.join(FIXTURES, 'bootmae')
+  with np.load(os.path.join(d, 'inputs.npz')) as z:
+    i = {k: z[k] for k in z.files}
+  with np.load(os.path.join(d, 'train_curve.npz')) as z:
+    c = {k: z[k] for k in z.files}
+  n = i['mask'].shape[0]
+  got = bm.add_random_patches(i['block_masks'].reshape(n, -1),
+                              i['mask_noise'], np.full(n, i['rand_roll']),
+                              int(i['mask_len']))
+  np.testing.assert_array_equal(got, i['mask'])
+  for t in range(len(c['rand_roll'])):
+    got = bm.add_random_patches(c['block_masks'][t].reshape(n, -1),
+                                c['mask_noise'][t],
+                                np.full(n, c['rand_roll'][t]),
+                                int(i['mask_len']))
+    np.testing.assert_array_equal(got, c['mask'][t], err_msg=f'step {t}')
+
+
+def test_bootmae_masks_in_the_pipeline():
+  """120 block patches + random extra patches up to 147 of 196 (75%), with
+  the roll turning up to 3 block patches into random ones."""
+  cfg = _Cfg(_config(kind='block', ratio=0.75, extra_random=True, **BOOT))
+  cfg['image_size'] = 56
+  fn = masks.make_mask_fn(cfg['mask'], 14)
+  per_example, per_batch = masks.stages(fn)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  keys = [tf.constant([7, i], tf.int64) for i in range(64)]
+  ex = [per_example(k) for k in keys]
+  batch = {k: tf.stack([e[k] for e in ex]) for k in ex[0]}
+  out = per_batch(batch)
+  mask = out['mask'].numpy()
+  np.testing.assert_array_equal(mask.sum(1), 147)
+  block = bm.block_masks(batch['_mask_seed'].numpy(), 14, 14, **BOOT)
+  kept_block = (mask * block).sum(1)
+  rolls = batch['_mask_roll'].numpy()
+  assert set(rolls) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(kept_block, 120 - rolls)
+  again = per_batch(batch)['mask'].numpy()
+  np.testing.assert_array_equal(again, mask)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(total_masked=197), 'total_masked=197'),
+    (dict(total_masked=100), 'total_masked=100'),
+    (dict(total_masked=195, roll=3), 'roll=3 must be in 0..1'),
+])
+def test_bootmae_impossible_counts_are_named(bad, match):
+  with pytest.raises(ValueError, match=match):
+    masks.make_mask_fn(dict(kind='block', **dict(BOOT, **bad)), 14)

@@ -142,3 +142,105 @@ def test_taps_outside_the_encoder_are_rejected():
             'mask': jax.ShapeDtypeStruct((1, 16), jnp.float32)}
   with pytest.raises(ValueError, match=r'model.taps=\[0, 5\]'):
     jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+
+
+@pytest.mark.parametrize('override, words', [
+    ({'model.taps': (0, 4)}, ['model.taps=[0, 4]', '[-4, 3]']),
+    ({'ema.momentum': (0.99, 1.0)}, ['outside [0, 1)']),
+    ({'input.mask.total_masked': 65}, ['total_masked=65', '64 patches']),
+])
+def test_bad_bootmae_config_fails_before_building(override, words):
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  c = config_lib.bootmae_tiny_overrides(config_lib.bootmae_config())
+  (key, value), = override.items()
+  node = c
+  *path, last = key.split('.')
+  for part in path:
+    node = node[part]
+  node[last] = value
+  with pytest.raises(ValueError) as e:
+    train.validate_config(c, 8, 8)
+  for w in words:
+    assert w in str(e.value), str(e.value)
+
+
+def test_bootmae_tiny_trains_resumes_and_shards_the_ema_like_the_params(
+    tmp_path):
+  """bootmae_tiny on the embedded photos: the EMA moves towards the online
+  encoder each step, is sharded exactly like it (FSDP over 8 devices), and
+  is checkpointed and restored with it."""
+  from mim_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  c = config_lib.bootmae_tiny_overrides(config_lib.bootmae_config())
+  c.total_steps, c.warmup_steps = 4, 1
+  c.log_every_steps, c.ckpt_every_steps, c.vis_every_steps = 2, 4, 4
+  c.input.batch_size = 16
+  c.min_shard_size = 0
+  c.async_ckpt = False
+  state = train.train_and_evaluate(c, str(tmp_path))
+  assert int(state.step) == 4
+  params, ema = state.params['encoder'], state.ema_params['encoder']
+  for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)):
+    assert p.sharding == e.sharding
+  sharded = [e for e in jax.tree.leaves(ema)
+             if not e.sharding.is_fully_replicated]
+  assert len(sharded) > 10
+  # Not a copy: momentum 0.99.. keeps it behind the online encoder.
+  diff = max(float(jnp.abs(p - e).max())
+             for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
+  assert 0 < diff
+  assert (tmp_path / 'recon_0000004.png').exists()
+
+  model = steps.build_model(c)
+  mesh = sharding.make_mesh(c.mesh)
+  abstract = steps.create_train_state(c, model, mesh, weights.batch_shapes(c),
+                                      materialize=False)[0]
+  mgr = checkpoint.make_manager(str(tmp_path), keep=3, async_save=False)
+  restored, step = checkpoint.restore_latest(mgr, abstract)
+  assert step == 4
+  for a, b in zip(jax.tree.leaves(restored.ema_params),
+                  jax.tree.leaves(state.ema_params)):
+    np.testing.assert_array_equal(a, b)
+
+  # Export (the convert tool's path) writes the momentum encoder too, and
+  # `init_from` reads it back.
+  saved, _ = weights.state_from_workdir(c, model, str(tmp_path))
+  sd = weights.to_torch(c, model, saved.params, ema=saved.ema_params)
+  assert 'model_ema.blocks.3.attn.qkv.weight' in sd
+  path = str(tmp_path / 'bootmae_tiny.pth')
+  from mim_jax.convert import core as convert_core  # pylint: disable=g-import-not-at-top
+  convert_core.save_state_dict(sd, path)
+  params = weights.from_torch(c, model, path)
+  ema = weights.ema_from_torch(c, model, path, params)
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(saved.ema_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_official_recipes():
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for v, depth, min_lr, ema in (
+      ('b', 12, 1e-4, (0.999, 0.9999, 0.99999)),
+      ('l', 24, 1e-5, (0.999, 0.9999))):
+    c = config_lib.load_config_file(os.path.join(
+        os.path.dirname(FIXTURES), '..', 'configs', f'bootmae_vit{v}.py'))
+    assert optim.peak_lr(c) == pytest.approx(2.4e-3)
+    assert (c.optim.b1, c.optim.b2, c.optim.weight_decay) == (0.9, 0.95,
+                                                              0.05)
+    assert c.optim.grad_clip_norm is None and 'cls_token' in (
+        c.optim.wd_exclude)
+    assert c.schedule.min_lr == min_lr and c.schedule.warmup == 'linspace'
+    assert c.total_epochs == 800 and c.warmup_epochs == 40
+    assert tuple(c.input.mean) == tuple(c.input.std) == (0.5, 0.5, 0.5)
+    m = c.input.mask
+    assert (m.num_masking_patches, m.min_num_patches, m.max_num_patches,
+            m.variant, m.roll) == (120, 16, 60, 'bootmae', 3)
+    assert tuple(c.ema.momentum) == ema
+    model = steps.build_model(c)
+    assert model.tap_indices() == (0, depth - 1)
+    assert (model.decoder_width, model.decoder_depth,
+            model.feature_depth) == (512, 2, 2)
+    assert c.loss.feature_ramp_fraction == 0.25

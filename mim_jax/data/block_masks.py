@@ -194,3 +194,53 @@ def block_masks(seeds: np.ndarray, grid_h: int, grid_w: int,
                       min_num_patches, max_num, log_lo, log_hi, variant, rects)
            for seed in np.asarray(seeds).reshape(-1).tolist()]
   return grid_ints_to_masks(grids, grid_h * grid_w)
+
+
+def check_extra(num_patches: int, num_masking_patches: int,
+                total_masked: int, max_roll: int) -> None:
+  """Validates BootMAE's effective-mask parameters.
+
+  Raises:
+    ValueError naming the impossible count.
+  """
+  if not num_masking_patches <= total_masked <= num_patches:
+    raise ValueError(
+        f'total_masked={total_masked} must lie between the block count '
+        f'num_masking_patches={num_masking_patches} and the {num_patches} '
+        'patches (BootMAE: 120 block patches, 147 of 196 masked).')
+  if max_roll < 0 or total_masked + max_roll > num_patches:
+    raise ValueError(
+        f'roll={max_roll} must be in 0..{num_patches - total_masked}: '
+        f'the roll turns up to `roll` more visible patches into masked ones '
+        f'and there are {num_patches - total_masked} left.')
+
+
+def add_random_patches(block: np.ndarray, uniform: np.ndarray,
+                       roll: np.ndarray, total_masked: int) -> np.ndarray:
+  """BootMAE's effective mask (`utils.mask_to_index`, methods.md 4.2).
+
+  Patches are ordered visible-first by key = block - uniform (each group in
+  random order), the order is rolled right by `roll`, and the last
+  `total_masked` positions are masked: the block patches minus the `roll`
+  with the largest keys, plus total_masked - block count + roll random
+  visible ones.
+
+  Args:
+    block: (B, L) block masks, 1 = masked.
+    uniform: (B, L) U[0, 1) noise.
+    roll: (B,) ints (upstream draws one per batch in {0, 1, 2, 3}).
+    total_masked: masked patches per row (BootMAE: 147 of 196).
+
+  Returns:
+    float32 (B, L) effective masks, 1 = masked.
+  """
+  block = np.asarray(block, np.float32)
+  key = 1.0 - ((1.0 - block) + np.asarray(uniform, np.float32))
+  order = np.argsort(key, axis=1, kind='stable')
+  n, length = order.shape
+  cols = (np.arange(length)[None, :] - np.asarray(roll).reshape(n, 1)) % (
+      length)
+  rolled = np.take_along_axis(order, cols, axis=1)   # torch.roll(r, dim=1)
+  mask = np.zeros((n, length), np.float32)
+  np.put_along_axis(mask, rolled[:, length - total_masked:], 1.0, axis=1)
+  return mask

@@ -170,11 +170,22 @@ def _make_block(mask_config: Any, grid_height: int,
   (16), max_num_patches (None = num_masking_patches), min_aspect (0.3),
   max_aspect (None = 1 / min_aspect), variant ('cae' exact count, 'beit',
   'bootmae').
+
+  BootMAE's effective mask: with `total_masked` (or `extra_random=True`,
+  which takes it from `ratio`), random visible patches are added up to
+  total_masked after a random roll in 0..`roll` (default 3), as upstream's
+  `mask_to_index` (see `block_masks.add_random_patches`). Upstream draws
+  one roll per batch; here each example draws its own, so a mask stays a
+  function of (seed, step, example) alone.
   """
   num_patches = grid_height * grid_width
   count = _get(mask_config, 'num_masking_patches')
   if count is None:
     count = num_patches - num_visible(num_patches, get_ratio(mask_config))
+  total = _get(mask_config, 'total_masked')
+  if total is None and _get(mask_config, 'extra_random', False):
+    total = num_patches - num_visible(num_patches, get_ratio(mask_config))
+  max_roll = int(_get(mask_config, 'roll', 3))
   params = dict(
       num_masking_patches=int(count),
       min_num_patches=int(_get(mask_config, 'min_num_patches', 16)),
@@ -183,24 +194,38 @@ def _make_block(mask_config: Any, grid_height: int,
       max_aspect=_get(mask_config, 'max_aspect'),
       variant=str(_get(mask_config, 'variant', 'cae')))
   block_masks.check_params(grid_height, grid_width, **params)
-  if params['variant'] != 'beit':
+  if total is not None:
+    total = int(total)
+    block_masks.check_extra(num_patches, params['num_masking_patches'],
+                            total, max_roll)
+    _check_count(mask_config, total, num_patches, 'block')
+  elif params['variant'] != 'beit':
     _check_count(mask_config, params['num_masking_patches'], num_patches,
                  'block')
 
-  def make(batch_seeds: np.ndarray) -> np.ndarray:
-    return block_masks.block_masks(batch_seeds, grid_height, grid_width,
+  def make(batch_seeds: np.ndarray, uniform: np.ndarray,
+           roll: np.ndarray) -> np.ndarray:
+    mask = block_masks.block_masks(batch_seeds, grid_height, grid_width,
                                    **params)
+    if total is None:
+      return mask
+    return block_masks.add_random_patches(mask, uniform, roll, total)
 
   def per_example(key: tf.Tensor) -> dict[str, tf.Tensor]:
     return {'_mask_seed': seeds.to_int(key),
             '_mask_uniform': tf.random.stateless_uniform(
-                [num_patches], seed=seeds.fold_in(key, 1), dtype=tf.float32)}
+                [num_patches], seed=seeds.fold_in(key, 1), dtype=tf.float32),
+            '_mask_roll': tf.random.stateless_uniform(
+                [], seed=seeds.fold_in(key, 2), minval=0,
+                maxval=max_roll + 1, dtype=tf.int32)}
 
   def per_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     batch = dict(batch)
     batch_seeds = batch.pop('_mask_seed')
     uniform = batch.pop('_mask_uniform')
-    mask = tf.numpy_function(make, [batch_seeds], tf.float32, stateful=False)
+    roll = batch.pop('_mask_roll')
+    mask = tf.numpy_function(make, [batch_seeds, uniform, roll], tf.float32,
+                             stateful=False)
     mask.set_shape(batch_seeds.shape.concatenate([num_patches]))
     batch['mask'] = mask
     batch['noise'] = noise_for_mask(mask, uniform)

@@ -17,6 +17,9 @@ import jax.numpy as jnp
 
 from mim_jax.models import layers
 
+# Pixel targets are normalised per patch and channel (for the visualiser).
+PIXEL_NORM = 'patch_channel'
+
 
 def weight_mask(mask: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
   """(N, L) binary mask -> mask * (1 + 3x3 average of the mask)."""

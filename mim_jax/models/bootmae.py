@@ -198,6 +198,18 @@ class BootMAE(nn.Module):
     return pred.astype(jnp.float32), out
 
 
+def validate_config(config) -> None:
+  """Checks taps and the EMA schedule before anything is built.
+
+  Raises:
+    ValueError: taps outside the encoder, or a bad config.ema (e.g. a
+      momentum outside [0, 1)).
+  """
+  from mim_jax import optim  # pylint: disable=g-import-not-at-top
+  Model(**config.model.to_dict()).tap_indices()
+  optim.ema_momentum_schedule(config)
+
+
 def ema_targets(model: BootMAE, ema_params, batch) -> dict:
   """The momentum encoder's target: its last block's output (before the
   final norm) on the full image, cls dropped. (N, L, D)."""

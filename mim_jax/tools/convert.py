@@ -1,7 +1,8 @@
 r"""Weight conversion between official PyTorch checkpoints and mim_jax.
 
 Export the params of a training run as an official state dict (encoder +
-decoder, official key names, loads with strict=True upstream):
+decoder, and BootMAE's momentum encoder; official key names, loads with
+strict=True upstream):
 
   python -m mim_jax.tools.convert export --config=configs/mae_vitb.py \
       --workdir=DIR [--step=N] --out=mae_vitb.pth     # or .npz
@@ -38,9 +39,10 @@ def export(config):
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
   from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
   model = steps.build_model(config)
-  params, step = weights.from_workdir(config, model, FLAGS.workdir,
-                                      FLAGS.step)
-  sd = weights.to_torch(config, model, params)
+  state, step = weights.state_from_workdir(config, model, FLAGS.workdir,
+                                           FLAGS.step)
+  # BootMAE: the momentum encoder too (`model_ema.*`).
+  sd = weights.to_torch(config, model, state.params, ema=state.ema_params)
   core.save_state_dict(sd, FLAGS.out)
   logging.info('Wrote %d tensors of step %d to %s', len(sd), step, FLAGS.out)
 

@@ -73,8 +73,9 @@ def _unrolled(config):
   model-FLOPs convention (no recompute) and no loops for cost analysis."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.model.scan = False
-    c.model.remat_policy = 'none'
+    for key, value in (('scan', False), ('remat_policy', 'none')):
+      if key in c.model:  # (models without the switch are unrolled)
+        c.model[key] = value
     c.grad_accum_steps = 1
   return c
 

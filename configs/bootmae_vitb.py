@@ -1,0 +1,11 @@
+r"""BootMAE ViT-B/16 pretraining on ImageNet-1k, the official recipe.
+
+  python -m mim_jax.main --config=configs/bootmae_vitb.py --workdir=gs://...
+"""
+
+from mim_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  return config_lib.bootmae_config('B/16')
