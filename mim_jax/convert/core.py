@@ -61,7 +61,9 @@ def _map_key(key: str, rules: Rules, forward: bool) -> Optional[str]:
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint (.pth/.pt, via torch.load(weights_only=True))
   or a state dict saved as .npz. Unwraps {'model': ...} / {'state_dict': ...}
-  as written by the official training scripts."""
+  as written by the official training scripts; their {'model_ema': ...}
+  (a timm ModelEma state dict, e.g. BootMAE's momentum encoder) comes back
+  as `model_ema.`-prefixed keys."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint {path!r} does not exist.')
   if path.endswith('.npz'):
@@ -69,10 +71,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       return {k: np.asarray(f[k]) for k in f.files}
   import torch  # pylint: disable=g-import-not-at-top
   obj = torch.load(path, map_location='cpu', weights_only=True)
+  ema = obj.get('model_ema') if isinstance(obj, dict) else None
   for wrapper in ('model', 'state_dict', 'module'):
     if isinstance(obj, dict) and wrapper in obj and isinstance(
         obj[wrapper], dict):
       obj = obj[wrapper]
+  if isinstance(ema, dict) and obj is not ema:
+    obj = dict(obj, **{f'model_ema.{k}': v for k, v in ema.items()})
   return {k: v.detach().float().numpy() if v.is_floating_point()
           else v.numpy() for k, v in obj.items()}
 
