@@ -260,3 +260,19 @@ def test_official_recipes():
     assert (model.decoder_width, model.decoder_depth,
             model.feature_depth) == (512, 2, 2)
     assert c.loss.feature_ramp_fraction == 0.25
+
+
+def test_feature_weight_ramps_per_epoch_over_the_first_quarter():
+  """Upstream: fw(epoch) = min(4 fw (1 + epoch) / epochs, fw)."""
+  from mim_jax.losses import bootmae as bootmae_loss  # pylint: disable=g-import-not-at-top
+  spe, epochs = 10, 800
+  at = lambda step: float(bootmae_loss.feature_weight_at(
+      step, feature_weight=1.0, feature_ramp_fraction=0.25,
+      total_steps=epochs * spe, steps_per_epoch=spe))
+  for epoch in (0, 1, 57, 198, 199, 200, 799):
+    want = min(4 * (1 + epoch) / epochs, 1.0)
+    assert at(epoch * spe) == pytest.approx(want)
+    assert at(epoch * spe + spe - 1) == pytest.approx(want)  # per epoch
+  assert float(bootmae_loss.feature_weight_at(
+      123, feature_weight=0.5, feature_ramp_fraction=0.0, total_steps=1,
+      steps_per_epoch=1)) == 0.5
