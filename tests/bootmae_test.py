@@ -212,7 +212,7 @@ def test_bootmae_tiny_trains_resumes_and_shards_the_ema_like_the_params(
   sd = weights.to_torch(c, model, saved.params, ema=saved.ema_params)
   assert 'model_ema.blocks.3.attn.qkv.weight' in sd
   path = str(tmp_path / 'bootmae_tiny.pth')
-  from mim_jax.convert import core as convert_core  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert import core as convert_core  # pylint: disable=g-import-not-at-top,line-too-long
   convert_core.save_state_dict(sd, path)
   # The official scripts' layout: {'model': ..., 'model_ema': ...}.
   import torch  # pylint: disable=g-import-not-at-top

@@ -27,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models import cae
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -165,22 +164,16 @@ class BootMAE(nn.Module):
     enc = vit.Encoder(**self.encoder_fields(), taps=(low, high),
                       name='encoder')
     grid_hw = enc.grid(images)
-    num_patches = grid_hw[0] * grid_hw[1]
-    num_masked = num_patches - int(num_patches * (1 - self.mask_ratio))
-    if mask.shape[1] != num_patches:
-      raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
-                       f'images have {num_patches} ({grid_hw}).')
-    ids_vis, ids_masked = cae.split_ids(mask, num_masked)
+    ids_vis, ids_masked = vit.split_by_mask(mask, grid_hw, self.mask_ratio)
     latent, enc_out = enc(images, ids_vis)
     feat_low, feat_high = enc_out['taps']
     eps, heads, width = enc.layernorm_eps, enc.num_heads, enc.width
 
-    de_pos = jnp.asarray(layers.posemb_sincos_2d(
-        *grid_hw, self.decoder_width, cls_token=False, row_first=True)[0],
-                         self.dtype)
-    pix = self._predictor(latent, feat_low, ids_vis, ids_masked, de_pos,
-                          self.decoder_width, self.decoder_depth, 'pixel', heads,
-                          eps)
+    de_pos = layers.posemb_sincos_2d(*grid_hw, self.decoder_width,
+                                     cls_token=False, row_first=True)[0]
+    pix = self._predictor(latent, feat_low, ids_vis, ids_masked,
+                          jnp.asarray(de_pos, self.dtype), self.decoder_width,
+                          self.decoder_depth, 'pixel', heads, eps)
     p = enc.patch_size
     pred = PatchHead(p, self.in_chans, self.dtype, name='pixel_head')(
         pix[:, 1:])

@@ -21,13 +21,6 @@ from mim_jax.models import layers
 from mim_jax.models import vit
 
 
-def split_ids(mask: jax.Array, num_masked: int):
-  """(ids_visible (N, L - M), ids_masked (N, M)), each ascending."""
-  ids = jnp.argsort(mask, axis=1, stable=True)
-  return ids[:, :mask.shape[1] - num_masked], ids[:, mask.shape[1] -
-                                                   num_masked:]
-
-
 class CrossAttention(nn.Module):
   """Separate q/k/v projections, q and v biases, no key bias."""
   num_heads: int
@@ -123,11 +116,8 @@ class CAE(nn.Module):
       raise ValueError('CAE needs the batch mask (N, L), 1 = masked.')
     grid_hw = enc.grid(images)
     num_patches = grid_hw[0] * grid_hw[1]
-    num_masked = num_patches - int(num_patches * (1 - self.mask_ratio))
-    if mask.shape[1] != num_patches:
-      raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
-                       f'images have {num_patches} ({grid_hw}).')
-    ids_vis, ids_masked = split_ids(mask, num_masked)
+    ids_vis, ids_masked = vit.split_by_mask(mask, grid_hw, self.mask_ratio)
+    num_masked = ids_masked.shape[1]
     width = self.decoder_width or enc.width
     mlp_dim = self.decoder_mlp_dim or 4 * width
     eps = enc.layernorm_eps

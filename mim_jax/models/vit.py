@@ -47,6 +47,24 @@ def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, ids[..., None].astype(jnp.int32), axis=1)
 
 
+def split_by_mask(mask: jax.Array, grid_hw: tuple[int, int],
+                  mask_ratio: float):
+  """(ids_visible (N, L - M), ids_masked (N, M)), each in increasing patch
+  order (as upstream's boolean indexing), for fixed-count masks (CAE,
+  BootMAE): M = L - int(L * (1 - mask_ratio)) in every row.
+
+  Raises:
+    ValueError: the mask does not fit the image's patch grid.
+  """
+  num_patches = grid_hw[0] * grid_hw[1]
+  if mask.shape[1] != num_patches:
+    raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
+                     f'images have {num_patches} ({grid_hw}).')
+  num_masked = num_patches - int(num_patches * (1 - mask_ratio))
+  ids = jnp.argsort(mask, axis=1, stable=True)
+  return ids[:, :num_patches - num_masked], ids[:, num_patches - num_masked:]
+
+
 class Encoder(nn.Module):
   """ViT encoder over a subset of patch tokens.
 
