@@ -369,3 +369,16 @@ def test_decode_variant():
       vit.decode_variant(bad)
   with pytest.raises(ValueError, match='X/16'):
     vit.decode_variant('X/16')
+
+
+def test_fixed_count_split_recovers_every_count_from_its_ratio():
+  """CAE/BootMAE take the mask ratio as M / L; every M must come back."""
+  for num_patches, num_masked in ((49, 36), (64, 39), (196, 147), (12, 5),
+                                  (196, 98)):
+    mask = np.zeros((1, num_patches), np.float32)
+    mask[0, :num_masked] = 1
+    side = int(num_patches ** 0.5)
+    grid = (side, num_patches // side)
+    vis, masked = vit.split_by_mask(mask, grid, num_masked / num_patches)
+    assert masked.shape[1] == num_masked, (num_patches, num_masked)
+    assert vis.shape[1] == num_patches - num_masked

@@ -60,7 +60,10 @@ def split_by_mask(mask: jax.Array, grid_hw: tuple[int, int],
   if mask.shape[1] != num_patches:
     raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
                      f'images have {num_patches} ({grid_hw}).')
-  num_masked = num_patches - int(num_patches * (1 - mask_ratio))
+  # + 1e-9: a ratio given as M / L (the parity adapters) must give back M;
+  # without it, 1 in 5 such (L, M) pairs lose a patch to float rounding,
+  # e.g. L=49, M=36: int(49 * (1 - 36/49)) = 12.
+  num_masked = num_patches - int(num_patches * (1 - mask_ratio) + 1e-9)
   ids = jnp.argsort(mask, axis=1, stable=True)
   return ids[:, :num_patches - num_masked], ids[:, num_patches - num_masked:]
 
