@@ -73,10 +73,6 @@ def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
   grid = visualize.render(config, vis_fn, params, vis_batch)
   if grid is None:
-    logging.log_first_n(
-        logging.INFO, 'No reconstruction images: %s predicts no pixels here '
-        '(token targets; the dVAE decoder is not part of mim_jax).', 1,
-        config.model_name)
     return None
   path = os.path.join(workdir, f'recon_{step:07d}.png')
   if jax.process_index() == 0:
@@ -129,6 +125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # Frozen token targets (CAE): read before compiling, after the data check.
   tok = tokenizer.from_config(config, mesh)
+  if tok is not None:
+    logging.info('No reconstruction images: token targets predict no pixels '
+                 '(the dVAE decoder is not part of mim_jax).')
 
   init = init_ema = None
   if config.get('init_from') and not start_step:
@@ -182,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       logging.info('step %d: %s', step,
                    ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
       pending, t_log, n_log = [], time.time(), 0
-    if step % config.vis_every_steps == 0 or step == total_steps:
+    if (step % config.vis_every_steps == 0 or step == total_steps) and (
+        tok is None):  # token targets have no pixels to draw
       _vis(config, vis_fn, state.params, vis_batch, workdir, step, writer)
     checkpoint.save(mgr, step, state, config.ckpt_every_steps,
                     force=step == total_steps)

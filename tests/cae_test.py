@@ -42,14 +42,7 @@ def test_cae_fixture_passes(report):
 
 
 def _model_and_params():
-  fx = core.load_fixture(CAE)
-  config = parity_cae.experiment_config(fx['config'])
-  model = steps.build_model(config)
-  batch = parity_cae.batch_from_inputs(fx['inputs'], fx['config'])
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-            for k, v in batch.items()}
-  abstract = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
-  params = convert_cae.to_flax(fx['state_dict'], model, abstract, 32)
+  fx, _, _, model, batch, params = core.load_converted(CAE)
   return fx, model, params, batch
 
 

@@ -123,8 +123,9 @@ def compare_tensor_dict(ours: dict, ref: dict, tol: float, zero_slices=None,
               missing=missing, compared=len(ref) - len(missing))
 
 
-def run(path: str) -> dict[str, Any]:
-  """Runs every check on one fixture folder; returns the JSON report."""
+def load_converted(path: str):
+  """A fixture folder through its method's adapter: (fixture, adapter,
+  experiment config, model, batch (numpy), converted initial params)."""
   fx = load_fixture(path)
   method = fx['config']['method']
   try:
@@ -132,17 +133,25 @@ def run(path: str) -> dict[str, Any]:
   except ModuleNotFoundError as e:
     raise ValueError(f'No parity adapter for method {method!r} '
                      f'(mim_jax/parity/{method}.py).') from e
-  jax.config.update('jax_default_matmul_precision', 'highest')
   config = adapter.experiment_config(fx['config'])
   model = steps.build_model(config)
-  loss_fn = steps.build_loss(config)
-  conv = adapter.converter()
   batch = adapter.batch_from_inputs(fx['inputs'], fx['config'])
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
   shapes = jax.eval_shape(lambda: steps.init_params(
       model, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
               for k, v in batch.items()}, 0))
-  params = conv.to_flax(fx['state_dict'], model, shapes, fx['config'])
+  params = adapter.converter().to_flax(fx['state_dict'], model, shapes,
+                                       fx['config'])
+  return fx, adapter, config, model, batch, params
+
+
+def run(path: str) -> dict[str, Any]:
+  """Runs every check on one fixture folder; returns the JSON report."""
+  fx, adapter, config, model, batch, params = load_converted(path)
+  method = fx['config']['method']
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  loss_fn = steps.build_loss(config)
+  conv = adapter.converter()
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
   report: dict[str, Any] = {'fixture': os.path.abspath(path),
                             'method': method, 'tolerances': TOL}
   zero = adapter.zero_gradient_slices(fx['state_dict'], fx['config'])
