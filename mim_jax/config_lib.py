@@ -11,7 +11,6 @@ from ml_collections.config_dict import placeholder
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax.convert import dvae as convert_dvae
-from mim_jax.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -185,10 +184,10 @@ def bootmae_config(variant: str = 'B/16') -> ml_collections.ConfigDict:
   c.model_name = 'bootmae'
   c.loss_name = 'bootmae'
   large = variant.startswith('L') or variant.startswith('H')
-  depth = vit.decode_variant(variant)['depth']
   c.model = dict(
       variant=variant, encoder=dict(), decoder_width=512, decoder_depth=2,
-      feature_depth=2, taps=(0, depth - 1),
+      # The first and the last block: [0, 11] (B), [0, 23] (L).
+      feature_depth=2, taps=(0, -1),
       mask_ratio=c.get_ref('mask_ratio'), dtype='float32')
   c.loss = dict(feature_weight=1.0, feature_ramp_fraction=0.25,
                 weighted_mask=True)

@@ -76,6 +76,12 @@ def validate_config(config) -> None:
         f'{vocab} tokens (config.tokenizer.vocab_size); make them equal.')
 
 
+def _abstract_params(module: dvae.Encoder) -> Any:
+  """The encoder's param shapes (they do not depend on the image size)."""
+  return jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, 8, 8, 3)))['params']
+
+
 def load_params(config) -> Any:
   """The tokenizer params (host numpy) from `config.tokenizer.weights`.
 
@@ -92,12 +98,9 @@ def load_params(config) -> Any:
         f'wget {convert_dvae.ENCODER_URL} -O {path}` (copy it to every '
         'host, or use a gs:// path), or train on normalised pixels with '
         '--config.model.target=pixels.')
-  module = encoder_of(config)
-  target = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, 8, 8, 3)))['params']
   sd = convert_dvae.load_encoder_pkl(path)
   logging.info('Tokenizer: %d tensors from %s.', len(sd), path)
-  return convert_dvae.to_flax(sd, target)
+  return convert_dvae.to_flax(sd, _abstract_params(encoder_of(config)))
 
 
 def make_tokenize_fn(module: dvae.Encoder, mesh: Mesh):
@@ -118,14 +121,13 @@ def cost(config, mesh: Mesh, batch_size: int, patch_size: int) -> dict:
   bytes per device (for the planner; nothing is allocated)."""
   module = encoder_of(config)
   size = view_size(config, patch_size)
-  params = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                          jnp.zeros((1, size, size, 3)))['params']
+  params = _abstract_params(module)
   images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8)
   flops = make_tokenize_fn(module, mesh).lower(
       params, images).cost_analysis()['flops']
+  # Replicated: every device holds the whole tree.
   return {'view_size': size, 'flops_per_step': float(flops),
-          'params_bytes_per_device': int(sum(
-              x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))}
+          'params_bytes_per_device': sharding.per_device_bytes(params)}
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from mim_jax import weights
+from mim_jax.losses import bootmae as bootmae_loss
 from mim_jax.models import layers
 
 
@@ -27,12 +28,11 @@ def pred_to_pixels(pred, images, patch_size: int, norm_pix,
   pred = np.asarray(pred, np.float64)
   n, h, w, c = images.shape
   if norm_pix == 'patch_channel':
-    target = layers.patchify(np.asarray(images, np.float64), patch_size)
-    target = target.reshape(n, target.shape[1], -1, c)
-    mean = target.mean(2, keepdims=True)
-    std = np.sqrt(target.var(2, keepdims=True) + 1e-5)
-    pred = (pred.reshape(target.shape) * std + mean).reshape(n, -1,
-                                                            pred.shape[-1])
+    # The statistics of BootMAE's own target (one definition, in its loss).
+    _, mean, std = bootmae_loss.patch_channel_normalize(images, patch_size)
+    per_channel = pred.reshape(n, pred.shape[1], -1, c)
+    pred = (per_channel * np.asarray(std, np.float64)[:, :, None] +
+            np.asarray(mean, np.float64)[:, :, None]).reshape(pred.shape)
   elif norm_pix:
     target = layers.patchify(np.asarray(images, np.float64), patch_size)
     mean = target.mean(-1, keepdims=True)

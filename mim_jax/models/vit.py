@@ -140,7 +140,8 @@ class Encoder(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
     dpr = tuple(float(r) for r in
                 np.linspace(0, self.drop_path_rate, self.depth))
-    bad = [i for i in self.taps if not 0 <= i < self.depth]
+    tapped_blocks = tuple(sorted(set(self.taps)))  # block_stack's order
+    bad = [i for i in tapped_blocks if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f'encoder taps {bad} are outside the {self.depth} '
                        f'blocks: use indices 0..{self.depth - 1}.')
@@ -153,11 +154,11 @@ class Encoder(nn.Module):
                           layernorm_eps=self.layernorm_eps, dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, drop_path_rates=dpr, name='blocks',
-        taps=tuple(sorted(set(self.taps))))
+        taps=tapped_blocks)
     out = {'tokens': tokens}
     if self.taps:
       x, tapped = x
-      by_index = dict(zip(sorted(set(self.taps)), tapped))
+      by_index = dict(zip(tapped_blocks, tapped))
       out['taps'] = [by_index[i] for i in self.taps]
     x = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')(x)
     return x, out
