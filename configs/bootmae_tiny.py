@@ -6,9 +6,9 @@ TrainState.ema_params; trains on a 2-core CPU in a few minutes.
       --workdir=/tmp/bootmae_tiny
 """
 
-from mim_jax import config_lib
+from mim_jax.methods.bootmae import config as recipe
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.bootmae_tiny_overrides(config_lib.bootmae_config())
+  return recipe.get_config('tiny')

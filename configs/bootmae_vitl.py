@@ -3,9 +3,9 @@ r"""BootMAE ViT-L/16 pretraining on ImageNet-1k, the official recipe.
   python -m mim_jax.main --config=configs/bootmae_vitl.py --workdir=gs://...
 """
 
-from mim_jax import config_lib
+from mim_jax.methods.bootmae import config as recipe
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.bootmae_config('L/16')
+  return recipe.get_config('L/16')

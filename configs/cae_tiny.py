@@ -5,9 +5,9 @@ decoder of 2 blocks; trains on a 2-core CPU in a few minutes.
   python -m mim_jax.main --config=configs/cae_tiny.py --workdir=/tmp/cae_tiny
 """
 
-from mim_jax import config_lib
+from mim_jax.methods.cae import config as recipe
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.cae_tiny_overrides(config_lib.cae_config())
+  return recipe.get_config('tiny')

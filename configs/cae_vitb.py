@@ -7,9 +7,9 @@ or train on normalised pixels with --config.model.target=pixels.
   python -m mim_jax.main --config=configs/cae_vitb.py --workdir=gs://...
 """
 
-from mim_jax import config_lib
+from mim_jax.methods.cae import config as recipe
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.cae_config('B/16')
+  return recipe.get_config('B/16')

@@ -7,9 +7,9 @@ reconstruction PNGs into --workdir.
   python -m mim_jax.main --config=configs/mae_tiny.py --workdir=/tmp/mae_tiny
 """
 
-from mim_jax import config_lib
+from mim_jax.methods.mae import config as recipe
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.tiny_overrides(config_lib.mae_config())
+  return recipe.get_config('tiny')

@@ -56,13 +56,40 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
   check_compatible(mgr, step, target)
   try:
-    state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      state = mgr.restore(step, args=ocp.args.StandardRestore(target))
+    except ValueError as e:
+      if not _is_legacy(e, target):
+        raise
+      state = _restore_legacy(mgr, step, target)
   except (ValueError, KeyError) as e:
     raise ValueError(
         f'Checkpoint at step {step} in {mgr.directory} does not match this '
         f'model/optimizer ({e}). Use a fresh --workdir or the config the '
         'checkpoint was written with.') from e
   return state, step
+
+
+# TrainState fields of checkpoints written before target providers had a
+# `target_state` field (mim_jax before M5).
+_LEGACY_FIELDS = ('step', 'params', 'opt_state', 'ema_params')
+
+
+def _is_legacy(error: ValueError, target) -> bool:
+  """A checkpoint without the (empty) `target_state` field."""
+  return ('target_state' in str(error) and
+          getattr(target, 'target_state', 0) is None)
+
+
+def _restore_legacy(mgr: ocp.CheckpointManager, step: int, target):
+  """Restores a pre-M5 checkpoint (no `target_state`) into `target`: the
+  stored fields are exactly those of the state without target providers,
+  so nothing is lost or guessed."""
+  logging.info('Step %d was written before TrainState.target_state '
+               'existed; restoring its fields %s.', step, _LEGACY_FIELDS)
+  fields = {k: getattr(target, k) for k in _LEGACY_FIELDS}
+  restored = mgr.restore(step, args=ocp.args.StandardRestore(fields))
+  return target.replace(**restored)
 
 
 def _flat_shapes(tree) -> dict:

@@ -12,9 +12,9 @@ their patch masks, generated inside tf.data:
          masks come with a noise that replays them (see data/masks.py).
   step:  int32 (B,) global step of the batch.
   index: int32 (B,) position of the example in the global batch.
-  tokenizer_image: uint8 (B, S, S, 3), only with `tokenizer_size=S`: the
-         same crop and flip, Lanczos-resized, for token targets (see
-         mim_jax/tokenizer.py).
+  <view>: uint8 (B, S, S, 3) for each entry of `views={name: S}`: the
+         same crop and flip, Lanczos-resized (e.g. a dVAE tokenizer's
+         input, see mim_jax/targets/tokenizer.py).
 
 Determinism and resume: every random decision (crop, flip, mask) comes from
 stateless TF ops keyed by (seed, step, global index), and the record order of
@@ -59,6 +59,9 @@ from mim_jax.data import sources
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _DEFAULT_MASK = {'kind': 'random', 'ratio': 0.75}
+# The arrays every batch has (besides its views); `step` and `index` are
+# bookkeeping that stays on the host.
+BATCH_KEYS = ('image', 'noise', 'mask', 'step', 'index')
 # Key used for the vis batch's masks: fixed, so the same patches are masked
 # in every visualisation of a run.
 _VIS_STEP = 0
@@ -142,7 +145,7 @@ def make_train_dataset(input_config: Any,
                        start_step: int = 0,
                        process_index: int | None = None,
                        process_count: int | None = None,
-                       tokenizer_size: int | None = None) -> tf.data.Dataset:
+                       views: dict[str, int] | None = None) -> tf.data.Dataset:
   """Builds the infinite, deterministic MAE training pipeline of one host.
 
   For host h with host batch b, example j of the k-th local batch has
@@ -157,12 +160,12 @@ def make_train_dataset(input_config: Any,
     start_step: global step of the first batch (resume).
     process_index: this host's index (default: `jax.process_index()`).
     process_count: number of hosts (default: `jax.process_count()`).
-    tokenizer_size: if set, also emit 'tokenizer_image', the same crop and
-      flip Lanczos-resized to this side (uint8).
+    views: {name: S}: also emit each `name`, the same crop and flip
+      Lanczos-resized to S x S (uint8).
 
   Returns:
-    tf.data.Dataset of dicts with 'image', 'noise', 'mask', 'step', 'index'
-    (leading dimension: host batch = input.batch_size // process_count).
+    tf.data.Dataset of dicts with BATCH_KEYS and the views (leading
+    dimension: host batch = input.batch_size // process_count).
 
   Raises:
     ValueError: on invalid configuration or an unusable data source.
@@ -173,8 +176,7 @@ def make_train_dataset(input_config: Any,
   process_index, process_count = _process_info(process_index, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
-  if tokenizer_size is not None and tokenizer_size < 1:
-    raise ValueError(f'tokenizer_size={tokenizer_size} must be positive.')
+  views = _check_views(views)
   scale = _pair(input_config.get('crop_scale', (0.2, 1.0)), 'crop_scale')
   ratio = _pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)), 'crop_ratio')
   hflip = bool(input_config.get('hflip', True))
@@ -213,11 +215,10 @@ def make_train_dataset(input_config: Any,
     if hflip:
       image = augment.random_flip(image, flip_key)
     example = {'image': augment.normalize(image, mean, std)}
-    if tokenizer_size:
-      view = augment.resize_lanczos_uint8(crop, tokenizer_size)
+    for name, size in views.items():
+      view = augment.resize_lanczos_uint8(crop, size)
       # The same flip_key: both views flip together.
-      example['tokenizer_image'] = augment.random_flip(
-          view, flip_key) if hflip else view
+      example[name] = augment.random_flip(view, flip_key) if hflip else view
     example.update(mask_example(mask_key))
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
@@ -240,11 +241,25 @@ def make_train_dataset(input_config: Any,
   return ds.with_options(options)
 
 
+def _check_views(views: dict[str, int] | None) -> dict[str, int]:
+  views = dict(views or {})
+  clash = sorted(set(views) & set(BATCH_KEYS))
+  if clash:
+    raise ValueError(f'views {clash} would replace batch keys; name them '
+                     'differently.')
+  bad = {k: v for k, v in views.items() if int(v) < 1}
+  if bad:
+    raise ValueError(f'view sizes {bad} must be positive.')
+  return {k: int(v) for k, v in views.items()}
+
+
 def make_vis_batch(input_config: Any,
                    *,
                    patch_size: int,
                    seed: int,
-                   num_images: int = 8) -> dict[str, np.ndarray]:
+                   num_images: int = 8,
+                   views: dict[str, int] | None = None
+                   ) -> dict[str, np.ndarray]:
   """A fixed batch of the first source images, for reconstruction plots.
 
   Images are resized (shorter side) and center-cropped, with no random
@@ -256,6 +271,7 @@ def make_vis_batch(input_config: Any,
     patch_size: ViT patch size.
     seed: experiment seed.
     num_images: batch size; the source is cycled if it has fewer images.
+    views: {name: S}, extra Lanczos views (as in `make_train_dataset`).
 
   Returns:
     Dict of numpy arrays with the keys of `make_train_dataset`.
@@ -267,15 +283,18 @@ def make_vis_batch(input_config: Any,
                                image_size // patch_size)
   mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
   std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  views = _check_views(views)
   source = sources.open_source(input_config, seed=seed, process_index=0,
                                process_count=1)
   vis_key = seeds.base_key(seed, seeds.VIS)
   mask_example, mask_batch = masks.stages(mask_fn)
 
   def process(index, record):
-    image = augment.decode_and_center_crop(source.read(record))
-    image = augment.resize(image, image_size)
+    crop = augment.decode_and_center_crop(source.read(record))
+    image = augment.resize(crop, image_size)
     example = {'image': augment.normalize(image, mean, std)}
+    for name, size in views.items():
+      example[name] = augment.resize_lanczos_uint8(crop, size)
     example.update(mask_example(seeds.fold_in(vis_key, _VIS_STEP, index)))
     example['step'] = tf.constant(_VIS_STEP, tf.int32)
     example['index'] = tf.cast(index, tf.int32)

@@ -140,11 +140,11 @@ def ema_update(ema, params, momentum, rate):
                       ema, {k: params[k] for k in ema})
 
 
-# Leaves without weight decay in the official recipes (timm / BEiT rule:
-# 1-D params and biases): biases, LayerNorm scales, BEiT-style q/v biases
-# and layer-scale gammas.
-NO_DECAY = ('bias', 'scale', 'q_bias', 'v_bias', 'gamma_1', 'gamma_2',
-            'gamma_1_cross', 'gamma_2_cross')
+# Leaves of the shared layers (models/layers.py) without weight decay in the
+# official recipes (timm / BEiT rule: 1-D params and biases): biases,
+# LayerNorm scales, BEiT-style q/v biases and layer-scale gammas. A method
+# with more such leaves adds their names in its recipe's `wd_exclude`.
+NO_DECAY = ('bias', 'scale', 'q_bias', 'v_bias', 'gamma_1', 'gamma_2')
 
 
 def decay_mask(params, exclude: Sequence[str] = NO_DECAY):

@@ -13,10 +13,9 @@ gathered per layer by XLA), `mlp` / `heads` go to `tensor`, and the batch is
 split over (`data`, `fsdp`).
 """
 
-import contextlib
-import contextvars
+import functools
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -245,56 +244,36 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh,
         'nn.with_logical_partitioning(init, names) (see models/layers.py), '
         'None for a dimension that is never sharded.')
 
-  def one(path, spec, leaf):
-    name = jax.tree_util.keystr(path)
-    spec = mesh_spec(spec, leaf.shape, mesh, rules, min_shard_size, name)
-    if math.prod(leaf.shape) >= max(min_shard_size, 1):
-      spec = _fsdp_fallback(spec, leaf.shape, mesh)
-    return NamedSharding(mesh, spec)
-
   return jax.tree_util.tree_map_with_path(
-      one, logical_specs, abstract_params,
-      is_leaf=lambda x: isinstance(x, P))
+      functools.partial(_leaf_sharding, mesh, rules, min_shard_size),
+      logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, P))
 
 
-def _dict_keys(path) -> tuple:
-  return tuple(str(k.key) for k in path
-               if isinstance(k, jax.tree_util.DictKey))
+def _leaf_sharding(mesh: Mesh, rules: Sequence, min_shard_size: int, path,
+                   spec: P, leaf) -> NamedSharding:
+  name = jax.tree_util.keystr(path)
+  spec = mesh_spec(spec, leaf.shape, mesh, rules, min_shard_size, name)
+  if math.prod(leaf.shape) >= max(min_shard_size, 1):
+    spec = _fsdp_fallback(spec, leaf.shape, mesh)
+  return NamedSharding(mesh, spec)
 
 
-def state_shardings(abstract_state, params, param_sh, mesh: Mesh):
-  """Shardings of a whole train state (or any tree holding param copies).
+def state_shardings(logical_specs, abstract_state, mesh: Mesh,
+                    rules: Sequence, min_shard_size: int = 0):
+  """NamedShardings of a whole train state from its leaves' logical specs
+  (`nn.get_partition_spec` of the state traced with boxed params: the
+  optimizer moments and EMA copies carry their params' axes).
 
-  A leaf whose dict-key path ends with a parameter's path and has its shape
-  (Adam's mu / nu, `ema_params`) takes that parameter's sharding, as does a
-  leaf whose path is the end of parameter paths that agree on one sharding
-  (an EMA of `params['encoder']` kept without the 'encoder' key);
-  everything else (step counters, scalars) is replicated.
+  The params must all be named (see `param_shardings`); every leaf gets
+  the same treatment as a param: small arrays replicated, indivisible
+  dimensions replicated (logged), large arrays split over `fsdp`. Leaves
+  without names (step counters) are replicated unless large.
   """
-  # (leaf name, shape) -> [(path, sharding)]: the candidates for a leaf.
-  index = {}
-  for (p, leaf), sh in zip(
-      jax.tree_util.tree_flatten_with_path(params)[0],
-      jax.tree.leaves(param_sh,
-                      is_leaf=lambda x: isinstance(x, NamedSharding))):
-    keys = _dict_keys(p)
-    index.setdefault((keys[-1], tuple(leaf.shape)), []).append((keys, sh))
-  repl = replicated(mesh)
-
-  def one(path, leaf):
-    keys = _dict_keys(path)
-    shape = tuple(getattr(leaf, 'shape', ()))
-    candidates = index.get((keys[-1], shape), []) if keys else []
-    # The longest tail of the leaf's path that ends parameter paths and so
-    # names one sharding.
-    for i in range(len(keys)):
-      tail = keys[i:]
-      found = {sh for p, sh in candidates if p[-len(tail):] == tail}
-      if len(found) == 1:
-        return found.pop()
-    return repl
-
-  return jax.tree_util.tree_map_with_path(one, abstract_state)
+  param_shardings(logical_specs.params, abstract_state.params, mesh, rules,
+                  min_shard_size)  # checks names and rules
+  return jax.tree_util.tree_map_with_path(
+      functools.partial(_leaf_sharding, mesh, rules, min_shard_size),
+      logical_specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
 
 
 def per_device_bytes(abstract_tree, shardings=None) -> int:
@@ -314,28 +293,11 @@ def per_device_bytes(abstract_tree, shardings=None) -> int:
 # ---------------------------------------------------------------------------
 # Activation constraints.
 
-_ACTIVATION_CTX: contextvars.ContextVar[Optional[tuple]] = (
-    contextvars.ContextVar('mim_jax_activation_sharding', default=None))
 
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Optional[Mesh], rules: Optional[Sequence]):
-  """Within this context (entered while tracing), `constrain` applies the
-  logical rules on `mesh`; outside it, `constrain` is the identity (parity
-  replays, single-device tools)."""
-  token = _ACTIVATION_CTX.set((mesh, tuple(rules)) if mesh is not None
-                              and rules else None)
-  try:
-    yield
-  finally:
-    _ACTIVATION_CTX.reset(token)
-
-
-def constrain(x: jax.Array, logical: tuple) -> jax.Array:
-  """with_sharding_constraint by logical names (no-op without a context)."""
-  ctx = _ACTIVATION_CTX.get()
-  if ctx is None:
-    return x
-  mesh, rules = ctx
-  spec = mesh_spec(P(*logical), x.shape, mesh, rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+def activation_rules(rules: Sequence, mesh: Mesh) -> tuple:
+  """The logical rules for `nn.logical_axis_rules` while tracing a step on
+  `mesh`: mesh axes the mesh lacks (or has with size 1) are dropped, so a
+  rule for `tensor` on a data-parallel mesh means replicated. The layers
+  call `nn.with_logical_constraint`, which is the identity outside the
+  context (parity replays, single-device tools)."""
+  return tuple((name, _drop_absent(mesh, target)) for name, target in rules)

@@ -1,4 +1,5 @@
-"""The train state: step, params, optimizer state and an optional EMA copy."""
+"""The train state: step, params, optimizer state and the method's target
+state (an EMA copy, running statistics)."""
 
 from typing import Any, Optional
 
@@ -8,10 +9,16 @@ from flax.training import train_state
 
 @struct.dataclass
 class TrainState(train_state.TrainState):
-  """flax TrainState plus `ema_params`.
+  """flax TrainState plus the state of the method's target providers
+  (`mim_jax.method.TargetProvider`).
 
-  `ema_params` is None for methods without a momentum target. Methods that
-  have one (BootMAE) set it at init and update it inside the jitted step
-  after the optimizer update; it is sharded and checkpointed with `params`.
+  `ema_params` is the 'ema' provider's momentum copy (BootMAE's momentum
+  encoder), None for methods without one. It is set at init and updated
+  inside the jitted step after the optimizer update; it is sharded and
+  checkpointed with `params`.
+
+  `target_state` holds the 'running' providers' statistics by provider
+  name (None without any), updated in the step and checkpointed.
   """
   ema_params: Optional[Any] = None
+  target_state: Optional[Any] = None

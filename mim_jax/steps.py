@@ -1,130 +1,118 @@
-"""Model/loss selection, the pure train step and sharded state creation.
+"""The pure train step and sharded state creation, for any method.
 
-Shared by the trainer (`train.py`) and the parity checker, so the fixtures
-are replayed through exactly the code that trains.
+Shared by the trainer (`train.py`), the planner and the parity checker, so
+the fixtures are replayed through exactly the code that trains. Everything
+method-specific comes from the method's record (`mim_jax.method.Method`),
+found by `config.model_name` in the registry.
 """
 
 import functools
-import importlib
-import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from mim_jax import method as method_lib
+from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax.state import TrainState
 
 
-def _import(kind: str, name: str):
-  try:
-    return importlib.import_module(f'mim_jax.{kind}.{name}')
-  except ModuleNotFoundError as e:
-    raise ValueError(f'Unknown {kind[:-1]} {name!r}: there is no '
-                     f'mim_jax/{kind}/{name}.py.') from e
-
-
-def model_module(config):
-  """The module `mim_jax.models.<config.model_name>`."""
-  return _import('models', config.model_name)
+def method_of(config) -> method_lib.Method:
+  """The record of `config.model_name`."""
+  return methods.get(config.model_name)
 
 
 def build_model(config):
-  """`mim_jax.models.<config.model_name>.Model(**config.model)`."""
-  mod = model_module(config)
-  kw = config.model.to_dict()
-  if 'dtype' in kw:
-    kw['dtype'] = jnp.dtype(kw['dtype'])
+  """The config's model (`method.build_model(config)`)."""
+  return method_of(config).build_model(config)
+
+
+def schedule_of(config) -> method_lib.Schedule:
+  """The training lengths of `config` (None where it sets none; one step
+  per epoch when the dataset size is unknown)."""
   try:
-    return mod.Model(**kw)
-  except TypeError as e:
-    raise ValueError(
-        f'config.model does not fit model {config.model_name!r}: {e}. Remove '
-        f'or rename the key; the fields are those of mim_jax/models/'
-        f'{config.model_name}.py.') from e
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-  fn = getattr(fn, 'func', fn)
-  return name in inspect.signature(fn).parameters
+    total = optim.steps_from(config, 'total')
+  except ValueError:
+    total = None  # no training length (e.g. a forward-only check)
+  n = config.get('input', {}).get('num_train_examples')
+  spe = max(n // config.input.batch_size, 1) if n else 1
+  return method_lib.Schedule(total_steps=total, steps_per_epoch=spe)
 
 
 def build_loss(config) -> Callable:
-  """`mim_jax.losses.<config.loss_name>.loss_fn` bound to `config.loss`.
-
-  A loss that takes `total_steps` / `steps_per_epoch` (a schedule inside
-  the loss, e.g. BootMAE's feature-weight ramp) gets them from the config
-  unless config.loss sets them.
-  """
-  mod = _import('losses', config.loss_name)
+  """`(pred, out, batch, step) -> (loss, aux)`: the method's loss with
+  `config.loss` and the config's schedule bound."""
+  loss = method_of(config).loss
   kw = dict(config.get('loss', {}))
-  if _accepts(mod.loss_fn, 'total_steps') and 'total_steps' not in kw:
-    try:
-      kw['total_steps'] = optim.steps_from(config, 'total')
-    except ValueError:
-      pass  # no training length (e.g. a forward-only check)
-  n = config.get('input', {}).get('num_train_examples')
-  if _accepts(mod.loss_fn, 'steps_per_epoch') and n and (
-      'steps_per_epoch' not in kw):
-    kw['steps_per_epoch'] = max(n // config.input.batch_size, 1)
-  return functools.partial(mod.loss_fn, **kw)
+  schedule = schedule_of(config)
+
+  def loss_fn(pred, out, batch, step):
+    return loss(pred, out, batch, step=step, schedule=schedule, **kw)
+
+  return loss_fn
 
 
-# The batch entries that go to the devices (the rest is bookkeeping).
-# `tokenizer_image` is turned into `token_ids` before the step
-# (mim_jax/tokenizer.py).
-DEVICE_KEYS = ('image', 'noise', 'mask', 'token_ids', 'tokenizer_image')
+def batch_spec(config, batch_size: Optional[int] = None) -> dict:
+  """ShapeDtypeStructs of the arrays the step takes from the pipeline."""
+  bs = config.input.batch_size if batch_size is None else batch_size
+  return method_of(config).batch_spec(config, bs)
 
 
-def model_inputs(batch: dict) -> dict:
-  """The mask inputs a model takes from a batch (noise and/or mask)."""
-  return {k: batch[k] for k in ('noise', 'mask') if k in batch}
+def provider_states(providers, state: TrainState, frozen: dict) -> dict:
+  """{provider name: its state}: the EMA in `state.ema_params`, running
+  statistics in `state.target_state`, frozen weights in `frozen`."""
+  out = {}
+  for p in providers:
+    if p.kind == 'ema':
+      out[p.name] = state.ema_params
+    elif p.kind == 'running':
+      out[p.name] = state.target_state[p.name]
+    else:
+      out[p.name] = frozen[p.name]
+  return out
 
 
-def _model_hook(model, name: str):
-  """A function of the module that defines `model`'s class (e.g.
-  `mim_jax.models.bootmae.ema_targets`), or None."""
-  return getattr(importlib.import_module(type(model).__module__), name, None)
-
-
-def make_loss_fn(model, loss_fn: Callable) -> Callable:
-  """(params, batch, rng, train, *, ema_params, step) -> (loss, (pred, out,
+def make_loss_fn(model, loss_fn: Callable, providers=()) -> Callable:
+  """(params, batch, rng, train, *, targets, step) -> (loss, (pred, out,
   aux)).
 
-  Methods with an EMA target (their module defines `ema_targets(model,
-  ema_params, batch) -> dict`) get those targets added to the batch, under
-  stop_gradient; a loss that takes `step` gets the optimiser step.
+  The providers' targets (from `targets`, {provider name: state}) are added
+  to the batch and to the model's out dict under stop_gradient, then the
+  model and the loss run.
   """
-  targets_fn = _model_hook(model, 'ema_targets')
-  pass_step = _accepts(loss_fn, 'step')
 
-  def compute(params, batch, rng, train: bool = True, *, ema_params=None,
-              step=None):
-    targets = {}
-    if targets_fn is not None:
-      if ema_params is None:
-        raise ValueError(f'{type(model).__name__} needs the EMA params '
-                         '(TrainState.ema_params) for its targets.')
-      targets = jax.lax.stop_gradient(targets_fn(model, ema_params, batch))
-      batch = dict(batch, **targets)
-    pred, out = model.apply({'params': params}, batch['image'],
-                            **model_inputs(batch), train=train,
+  def compute(params, batch, rng, train: bool = True, *, targets=None,
+              step=0):
+    new = {}
+    for p in providers:
+      new.update(p.compute((targets or {})[p.name], batch))
+    new = jax.lax.stop_gradient(new)
+    batch = dict(batch, **new)
+    pred, out = model.apply({'params': params}, batch, train=train,
                             rngs={'dropout': rng})
-    out = dict(out, **targets)
-    kw = {'step': step} if pass_step and step is not None else {}
-    loss, aux = loss_fn(pred, out, batch, **kw)
+    out = dict(out, **new)
+    loss, aux = loss_fn(pred, out, batch, step)
     return loss, (pred, out, aux)
 
   return compute
 
 
+def _scalars(aux: dict) -> dict:
+  return {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+
+
 def grads_and_metrics(compute: Callable, params, batch, rng,
                       accum_steps: int = 1):
-  """Loss, grads and scalar metrics, optionally over `accum_steps`
-  microbatches (summed in a lax.scan: memory of one microbatch)."""
+  """Loss, grads and aux, optionally over `accum_steps` microbatches
+  (summed in a lax.scan: memory of one microbatch).
+
+  With accumulation, aux holds the scalar metrics of the loss, each the
+  mean over the microbatches (weighted like the loss: equally).
+  """
   grad_fn = jax.value_and_grad(compute, has_aux=True)
   if accum_steps == 1:
     (loss, (_, _, aux)), grads = grad_fn(params, batch, rng)
@@ -137,48 +125,64 @@ def grads_and_metrics(compute: Callable, params, batch, rng,
 
   def body(carry, xs):
     mb, k = xs
-    (loss, _), grads = grad_fn(params, mb, jax.random.fold_in(rng, k))
-    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+    (loss, (_, _, aux)), grads = grad_fn(params, mb,
+                                         jax.random.fold_in(rng, k))
+    return jax.tree.map(jnp.add, carry, (loss, grads, _scalars(aux))), None
 
+  first = jax.tree.map(lambda x: x[0], micro)
+  aux_shapes = _scalars(jax.eval_shape(compute, params, first, rng)[1][2])
   zeros = (jnp.zeros((), jnp.float32),
-           jax.tree.map(jnp.zeros_like, params))
-  (loss, grads), _ = jax.lax.scan(body, zeros,
-                                  (micro, jnp.arange(accum_steps)))
+           jax.tree.map(jnp.zeros_like, params),
+           {k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shapes.items()})
+  (loss, grads, aux), _ = jax.lax.scan(body, zeros,
+                                       (micro, jnp.arange(accum_steps)))
   scale = 1.0 / accum_steps
-  return loss * scale, jax.tree.map(lambda g: g * scale, grads), {}
+  return (loss * scale, jax.tree.map(lambda g: g * scale, grads),
+          jax.tree.map(lambda a: a * scale, aux))
 
 
-def make_train_step(model, loss_fn: Callable, schedule, *, seed: int = 0,
-                    accum_steps: int = 1, ema_momentum=None):
-  """Returns the pure `train_step(state, batch) -> (state, metrics)`.
+def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
+                    seed: int = 0, accum_steps: int = 1, ema_momentum=None):
+  """Returns the pure `train_step(state, batch, frozen) -> (state,
+  metrics)`.
 
-  With `ema_momentum` (step -> (m, 1 - m)), `state.ema_params` is updated
-  after the optimizer update: ema = m * ema + (1 - m) * new params.
+  `frozen` holds the weights of 'frozen' providers ({} without). After the
+  optimizer update, an 'ema' provider's `state.ema_params` moves with
+  `ema_momentum` (step -> (m, 1 - m)): ema = m * ema + (1 - m) * params;
+  'running' providers update their `state.target_state` entry.
   """
-  compute = make_loss_fn(model, loss_fn)
+  compute = make_loss_fn(model, loss_fn, providers)
+  has_ema = any(p.kind == 'ema' for p in providers)
+  running = [p for p in providers if p.kind == 'running']
+  if has_ema and ema_momentum is None:
+    raise ValueError('the method has an EMA target but no EMA momentum '
+                     'schedule was given (config.ema).')
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-    step_compute = functools.partial(compute, ema_params=state.ema_params,
-                                     step=state.step)
+    step_compute = functools.partial(
+        compute, targets=provider_states(providers, state, frozen),
+        step=state.step)
     loss, grads, aux = grads_and_metrics(step_compute, state.params, batch,
                                          rng, accum_steps)
     # The loss terms (scalars of the loss's aux) are logged with the loss.
-    metrics = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+    metrics = _scalars(aux)
     metrics.update({
         'loss': loss,
         'l2_grads': optim.global_norm(grads),
         'lr': schedule(state.step),
     })
     new_state = state.apply_gradients(grads=grads)
-    if state.ema_params is not None:
-      if ema_momentum is None:
-        raise ValueError('the state has ema_params but no EMA momentum '
-                         'schedule was given (config.ema).')
+    if has_ema:
       m, rate = ema_momentum(state.step)
       new_state = new_state.replace(ema_params=optim.ema_update(
           state.ema_params, new_state.params, m, rate))
       metrics['ema_momentum'] = m
+    if running:
+      new_state = new_state.replace(target_state=dict(
+          state.target_state, **{
+              p.name: p.update(state.target_state[p.name], batch, state.step)
+              for p in running}))
     metrics['l2_params'] = optim.global_norm(new_state.params)
     return new_state, metrics
 
@@ -190,7 +194,7 @@ def init_variables(model, batch_shapes: dict, seed: int):
   dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_shapes.items()}
   return model.init(
       {'params': jax.random.PRNGKey(seed), 'dropout': jax.random.PRNGKey(0)},
-      dummy['image'], **model_inputs(dummy), train=False)
+      dummy, train=False)
 
 
 def init_params(model, batch_shapes: dict, seed: int):
@@ -198,19 +202,40 @@ def init_params(model, batch_shapes: dict, seed: int):
   return nn.meta.unbox(init_variables(model, batch_shapes, seed)['params'])
 
 
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def box_like(boxed, tree):
+  """`tree` (plain arrays) in the boxes of `boxed` (same structure)."""
+  if tree is None:
+    return None
+  return jax.tree.map(lambda b, v: b.replace_boxed(v), boxed, tree,
+                      is_leaf=_is_box)
+
+
 def param_specs(model, batch_shapes: dict):
-  """(abstract params, logical PartitionSpec per param), without compute."""
+  """(abstract boxed params, logical PartitionSpec per param), without
+  compute."""
   boxed = jax.eval_shape(
       functools.partial(init_variables, model, batch_shapes, 0))['params']
-  return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+  return boxed, nn.get_partition_spec(boxed)
+
+
+def _rules(config) -> tuple:
+  return sharding.rules_from_config(config)
+
+
+def _min_shard(config) -> int:
+  return config.get('min_shard_size', sharding.DEFAULT_MIN_SHARD_SIZE)
 
 
 def param_shardings(config, model, mesh: Mesh, batch_shapes: dict):
   """(abstract params, NamedSharding per param) under the config's rules."""
-  abstract, specs = param_specs(model, batch_shapes)
-  shardings = sharding.param_shardings(
-      specs, abstract, mesh, sharding.rules_from_config(config),
-      config.get('min_shard_size', sharding.DEFAULT_MIN_SHARD_SIZE))
+  boxed, specs = param_specs(model, batch_shapes)
+  abstract = nn.meta.unbox(boxed)
+  shardings = sharding.param_shardings(specs, abstract, mesh, _rules(config),
+                                       _min_shard(config))
   return abstract, shardings
 
 
@@ -218,79 +243,113 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
                        params=None, materialize: bool = True, ema=None):
   """Creates the TrainState directly with its shardings.
 
-  The state is traced with eval_shape first; params, optimizer state and
-  `ema_params` get the shardings of the logical rules (FSDP), and a jitted
-  init with those out_shardings builds every array in place, so nothing is
-  materialised whole on one device.
+  The state is traced with eval_shape first, with boxed params: the
+  optimizer moments, the EMA and running target statistics inherit the
+  params' logical axes (flax metadata), and `nn.get_partition_spec` gives
+  the logical spec of every leaf, mapped onto the mesh by the config's
+  rules (FSDP; small or indivisible arrays replicated). A jitted init with
+  those out_shardings then builds every array in place, so nothing is
+  materialised whole on one device. The state itself holds plain arrays.
 
   Args:
     config: experiment config (optimizer, schedule, seed, sharding rules).
     model: the flax module.
     mesh: device mesh.
-    batch_shapes: ShapeDtypeStructs of a batch (image, noise/mask).
+    batch_shapes: ShapeDtypeStructs of a batch (`batch_spec`).
     params: initial params (e.g. converted from PyTorch); None = fresh init.
     materialize: if False, return the abstract state instead (leaves are
       ShapeDtypeStructs carrying their sharding), the restore target of a
       checkpoint: nothing is initialised that the restore would overwrite.
     ema: initial `ema_params` (e.g. an official checkpoint's momentum
-      encoder); None = the model's `init_ema(params)` when it has an EMA.
+      encoder); None = the EMA provider's `init(params)`.
 
   Returns:
     (state, state_shardings, tx, schedule).
   """
-  abstract_params, param_sh = param_shardings(config, model, mesh,
-                                              batch_shapes)
-  tx, schedule = optim.make_tx(config, abstract_params)
-
-  init_ema = _model_hook(model, 'init_ema')
+  providers = method_of(config).providers(config)
+  ema_provider = next((p for p in providers if p.kind == 'ema'), None)
+  running = [p for p in providers if p.kind == 'running']
+  boxed_params, _ = param_specs(model, batch_shapes)
+  tx, schedule = optim.make_tx(config, nn.meta.unbox(boxed_params))
 
   def make_state(params, ema=None):
     if params is None:
-      params = init_params(model, batch_shapes, config.seed)
-    if init_ema is not None and ema is None:
-      ema = init_ema(params)
+      params = init_variables(model, batch_shapes, config.seed)['params']
+    if ema_provider is not None and ema is None:
+      ema = ema_provider.init(params)
+    target_state = {p.name: p.init(params) for p in running} or None
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             ema_params=ema)
+                             ema_params=ema, target_state=target_state)
 
-  if params is not None:
-    params = jax.device_put(params, param_sh)
   if ema is not None:
-    ema = jax.device_put(ema, {k: param_sh[k] for k in ema})
-  abstract = jax.eval_shape(make_state, params, ema)
-  shardings = sharding.state_shardings(abstract, abstract_params, param_sh,
-                                       mesh)
+    ema = box_like(jax.eval_shape(ema_provider.init, boxed_params), ema)
+  params = box_like(boxed_params, params)
+  boxed_state = jax.eval_shape(make_state, params, ema)
+  abstract = nn.meta.unbox(boxed_state)
+  shardings = sharding.state_shardings(
+      nn.get_partition_spec(boxed_state), abstract, mesh, _rules(config),
+      _min_shard(config))
   if not materialize:
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract, shardings)
   else:
-    state = jax.jit(make_state, out_shardings=shardings)(params, ema)
+    if params is not None:
+      params = jax.device_put(params, box_like(boxed_params,
+                                               shardings.params))
+    state = jax.jit(lambda p, e: nn.meta.unbox(make_state(p, e)),
+                    out_shardings=shardings)(params, ema)
   return state, shardings, tx, schedule
 
 
-def ema_schedule(config, model):
-  """The EMA momentum schedule when the model has an EMA target, else None."""
-  if _model_hook(model, 'init_ema') is None:
+def ema_schedule(config):
+  """The EMA momentum schedule when the method has an EMA target, else
+  None."""
+  if method_of(config).ema_provider(config) is None:
     return None
   return optim.ema_momentum_schedule(config)
+
+
+def frozen_targets(config, mesh: Mesh, abstract: bool = False) -> dict:
+  """{name: weights} of the config's 'frozen' providers, read from their
+  files and replicated on `mesh` (abstract: ShapeDtypeStructs, no file
+  read)."""
+  repl = sharding.replicated(mesh)
+  out = {}
+  for p in method_of(config).providers(config):
+    if p.kind != 'frozen':
+      continue
+    if abstract:
+      out[p.name] = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
+          p.abstract(config))
+    else:
+      out[p.name] = jax.device_put(p.init(config), repl)
+  return out
 
 
 def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
                    state_shardings):
   """The train step jitted with explicit in/out shardings, the state
-  donated, and activations constrained by the config's logical rules."""
-  step = make_train_step(model, loss_fn, schedule, seed=config.seed,
+  donated, and activations constrained by the config's logical rules
+  (`nn.logical_axis_rules` on the mesh, read by the layers'
+  `nn.with_logical_constraint`)."""
+  providers = method_of(config).providers(config)
+  step = make_train_step(model, loss_fn, schedule, providers,
+                         seed=config.seed,
                          accum_steps=config.get('grad_accum_steps', 1),
-                         ema_momentum=ema_schedule(config, model))
-  rules = sharding.rules_from_config(config)
+                         ema_momentum=ema_schedule(config))
+  rules = sharding.activation_rules(_rules(config), mesh)
 
-  def sharded_step(state, batch):
-    with sharding.activation_sharding(mesh, rules):
-      return step(state, batch)
+  def sharded_step(state, batch, frozen):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+        nn.logical_axis_rules(rules):
+      return step(state, batch, frozen)
 
   return jax.jit(
       sharded_step,
-      in_shardings=(state_shardings, sharding.data_sharding(mesh)),
+      in_shardings=(state_shardings, sharding.data_sharding(mesh),
+                    sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
@@ -302,7 +361,7 @@ def make_forward(model, mesh: Mesh | None = None):
   run) can read them; the batch is the same host-side array everywhere.
   """
   fwd = lambda params, batch: model.apply(  # pylint: disable=g-long-lambda
-      {'params': params}, batch['image'], **model_inputs(batch), train=False)
+      {'params': params}, batch, train=False)
   if mesh is None:
     return jax.jit(fwd)
   return jax.jit(fwd, out_shardings=sharding.replicated(mesh))

@@ -1,8 +1,9 @@
 """train_and_evaluate: mesh, sharded state, jitted step, loop, ckpt, metrics.
 
-The loop is the same for every method: the model and loss come from
-`config.model_name` / `config.loss_name`, the batches (with their masks) from
-the tf.data pipeline, and everything method-specific lives in those files.
+The loop is the same for every method: the model, its batch spec, loss,
+target providers and figures come from the method's record
+(`mim_jax.method.Method`, found by `config.model_name`), the batches (with
+their masks) from the tf.data pipeline.
 """
 
 import os
@@ -22,9 +23,9 @@ from mim_jax import metrics as metrics_lib
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
-from mim_jax import tokenizer
 from mim_jax import visualize
 from mim_jax import weights
+from mim_jax.models import vit
 
 
 def validate_config(config, num_devices: int, data_parallel: int):
@@ -34,13 +35,18 @@ def validate_config(config, num_devices: int, data_parallel: int):
     ValueError naming the bad value and the fix.
   """
   input_pipeline.validate_config(config.input,
-                                 patch_size=weights.patch_size_of(config))
+                                 patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)
-  check = getattr(steps.model_module(config), 'validate_config', None)
-  if check is not None:
-    check(config)
-  if tokenizer.uses_tokenizer(config):
-    tokenizer.validate_config(config)
+  method = steps.method_of(config)
+  method.validate_config(config)
+  spec = method.batch_spec(config, 1)
+  made = set(input_pipeline.BATCH_KEYS) | set(method.views(config))
+  missing = sorted(set(spec) - made)
+  if missing:
+    raise ValueError(
+        f'method {method.name!r} asks for batch keys {missing} that the '
+        f'pipeline does not make (it makes {sorted(made)}); declare them '
+        'as views of the method or drop them from its batch_spec.')
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
@@ -55,10 +61,11 @@ def lower_train_step(config, mesh):
   allocated): for ahead-of-time compilation, planning and benchmarks.
 
   Returns:
-    (lowered, abstract_state, state_shardings).
+    (lowered, abstract_state, state_shardings); the frozen target weights
+    are arguments of `lowered` (replicated).
   """
   model = steps.build_model(config)
-  shapes = weights.batch_shapes(config)
+  shapes = steps.batch_spec(config)
   state, state_sh, _, schedule = steps.create_train_state(
       config, model, mesh, shapes, materialize=False)
   step = steps.jit_train_step(config, model, steps.build_loss(config),
@@ -66,12 +73,14 @@ def lower_train_step(config, mesh):
   data_sh = sharding.data_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
            for k, v in shapes.items()}
-  return step.lower(state, batch), state, state_sh
+  frozen = steps.frozen_targets(config, mesh, abstract=True)
+  return step.lower(state, batch, frozen), state, state_sh
 
 
 def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
-  grid = visualize.render(config, vis_fn, params, vis_batch)
+  grid = visualize.render(steps.method_of(config), config, vis_fn, params,
+                          vis_batch)
   if grid is None:
     return None
   path = os.path.join(workdir, f'recon_{step:07d}.png')
@@ -94,11 +103,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   is_main = jax.process_index() == 0
   if is_main and '://' not in workdir:
     os.makedirs(workdir, exist_ok=True)
-  model = steps.build_model(config)
+  method = steps.method_of(config)
+  model = method.build_model(config)
   loss_fn = steps.build_loss(config)
   host_bs = config.input.batch_size // jax.process_count()
-  p = weights.patch_size_of(config)
-  batch_shapes = weights.batch_shapes(config)
+  p = vit.patch_size_of(config.model)
+  batch_shapes = steps.batch_spec(config)
   mgr = checkpoint.make_manager(
       workdir, keep=config.get('keep_ckpts', 3),
       async_save=config.get('async_ckpt', True))
@@ -114,20 +124,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   # The data sources are opened before anything compiles, so a missing
   # dataset or an empty folder fails in seconds, not after compilation.
-  uses_tokens = tokenizer.uses_tokenizer(config)
+  views = {k: v.size for k, v in method.views(config).items()}
   ds = input_pipeline.make_train_dataset(
       config.input, patch_size=p, seed=config.seed, start_step=start_step,
-      tokenizer_size=tokenizer.view_size(config, p) if uses_tokens else None)
+      views=views)
   vis_batch = input_pipeline.make_vis_batch(
       config.input, patch_size=p, seed=config.seed,
-      num_images=config.get('vis_images', 8))
-  vis_batch = {k: v for k, v in vis_batch.items() if k in steps.DEVICE_KEYS}
+      num_images=config.get('vis_images', 8), views=views)
+  vis_batch = {k: vis_batch[k] for k in batch_shapes}
 
-  # Frozen token targets (CAE): read before compiling, after the data check.
-  tok = tokenizer.from_config(config, mesh)
-  if tok is not None:
-    logging.info('No reconstruction images: token targets predict no pixels '
-                 '(the dVAE decoder is not part of mim_jax).')
+  # Frozen target weights (e.g. a tokenizer): read before compiling, after
+  # the data check.
+  frozen = steps.frozen_targets(config, mesh)
+  draws = method.to_pixels is not None
 
   init = init_ema = None
   if config.get('init_from') and not start_step:
@@ -157,11 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   while step < total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       local = next(it)
-      batch = sharding.to_global(
-          {k: local[k] for k in steps.DEVICE_KEYS if k in local}, data_sh)
-      if tok is not None:
-        batch = tok.add_token_ids(batch)
-      state, m = train_step(state, batch)
+      batch = sharding.to_global({k: local[k] for k in batch_shapes},
+                                 data_sh)
+      state, m = train_step(state, batch, frozen)
     step += 1
     pending.append(m)
     n_log += 1
@@ -181,9 +188,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       logging.info('step %d: %s', step,
                    ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
       pending, t_log, n_log = [], time.time(), 0
-    if (step % config.vis_every_steps == 0 or step == total_steps) and (
-        tok is None):  # token targets have no pixels to draw
-      _vis(config, vis_fn, state.params, vis_batch, workdir, step, writer)
+    if draws and (step % config.vis_every_steps == 0 or step == total_steps):
+      if _vis(config, vis_fn, state.params, vis_batch, workdir, step,
+              writer) is None:
+        logging.info('No reconstruction images: this %s config predicts no '
+                     'pixels.', method.name)
+        draws = False
     checkpoint.save(mgr, step, state, config.ckpt_every_steps,
                     force=step == total_steps)
     if mgr.reached_preemption(step):

@@ -14,7 +14,7 @@ are written, so an exported state dict loads with `strict=True` upstream.
 
 import os
 import re
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -122,15 +122,17 @@ def _host(x):
   return x if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)
 
 
-def is_scanned(params) -> bool:
+def is_scanned(params, stacked: tuple[str, ...] = vit.STACKED) -> bool:
   """True if the tree uses the nn.scan layout (a `blocks` subtree)."""
-  return any('blocks' in k for k in traverse_util.flatten_dict(params))
+  return any(name in k for k in traverse_util.flatten_dict(params)
+             for name in stacked)
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
                   rules: Rules, frozen: Mapping[str, np.ndarray] = (),
                   ignore: Iterable[str] = (), strict: bool = True,
-                  frozen_atol: float = 1e-5):
+                  frozen_atol: float = 1e-5,
+                  stacked: tuple[str, ...] = vit.STACKED):
   """Converts a torch state dict into a Flax params tree.
 
   Args:
@@ -143,6 +145,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
     strict: if False, params absent from the state dict keep the values in
       `target_params` (e.g. an encoder-only checkpoint into a full MAE).
     frozen_atol: tolerance for fixed buffers.
+    stacked: names of the block groups that the scan layout stacks.
 
   Returns:
     A params tree in the layout of `target_params`.
@@ -151,9 +154,9 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
     ConversionError: listing unknown keys, missing params, shape mismatches
       and fixed buffers that differ from ours.
   """
-  scanned = is_scanned(target_params)
-  loop_target = vit.scan_to_loop(jax.tree.map(_host, target_params)) \
-      if scanned else target_params
+  scanned = is_scanned(target_params, stacked)
+  loop_target = vit.scan_to_loop(jax.tree.map(_host, target_params),
+                                 stacked) if scanned else target_params
   expected = traverse_util.flatten_dict(loop_target, sep='/')
   modules: dict[str, set] = {}
   for k in expected:
@@ -217,13 +220,14 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
   for k in missing:
     out[k] = np.asarray(expected[k])
   tree = traverse_util.unflatten_dict(out, sep='/')
-  return vit.loop_to_scan(tree) if scanned else tree
+  return vit.loop_to_scan(tree, stacked) if scanned else tree
 
 
 def flax_to_torch(params, rules: Rules,
-                  frozen: Mapping[str, np.ndarray] = ()) -> dict:
+                  frozen: Mapping[str, np.ndarray] = (),
+                  stacked: tuple[str, ...] = vit.STACKED) -> dict:
   """Inverse of `torch_to_flax`: params tree -> torch state dict (numpy)."""
-  params = vit.scan_to_loop(jax.tree.map(np.asarray, params))
+  params = vit.scan_to_loop(jax.tree.map(np.asarray, params), stacked)
   out = dict(frozen)
   unmapped = []
   for path, value in traverse_util.flatten_dict(params, sep='/').items():
@@ -244,15 +248,15 @@ def flax_to_torch(params, rules: Rules,
 
 
 def torch_grads_to_flax(grads: Mapping[str, np.ndarray], params,
-                        rules: Rules) -> dict[str, np.ndarray]:
+                        rules: Rules,
+                        stacked: tuple[str, ...] = vit.STACKED
+                        ) -> dict[str, np.ndarray]:
   """Maps a torch-keyed gradient dict onto flat flax paths (loop layout).
 
   Returns {flax_path: array}. Gradients follow the same layout rules as the
   weights, so this reuses `torch_to_flax` in non-strict mode.
   """
-  tree = torch_to_flax(grads, params, rules, strict=False)
+  tree = torch_to_flax(grads, params, rules, strict=False, stacked=stacked)
   return traverse_util.flatten_dict(vit.scan_to_loop(
-      jax.tree.map(np.asarray, tree)), sep='/')
+      jax.tree.map(np.asarray, tree), stacked), sep='/')
 
-
-Converter = Callable

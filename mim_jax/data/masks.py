@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from mim_jax.data import block_masks
 from mim_jax.data import seeds
+from mim_jax import masking
 
 MaskFn = Callable[[tf.Tensor], dict[str, tf.Tensor]]
 
@@ -99,11 +100,6 @@ def get_ratio(mask_config: Any) -> float:
   return value
 
 
-def num_visible(num_patches: int, ratio: float) -> int:
-  """Number of kept patches, `int(L * (1 - ratio))` as in official MAE."""
-  return int(num_patches * (1 - ratio))
-
-
 def mask_from_noise(noise: tf.Tensor, len_keep: int) -> tf.Tensor:
   """Official MAE rule: keep the `len_keep` patches with the smallest noise.
 
@@ -126,7 +122,7 @@ def _make_random(mask_config: Any, grid_height: int,
   """Uniform random masking (He et al., 2021): `ratio` of patches removed."""
   num_patches = grid_height * grid_width
   ratio = get_ratio(mask_config)
-  len_keep = num_visible(num_patches, ratio)
+  len_keep = masking.num_visible(num_patches, ratio)
   if len_keep < 1:
     raise ValueError(
         f'input.mask.ratio={ratio} leaves no visible patch out of '
@@ -153,7 +149,7 @@ def _check_count(mask_config: Any, num_masked: int, num_patches: int,
   keeps int(L * (1 - ratio)) patches."""
   if _get(mask_config, 'ratio') is None:
     return
-  expected = num_patches - num_visible(num_patches, get_ratio(mask_config))
+  expected = masking.num_masked(num_patches, get_ratio(mask_config))
   if expected != num_masked:
     raise ValueError(
         f'input.mask.kind={kind!r} masks {num_masked} of {num_patches} '
@@ -181,10 +177,10 @@ def _make_block(mask_config: Any, grid_height: int,
   num_patches = grid_height * grid_width
   count = _get(mask_config, 'num_masking_patches')
   if count is None:
-    count = num_patches - num_visible(num_patches, get_ratio(mask_config))
+    count = masking.num_masked(num_patches, get_ratio(mask_config))
   total = _get(mask_config, 'total_masked')
   if total is None and _get(mask_config, 'extra_random', False):
-    total = num_patches - num_visible(num_patches, get_ratio(mask_config))
+    total = masking.num_masked(num_patches, get_ratio(mask_config))
   max_roll = int(_get(mask_config, 'roll', 3))
   params = dict(
       num_masking_patches=int(count),

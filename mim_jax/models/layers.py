@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mim_jax import sharding
 
 Dtype = Any
 
@@ -121,7 +120,7 @@ def layer_norm(eps: float, dtype: Dtype, name: Optional[str] = None):
 
 def constrain_tokens(x: jax.Array) -> jax.Array:
   """Pins (batch, tokens, width) activations to their logical sharding."""
-  return sharding.constrain(x, ('act_batch', 'act_len', 'act_emb'))
+  return nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_emb'))
 
 
 class DropPath(nn.Module):
@@ -233,7 +232,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     x = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1')(x)
-    x = sharding.constrain(x, ('act_batch', 'act_len', 'act_mlp'))
+    x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_mlp'))
     x = nn.gelu(x, approximate=False)
     return dense(d, ('mlp', 'embed'), self.dtype, 'fc2')(x)
 

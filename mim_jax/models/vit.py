@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import masking
 from mim_jax.models import layers
 
 # name -> (width, depth, num_heads, mlp_dim). Published ViT sizes.
@@ -42,6 +43,30 @@ def decode_variant(variant: Optional[str]) -> dict[str, Any]:
               patch_size=int(m.group(2)))
 
 
+def encoder_fields(variant: Optional[str],
+                   encoder: Optional[dict] = None) -> dict[str, Any]:
+  """The encoder fields of a model config: the variant's sizes, updated by
+  the explicit `encoder` fields."""
+  fields = decode_variant(variant)
+  fields.update(encoder or {})
+  return fields
+
+
+def patch_size_of(model_config) -> int:
+  """The patch size of a `config.model` (explicit, or from its variant).
+
+  Raises:
+    ValueError: neither is set.
+  """
+  encoder = model_config.get('encoder') or {}
+  if encoder.get('patch_size'):
+    return int(encoder['patch_size'])
+  if model_config.get('variant'):
+    return decode_variant(model_config['variant'])['patch_size']
+  raise ValueError('Set config.model.variant ("B/16") or '
+                   'config.model.encoder.patch_size.')
+
+
 def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
   """x: (N, L, D), ids: (N, K) -> (N, K, D), a per-sample gather."""
   return jnp.take_along_axis(x, ids[..., None].astype(jnp.int32), axis=1)
@@ -51,7 +76,7 @@ def split_by_mask(mask: jax.Array, grid_hw: tuple[int, int],
                   mask_ratio: float):
   """(ids_visible (N, L - M), ids_masked (N, M)), each in increasing patch
   order (as upstream's boolean indexing), for fixed-count masks (CAE,
-  BootMAE): M = L - int(L * (1 - mask_ratio)) in every row.
+  BootMAE): M = masking.num_masked(L, mask_ratio) in every row.
 
   Raises:
     ValueError: the mask does not fit the image's patch grid.
@@ -60,12 +85,9 @@ def split_by_mask(mask: jax.Array, grid_hw: tuple[int, int],
   if mask.shape[1] != num_patches:
     raise ValueError(f'mask has {mask.shape[1]} patches per row but the '
                      f'images have {num_patches} ({grid_hw}).')
-  # + 1e-9: a ratio given as M / L (the parity adapters) must give back M;
-  # without it, 1 in 5 such (L, M) pairs lose a patch to float rounding,
-  # e.g. L=49, M=36: int(49 * (1 - 36/49)) = 12.
-  num_masked = num_patches - int(num_patches * (1 - mask_ratio) + 1e-9)
+  num_visible = masking.num_visible(num_patches, mask_ratio)
   ids = jnp.argsort(mask, axis=1, stable=True)
-  return ids[:, :num_patches - num_masked], ids[:, num_patches - num_masked:]
+  return ids[:, :num_visible], ids[:, num_visible:]
 
 
 class Encoder(nn.Module):
@@ -168,9 +190,9 @@ class Encoder(nn.Module):
 # Parameter layout converters: python loop  <->  nn.scan.
 
 
-# The `layers.block_stack` groups that `scan=True` stacks (ViT/MAE blocks,
-# the CAE decoder); CAE's regressor is always a loop.
-STACKED = ('blocks', 'decoder_blocks')
+# The `layers.block_stack` group that `scan=True` stacks in the ViT; a
+# method with more stacked groups passes their names (its converter).
+STACKED = ('blocks',)
 
 
 def loop_to_scan(tree: dict, names: tuple[str, ...] = STACKED) -> dict:

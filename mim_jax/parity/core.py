@@ -2,18 +2,17 @@
 
 The folder format is described in the fixtures' README (config.json,
 state_dict.npz, inputs.npz, outputs.npz, grads.npz, train_curve.{npz,json},
-final_state_dict.npz). A per-method adapter (`mim_jax/parity/<method>.py`)
-says how to build the model from config.json, how to turn fixture arrays into
-a batch and which of our tensors correspond to the fixture's outputs.
+final_state_dict.npz). The method's adapter (`Method.parity`, a
+`mim_jax.method.ParityAdapter`) says how to build the model from
+config.json, how to turn fixture arrays into a batch and which of our
+tensors correspond to the fixture's outputs; its converter maps the keys.
 Everything else (conversion, gradients, the 30-step replay through our own
 optax chain and train step) is shared here.
 """
 
 import functools
-import importlib
 import json
 import os
-import types
 from typing import Any
 
 import jax
@@ -21,10 +20,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
-from mim_jax.convert import core as convert_core
 
 # Tolerances of the fixtures README (tighter than the per-folder ones).
 TOL = dict(loss_rel=1e-5, tensor_rel_to_max=1e-5, grad_rel_to_max=2e-5,
@@ -42,24 +41,6 @@ def rel_to_max(a, b) -> float:
 def rel(a, b) -> float:
   a, b = float(np.asarray(a)), float(np.asarray(b))
   return abs(a - b) / max(abs(b), 1e-12)
-
-
-def converter_for(convert_module, kwargs_key: str):
-  """An adapter's converter: `to_flax(state_dict, model, shapes, fc)` bound
-  to the fixture's image size (config.json[kwargs_key]['img_size']), and
-  `to_torch_keys(tree)` with the method's rules."""
-
-  def to_flax(state_dict, model, shapes, fc):
-    return convert_module.to_flax(state_dict, model, shapes,
-                                  fc[kwargs_key]['img_size'])
-
-  def to_torch_keys(tree):
-    own = getattr(convert_module, 'to_torch_keys', None)
-    if own is not None:  # a method with leaves the rules cannot map alone
-      return own(tree)
-    return convert_core.flax_to_torch(tree, convert_module.RULES)
-
-  return types.SimpleNamespace(to_flax=to_flax, to_torch_keys=to_torch_keys)
 
 
 def load_fixture(path: str) -> dict[str, Any]:
@@ -124,44 +105,45 @@ def compare_tensor_dict(ours: dict, ref: dict, tol: float, zero_slices=None,
 
 
 def load_converted(path: str):
-  """A fixture folder through its method's adapter: (fixture, adapter,
+  """A fixture folder through its method's adapter: (fixture, method,
   experiment config, model, batch (numpy), converted initial params)."""
   fx = load_fixture(path)
-  method = fx['config']['method']
-  try:
-    adapter = importlib.import_module(f'mim_jax.parity.{method}')
-  except ModuleNotFoundError as e:
-    raise ValueError(f'No parity adapter for method {method!r} '
-                     f'(mim_jax/parity/{method}.py).') from e
+  method = methods.get(fx['config']['method'])
+  if method.parity is None:
+    raise ValueError(f'Method {method.name!r} has no parity adapter '
+                     '(Method.parity).')
+  adapter = method.parity
   config = adapter.experiment_config(fx['config'])
-  model = steps.build_model(config)
+  model = method.build_model(config)
   batch = adapter.batch_from_inputs(fx['inputs'], fx['config'])
   shapes = jax.eval_shape(lambda: steps.init_params(
       model, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
               for k, v in batch.items()}, 0))
-  params = adapter.converter().to_flax(fx['state_dict'], model, shapes,
-                                       fx['config'])
-  return fx, adapter, config, model, batch, params
+  params = method.converter.to_flax(fx['state_dict'], model, shapes,
+                                    config.input.image_size)
+  return fx, method, config, model, batch, params
 
 
 def run(path: str) -> dict[str, Any]:
   """Runs every check on one fixture folder; returns the JSON report."""
-  fx, adapter, config, model, batch, params = load_converted(path)
-  method = fx['config']['method']
+  fx, method, config, model, batch, params = load_converted(path)
+  adapter = method.parity
   jax.config.update('jax_default_matmul_precision', 'highest')
   loss_fn = steps.build_loss(config)
-  conv = adapter.converter()
+  conv = method.converter
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   report: dict[str, Any] = {'fixture': os.path.abspath(path),
-                            'method': method, 'tolerances': TOL}
+                            'method': method.name, 'tolerances': TOL}
   zero = adapter.zero_gradient_slices(fx['state_dict'], fx['config'])
 
   # 1. Forward outputs (methods with a momentum target get the fixture's
   # initial EMA weights).
-  ema = (adapter.initial_ema(fx, model, params)
-         if hasattr(adapter, 'initial_ema') else None)
-  compute = functools.partial(steps.make_loss_fn(model, loss_fn),
-                              ema_params=ema)
+  providers = method.providers(config)
+  ema = (None if adapter.initial_ema is None
+         else adapter.initial_ema(fx, model, params))
+  targets = {p.name: ema for p in providers if p.kind == 'ema'}
+  compute = functools.partial(
+      steps.make_loss_fn(model, loss_fn, providers), targets=targets)
   loss, (pred, out, aux) = jax.jit(compute, static_argnums=3)(
       params, batch, jax.random.PRNGKey(0), False)
   ours = adapter.forward_outputs(loss, pred, out, aux)
@@ -172,7 +154,7 @@ def run(path: str) -> dict[str, Any]:
       fwd[k] = rel(ours[k], fx['outputs'][k])
   tensors = {k: v for k, v in fx['outputs'].items() if k not in loss_keys}
   cmp = compare_tensor_dict(ours, tensors, TOL['tensor_rel_to_max'],
-                            exact=adapter.EXACT_OUTPUTS)
+                            exact=adapter.exact_outputs)
   fwd_fail = [f'{k}: rel {v:.3g}' for k, v in fwd.items()
               if v > TOL['loss_rel']] + cmp['failures']
   fwd_fail += [f'{k}: not produced' for k in loss_keys if k not in ours]
@@ -193,8 +175,8 @@ def run(path: str) -> dict[str, Any]:
 
   # 3. The training curve, replayed through our optax chain + train step.
   if 'curve' in fx:
-    report['curve'] = replay_curve(fx, config, model, loss_fn, conv, params,
-                                   adapter, zero, ema)
+    report['curve'] = replay_curve(fx, config, model, loss_fn, method,
+                                   params, zero, ema)
   failures = (report['forward']['failures'] + report['grads']['failures'] +
               report.get('curve', {}).get('failures', []))
   report['failures'] = failures
@@ -202,20 +184,16 @@ def run(path: str) -> dict[str, Any]:
   return report
 
 
-def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero,
+def replay_curve(fx, config, model, loss_fn, method, params, zero,
                  ema=None):
   """Replays the fixture's optimiser steps with our own chain and step (and
   EMA update, for methods with a momentum target)."""
+  adapter, conv = method.parity, method.converter
   curve, arrays = fx['curve'], fx['train_curve']
   batches = adapter.curve_batches(arrays, fx['config'])
   batch_size = len(next(iter(batches[0].values())))
-  if hasattr(adapter, 'tx_config'):
-    tc = adapter.tx_config(fx['config'], curve, batch_size)
-  else:
-    tc = optim.tx_config_from_curve(curve, batch_size=batch_size)
-  ref_losses, ref_lrs = (adapter.curve_reference(fx)
-                         if hasattr(adapter, 'curve_reference')
-                         else (curve['loss'], curve['lr']))
+  tc = adapter.tx_config(fx['config'], curve, batch_size)
+  ref_losses, ref_lrs = adapter.curve_reference(fx)
   cfg = ml_collections.ConfigDict(config.to_dict())
   cfg.update(tc)
   failures = []
@@ -223,13 +201,7 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero,
   wd = optim.decay_mask(params, tuple(cfg.optim.get(
       'wd_exclude', optim.NO_DECAY)))
   ours_decay = {k for k, v in conv.to_torch_keys(wd).items() if bool(v)}
-  if hasattr(adapter, 'reference_decay'):
-    ref_decay = set(adapter.reference_decay(fx))
-  else:
-    ref_decay = set()
-    for g in curve['param_groups']:
-      if g['weight_decay'] > 0:
-        ref_decay |= set(g['params'])
+  ref_decay = set(adapter.reference_decay(fx))
   if ours_decay != ref_decay:
     failures.append(
         'weight-decay groups differ: only ours '
@@ -241,12 +213,13 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero,
   state, _, _, schedule = steps.create_train_state(cfg, model, mesh, shapes,
                                                    params=params, ema=ema)
   train_step = jax.jit(steps.make_train_step(
-      model, loss_fn, schedule, seed=cfg.seed,
-      ema_momentum=steps.ema_schedule(cfg, model)))
-  terms = getattr(adapter, 'CURVE_TERMS', ())
+      model, loss_fn, schedule, method.providers(cfg), seed=cfg.seed,
+      ema_momentum=steps.ema_schedule(cfg)))
+  terms = adapter.curve_terms
   losses, lrs, term_values = [], [], {k: [] for k in terms}
   for b in batches:
-    state, m = train_step(state, {k: jnp.asarray(v) for k, v in b.items()})
+    state, m = train_step(state, {k: jnp.asarray(v) for k, v in b.items()},
+                          {})
     losses.append(float(m['loss']))
     lrs.append(float(m['lr']))
     for k in terms:
@@ -269,7 +242,7 @@ def replay_curve(fx, config, model, loss_fn, conv, params, adapter, zero,
     failures.append(f'lr schedule: max rel {lr_err:.3g}')
   final = conv.to_torch_keys(state.params)
   if state.ema_params is not None:
-    final.update(adapter.ema_to_torch_keys(state.ema_params))
+    final.update(conv.ema_to_torch(state.ema_params, None, None))
   ref_final = {k: v for k, v in fx['final_state_dict'].items()
                if k not in adapter.frozen_keys(fx['config'])}
   fcmp = compare_tensor_dict(final, ref_final, TOL['final_rel_to_max'],

@@ -7,12 +7,14 @@ It compiles the real train step ahead of time (jit -> lower -> compile) for
 N fake CPU devices with the config's mesh and sharding rules, runs nothing,
 and prints JSON:
 
-  - bytes per device of params, optimizer state and EMA (from the shardings),
-    and XLA's memory analysis of the compiled step (arguments, outputs,
-    temporaries = activations and workspace);
+  - bytes per device of params, optimizer state, EMA and the other target
+    providers' state and frozen weights (from the shardings), and XLA's
+    memory analysis of the compiled step (arguments, outputs, temporaries =
+    activations and workspace);
   - FLOPs per step and per image, from XLA's cost analysis of the step
     lowered with the layers unrolled (a compiled `scan` counts its body
-    once, so the count is taken before compilation);
+    once, so the count is taken before compilation); target networks run
+    inside the step, so their FLOPs are in it;
   - the gradient-accumulation factor that would fit the chip's memory
     (temporaries scale with the microbatch), an estimate;
   - the step time and images/s at a few MFUs for a chip peak, by
@@ -56,9 +58,8 @@ from ml_collections import config_flags
 
 from mim_jax import optim
 from mim_jax import sharding
-from mim_jax import tokenizer
+from mim_jax import steps
 from mim_jax import train
-from mim_jax import weights
 
 GIB = 2 ** 30
 
@@ -116,13 +117,21 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
 
+  frozen = steps.frozen_targets(config, mesh, abstract=True)
+  frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
   fields = {'params': (state.params, state_sh.params),
             'opt_state': (state.opt_state, state_sh.opt_state),
-            'ema': (state.ema_params, state_sh.ema_params)}
+            'ema': (state.ema_params, state_sh.ema_params),
+            'target_state': (state.target_state, state_sh.target_state),
+            'frozen_targets': (frozen or None, frozen_sh or None)}
   per_dev = {k: _state_bytes(tree, sh) for k, (tree, sh) in fields.items()}
-  per_dev['params_opt_ema'] = sum(per_dev.values())
+  per_dev['params_opt_ema'] = sum(per_dev[k] for k in
+                                  ('params', 'opt_state', 'ema'))
+  per_dev['total'] = sum(per_dev[k] for k in fields)
   single = {k: _state_bytes(tree) for k, (tree, _) in fields.items()}
-  single['params_opt_ema'] = sum(single.values())
+  single['params_opt_ema'] = sum(single[k] for k in
+                                 ('params', 'opt_state', 'ema'))
+  single['total'] = sum(single[k] for k in fields)
   xla = {
       'arguments': int(mem.argument_size_in_bytes),
       'outputs': int(mem.output_size_in_bytes),
@@ -139,14 +148,6 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   t = time.perf_counter()
   flat_lowered, _, _ = train.lower_train_step(_unrolled(config), mesh)
   flops = float(flat_lowered.cost_analysis()['flops'])
-  tok = None
-  if tokenizer.uses_tokenizer(config):
-    # The frozen dVAE runs before every step: its FLOPs count, and its
-    # replicated params stay resident (its activations come and go before
-    # the step's).
-    tok = tokenizer.cost(config, mesh, bs, weights.patch_size_of(config))
-    flops += tok['flops_per_step']
-    peak += tok['params_bytes_per_device']
   flops_s = time.perf_counter() - t
   peak_flops = peak_tflops * 1e12
   ideal = flops / (num_devices * peak_flops)
@@ -173,7 +174,9 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
       'hbm_gib': hbm_gib,
       'grad_accum_steps_to_fit': (suggestion * accum if suggestion
                                   else suggestion),
-      'tokenizer': tok,
+      'target_providers': {
+          p.name: p.kind
+          for p in steps.method_of(config).providers(config)},
       'flops_per_step': flops,
       'model_flops_per_image': flops / bs,
       'peak_tflops_per_chip': peak_tflops,

@@ -39,11 +39,13 @@ def main(argv):
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
   from mim_jax import visualize  # pylint: disable=g-import-not-at-top
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   config = FLAGS.config
   if not config or bool(FLAGS.workdir) == bool(FLAGS.torch_ckpt):
     raise app.UsageError('Give --config and exactly one of --workdir and '
                          '--torch_ckpt.')
-  model = steps.build_model(config)
+  method = steps.method_of(config)
+  model = method.build_model(config)
   if FLAGS.workdir:
     params, step = weights.from_workdir(config, model, FLAGS.workdir,
                                         FLAGS.step)
@@ -51,10 +53,12 @@ def main(argv):
   else:
     params = weights.from_torch(config, model, FLAGS.torch_ckpt)
   batch = input_pipeline.make_vis_batch(
-      config.input, patch_size=weights.patch_size_of(config),
-      seed=FLAGS.seed, num_images=FLAGS.num_images)
-  batch = {k: batch[k] for k in steps.DEVICE_KEYS if k in batch}
-  grid = visualize.render(config, steps.make_forward(model), params, batch)
+      config.input, patch_size=vit.patch_size_of(config.model),
+      seed=FLAGS.seed, num_images=FLAGS.num_images,
+      views={k: v.size for k, v in method.views(config).items()})
+  batch = {k: batch[k] for k in steps.batch_spec(config, 1)}
+  grid = visualize.render(method, config, steps.make_forward(model), params,
+                          batch)
   if grid is None:
     raise app.UsageError(
         f'{config.model_name} with these settings predicts no pixels (e.g. '

@@ -4,10 +4,10 @@ lambda x MSE between the regressor's latents and the stop-gradient target."""
 import jax
 import jax.numpy as jnp
 
-from mim_jax.losses import mae as mae_loss
+from mim_jax.targets import pixels
 
 
-def loss_fn(pred, out, batch, *, align_weight: float = 2.0,
+def loss_fn(pred, out, batch, *, step, schedule, align_weight: float = 2.0,
             norm_pix_loss: bool = True, norm_pix_eps: float = 1e-6):
   """Returns (loss, aux).
 
@@ -16,7 +16,10 @@ def loss_fn(pred, out, batch, *, align_weight: float = 2.0,
       was built with target='pixels' (then `out` has 'target').
     out: the model's out dict ('ids_masked', 'latent_predict',
       'latent_target', ...).
-    batch: holds 'token_ids' (N, L) int for token targets.
+    batch: holds 'token_ids' (N, L) int for token targets (from the
+      tokenizer provider, or given by a fixture).
+    step: unused (the contract's signature).
+    schedule: unused.
     align_weight: lambda of the alignment MSE (2 in every official recipe).
     norm_pix_loss: pixel targets normalised per patch (as MAE's norm-pix).
     norm_pix_eps: epsilon of the per-patch normalisation (pixel targets).
@@ -25,18 +28,19 @@ def loss_fn(pred, out, batch, *, align_weight: float = 2.0,
     loss and aux: loss_main, loss_align (weighted),
     loss_align_unweighted_mse, and mlm_acc for token targets.
   """
+  del step, schedule
   ids = out['ids_masked']
   if 'target' in out:   # normalised pixels of the masked patches
     target = jnp.take_along_axis(out['target'], ids[..., None], axis=1)
     if norm_pix_loss:
-      target = mae_loss.normalize_patches(target, norm_pix_eps)
+      target = pixels.normalize_patches(target, norm_pix_eps)
     main = jnp.mean((pred - target) ** 2)
     aux = {}
   else:
     if 'token_ids' not in batch:
       raise ValueError('CAE token targets need batch["token_ids"] (N, L) '
-                       'from a tokenizer; set model.target="pixels" to train '
-                       'without one.')
+                       'from a tokenizer (config.tokenizer); set '
+                       'model.target="pixels" to train without one.')
     labels = jnp.take_along_axis(batch['token_ids'].astype(jnp.int32), ids,
                                  axis=1)
     logp = jax.nn.log_softmax(pred.astype(jnp.float32), axis=-1)

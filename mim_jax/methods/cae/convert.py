@@ -21,6 +21,9 @@ RULES = [
 ]
 # The teacher is a copy of the encoder (momentum 0): not separate params.
 TEACHER = 'alignment_encoder.'
+# Groups of blocks that `scan=True` stacks: the encoder's and the decoder's
+# (the regressor is always a loop).
+STACKED = ('blocks', 'decoder_blocks')
 
 
 def frozen_buffers(model, image_size: int) -> dict[str, np.ndarray]:
@@ -43,13 +46,21 @@ def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
   """
   return core.torch_to_flax(state_dict, params, RULES,
                             frozen=frozen_buffers(model, image_size),
-                            ignore=[r'alignment_encoder\.'], strict=strict)
+                            ignore=[r'alignment_encoder\.'], strict=strict,
+                            stacked=STACKED)
 
 
 def to_torch(params, model, image_size: int) -> dict[str, np.ndarray]:
   """params tree -> state dict with the official keys, teacher included."""
   sd = core.flax_to_torch(params, RULES,
-                          frozen=frozen_buffers(model, image_size))
+                          frozen=frozen_buffers(model, image_size),
+                          stacked=STACKED)
   sd.update({TEACHER + k[len('encoder.'):]: v for k, v in sd.items()
              if k.startswith('encoder.')})
   return sd
+
+
+def to_torch_keys(tree) -> dict[str, np.ndarray]:
+  """Any params-shaped tree (e.g. gradients) -> official keys (no teacher
+  copy: it has no params of its own)."""
+  return core.flax_to_torch(tree, RULES, stacked=STACKED)

@@ -78,13 +78,11 @@ def ema_to_flax(state_dict, model, params, image_size: int) -> Optional[dict]:
                             frozen=frozen, strict=False)
 
 
-def to_torch(params, model, image_size: int,
-             ema: Optional[dict] = None) -> dict[str, np.ndarray]:
-  """params (and the momentum encoder) -> state dict, official keys."""
+def to_torch(params, model, image_size: int) -> dict[str, np.ndarray]:
+  """Online params -> state dict, official keys (the momentum encoder:
+  `ema_to_torch_keys`)."""
   sd = to_torch_keys(params)
   sd.update(frozen_buffers(model, image_size))
-  if ema is not None:
-    sd.update(ema_to_torch_keys(ema, model, image_size))
   return sd
 
 

@@ -91,14 +91,13 @@ class CAE(nn.Module):
                        dtype=self.dtype, name='encoder')
 
   @nn.compact
-  def __call__(self, images, noise=None, *, mask=None, train: bool = False):
+  def __call__(self, batch: dict, *, train: bool = False):
     """Forward pass.
 
     Args:
-      images: (N, H, W, C) normalised images.
-      noise: unused (the batch's mask is authoritative).
-      mask: (N, L) with 1 = masked; every row masks the same count,
-        L - int(L * (1 - mask_ratio)).
+      batch: 'image' (N, H, W, C) normalised images and 'mask' (N, L) with
+        1 = masked; every row masks the same count,
+        masking.num_masked(L, mask_ratio).
       train: enables drop path.
 
     Returns:
@@ -107,13 +106,11 @@ class CAE(nn.Module):
       'mask', 'ids_masked', 'latent_predict', 'latent_target' (N, M, D),
       'encoder_out' and 'alignment_encoder_out' (cls first).
     """
-    del noise
     if self.target not in ('tokens', 'pixels'):
       raise ValueError(f"CAE target {self.target!r}: use 'tokens' (dVAE ids)"
                        " or 'pixels' (normalised pixels).")
     enc = self._encoder()
-    if mask is None:
-      raise ValueError('CAE needs the batch mask (N, L), 1 = masked.')
+    images, mask = batch['image'], batch['mask']
     grid_hw = enc.grid(images)
     num_patches = grid_hw[0] * grid_hw[1]
     ids_vis, ids_masked = vit.split_by_mask(mask, grid_hw, self.mask_ratio)
@@ -182,15 +179,7 @@ class CAE(nn.Module):
     return pred.astype(jnp.float32), out
 
 
-def uses_tokenizer(config) -> bool:
-  """Token targets come from the frozen dVAE (`mim_jax.tokenizer`), which
-  checks `config.tokenizer` and adds `token_ids` to every batch."""
-  return config.model.get('target', 'tokens') == 'tokens'
-
-
 def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
           **kw) -> CAE:
   """Builds CAE from a ViT variant ('B/16') and/or explicit encoder fields."""
-  enc = vit.decode_variant(variant)
-  enc.update(encoder or {})
-  return CAE(encoder=enc, **kw)
+  return CAE(encoder=vit.encoder_fields(variant, encoder), **kw)

@@ -15,10 +15,7 @@ min(1, (epoch + 1) * steps_per_epoch / (fraction * total_steps)).
 import jax
 import jax.numpy as jnp
 
-from mim_jax.models import layers
-
-# Pixel targets are normalised per patch and channel (for the visualiser).
-PIXEL_NORM = 'patch_channel'
+from mim_jax.targets import pixels
 
 
 def weight_mask(mask: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
@@ -30,20 +27,6 @@ def weight_mask(mask: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
   return (m * (1.0 + summed / 9.0)).reshape(n, -1)
 
 
-def patch_channel_normalize(images: jax.Array, patch_size: int,
-                            eps: float = 1e-5):
-  """(N, H, W, C) -> (N, L, p*p*C) patches normalised per patch and per
-  channel (mean over the p*p pixels, biased variance), with the (N, L, C)
-  means and stds."""
-  n, _, _, c = images.shape
-  x = layers.patchify(images.astype(jnp.float32), patch_size)
-  x = x.reshape(n, x.shape[1], -1, c)
-  mean = x.mean(axis=2, keepdims=True)
-  std = jnp.sqrt(((x - mean) ** 2).mean(axis=2, keepdims=True) + eps)
-  return ((x - mean) / std).reshape(n, x.shape[1], -1), mean[:, :, 0], std[
-      :, :, 0]
-
-
 def _layer_norm(x, eps: float = 1e-6):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -51,34 +34,43 @@ def _layer_norm(x, eps: float = 1e-6):
 
 
 def feature_weight_at(step, *, feature_weight: float,
-                      feature_ramp_fraction: float, total_steps: int,
+                      feature_ramp_fraction: float, total_steps,
                       steps_per_epoch: int):
-  """The ramped feature weight at `step` (a traced int is fine)."""
+  """The ramped feature weight at `step` (a traced int is fine).
+
+  Raises:
+    ValueError: a ramp without a training length.
+  """
   if not feature_ramp_fraction:
     return jnp.float32(feature_weight)
+  if not total_steps:
+    raise ValueError('the BootMAE feature-weight ramp needs the training '
+                     'length: set config.total_steps or total_epochs, or '
+                     'loss.feature_ramp_fraction=0.')
   spe = max(int(steps_per_epoch), 1)
   ramp = feature_ramp_fraction * total_steps
   epoch = jnp.asarray(step) // spe
   return feature_weight * jnp.minimum(1.0, (epoch + 1) * spe / ramp)
 
 
-def loss_fn(pred, out, batch, *, feature_weight: float = 1.0,
-            feature_ramp_fraction: float = 0.25, weighted_mask: bool = True,
-            total_steps: int = 1, steps_per_epoch: int = 1, step=None):
+def loss_fn(pred, out, batch, *, step, schedule,
+            feature_weight: float = 1.0, feature_ramp_fraction: float = 0.25,
+            weighted_mask: bool = True):
   """Returns (loss, aux).
 
   Args:
     pred: (N, L, p*p*C) predicted pixels of every patch.
     out: the model's out dict ('mask', 'pred_feature').
     batch: 'image' and 'feature_target' (N, L, D), the momentum encoder's
-      features (added by the train step, see models/bootmae.ema_targets).
+      features (added by the train step, see model.ema_targets).
+    step: the optimiser step (a traced int).
+    schedule: `mim_jax.method.Schedule`: the ramp spans a fraction of
+      `total_steps` and moves once per epoch (`steps_per_epoch`), as
+      upstream.
     feature_weight: weight of the feature loss after the ramp.
     feature_ramp_fraction: fraction of training over which the weight ramps
       up linearly (0: constant).
     weighted_mask: upstream's --weight_mask (on in every script).
-    total_steps: training length (for the ramp).
-    steps_per_epoch: the ramp moves once per epoch, as upstream.
-    step: the optimiser step (None: the full weight).
 
   Returns:
     loss and aux: loss_pixel, loss_feature (unweighted), feature_weight,
@@ -93,15 +85,16 @@ def loss_fn(pred, out, batch, *, feature_weight: float = 1.0,
   p = int(round((pred.shape[-1] // c) ** 0.5))
   w = weight_mask(mask, (h // p, w_px // p)) if weighted_mask else mask
   mask_mean = mask.mean()
-  target, mean, std = patch_channel_normalize(batch['image'], p)
+  target, mean, std = pixels.patch_channel_normalize(batch['image'], p)
   loss_pixel = jnp.mean(w[..., None] * (pred - target) ** 2) / mask_mean
   teacher = _layer_norm(jax.lax.stop_gradient(batch['feature_target']))
   student = _layer_norm(out['pred_feature'])
   loss_feature = jnp.mean(w[..., None] * (teacher - student) ** 2) / mask_mean
-  fw = feature_weight if step is None else feature_weight_at(
+  fw = feature_weight_at(
       step, feature_weight=feature_weight,
-      feature_ramp_fraction=feature_ramp_fraction, total_steps=total_steps,
-      steps_per_epoch=steps_per_epoch)
+      feature_ramp_fraction=feature_ramp_fraction,
+      total_steps=schedule.total_steps,
+      steps_per_epoch=schedule.steps_per_epoch)
   return loss_pixel + fw * loss_feature, dict(
       loss_pixel=loss_pixel, loss_feature=loss_feature,
       feature_weight=jnp.float32(fw), pixel_target=target, patch_mean=mean,

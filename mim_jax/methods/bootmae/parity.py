@@ -9,14 +9,11 @@ per-step lr, momentum, feature weight and losses.
 import ml_collections
 import numpy as np
 
+from mim_jax import masking
+from mim_jax import method
 from mim_jax import optim
-from mim_jax.convert import bootmae as convert_bootmae
+from mim_jax.methods.bootmae import convert as convert_bootmae
 from mim_jax.models import layers
-from mim_jax.parity import core as parity_core
-
-EXACT_OUTPUTS = ()
-# Loss terms of the curve, besides the loss.
-CURVE_TERMS = ('loss_pixel', 'loss_feature')
 
 
 def experiment_config(fc: dict) -> ml_collections.ConfigDict:
@@ -34,27 +31,19 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
           feature_depth=fc.get('feature_predictor_depth',
                                a['decoder_depth']),
           taps=tuple(a['fea_list']),
-          mask_ratio=m['mask_len'] / m['num_patches'],
+          mask_ratio=masking.ratio_for(m['mask_len'], m['num_patches']),
           in_chans=a.get('in_chans', 3)),
-      loss_name='bootmae',
       # The fixtures hold the feature weight constant (no ramp).
       loss=dict(feature_weight=fw, feature_ramp_fraction=0.0,
                 weighted_mask=bool(m.get('weight_mask', True))),
+      input=dict(image_size=a['img_size']),
   ))
-
-
-def converter():
-  return parity_core.converter_for(convert_bootmae, 'constructor')
 
 
 def initial_ema(fx: dict, model, params):
   """The fixture's momentum encoder (`model_ema.*`)."""
   return convert_bootmae.ema_to_flax(fx['state_dict'], model, params,
                                      fx['config']['constructor']['img_size'])
-
-
-def ema_to_torch_keys(ema) -> dict:
-  return convert_bootmae.ema_to_torch_keys(ema)
 
 
 def frozen_keys(fc: dict) -> tuple[str, ...]:
@@ -132,3 +121,13 @@ def forward_outputs(loss, pred, out, aux) -> dict:
 def zero_gradient_slices(state_dict: dict, fc: dict) -> dict:
   del state_dict, fc
   return {}
+
+
+ADAPTER = method.ParityAdapter(
+    experiment_config=experiment_config, batch_from_inputs=batch_from_inputs,
+    curve_batches=curve_batches, forward_outputs=forward_outputs,
+    frozen_keys=frozen_keys, zero_gradient_slices=zero_gradient_slices,
+    tx_config=tx_config, curve_reference=curve_reference,
+    reference_decay=reference_decay, initial_ema=initial_ema,
+    # Loss terms of the curve, besides the loss.
+    curve_terms=('loss_pixel', 'loss_feature'))

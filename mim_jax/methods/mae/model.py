@@ -4,7 +4,8 @@ Masking follows the official code exactly: per-sample noise, ids_shuffle =
 argsort(noise) ascending, the first int(L * (1 - mask_ratio)) are kept in
 that (noise) order, ids_restore = argsort(ids_shuffle). The noise comes from
 the input pipeline (`batch['noise']`), so masks are reproducible per
-(seed, step, example) and the official fixtures can be replayed.
+(seed, step, example) and the official fixtures can be replayed. The count
+is `masking.num_visible`, shared with the pipeline.
 """
 
 from typing import Any, Optional
@@ -13,16 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mim_jax import masking
 from mim_jax.models import layers
 from mim_jax.models import vit
-
-
-def len_keep_for(num_patches: int, mask_ratio: float) -> int:
-  """int(L * (1 - ratio)) in python float64, truncated, as upstream."""
-  if not 0.0 < mask_ratio < 1.0:
-    raise ValueError(f'mask_ratio must be in (0, 1), got {mask_ratio}; '
-                     'MAE uses 0.75.')
-  return int(num_patches * (1 - mask_ratio))
 
 
 def ids_from_noise(noise: jax.Array, len_keep: int):
@@ -39,13 +33,6 @@ def ids_from_noise(noise: jax.Array, len_keep: int):
   mask = jnp.ones((n, num_patches), jnp.float32).at[:, :len_keep].set(0.0)
   mask = jnp.take_along_axis(mask, ids_restore, axis=1)
   return ids_keep, ids_restore, mask
-
-
-def noise_from_mask(mask: jax.Array) -> jax.Array:
-  """A noise whose argsort keeps the visible patches (mask == 0) first, in
-  raster order: lets a model driven by noise replay a boolean mask."""
-  num_patches = mask.shape[1]
-  return mask.astype(jnp.float32) + jnp.arange(num_patches) / (2 * num_patches)
 
 
 class MAEDecoder(nn.Module):
@@ -122,14 +109,14 @@ class MAE(nn.Module):
         layernorm_eps=self.enc.layernorm_eps, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, name='decoder')
 
-  def __call__(self, images, noise=None, *, mask=None, train: bool = False):
+  def __call__(self, batch: dict, *, train: bool = False):
     """Forward pass.
 
     Args:
-      images: (N, H, W, C) normalised images (NHWC).
-      noise: (N, L) float, the masking noise (official convention).
-      mask: alternatively (N, L) with 1 = masked; visible patches are kept in
-        raster order. Every row must hold int(L * (1 - mask_ratio)) zeros.
+      batch: 'image' (N, H, W, C) normalised images (NHWC) and 'noise'
+        (N, L) float, the masking noise (official convention: the
+        int(L * (1 - mask_ratio)) patches of smallest noise are kept, in
+        noise order).
       train: enables dropout / drop path.
 
     Returns:
@@ -137,15 +124,12 @@ class MAE(nn.Module):
       'mask', 'ids_restore', 'ids_keep', 'latent' and 'target' (patchified
       input, not normalised: the loss applies norm_pix).
     """
+    images, noise = batch['image'], batch['noise']
     grid_hw = self.enc.grid(images)
     num_patches = grid_hw[0] * grid_hw[1]
-    len_keep = len_keep_for(num_patches, self.mask_ratio)
-    if noise is None:
-      if mask is None:
-        raise ValueError('MAE needs `noise` or `mask` (N, L) per batch.')
-      noise = noise_from_mask(mask)
+    len_keep = masking.num_visible(num_patches, self.mask_ratio)
     if noise.shape[1] != num_patches:
-      raise ValueError(f'noise/mask has {noise.shape[1]} patches per row but '
+      raise ValueError(f'noise has {noise.shape[1]} patches per row but '
                        f'the images have {num_patches} ({grid_hw}).')
     ids_keep, ids_restore, mask = ids_from_noise(noise, len_keep)
     latent, _ = self.enc(images, ids_keep, train=train)
@@ -159,6 +143,4 @@ class MAE(nn.Module):
 def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
           **kw) -> MAE:
   """Builds MAE from a ViT variant ('B/16') and/or explicit encoder fields."""
-  enc = vit.decode_variant(variant)
-  enc.update(encoder or {})
-  return MAE(encoder=enc, **kw)
+  return MAE(encoder=vit.encoder_fields(variant, encoder), **kw)

@@ -42,3 +42,8 @@ def to_torch(params, model, image_size: int) -> dict[str, np.ndarray]:
   """params tree -> state dict with the official key names."""
   return core.flax_to_torch(params, RULES,
                             frozen=frozen_buffers(model, image_size))
+
+
+def to_torch_keys(tree) -> dict[str, np.ndarray]:
+  """Any params-shaped tree (e.g. gradients) -> official keys."""
+  return core.flax_to_torch(tree, RULES)

@@ -1,23 +1,23 @@
-"""Discrete-token targets: the frozen DALL-E dVAE tokenizer (CAE, BEiT).
+"""Discrete-token targets: the frozen DALL-E dVAE tokenizer (CAE, BEiT), a
+'frozen' target provider (`mim_jax.method.TargetProvider`).
 
-A method whose model module says `uses_tokenizer(config) -> True` (CAE with
-`model.target='tokens'`) trains on token ids of a second, smaller view of
-each crop:
+A method that trains on token ids (CAE with `model.target='tokens'`) lists
+`provider(config)` among its targets and `view(config, patch_size)` among
+its views:
 
   * the pipeline emits `tokenizer_image`, uint8 (B, S, S, 3): the same crop
     and flip as `image`, resized with Lanczos (as upstream's PIL
     `second_interpolation='lanczos'`), S = grid * 8, i.e. 112 px for a
     224 px / 16 px-patch ViT: one token per patch;
-  * `Tokenizer.add_token_ids` runs the dVAE encoder on the devices (a jitted
-    function sharded over the batch) and replaces that view by `token_ids`
-    int32 (B, L), before the train step.
+  * inside the jitted train step, the dVAE encoder turns that view into
+    `token_ids` int32 (B, L) under stop_gradient, before the model runs.
 
 The tokenizer params are frozen and not part of the TrainState: they are
 read from `config.tokenizer.weights` at every start (also on resume) and
-replicated on the mesh (the DALL-E encoder has 54M params, 0.2 GB in f32).
+replicated on the mesh (the DALL-E encoder has 54M params, 0.2 GB in f32);
+checkpoints stay the size of the model, and the file stays the one source.
 """
 
-import dataclasses
 import os
 from typing import Any
 
@@ -25,20 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
 
-from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import method
 from mim_jax.convert import dvae as convert_dvae
 from mim_jax.models import dvae
 
 _ARCH_KEYS = ('hidden', 'groups', 'blocks_per_group', 'vocab_size')
-
-
-def uses_tokenizer(config) -> bool:
-  """Whether the config's method trains on tokenizer ids."""
-  hook = getattr(steps.model_module(config), 'uses_tokenizer', None)
-  return bool(hook is not None and hook(config))
+# The batch key of the pipeline's view and of the targets.
+VIEW = 'tokenizer_image'
+TOKENS = 'token_ids'
 
 
 def encoder_of(config) -> dvae.Encoder:
@@ -48,10 +43,10 @@ def encoder_of(config) -> dvae.Encoder:
                          if tok.get(k) is not None})
 
 
-def view_size(config, patch_size: int) -> int:
-  """Side of the tokenizer view: one token per ViT patch."""
+def view(config, patch_size: int) -> method.View:
+  """The tokenizer's view of each crop: one token per ViT patch."""
   grid = int(config.input.image_size) // patch_size
-  return grid * 2 ** (encoder_of(config).groups - 1)
+  return method.View(grid * 2 ** (encoder_of(config).groups - 1))
 
 
 def validate_config(config) -> None:
@@ -103,57 +98,26 @@ def load_params(config) -> Any:
   return convert_dvae.to_flax(sd, _abstract_params(encoder_of(config)))
 
 
-def make_tokenize_fn(module: dvae.Encoder, mesh: Mesh):
-  """Jitted `(params, images_u8) -> token_ids`: params replicated, the
-  batch sharded over the data axes."""
-  data = sharding.data_sharding(mesh)
-
-  def tokenize(params, images_u8):
-    images01 = images_u8.astype(jnp.float32) / 255.0
-    return dvae.token_ids(module, params, images01)
-
-  return jax.jit(tokenize, in_shardings=(sharding.replicated(mesh), data),
-                 out_shardings=data)
+def tokenize(module: dvae.Encoder, params, images_u8) -> jax.Array:
+  """uint8 (B, S, S, 3) views -> int32 (B, L) token ids."""
+  images01 = images_u8.astype(jnp.float32) / 255.0
+  return dvae.token_ids(module, params, images01)
 
 
-def cost(config, mesh: Mesh, batch_size: int, patch_size: int) -> dict:
-  """XLA FLOPs of tokenizing one global batch, and the replicated params'
-  bytes per device (for the planner; nothing is allocated)."""
+def provider(config) -> method.TargetProvider:
+  """The frozen tokenizer of `config.tokenizer` as a target provider:
+  `token_ids` from the batch's `tokenizer_image`."""
   module = encoder_of(config)
-  size = view_size(config, patch_size)
-  params = _abstract_params(module)
-  images = jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8)
-  flops = make_tokenize_fn(module, mesh).lower(
-      params, images).cost_analysis()['flops']
-  # Replicated: every device holds the whole tree.
-  return {'view_size': size, 'flops_per_step': float(flops),
-          'params_bytes_per_device': sharding.per_device_bytes(params)}
 
+  def init(cfg):
+    params = load_params(cfg)
+    n = sum(np.size(x) for x in jax.tree.leaves(params))
+    logging.info('Tokenizer: %.1fM frozen params, replicated.', n / 1e6)
+    return params
 
-@dataclasses.dataclass
-class Tokenizer:
-  """A frozen tokenizer placed on a mesh."""
-  module: dvae.Encoder
-  params: Any
-  mesh: Mesh
-
-  def __post_init__(self):
-    self.params = jax.device_put(self.params, sharding.replicated(self.mesh))
-    self._tokenize = make_tokenize_fn(self.module, self.mesh)
-
-  def add_token_ids(self, batch: dict) -> dict:
-    """Replaces batch['tokenizer_image'] by batch['token_ids']."""
-    batch = dict(batch)
-    batch['token_ids'] = self._tokenize(self.params,
-                                        batch.pop('tokenizer_image'))
-    return batch
-
-
-def from_config(config, mesh: Mesh) -> Tokenizer | None:
-  """The config's tokenizer on `mesh`, or None when it trains on pixels."""
-  if not uses_tokenizer(config):
-    return None
-  params = load_params(config)
-  n = sum(np.size(x) for x in jax.tree.leaves(params))
-  logging.info('Tokenizer: %.1fM frozen params, replicated.', n / 1e6)
-  return Tokenizer(encoder_of(config), params, mesh)
+  return method.TargetProvider(
+      name='tokenizer', kind='frozen',
+      compute=lambda params, batch: {
+          TOKENS: tokenize(module, params, batch[VIEW])},
+      outputs=(TOKENS,), init=init,
+      abstract=lambda cfg: _abstract_params(encoder_of(cfg)))

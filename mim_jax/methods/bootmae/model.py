@@ -11,9 +11,9 @@
     and Linear(D -> D).
 
 The target of the feature predictor comes from the momentum encoder
-(`TrainState.ema_params['encoder']`, an EMA of the online encoder): the last
-block's output on the full image, in eval mode, cls dropped, no gradient
-(`ema_targets`). Visible and masked patches are each taken in increasing
+(`TrainState.ema_params['encoder']`, an EMA of the online encoder, the
+method's 'ema' target provider): the last block's output on the full image,
+in eval mode, cls dropped, no gradient (`ema_targets`). Visible and masked patches are each taken in increasing
 patch order (the official outputs do not depend on the order).
 
 Heads: the decoders use the encoder's head count. With a 512-wide decoder
@@ -142,14 +142,13 @@ class BootMAE(nn.Module):
     return layers.layer_norm(eps, self.dtype, f'{prefix}_norm')(x)
 
   @nn.compact
-  def __call__(self, images, noise=None, *, mask=None, train: bool = False):
+  def __call__(self, batch: dict, *, train: bool = False):
     """Forward pass.
 
     Args:
-      images: (N, H, W, C) normalised images (BootMAE: mean = std = 0.5).
-      noise: unused (the batch's mask is authoritative).
-      mask: (N, L), 1 = masked; every row masks the same count,
-        L - int(L * (1 - mask_ratio)).
+      batch: 'image' (N, H, W, C) normalised images (BootMAE: mean = std =
+        0.5) and 'mask' (N, L), 1 = masked; every row masks the same count,
+        masking.num_masked(L, mask_ratio).
       train: unused (no dropout or drop path in BootMAE pretraining).
 
     Returns:
@@ -157,9 +156,8 @@ class BootMAE(nn.Module):
       layout); out holds 'mask', 'pred_feature' (N, L, D), 'encoder_out'
       (N, 1 + V, D), 'taps' (low and high features) and the decoder outputs.
     """
-    del noise, train
-    if mask is None:
-      raise ValueError('BootMAE needs the batch mask (N, L), 1 = masked.')
+    del train
+    images, mask = batch['image'], batch['mask']
     low, high = self.tap_indices()
     enc = vit.Encoder(**self.encoder_fields(), taps=(low, high),
                       name='encoder')
@@ -191,18 +189,6 @@ class BootMAE(nn.Module):
     return pred.astype(jnp.float32), out
 
 
-def validate_config(config) -> None:
-  """Checks taps and the EMA schedule before anything is built.
-
-  Raises:
-    ValueError: taps outside the encoder, or a bad config.ema (e.g. a
-      momentum outside [0, 1)).
-  """
-  from mim_jax import optim  # pylint: disable=g-import-not-at-top
-  Model(**config.model.to_dict()).tap_indices()
-  optim.ema_momentum_schedule(config)
-
-
 def ema_targets(model: BootMAE, ema_params, batch) -> dict:
   """The momentum encoder's target: its last block's output (before the
   final norm) on the full image, cls dropped. (N, L, D)."""
@@ -221,8 +207,6 @@ def init_ema(params) -> dict:
 def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
           **kw) -> BootMAE:
   """Builds BootMAE from a ViT variant ('B/16') and/or encoder fields."""
-  enc = vit.decode_variant(variant)
-  enc.update(encoder or {})
   if 'taps' in kw:
     kw['taps'] = tuple(kw['taps'])
-  return BootMAE(encoder=enc, **kw)
+  return BootMAE(encoder=vit.encoder_fields(variant, encoder), **kw)

@@ -3,11 +3,8 @@
 import ml_collections
 import numpy as np
 
-from mim_jax.convert import mae as convert_mae
-from mim_jax.parity import core as parity_core
-
-# Outputs compared exactly rather than with a tolerance.
-EXACT_OUTPUTS = ('mask', 'ids_restore')
+from mim_jax import method
+from mim_jax import optim
 
 
 def experiment_config(fc: dict) -> ml_collections.ConfigDict:
@@ -28,13 +25,9 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
           decoder_mlp_dim=int(a['decoder_embed_dim'] * a['mlp_ratio']),
           in_chans=a.get('in_chans', 3),
           mask_ratio=fc['mask_ratio']),
-      loss_name='mae',
       loss=dict(norm_pix_loss=bool(a.get('norm_pix_loss', False))),
+      input=dict(image_size=a['img_size']),
   ))
-
-
-def converter():
-  return parity_core.converter_for(convert_mae, 'constructor_args')
 
 
 def frozen_keys(fc: dict) -> tuple[str, ...]:
@@ -72,3 +65,17 @@ def zero_gradient_slices(state_dict: dict, fc: dict) -> dict:
       d = v.shape[0] // 3
       out[k] = [np.s_[d:2 * d]]
   return out
+
+
+def tx_config(fc: dict, curve: dict, batch_size: int) -> dict:
+  del fc
+  return optim.tx_config_from_curve(curve, batch_size=batch_size)
+
+
+ADAPTER = method.ParityAdapter(
+    experiment_config=experiment_config, batch_from_inputs=batch_from_inputs,
+    curve_batches=curve_batches, forward_outputs=forward_outputs,
+    frozen_keys=frozen_keys, zero_gradient_slices=zero_gradient_slices,
+    tx_config=tx_config,
+    # Compared exactly rather than with a tolerance.
+    exact_outputs=('mask', 'ids_restore'))

@@ -7,11 +7,10 @@ official weight-decay groups; train_curve.json has per-step records.
 import ml_collections
 import numpy as np
 
+from mim_jax import masking
+from mim_jax import method
 from mim_jax import optim
-from mim_jax.convert import cae as convert_cae
-from mim_jax.parity import core as parity_core
-
-EXACT_OUTPUTS = ()
+from mim_jax.methods.cae import config as cae_config
 
 
 def experiment_config(fc: dict) -> ml_collections.ConfigDict:
@@ -33,15 +32,12 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
           decoder_depth=a['decoder_depth'],
           decoder_layer_scale=a['decoder_layer_scale_init_value'],
           vocab_size=a['decoder_num_classes'],
-          mask_ratio=num_masked / num_patches,
+          mask_ratio=masking.ratio_for(num_masked, num_patches),
           in_chans=a.get('in_chans', 3)),
-      loss_name='cae',
+      # The fixtures give the token ids: no tokenizer.
       loss=dict(align_weight=r.get('align_loss_weight', 2.0)),
+      input=dict(image_size=a['img_size']),
   ))
-
-
-def converter():
-  return parity_core.converter_for(convert_cae, 'constructor_kwargs')
 
 
 def frozen_keys(fc: dict) -> tuple[str, ...]:
@@ -83,7 +79,8 @@ def tx_config(fc: dict, curve: dict, batch_size: int) -> dict:
       schedule=dict(min_lr=r.get('min_lr', 0.0), warmup='linspace'),
       optim=dict(name='adamw', b1=o['betas'][0], b2=o['betas'][1],
                  eps=o['eps'], weight_decay=o['weight_decay'],
-                 wd_exclude=optim.NO_DECAY, grad_clip_norm=r.get('clip_grad'),
+                 wd_exclude=optim.NO_DECAY + cae_config.NO_DECAY,
+                 grad_clip_norm=r.get('clip_grad'),
                  mu_dtype=None),
       input=dict(batch_size=batch_size))
 
@@ -105,3 +102,11 @@ def zero_gradient_slices(state_dict: dict, fc: dict) -> dict:
   of a query by the same amount: softmax removes it, the gradient is 0."""
   del fc
   return {k: [np.s_[:]] for k in state_dict if k.endswith('norm1_k.bias')}
+
+
+ADAPTER = method.ParityAdapter(
+    experiment_config=experiment_config, batch_from_inputs=batch_from_inputs,
+    curve_batches=curve_batches, forward_outputs=forward_outputs,
+    frozen_keys=frozen_keys, zero_gradient_slices=zero_gradient_slices,
+    tx_config=tx_config, curve_reference=curve_reference,
+    reference_decay=reference_decay)
