@@ -38,10 +38,10 @@ def compile_seconds(variant: str, devices: int, scan: bool,
                     batch_per_device: int) -> dict:
   """Lowers and compiles the MAE train step for one variant."""
   import jax
-  from mim_jax import config_lib
   from mim_jax import sharding
   from mim_jax import train
-  config = config_lib.mae_config(variant)
+  from mim_jax.methods.mae import config as mae_config
+  config = mae_config.get_config(variant)
   config.model.scan = scan
   config.input.batch_size = batch_per_device * devices
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])

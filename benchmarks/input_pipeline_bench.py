@@ -4,8 +4,9 @@ r"""Input-pipeline throughput (images/s per host), printed as JSON.
       [--batches=30] [--config.input.image_size=224 ...]
 
 Compare `images_per_sec` with the train step's images/s in metrics.jsonl:
-the pipeline must be faster for it not to be the bottleneck. Configs with
-token targets (CAE) also make the tokenizer's Lanczos view, as in training.
+the pipeline must be faster for it not to be the bottleneck. The method's
+extra views (e.g. the tokenizer's Lanczos view of CAE's token targets) are
+made too, as in training.
 """
 
 import json
@@ -25,14 +26,15 @@ flags.DEFINE_integer('batches', 30, 'Timed batches (after 3 warm-up ones).')
 
 def main(_):
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from mim_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  from mim_jax import methods  # pylint: disable=g-import-not-at-top
+  from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  p = weights.patch_size_of(config)
-  view = (tokenizer.view_size(config, p)
-          if tokenizer.uses_tokenizer(config) else None)
+  method = methods.get(config.model_name)
+  p = vit.patch_size_of(config.model)
+  # Extra views the method asks for (e.g. the tokenizer's), as in training.
+  views = {k: v.size for k, v in method.views(config).items()}
   ds = input_pipeline.make_train_dataset(config.input, patch_size=p, seed=0,
-                                         tokenizer_size=view)
+                                         views=views)
   it = ds.as_numpy_iterator()
   for _ in range(3):
     next(it)
@@ -44,7 +46,7 @@ def main(_):
   bs = b['image'].shape[0]
   print(json.dumps(dict(
       benchmark='input_pipeline', data=config.input.data,
-      image_size=config.input.image_size, tokenizer_size=view,
+      image_size=config.input.image_size, views=views,
       host_batch=bs, batches=n,
       images_per_sec=round(n * bs / dt, 1), sec_per_batch=round(dt / n, 4),
       cpu_cores=os.cpu_count())))

@@ -70,7 +70,8 @@ def _tf_data_rates(params: dict, n: int, batch: int) -> dict:
   random_fn = masks.make_mask_fn(dict(kind='random', ratio=0.75), 14)
   batched_seeds = tf.data.Dataset.from_tensor_slices({
       '_mask_seed': np.arange(n, dtype=np.int64),
-      '_mask_uniform': np.zeros((n, 196), np.float32)}).batch(batch)
+      '_mask_uniform': np.zeros((n, 196), np.float32),
+      '_mask_roll': (np.arange(n) % 4).astype(np.int32)}).batch(batch)
   return {
       'tf_data_per_batch_stage': rate(batched_seeds.map(per_batch)),
       'tf_data_pipeline_block': rate(

@@ -1,5 +1,7 @@
 r"""Cost of CAE's token targets: the DALL-E dVAE encoder on the tokenizer
-view, printed as JSON (XLA FLOPs per image, and CPU/accelerator time).
+view (uint8, as the pipeline makes it), jitted on the devices as in the
+train step (params replicated, views sharded over the batch), printed as
+JSON (XLA FLOPs per image, and CPU/accelerator time).
 
   python benchmarks/tokenizer_bench.py [--config=configs/cae_vitb.py]
       [--batch=8] [--iters=3]
@@ -9,6 +11,7 @@ time it). Compare `gflops_per_image` with the planner's
 `model_flops_per_image` for the train step.
 """
 
+import functools
 import json
 import os
 import time
@@ -27,19 +30,28 @@ flags.DEFINE_integer('iters', 3, 'Timed calls (after one warm-up call).')
 def main(_):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mim_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  from mim_jax import weights  # pylint: disable=g-import-not-at-top
-  from mim_jax.models import dvae  # pylint: disable=g-import-not-at-top
+  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from mim_jax.targets import tokenizer  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  size = tokenizer.view_size(config, weights.patch_size_of(config))
+  size = tokenizer.view(config, vit.patch_size_of(config.model)).size
   module = tokenizer.encoder_of(config)
-  x = jnp.full((flags.FLAGS.batch, size, size, 3), 0.5, jnp.float32)
-  params = jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])['params']
-  fn = jax.jit(lambda p, x: dvae.token_ids(module, p, x))
+  # As in the train step: params replicated, the views sharded over the
+  # batch (the batch must be a multiple of the device count).
+  mesh = sharding.make_mesh([('data', -1)])
+  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  x = jax.device_put(
+      jnp.full((flags.FLAGS.batch, size, size, 3), 128, jnp.uint8), data)
+  params = jax.jit(module.init, out_shardings=repl)(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params']
+  fn = jax.jit(functools.partial(tokenizer.tokenize, module),
+               in_shardings=(repl, data), out_shardings=data)
   t = time.perf_counter()
-  compiled = fn.lower(params, x).compile()
+  lowered = fn.lower(params, x)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
+  # FLOPs of the whole batch (before partitioning over the devices).
+  cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   compiled(params, x).block_until_ready()
   t = time.perf_counter()
@@ -53,6 +65,7 @@ def main(_):
       gflops_per_image=round(cost['flops'] / flags.FLAGS.batch / 1e9, 2),
       sec_per_image=round(dt / flags.FLAGS.batch, 4),
       compile_s=round(compile_s, 2), device=str(jax.devices()[0].platform),
+      devices=jax.device_count(),
       cpu_cores=os.cpu_count())))
 
 

@@ -3,8 +3,9 @@ r"""Train-step speed (compile time, steps/s, images/s), printed as JSON.
   python benchmarks/train_step_bench.py [--config=configs/mae_tiny.py]
       [--steps=20] [--config.input.batch_size=...] [--config.model.scan=True]
 
-Synthetic inputs of the config's shapes, so it measures the jitted step
-alone (compare with benchmarks/input_pipeline_bench.py).
+Synthetic inputs of the method's batch spec (random masks of the config's
+ratio), so it measures the jitted step alone (compare with
+benchmarks/input_pipeline_bench.py).
 """
 
 import json
@@ -24,38 +25,52 @@ flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile step).')
 def main(_):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mim_jax import masking  # pylint: disable=g-import-not-at-top
   from mim_jax import sharding  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
-  from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   mesh = sharding.make_mesh(config.mesh)
   model = steps.build_model(config)
   bs, size = config.input.batch_size, config.input.image_size
-  n = (size // weights.patch_size_of(config)) ** 2
+  shapes = steps.batch_spec(config)
   rng = np.random.default_rng(0)
-  host = {'image': rng.standard_normal((bs, size, size, 3), np.float32),
-          'noise': rng.random((bs, n), np.float32)}
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host.items()}
+  # Random masks of the config's ratio, as the pipeline makes them: the
+  # noise's ascending order lists the visible patches first.
+  n = (size // vit.patch_size_of(config.model)) ** 2
+  noise = rng.random((bs, n), np.float32)
+  keep = masking.num_visible(n, config.mask_ratio)
+  rank = np.argsort(np.argsort(noise, axis=1), axis=1)
+  made = {'image': rng.standard_normal((bs, size, size, 3), np.float32),
+          'noise': noise, 'mask': (rank >= keep).astype(np.float32)}
+  host = {}
+  for k, s in shapes.items():
+    if k in made:
+      host[k] = made[k]
+    else:  # an extra uint8 view of the method (e.g. the tokenizer's)
+      host[k] = rng.integers(0, 256, s.shape, np.uint8)
   state, shardings, _, schedule = steps.create_train_state(
       config, model, mesh, shapes)
   data_sh = sharding.data_sharding(mesh)
   step = steps.jit_train_step(config, model, steps.build_loss(config),
                               schedule, mesh, shardings)
+  # Frozen target weights (e.g. the tokenizer), read from their files.
+  frozen = steps.frozen_targets(config, mesh)
   batch = sharding.to_global(host, data_sh)
   t = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch, frozen).compile()
   compile_s = time.perf_counter() - t
-  state, m = compiled(state, batch)
+  state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
   t = time.perf_counter()
   for _ in range(flags.FLAGS.steps):
-    state, m = compiled(state, batch)
+    state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / flags.FLAGS.steps
   print(json.dumps(dict(
       benchmark='train_step', model=config.model.get('variant') or
       dict(config.model.encoder), batch=bs, image_size=size,
-      scan=config.model.scan, dtype=config.model.dtype,
+      scan=config.model.get('scan'), dtype=config.model.get('dtype'),
       devices=jax.device_count(), platform=jax.devices()[0].platform,
       compile_sec=round(compile_s, 2), step_sec=round(dt, 4),
       steps_per_sec=round(1 / dt, 2), images_per_sec=round(bs / dt, 1))))

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
+from mim_jax import method
+from mim_jax import methods
 from mim_jax import optim
 from mim_jax import steps
-from mim_jax.convert import bootmae as convert_bootmae
-from mim_jax.models import bootmae
+from mim_jax.methods.bootmae import config as bootmae_config
+from mim_jax.methods.bootmae import convert as convert_bootmae
+from mim_jax.methods.bootmae import model as bootmae
 from mim_jax.parity import core
 
 BOOTMAE = os.path.join(FIXTURES, 'bootmae')
@@ -45,25 +48,27 @@ def test_bootmae_fixture_passes(report):
 
 
 def _model_and_params():
-  fx, adapter, _, model, batch, params = core.load_converted(BOOTMAE)
-  return fx, model, params, adapter.initial_ema(fx, model, params), batch
+  fx, meth, _, model, batch, params = core.load_converted(BOOTMAE)
+  return fx, model, params, meth.parity.initial_ema(fx, model, params), batch
 
 
 def test_export_writes_the_official_keys_momentum_encoder_included():
   fx, model, params, ema, _ = _model_and_params()
-  sd = convert_bootmae.to_torch(params, model, 32, ema=ema)
+  conv = methods.get('bootmae').converter
+  sd = conv.to_torch(params, model, 32)
+  sd.update(conv.ema_to_torch(ema, model, 32))
   assert set(sd) == set(fx['state_dict'])
   for k, v in fx['state_dict'].items():
     np.testing.assert_allclose(sd[k], v, atol=1e-6, err_msg=k)
-  back = convert_bootmae.to_flax(sd, model, params, 32)
+  back = conv.to_flax(sd, model, params, 32)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
-  ema_back = convert_bootmae.ema_to_flax(sd, model, params, 32)
+  ema_back = conv.ema_to_flax(sd, model, params, 32)
   for a, b in zip(jax.tree.leaves(ema_back), jax.tree.leaves(ema)):
     np.testing.assert_array_equal(a, b)
   # A file without the momentum encoder (e.g. an encoder export) has none.
   online = {k: v for k, v in sd.items() if not k.startswith('model_ema.')}
-  assert convert_bootmae.ema_to_flax(online, model, params, 32) is None
+  assert conv.ema_to_flax(online, model, params, 32) is None
 
 
 def test_pixel_head_is_the_transposed_conv():
@@ -141,9 +146,8 @@ def test_taps_outside_the_encoder_are_rejected():
     ({'input.mask.total_masked': 65}, ['total_masked=65', '64 patches']),
 ])
 def test_bad_bootmae_config_fails_before_building(override, words):
-  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
-  c = config_lib.bootmae_tiny_overrides(config_lib.bootmae_config())
+  c = bootmae_config.get_config('tiny')
   (key, value), = override.items()
   node = c
   *path, last = key.split('.')
@@ -162,28 +166,28 @@ def test_bootmae_tiny_steps_checkpoint_and_shard_the_ema_like_the_params(
   towards the online encoder each step, is sharded exactly like it (FSDP
   over 8 devices), and is checkpointed, restored and exported with it."""
   from mim_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mim_jax import sharding  # pylint: disable=g-import-not-at-top
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
   # (train_and_evaluate on bootmae_tiny runs in colab_test.)
-  c = config_lib.bootmae_tiny_overrides(config_lib.bootmae_config())
+  c = bootmae_config.get_config('tiny')
   c.total_steps, c.warmup_steps = 4, 1
   c.input.batch_size = 16
   c.min_shard_size = 0
   model = steps.build_model(c)
   mesh = sharding.make_mesh(c.mesh)
+  shapes = steps.batch_spec(c)
+  assert set(shapes) == {'image', 'mask'}
   state, state_sh, _, schedule = steps.create_train_state(
-      c, model, mesh, weights.batch_shapes(c))
+      c, model, mesh, shapes)
   train_step = steps.jit_train_step(c, model, steps.build_loss(c), schedule,
                                     mesh, state_sh)
   ds = input_pipeline.make_train_dataset(c.input, patch_size=4, seed=0,
                                          process_index=0, process_count=1)
   for _, local in zip(range(4), ds.as_numpy_iterator()):
-    batch = sharding.to_global(
-        {k: local[k] for k in steps.DEVICE_KEYS if k in local},
-        sharding.data_sharding(mesh))
-    state, metrics = train_step(state, batch)
+    batch = sharding.to_global({k: local[k] for k in shapes},
+                               sharding.data_sharding(mesh))
+    state, metrics = train_step(state, batch, {})  # no frozen targets
     assert np.isfinite(float(metrics['loss']))
   mgr = checkpoint.make_manager(str(tmp_path), keep=3, async_save=False)
   checkpoint.save(mgr, 4, state, 1, force=True)
@@ -199,7 +203,7 @@ def test_bootmae_tiny_steps_checkpoint_and_shard_the_ema_like_the_params(
              for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
   assert 0 < diff
 
-  abstract = steps.create_train_state(c, model, mesh, weights.batch_shapes(c),
+  abstract = steps.create_train_state(c, model, mesh, shapes,
                                       materialize=False)[0]
   restored, step = checkpoint.restore_latest(mgr, abstract)
   assert step == 4
@@ -265,7 +269,7 @@ def test_official_recipes():
 
 def test_feature_weight_ramps_per_epoch_over_the_first_quarter():
   """Upstream: fw(epoch) = min(4 fw (1 + epoch) / epochs, fw)."""
-  from mim_jax.losses import bootmae as bootmae_loss  # pylint: disable=g-import-not-at-top
+  from mim_jax.methods.bootmae import loss as bootmae_loss  # pylint: disable=g-import-not-at-top
   spe, epochs = 10, 800
   at = lambda step: float(bootmae_loss.feature_weight_at(
       step, feature_weight=1.0, feature_ramp_fraction=0.25,
@@ -277,3 +281,19 @@ def test_feature_weight_ramps_per_epoch_over_the_first_quarter():
   assert float(bootmae_loss.feature_weight_at(
       123, feature_weight=0.5, feature_ramp_fraction=0.0, total_steps=1,
       steps_per_epoch=1)) == 0.5
+  # The loss reads the lengths from its schedule; a ramp needs them.
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.standard_normal((1, 8, 8, 3)).astype(np.float32),
+           'feature_target': np.ones((1, 4, 2), np.float32)}
+  out = {'mask': np.array([[1, 0, 1, 0]], np.float32),
+         'pred_feature': np.zeros((1, 4, 2), np.float32)}
+  pred = np.zeros((1, 4, 48), np.float32)
+  schedule = method.Schedule(total_steps=epochs * spe, steps_per_epoch=spe)
+  for epoch in (0, 57, 200):
+    _, aux = bootmae_loss.loss_fn(pred, out, batch, step=epoch * spe + 3,
+                                  schedule=schedule)
+    assert float(aux['feature_weight']) == pytest.approx(
+        min(4 * (1 + epoch) / epochs, 1.0))
+  with pytest.raises(ValueError, match='training'):
+    bootmae_loss.loss_fn(pred, out, batch, step=0,
+                         schedule=method.Schedule())

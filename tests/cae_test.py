@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT
+from mim_jax import method
 from mim_jax import steps
-from mim_jax.convert import cae as convert_cae
 from mim_jax.convert import core as convert_core
-from mim_jax.losses import cae as cae_loss
-from mim_jax.models import cae
-from mim_jax.parity import cae as parity_cae
+from mim_jax.methods.cae import config as cae_config
+from mim_jax.methods.cae import convert as convert_cae
+from mim_jax.methods.cae import loss as cae_loss
+from mim_jax.methods.cae import model as cae
+from mim_jax.methods.cae import parity as parity_cae
 from mim_jax.parity import core
 
 CAE = os.path.join(FIXTURES, 'cae')
@@ -74,15 +76,14 @@ def test_teacher_is_the_encoder_under_stop_gradient():
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
   def align(p):
-    _, out = model.apply({'params': p}, batch['image'], mask=batch['mask'])
+    _, out = model.apply({'params': p}, batch)
     return out['latent_target'].sum()
 
   g = jax.jit(jax.grad(align))(params)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
   # Same weights on the masked patches: the teacher's cls row equals an
   # encoder pass over those patches.
-  _, out = jax.jit(lambda p: model.apply({'params': p}, batch['image'],
-                                         mask=batch['mask']))(params)
+  _, out = jax.jit(lambda p: model.apply({'params': p}, batch))(params)
   np.testing.assert_allclose(out['alignment_encoder_out'],
                              fx['outputs']['alignment_encoder_out'],
                              rtol=0, atol=1e-5)
@@ -98,9 +99,9 @@ def test_pixel_targets_train_without_a_tokenizer():
             for k, v in batch.items()}
   params = steps.init_params(model, shapes, 0)
   assert params['decoder_head']['kernel'].shape == (64, 4 * 4 * 3)
-  pred, out = model.apply({'params': params}, batch['image'],
-                          mask=batch['mask'])
-  loss, aux = cae_loss.loss_fn(pred, out, batch)
+  pred, out = model.apply({'params': params}, batch)
+  loss, aux = cae_loss.loss_fn(pred, out, batch, step=0,
+                               schedule=method.Schedule())
   assert np.isfinite(float(loss)) and 'mlm_acc' not in aux
   with pytest.raises(ValueError, match='token_ids'):
     model_t = cae.Model(encoder=dict(width=64, depth=1, num_heads=4,
@@ -108,15 +109,13 @@ def test_pixel_targets_train_without_a_tokenizer():
                         decoder_num_heads=4, regressor_depth=1,
                         decoder_depth=1, vocab_size=16)
     p = steps.init_params(model_t, shapes, 0)
-    pred, out = model_t.apply({'params': p}, batch['image'],
-                              mask=batch['mask'])
-    cae_loss.loss_fn(pred, out, batch)
+    pred, out = model_t.apply({'params': p}, batch)
+    cae_loss.loss_fn(pred, out, batch, step=0, schedule=method.Schedule())
 
 
 def test_token_targets_without_a_tokenizer_fail_before_building():
-  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
-  c = config_lib.cae_config('B/16')
+  c = cae_config.get_config('B/16')
   assert c.tokenizer.weights.endswith('dall_e/encoder.pkl')
   c.tokenizer.weights = ''
   with pytest.raises(ValueError, match='tokenizer.weights'):
@@ -134,7 +133,7 @@ def test_cae_tiny_checkpoint_round_trips_through_a_pth(tmp_path):
   c = config_lib.load_config_file(os.path.join(ROOT, 'configs',
                                                'cae_tiny.py'))
   model = steps.build_model(c)
-  params = steps.init_params(model, weights.batch_shapes(c, 1), 3)
+  params = steps.init_params(model, steps.batch_spec(c, 1), 3)
   sd = weights.to_torch(c, model, params)
   assert any(k.startswith('alignment_encoder.') for k in sd)
   assert any(k.startswith('regresser.') for k in sd)
@@ -152,6 +151,7 @@ def test_cae_tiny_checkpoint_round_trips_through_a_pth(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
   mask = np.tile(np.r_[np.ones(32), np.zeros(32)], (2, 1)).astype(np.float32)
-  want = model.apply({'params': params}, images, mask=mask)[0]
-  got = scan_model.apply({'params': scanned}, images, mask=mask)[0]
+  batch = {'image': images, 'mask': mask}
+  want = model.apply({'params': params}, batch)[0]
+  got = scan_model.apply({'params': scanned}, batch)[0]
   np.testing.assert_allclose(got, want, atol=1e-5)

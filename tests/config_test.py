@@ -12,7 +12,7 @@ from conftest import ROOT
 from mim_jax import config_lib
 from mim_jax import steps
 from mim_jax import train
-from mim_jax import weights
+from mim_jax.methods.mae import config as mae_config
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
@@ -22,7 +22,7 @@ def test_config_builds_model(path):
   config = config_lib.load_config_file(path)
   train.validate_config(config, 8, 8)
   model = steps.build_model(config)
-  shapes = weights.batch_shapes(config, batch_size=2)
+  shapes = steps.batch_spec(config, batch_size=2)
   params = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
   assert 'encoder' in params and len(params) > 1
 
@@ -43,7 +43,7 @@ def test_official_recipes():
 
 
 def _tiny(**kw):
-  c = config_lib.tiny_overrides(config_lib.mae_config())
+  c = mae_config.get_config('tiny')
   for k, v in kw.items():
     node = c
     *path, last = k.split('.')

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from conftest import FIXTURES
+from mim_jax import methods
 from mim_jax import steps
 from mim_jax.convert import core
-from mim_jax.convert import mae as convert_mae
-from mim_jax.parity import mae as parity_mae
+from mim_jax.methods.mae import parity as parity_mae
+
+# The MAE method's converter (a mim_jax.method.Converter).
+CONVERTER = methods.get('mae').converter
 
 MAE_FIXTURE = os.path.join(FIXTURES, 'mae')
 IMG = 32
@@ -53,7 +56,7 @@ def test_fixture_round_trip_is_exact():
   sd = _state_dict()
   assert len(sd) == 86
   model, shapes = _model_and_shapes()
-  params = convert_mae.to_flax(sd, model, shapes, IMG)
+  params = CONVERTER.to_flax(sd, model, shapes, IMG)
   # Names and layouts: Linear (out, in) -> kernel (in, out), conv
   # (O, I, kh, kw) -> (kh, kw, I, O), LayerNorm weight -> scale.
   enc = params['encoder']
@@ -69,7 +72,7 @@ def test_fixture_round_trip_is_exact():
                                 sd['mask_token'])
   assert (jax.tree.map(np.shape, params) ==
           jax.tree.map(lambda s: s.shape, shapes))
-  _assert_same_state_dict(convert_mae.to_torch(params, model, IMG), sd)
+  _assert_same_state_dict(CONVERTER.to_torch(params, model, IMG), sd)
 
 
 @pytest.mark.parametrize('wrap', [False, True])
@@ -82,9 +85,9 @@ def test_torch_checkpoint_round_trip(tmp_path, wrap):
   _assert_same_state_dict(loaded, sd)
 
   model, shapes = _model_and_shapes()
-  params = convert_mae.to_flax(loaded, model, shapes, IMG)
+  params = CONVERTER.to_flax(loaded, model, shapes, IMG)
   out = str(tmp_path / 'x.pth')
-  core.save_state_dict(convert_mae.to_torch(params, model, IMG), out)
+  core.save_state_dict(CONVERTER.to_torch(params, model, IMG), out)
   back = torch.load(out, map_location='cpu', weights_only=True)
   assert sorted(back) == sorted(sd)
   for k, v in back.items():
@@ -95,11 +98,11 @@ def test_torch_checkpoint_round_trip(tmp_path, wrap):
 def test_npz_round_trip(tmp_path):
   sd = _state_dict()
   model, shapes = _model_and_shapes()
-  params = convert_mae.to_flax(
+  params = CONVERTER.to_flax(
       core.load_state_dict(os.path.join(MAE_FIXTURE, 'state_dict.npz')),
       model, shapes, IMG)
   out = str(tmp_path / 'x.npz')
-  core.save_state_dict(convert_mae.to_torch(params, model, IMG), out)
+  core.save_state_dict(CONVERTER.to_torch(params, model, IMG), out)
   _assert_same_state_dict(core.load_state_dict(out), sd)
   with pytest.raises(FileNotFoundError, match='nope.pth'):
     core.load_state_dict(str(tmp_path / 'nope.pth'))
@@ -109,7 +112,7 @@ def test_scan_layout_round_trip():
   sd = _state_dict()
   model, shapes = _model_and_shapes(scan=True)
   assert core.is_scanned(shapes)
-  params = convert_mae.to_flax(sd, model, shapes, IMG)
+  params = CONVERTER.to_flax(sd, model, shapes, IMG)
   blocks = params['encoder']['blocks']
   assert blocks['attn']['qkv']['kernel'].shape == (4, 64, 192)
   assert params['decoder']['blocks']['mlp']['fc1']['kernel'].shape == (
@@ -121,7 +124,7 @@ def test_scan_layout_round_trip():
                                   sd[f'blocks.{i}.norm2.bias'])
   assert (jax.tree.map(np.shape, params) ==
           jax.tree.map(lambda s: s.shape, shapes))
-  _assert_same_state_dict(convert_mae.to_torch(params, model, IMG), sd)
+  _assert_same_state_dict(CONVERTER.to_torch(params, model, IMG), sd)
 
 
 # ---------------------------------------------------------------------------
@@ -131,7 +134,7 @@ def test_scan_layout_round_trip():
 def _convert_error(sd, **kw):
   model, shapes = _model_and_shapes()
   with pytest.raises(core.ConversionError) as e:
-    convert_mae.to_flax(sd, model, shapes, IMG, **kw)
+    CONVERTER.to_flax(sd, model, shapes, IMG, **kw)
   assert isinstance(e.value, ValueError)
   return str(e.value)
 
@@ -204,8 +207,8 @@ def test_encoder_only_checkpoint_strict_false():
   rng = np.random.default_rng(0)
   init = jax.tree.map(
       lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
-  params = convert_mae.to_flax(enc_sd, model, init, IMG, strict=False)
-  full = convert_mae.to_flax(sd, model, shapes, IMG)
+  params = CONVERTER.to_flax(enc_sd, model, init, IMG, strict=False)
+  full = CONVERTER.to_flax(sd, model, shapes, IMG)
   for a, b in zip(jax.tree.leaves(params['decoder']),
                   jax.tree.leaves(init['decoder'])):
     np.testing.assert_array_equal(a, b)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
+from mim_jax import masking
+from mim_jax.data import masks
+from mim_jax.methods.mae import model as mae
 from mim_jax.models import layers
-from mim_jax.models import mae
 from mim_jax.models import vit
 
 MAE_FIXTURE = os.path.join(FIXTURES, 'mae')
@@ -27,10 +29,11 @@ def _tiny(**kw):
 
 
 def _inputs(n=2, seed=0):
+  """A batch as MAE reads it: images and the masking noise."""
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((n, SIZE, SIZE, 3)).astype(np.float32)
   noise = rng.random((n, L)).astype(np.float32)
-  return jnp.asarray(images), jnp.asarray(noise)
+  return {'image': jnp.asarray(images), 'noise': jnp.asarray(noise)}
 
 
 def _abstract_params(model, *args):
@@ -43,7 +46,7 @@ def _abstract_params(model, *args):
 def _random_params(model, *args, seed=0):
   """Random params of `model` without compiling its init: eval_shape for the
   shapes, numpy for the values (every leaf non-trivial, no zero biases)."""
-  args = args or _inputs()
+  args = args or (_inputs(),)
   shapes = _abstract_params(model, *args)
   rng = np.random.default_rng(seed)
 
@@ -71,10 +74,9 @@ def _max_abs(a, b):
 @pytest.mark.parametrize('ratio', [0.75, 0.6])
 def test_forward_shapes(ratio):
   model = _tiny(mask_ratio=ratio)
-  images, noise = _inputs()
-  pred, out = model.apply({'params': _tiny_params()}, images, noise)
+  pred, out = model.apply({'params': _tiny_params()}, _inputs())
   len_keep = int(L * (1 - ratio))  # 16 and 25 (truncated from 25.6)
-  assert len_keep == mae.len_keep_for(L, ratio)
+  assert len_keep == masking.num_visible(L, ratio)
   assert pred.shape == (2, L, P * P * 3)
   assert pred.dtype == jnp.float32
   assert out['mask'].shape == (2, L)
@@ -89,12 +91,11 @@ def test_forward_shapes(ratio):
 
 
 def test_bad_mask_ratio_and_noise_shape():
-  with pytest.raises(ValueError, match='mask_ratio'):
-    mae.len_keep_for(L, 1.0)
-  images, _ = _inputs()
+  with pytest.raises(ValueError, match=r'must be in \(0, 1\)'):
+    masking.num_visible(L, 1.0)
+  batch = dict(_inputs(), noise=jnp.zeros((2, L - 1)))
   with pytest.raises(ValueError, match='patches'):
-    jax.eval_shape(_tiny().init, jax.random.PRNGKey(0), images,
-                   jnp.zeros((2, L - 1)))
+    jax.eval_shape(_tiny().init, jax.random.PRNGKey(0), batch)
 
 
 def test_ids_from_noise_keeps_smallest_noise_in_noise_order():
@@ -118,27 +119,22 @@ def test_ids_from_noise_keeps_smallest_noise_in_noise_order():
   assert mask.dtype == np.float32
 
 
-def test_noise_from_mask_replays_mask_in_raster_order():
+def test_noise_for_mask_makes_the_model_mask_exactly_those_patches():
+  """Masks reach MAE only as noise: the pipeline's noise_for_mask replays
+  any mask with the right count."""
   rng = np.random.default_rng(4)
-  len_keep = mae.len_keep_for(L, 0.75)
+  len_keep = masking.num_visible(L, 0.75)
   mask = np.ones((2, L), np.float32)
   for n in range(2):
     mask[n, rng.choice(L, len_keep, replace=False)] = 0.0
-  noise = mae.noise_from_mask(jnp.asarray(mask))
-  ids_keep, _, mask_back = mae.ids_from_noise(noise, len_keep)
+  uniform = rng.random((2, L)).astype(np.float32)
+  noise = np.asarray(masks.noise_for_mask(mask, uniform), np.float32)
+  batch = dict(_inputs(), noise=jnp.asarray(noise))
+  _, out = _tiny().apply({'params': _tiny_params()}, batch)
+  np.testing.assert_array_equal(out['mask'], mask)
   for n in range(2):
-    np.testing.assert_array_equal(ids_keep[n], np.flatnonzero(mask[n] == 0))
-  np.testing.assert_array_equal(mask_back, mask)
-
-  # The model driven by `mask=` masks exactly those patches and equals the
-  # model driven by the equivalent noise.
-  model, params = _tiny(), _tiny_params()
-  images, _ = _inputs()
-  pred_m, out_m = model.apply({'params': params}, images, mask=mask)
-  pred_n, _ = model.apply({'params': params}, images, noise)
-  np.testing.assert_array_equal(out_m['mask'], mask)
-  np.testing.assert_array_equal(out_m['ids_keep'], ids_keep)
-  np.testing.assert_array_equal(pred_m, pred_n)
+    np.testing.assert_array_equal(np.sort(out['ids_keep'][n]),
+                                  np.flatnonzero(mask[n] == 0))
 
 
 # ---------------------------------------------------------------------------
@@ -233,13 +229,13 @@ def test_scan_matches_loop_with_converted_params():
   assert 'blocks' in scanned['decoder']
   assert not any(k.startswith('blocks_') for k in scanned['encoder'])
   # The scanned model's own init has exactly this structure and these shapes.
-  images, noise = _inputs()
+  batch = _inputs()
   scan_model = _tiny(scan=True)
-  shapes = _abstract_params(scan_model, images, noise)
+  shapes = _abstract_params(scan_model, batch)
   assert (jax.tree.map(np.shape, shapes) ==
           jax.tree.map(np.shape, scanned))
-  pred_l, out_l = _tiny().apply({'params': params}, images, noise)
-  pred_s, out_s = scan_model.apply({'params': scanned}, images, noise)
+  pred_l, out_l = _tiny().apply({'params': params}, batch)
+  pred_s, out_s = scan_model.apply({'params': scanned}, batch)
   assert _max_abs(pred_s, pred_l) <= 1e-5
   assert _max_abs(out_s['latent'], out_l['latent']) <= 1e-5
   # Round trip back to the loop layout is exact.
@@ -250,8 +246,9 @@ def test_scan_matches_loop_with_converted_params():
 
 
 def test_remat_gives_same_loss_and_grads():
-  images, noise = _inputs()
-  ids_keep = mae.ids_from_noise(noise, 16)[0]
+  batch = _inputs()
+  images = batch['image']
+  ids_keep = mae.ids_from_noise(batch['noise'], 16)[0]
   params = _random_params(vit.Encoder(**TINY_ENC), images, ids_keep)
 
   def loss_and_grads(policy):
@@ -275,44 +272,44 @@ def test_remat_gives_same_loss_and_grads():
 def test_unknown_remat_policy_is_named():
   with pytest.raises(ValueError, match='bogus'):
     layers.get_remat_policy('bogus')
-  images, noise = _inputs()
+  batch = _inputs()
   with pytest.raises(ValueError, match='bogus'):
     jax.eval_shape(_tiny(remat_policy='bogus').init, jax.random.PRNGKey(0),
-                   images, noise)
+                   batch)
 
 
 def test_bfloat16_compute_keeps_float32_params():
   model = _tiny(dtype=jnp.bfloat16)
-  images, noise = _inputs()
-  shapes = _abstract_params(model, images, noise)
+  batch = _inputs()
+  shapes = _abstract_params(model, batch)
   assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype('float32')}
   params = _tiny_params()
-  pred, out = jax.jit(model.apply)({'params': params}, images, noise)
+  pred, out = jax.jit(model.apply)({'params': params}, batch)
   assert pred.dtype == jnp.float32
   assert out['latent'].dtype == jnp.bfloat16
   assert np.all(np.isfinite(np.asarray(pred)))
   # bf16 compute stays close to the float32 model with the same params.
-  pred32, _ = _tiny().apply({'params': params}, images, noise)
+  pred32, _ = _tiny().apply({'params': params}, batch)
   assert _max_abs(pred, pred32) < 0.1 * float(np.abs(pred32).max()) + 0.1
 
 
 def test_decoder_attention_dropout():
   params = _tiny_params()
-  images, noise = _inputs()
-  ref, _ = _tiny().apply({'params': params}, images, noise)
+  batch = _inputs()
+  ref, _ = _tiny().apply({'params': params}, batch)
   drop = _tiny(decoder_attn_drop=0.5)
   rngs = {'dropout': jax.random.PRNGKey(7)}
-  evl, _ = drop.apply({'params': params}, images, noise, train=False,
+  evl, _ = drop.apply({'params': params}, batch, train=False,
                       rngs=rngs)
   np.testing.assert_array_equal(evl, ref)
-  trn, _ = drop.apply({'params': params}, images, noise, train=True,
+  trn, _ = drop.apply({'params': params}, batch, train=True,
                       rngs=rngs)
   assert _max_abs(trn, ref) > 1e-3
-  trn2, _ = drop.apply({'params': params}, images, noise, train=True,
+  trn2, _ = drop.apply({'params': params}, batch, train=True,
                        rngs={'dropout': jax.random.PRNGKey(8)})
   assert _max_abs(trn2, trn) > 1e-3
   # Without attn_drop, train=True is deterministic (no dropout elsewhere).
-  nodrop, _ = _tiny().apply({'params': params}, images, noise, train=True,
+  nodrop, _ = _tiny().apply({'params': params}, batch, train=True,
                             rngs=rngs)
   np.testing.assert_array_equal(nodrop, ref)
 
@@ -336,8 +333,8 @@ def test_vit_b16_param_count():
   model = mae.Model(variant='B/16', decoder_width=512, decoder_depth=8,
                     decoder_num_heads=16)
   shapes = _abstract_params(
-      model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
-      jax.ShapeDtypeStruct((1, 196), jnp.float32))
+      model, {'image': jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+              'noise': jax.ShapeDtypeStruct((1, 196), jnp.float32)})
   d, mlp, p, depth = 768, 3072, 16, 12
   enc = (d * 3 * p * p + d           # patch_embed conv
          + d                         # cls_token
@@ -372,13 +369,15 @@ def test_decode_variant():
 
 
 def test_fixed_count_split_recovers_every_count_from_its_ratio():
-  """CAE/BootMAE take the mask ratio as M / L; every M must come back."""
+  """CAE/BootMAE take the mask ratio as masking.ratio_for(M, L) (M / L
+  itself loses a patch for some pairs); every M must come back."""
   for num_patches, num_masked in ((49, 36), (64, 39), (196, 147), (12, 5),
                                   (196, 98)):
     mask = np.zeros((1, num_patches), np.float32)
     mask[0, :num_masked] = 1
     side = int(num_patches ** 0.5)
     grid = (side, num_patches // side)
-    vis, masked = vit.split_by_mask(mask, grid, num_masked / num_patches)
+    ratio = masking.ratio_for(num_masked, num_patches)
+    vis, masked = vit.split_by_mask(mask, grid, ratio)
     assert masked.shape[1] == num_masked, (num_patches, num_masked)
     assert vis.shape[1] == num_patches - num_masked

@@ -14,13 +14,13 @@ import torch
 from flax import traverse_util
 
 from conftest import FIXTURES
-from mim_jax import config_lib
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax.convert import core
-from mim_jax.convert import mae as convert_mae
-from mim_jax.parity import mae as parity_mae
+from mim_jax.methods.mae import config as mae_config
+from mim_jax.methods.mae import convert as convert_mae
+from mim_jax.methods.mae import parity as parity_mae
 
 MAE_FIXTURE = os.path.join(FIXTURES, 'mae')
 
@@ -71,7 +71,7 @@ def test_schedule_matches_fixture_curve():
 
 
 def test_peak_lr_and_steps():
-  c = config_lib.mae_config()
+  c = mae_config.get_config('B/16')
   assert c.lr is None
   assert optim.peak_lr(c) == pytest.approx(1.5e-4 * 4096 / 256)  # 2.4e-3
   c.input.batch_size = 1024
@@ -228,7 +228,6 @@ def _tiny_config():
                               patch_size=4),
                  decoder_width=32, decoder_depth=1, decoder_num_heads=2,
                  mask_ratio=0.75),
-      loss_name='mae',
       loss=dict(norm_pix_loss=True),
       # eps 1e-3 instead of 1e-8: the first Adam step is then not just
       # lr * sign(g), so the params see the gradients' scale, and entries
@@ -266,7 +265,7 @@ def test_grad_accumulation_matches_full_batch():
     step = jax.jit(steps.make_train_step(model, loss_fn, schedule,
                                          seed=config.seed,
                                          accum_steps=accum))
-    results[accum] = step(state0, batch)
+    results[accum] = step(state0, batch, {})
   (s1, m1), (s2, m2) = results[1], results[2]
   assert int(s1.step) == int(s2.step) == 1
   np.testing.assert_allclose(float(m2['loss']), float(m1['loss']),

@@ -5,22 +5,32 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from conftest import ROOT
-from mim_jax import config_lib
+from mim_jax import sharding
+from mim_jax import steps
+from mim_jax.methods.cae import config as cae_config
+from mim_jax.methods.mae import config as mae_config
+from mim_jax.targets import tokenizer
 from mim_jax.tools import plan
 
 
 def test_plan_tiny_on_8_devices_fsdp():
-  c = config_lib.tiny_overrides(config_lib.mae_config())
+  c = mae_config.get_config('tiny')
   c.min_shard_size = 0
   out = plan.plan(c, 8, peak_tflops=100.0, mfus=(0.5,))
   assert out['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert out['batch_per_device'] == 4
   b, one = out['bytes_per_device'], out['bytes_one_device']
-  # Adam keeps two moments per param; nothing is held in an EMA for MAE.
+  # Adam keeps two moments per param; nothing is held in an EMA for MAE,
+  # and MAE has no target networks.
   assert one['opt_state'] >= 2 * one['params'] and b['ema'] == 0
+  assert out['target_providers'] == {}
+  assert b['target_state'] == b['frozen_targets'] == 0
+  assert b['total'] == b['params_opt_ema']
   # Every tiny param divides by 8 except the 48-wide pred output.
   assert out['state_fraction_of_one_device'] < 0.2
   xla = out['xla_memory_per_device']
@@ -31,23 +41,52 @@ def test_plan_tiny_on_8_devices_fsdp():
   assert out['model_flops_per_image'] * 32 == out['flops_per_step']
 
 
-def test_plan_counts_the_tokenizer_of_token_targets():
-  """CAE with token targets: the frozen dVAE's FLOPs and replicated params
-  are part of the plan (no weights file is needed to plan)."""
-  c = config_lib.cae_tiny_overrides(config_lib.cae_config())
-  c.model.target = 'tokens'
+def _tiny_cae(target):
+  c = cae_config.get_config('tiny')
+  c.model.target = target
   c.tokenizer.update(dict(weights='/nowhere/encoder.pkl', hidden=8,
                           vocab_size=32))
+  return c
+
+
+def test_plan_counts_the_tokenizer_of_token_targets():
+  """CAE with token targets: the frozen dVAE runs inside the step, so its
+  FLOPs are in flops_per_step and its replicated params in the bytes per
+  device (no weights file is needed to plan)."""
+  c = _tiny_cae('tokens')
   out = plan.plan(c, 8, mfus=(0.5,))
-  tok = out['tokenizer']
-  assert tok['view_size'] == 64
-  # The 32-token dVAE: 8-64 wide convs at 64..8 px.
-  assert 0 < tok['flops_per_step'] < out['flops_per_step']
-  assert tok['params_bytes_per_device'] > 0
+  assert out['target_providers'] == {'tokenizer': 'frozen'}
+  # The tokenizer's view: one token per 4 px patch of the 32 px crops.
+  view = steps.batch_spec(c)[tokenizer.VIEW]
+  assert view.shape == (32, 64, 64, 3) and view.dtype == jnp.uint8
+  # The 32-token dVAE (8-64 wide convs at 64..8 px), replicated: every
+  # device holds all of it; it is no part of the train state.
+  module = tokenizer.encoder_of(c)
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 64, 64, 3)))['params']
+  b = out['bytes_per_device']
+  assert b['frozen_targets'] == sharding.per_device_bytes(params) > 0
+  assert out['bytes_one_device']['frozen_targets'] == b['frozen_targets']
+  assert b['ema'] == b['target_state'] == 0
+  assert b['total'] == b['params_opt_ema'] + b['frozen_targets']
+  # Its FLOPs: tokenizing one global batch, as lowered on its own.
+  images = jax.ShapeDtypeStruct(view.shape, view.dtype)
+  tok_flops = float(jax.jit(
+      lambda p, x: tokenizer.tokenize(module, p, x)).lower(
+          params, images).cost_analysis()['flops'])
+  assert 0 < tok_flops < out['flops_per_step']
+  # The same model on pixel targets: no tokenizer, and the step is cheaper
+  # by about the dVAE's FLOPs (the token and pixel heads and losses differ
+  # by a little).
+  pixels = plan.plan(_tiny_cae('pixels'), 8, mfus=(0.5,))
+  assert pixels['target_providers'] == {}
+  assert pixels['bytes_per_device']['frozen_targets'] == 0
+  extra = out['flops_per_step'] - pixels['flops_per_step']
+  assert 0.95 * tok_flops < extra < 1.05 * tok_flops, (extra, tok_flops)
 
 
 def test_plan_vitb_on_8_devices_counts_real_flops():
-  c = config_lib.mae_config('B/16')
+  c = mae_config.get_config('B/16')
   out = plan.plan(c, 8)
   assert out['config']['scan'] and out['batch_per_device'] == 512
   # MAE ViT-B/16 at 224 px: encoder on 50 tokens, 8-block decoder on 197;
@@ -74,7 +113,7 @@ def test_plan_cli_prints_json_and_sets_fake_devices():
 
 
 def test_plan_rejects_bad_mesh_and_batch_before_compiling():
-  c = config_lib.tiny_overrides(config_lib.mae_config())
+  c = mae_config.get_config('tiny')
   c.mesh = (('data', 3), ('fsdp', 2))
   with pytest.raises(ValueError, match='has 6 slots but there are 8 devices'):
     plan.plan(c, 8)

@@ -4,23 +4,27 @@ device, scan/remat under a mesh, bf16, and checkpoint resharding 8 -> 4 -> 1.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from mim_jax import checkpoint
-from mim_jax import config_lib
 from mim_jax import sharding
 from mim_jax import steps
+from mim_jax.methods.bootmae import config as bootmae_config
+from mim_jax.methods.mae import config as mae_config
 from mim_jax.models import vit
+from mim_jax.state import TrainState
 
 BATCH, SIZE, L = 8, 32, 64
 
 
 def _config(**model):
-  c = config_lib.tiny_overrides(config_lib.mae_config())
+  c = mae_config.get_config('tiny')
   c.model.encoder.depth = 2     # compile time, not coverage, grows with depth
   c.model.decoder_depth = 1
   c.model.update(model)
@@ -62,7 +66,7 @@ def _run(step, state, mesh, seeds):
   losses = []
   for s in seeds:
     batch = sharding.to_global(_batch(s), sharding.data_sharding(mesh))
-    state, m = step(state, batch)
+    state, m = step(state, batch, {})   # MAE: no frozen target weights
     losses.append(float(m['loss']))
   return state, losses
 
@@ -149,7 +153,7 @@ def test_golden_partition_specs_scan_layout_adds_layer_axis():
 
 
 def test_fsdp_shards_every_param_above_threshold_vitb():
-  config = config_lib.mae_config('B/16')
+  config = mae_config.get_config('B/16')
   assert config.model.scan
   mesh = _mesh([('fsdp', 8)], 8)
   model = steps.build_model(config)
@@ -217,23 +221,77 @@ def test_indivisible_dim_stays_replicated():
                             sharding.DEFAULT_RULES) == P(None, 'fsdp')
 
 
+def _same_sharding_leaves(tree, like):
+  """Asserts `tree` (shardings) equals `like` leaf by leaf, same paths."""
+  assert jax.tree.structure(tree) == jax.tree.structure(like)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                          jax.tree.leaves(like)):
+    assert a == b, (jax.tree_util.keystr(path), a.spec, b.spec)
+
+
 def test_state_shardings_follow_params_for_opt_state_and_ema_copies():
+  """A real tiny BootMAE state: the Adam moments and the momentum encoder
+  (the EMA copy of the encoder) inherit the params' logical axes from the
+  boxed params' metadata, so they are sharded exactly like their params;
+  counters are replicated."""
+  config = bootmae_config.get_config('tiny')
+  config.min_shard_size = 0
+  mesh = _mesh([('data', 2), ('fsdp', 2), ('tensor', 2)], 8)
+  model = steps.build_model(config)
+  shapes = steps.batch_spec(config, 8)
+  state, sh, _, _ = steps.create_train_state(config, model, mesh, shapes,
+                                             materialize=False)
+  assert state.target_state is None and sh.target_state is None
+  # The params: as param_shardings gives them, and really split (not all
+  # replicated), with distinct specs, so following them means something.
+  _, param_sh = steps.param_shardings(config, model, mesh, shapes)
+  _same_sharding_leaves(sh.params, param_sh)
+  specs = {x.spec for x in jax.tree.leaves(sh.params)}
+  assert {P('fsdp'), P('fsdp', 'tensor'), P('tensor', 'fsdp')} <= specs
+  # Adam's mu and nu: exactly the params' shardings.
+  moments = [t for name in ('mu', 'nu') for _, t in
+             optax.tree_utils.tree_get_all_with_path(sh.opt_state, name)]
+  assert len(moments) == 2
+  for m in moments:
+    _same_sharding_leaves(m, sh.params)
+  # The EMA copy of the encoder: exactly the encoder params' shardings.
+  assert set(sh.ema_params) == {'encoder'}
+  _same_sharding_leaves(sh.ema_params['encoder'], sh.params['encoder'])
+  # The step counter and Adam's count: replicated.
+  assert sh.step.spec == P()
+  counts = optax.tree_utils.tree_get_all_with_path(sh.opt_state, 'count')
+  assert counts and all(c.spec == P() for _, c in counts)
+  # The abstract state carries the same shardings.
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(sh)):
+    assert a.sharding == b
+
+
+def test_state_shardings_from_boxed_metadata_of_a_hand_made_tree():
+  """`sharding.state_shardings` maps the logical specs of a state traced
+  with boxed params: optimizer moments and EMA copies keep the axes of
+  their params, unnamed leaves (counters) are replicated."""
   mesh = _mesh([('fsdp', 8)], 8)
-  params = {'enc': {'w': jax.ShapeDtypeStruct((16, 8), jnp.float32)},
-            'dec': {'w': jax.ShapeDtypeStruct((8, 8), jnp.float32)}}
-  sh = {'enc': {'w': jax.NamedSharding(mesh, P('fsdp'))},
-        'dec': {'w': jax.NamedSharding(mesh, P(None, 'fsdp'))}}
-  state = {'params': params, 'opt': ({'mu': params}, {'count': jnp.zeros(())}),
-           'ema_params': {'enc': params['enc']},
-           'ema_bare': params['enc'],
-           'other': {'w': jax.ShapeDtypeStruct((3,), jnp.float32)}}
-  out = sharding.state_shardings(state, params, sh, mesh)
-  assert out['opt'][0]['mu']['enc']['w'].spec == P('fsdp')
-  assert out['opt'][0]['mu']['dec']['w'].spec == P(None, 'fsdp')
-  assert out['ema_params']['enc']['w'].spec == P('fsdp')
-  assert out['ema_bare']['w'].spec == P('fsdp')
-  assert out['opt'][1]['count'].spec == P()
-  assert out['other']['w'].spec == P()   # same name, other shape
+  box = lambda shape, names: nn.Partitioned(jnp.zeros(shape), names)
+  params = {'enc': {'w': box((16, 8), ('embed', 'mlp'))},
+            'dec': {'w': box((8, 8), ('mlp', 'embed'))}}
+
+  def make_state(params):
+    return TrainState.create(apply_fn=None, params=params,
+                             tx=optax.adam(1e-3),
+                             ema_params={'enc': params['enc']})
+
+  boxed = jax.eval_shape(make_state, params)
+  out = sharding.state_shardings(nn.get_partition_spec(boxed),
+                                 nn.meta.unbox(boxed), mesh,
+                                 sharding.DEFAULT_RULES)
+  assert out.params['enc']['w'].spec == P('fsdp')
+  assert out.params['dec']['w'].spec == P(None, 'fsdp')
+  assert out.opt_state[0].mu['enc']['w'].spec == P('fsdp')
+  assert out.opt_state[0].mu['dec']['w'].spec == P(None, 'fsdp')
+  assert out.opt_state[0].nu['dec']['w'].spec == P(None, 'fsdp')
+  assert out.ema_params['enc']['w'].spec == P('fsdp')
+  assert out.opt_state[0].count.spec == P()
+  assert out.step.spec == P()
 
 
 # ---------------------------------------------------------------------------

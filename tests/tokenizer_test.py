@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from dalle_torch import TorchEncoder, save_as_official
-from mim_jax import config_lib
 from mim_jax import input_pipeline
+from mim_jax import methods
 from mim_jax import sharding
 from mim_jax import steps
-from mim_jax import tokenizer
 from mim_jax import train
-from mim_jax import weights
+from mim_jax.methods.cae import config as cae_config
 from mim_jax.models import dvae
+from mim_jax.targets import tokenizer
 
 HID, VOCAB = 8, 32
 
@@ -32,7 +32,7 @@ def encoder_pkl(tmp_path_factory):
 
 def _config(path):
   """cae_tiny (32 px, patch 4: an 8 x 8 grid) with token targets."""
-  c = config_lib.cae_tiny_overrides(config_lib.cae_config())
+  c = cae_config.get_config('tiny')
   c.model.target = 'tokens'
   c.tokenizer.update(dict(weights=path, hidden=HID, vocab_size=VOCAB))
   return c
@@ -43,11 +43,12 @@ def test_view_and_token_ids_match_the_torch_tokenizer(encoder_pkl):
   c = _config(path)
   c.input.batch_size = 8
   assert c.model.vocab_size == VOCAB  # follows config.tokenizer.vocab_size
-  size = tokenizer.view_size(c, 4)
+  size = tokenizer.view(c, 4).size
   assert size == 64  # 8 x 8 tokens, one per patch
+  assert methods.get('cae').views(c) == {tokenizer.VIEW: tokenizer.view(c, 4)}
   batch = next(input_pipeline.make_train_dataset(
       c.input, patch_size=4, seed=0, process_index=0, process_count=1,
-      tokenizer_size=size).as_numpy_iterator())
+      views={tokenizer.VIEW: size}).as_numpy_iterator())
   view = batch['tokenizer_image']
   assert view.dtype == np.uint8 and view.shape == (8, 64, 64, 3)
 
@@ -60,13 +61,20 @@ def test_view_and_token_ids_match_the_torch_tokenizer(encoder_pkl):
   mirrored = np.abs(pooled[:, :, ::-1] - image).mean((1, 2, 3))
   assert same.max() < 0.03 and (mirrored > 2 * same).all(), (same, mirrored)
 
+  # The frozen provider, as the train step runs it: weights read from the
+  # file and replicated, the batch sharded over the data axis.
   mesh = sharding.make_mesh([('data', -1)])
-  tok = tokenizer.from_config(c, mesh)
+  frozen = steps.frozen_targets(c, mesh)
+  assert set(frozen) == {'tokenizer'}
+  assert all(x.sharding.is_fully_replicated
+             for x in jax.tree.leaves(frozen['tokenizer']))
+  provider, = methods.get('cae').providers(c)
+  assert (provider.name, provider.kind) == ('tokenizer', 'frozen')
   global_batch = sharding.to_global(
-      {k: batch[k] for k in steps.DEVICE_KEYS if k in batch},
+      {k: batch[k] for k in steps.batch_spec(c)},
       sharding.data_sharding(mesh))
-  out = tok.add_token_ids(global_batch)
-  assert 'tokenizer_image' not in out
+  out = jax.jit(provider.compute)(frozen['tokenizer'], global_batch)
+  assert set(out) == set(provider.outputs) == {tokenizer.TOKENS}
   ids = np.asarray(out['token_ids'])
   assert ids.shape == (8, 64) and ids.dtype == np.int32
   assert out['token_ids'].sharding.is_equivalent_to(
@@ -85,7 +93,12 @@ def test_token_targets_train(encoder_pkl, tmp_path):
   c.log_every_steps, c.ckpt_every_steps, c.vis_every_steps = 2, 4, 4
   c.input.batch_size = 16
   c.async_ckpt = False
-  assert weights.batch_shapes(c)['token_ids'].shape == (16, 64)
+  spec = steps.batch_spec(c)
+  assert spec[tokenizer.VIEW].shape == (16, 64, 64, 3)
+  assert 'token_ids' not in spec  # made inside the step
+  provider, = methods.get('cae').providers(c)
+  ids = jax.eval_shape(provider.compute, provider.abstract(c), spec)
+  assert ids['token_ids'].shape == (16, 64)
   state = train.train_and_evaluate(c, str(tmp_path))
   assert int(state.step) == 4
   with open(tmp_path / 'metrics.jsonl') as f:
@@ -138,10 +151,11 @@ def test_wrong_architecture_file(encoder_pkl):
 
 
 def test_pixel_targets_need_no_tokenizer():
-  c = config_lib.cae_tiny_overrides(config_lib.cae_config())
+  c = cae_config.get_config('tiny')
   c.tokenizer.weights = None
-  assert not tokenizer.uses_tokenizer(c)
+  cae = methods.get('cae')
+  assert not cae.providers(c) and not cae.views(c)
   train.validate_config(c, 8, 8)
-  assert 'token_ids' not in weights.batch_shapes(c)
-  assert tokenizer.from_config(c, jax.sharding.Mesh(
-      np.array(jax.devices()), ('data',))) is None
+  assert set(steps.batch_spec(c)) == {'image', 'mask'}
+  assert steps.frozen_targets(c, jax.sharding.Mesh(
+      np.array(jax.devices()), ('data',))) == {}

@@ -9,15 +9,15 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT
-from mim_jax import config_lib
 from mim_jax import steps
 from mim_jax import train
 from mim_jax import weights
 from mim_jax.convert import core
+from mim_jax.methods.mae import config as mae_config
 
 
 def test_export_import_and_visualize(tmp_path):
-  c = config_lib.tiny_overrides(config_lib.mae_config())
+  c = mae_config.get_config('tiny')
   c.input.batch_size = 8
   c.total_steps, c.warmup_steps, c.log_every_steps = 2, 1, 1
   c.vis_every_steps, c.async_ckpt = 100, False

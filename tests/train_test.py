@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from mim_jax import config_lib
 from mim_jax import input_pipeline
 from mim_jax import train
+from mim_jax.methods.mae import config as mae_config
 
 SMALL = ['--config.total_steps=40', '--config.warmup_steps=4',
          '--config.log_every_steps=4', '--config.ckpt_every_steps=4',
@@ -74,7 +74,7 @@ def test_cli_killed_and_restarted_resumes(tmp_path):
 
 
 def _tiny_config(**kw):
-  c = config_lib.tiny_overrides(config_lib.mae_config())
+  c = mae_config.get_config('tiny')
   c.input.batch_size = 8
   c.total_steps = 6
   c.warmup_steps = 2
