@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -280,7 +281,6 @@ def image_batch(config: Config, batch_size: int, patch_size: int,
 def model_from_config(factory: Callable[..., Any], config: Config):
   """`factory(**config.model)` with the dtype string made a jnp dtype, and
   a message naming the bad key when config.model does not fit."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   kw = config.model.to_dict()
   if 'dtype' in kw:
     kw['dtype'] = jnp.dtype(kw['dtype'])

@@ -233,6 +233,15 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh,
   `fsdp` when the mesh has that axis: by its rules, or else along its
   largest evenly dividing free dimension.
   """
+  check_param_specs(logical_specs, abstract_params, rules)
+  return jax.tree_util.tree_map_with_path(
+      functools.partial(_leaf_sharding, mesh, rules, min_shard_size),
+      logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, P))
+
+
+def check_param_specs(logical_specs, abstract_params, rules: Sequence):
+  """Raises if a param has no logical names or names an axis without a
+  rule."""
   check_rules(rules, logical_names(logical_specs))
   bare = [jax.tree_util.keystr(p) for (p, spec), leaf in zip(
       jax.tree_util.tree_flatten_with_path(
@@ -243,10 +252,6 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh,
         f'Params without logical axis names: {bare[:8]}; create them with '
         'nn.with_logical_partitioning(init, names) (see models/layers.py), '
         'None for a dimension that is never sharded.')
-
-  return jax.tree_util.tree_map_with_path(
-      functools.partial(_leaf_sharding, mesh, rules, min_shard_size),
-      logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, P))
 
 
 def _leaf_sharding(mesh: Mesh, rules: Sequence, min_shard_size: int, path,
@@ -269,8 +274,7 @@ def state_shardings(logical_specs, abstract_state, mesh: Mesh,
   dimensions replicated (logged), large arrays split over `fsdp`. Leaves
   without names (step counters) are replicated unless large.
   """
-  param_shardings(logical_specs.params, abstract_state.params, mesh, rules,
-                  min_shard_size)  # checks names and rules
+  check_param_specs(logical_specs.params, abstract_state.params, rules)
   return jax.tree_util.tree_map_with_path(
       functools.partial(_leaf_sharding, mesh, rules, min_shard_size),
       logical_specs, abstract_state, is_leaf=lambda x: isinstance(x, P))

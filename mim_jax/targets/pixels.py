@@ -34,6 +34,15 @@ def denormalize_patches(pred, images, patch_size: int,
   return np.asarray(pred, np.float64) * np.sqrt(var + eps) + mean
 
 
+def to_input_space(pred, images, patch_size: int, norm_pix: bool,
+                   eps: float = 1e-6) -> np.ndarray:
+  """Predictions of pixel patches (plain, or norm-pix when `norm_pix`) in
+  the input's normalised pixel space, float64: a method's `to_pixels`."""
+  if not norm_pix:
+    return np.asarray(pred, np.float64)
+  return denormalize_patches(pred, images, patch_size, eps)
+
+
 def patch_channel_normalize(images, patch_size: int, eps: float = 1e-5):
   """(N, H, W, C) -> (N, L, p*p*C) patches normalised per patch and per
   channel (mean over the p*p pixels, biased variance), with the (N, L, C)

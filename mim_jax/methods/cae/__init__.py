@@ -8,8 +8,6 @@ the shared frozen tokenizer provider (mim_jax/targets/tokenizer.py).
 
 import functools
 
-import numpy as np
-
 from mim_jax import method
 from mim_jax.methods.cae import convert
 from mim_jax.methods.cae import loss
@@ -61,12 +59,10 @@ def to_pixels(config, pred, out, batch):
   del pred
   if _tokens(config):
     return None
-  pred = out['pred_patches']
-  if not config.loss.get('norm_pix_loss', True):
-    return np.asarray(pred, np.float64)
-  return pixels.denormalize_patches(pred, batch['image'],
-                                    vit.patch_size_of(config.model),
-                                    config.loss.get('norm_pix_eps', 1e-6))
+  return pixels.to_input_space(
+      out['pred_patches'], batch['image'], vit.patch_size_of(config.model),
+      config.loss.get('norm_pix_loss', True),
+      config.loss.get('norm_pix_eps', 1e-6))
 
 
 METHOD = method.Method(

@@ -7,8 +7,6 @@ parity.py (fixture adapter), config.py (the recipe, every variant).
 
 import functools
 
-import numpy as np
-
 from mim_jax import method
 from mim_jax.methods.mae import convert
 from mim_jax.methods.mae import loss
@@ -29,11 +27,10 @@ def to_pixels(config, pred, out, batch):
   """Every patch's prediction; norm-pix targets are mapped back with each
   patch's own mean and std, as the official MAE demo does."""
   del out
-  if not config.loss.get('norm_pix_loss', False):
-    return np.asarray(pred, np.float64)
-  return pixels.denormalize_patches(pred, batch['image'],
-                                    vit.patch_size_of(config.model),
-                                    config.loss.get('norm_pix_eps', 1e-6))
+  return pixels.to_input_space(
+      pred, batch['image'], vit.patch_size_of(config.model),
+      config.loss.get('norm_pix_loss', False),
+      config.loss.get('norm_pix_eps', 1e-6))
 
 
 METHOD = method.Method(
