@@ -26,14 +26,22 @@ VARIANTS = {
     'L/16': dict(min_lr=1e-5, momentum=(0.999, 0.9999),
                  boundary_epochs=(0, 100)),
 }
+# On the embedded photos (config_lib.tiny_overrides): 8 x 8 patches, 30
+# block + random patches up to 48 masked, tiny encoder and decoders, the
+# EMA schedule over steps; otherwise the ViT-B recipe.
+VARIANTS['tiny'] = dict(
+    VARIANTS['B/16'],
+    tiny_model=dict(variant=None, encoder=config_lib.TINY_ENCODER,
+                    decoder_width=48, decoder_depth=2, feature_depth=2,
+                    taps=(0, 3)),
+    tiny_mask=dict(num_masking_patches=30, min_num_patches=4,
+                   max_num_patches=16),
+    tiny_ema=dict(momentum=(0.99, 0.999), boundary_steps=(0, 300)))
 
 
 def get_config(variant: str = 'B/16'):
-  """The BootMAE recipe for `variant` (a key of VARIANTS, or 'tiny': 8 x 8
-  patches, 30 block + random patches up to 48 masked, tiny encoder and
-  decoders, the EMA schedule over steps)."""
-  tiny = variant == 'tiny'
-  v = config_lib.pick(VARIANTS, 'B/16' if tiny else variant)
+  """The BootMAE recipe for `variant` (a key of VARIANTS)."""
+  v = config_lib.pick(VARIANTS, variant)
   c = config_lib.base_config()
   c.model_name = 'bootmae'
   c.model = dict(
@@ -53,15 +61,10 @@ def get_config(variant: str = 'B/16'):
   c.optim.wd_exclude = optim.NO_DECAY + ('cls_token',)
   c.ema = dict(momentum=v['momentum'], boundary_epochs=v['boundary_epochs'],
                boundary_steps=placeholder(tuple))
-  if tiny:
+  if 'tiny_model' in v:
     c = config_lib.tiny_overrides(c)
-    c.model = dict(
-        variant=None, encoder=config_lib.TINY_ENCODER, decoder_width=48,
-        decoder_depth=2, feature_depth=2, taps=(0, 3),
-        mask_ratio=c.get_ref('mask_ratio'), dtype='float32')
-    c.input.mask.num_masking_patches = 30
-    c.input.mask.min_num_patches = 4
-    c.input.mask.max_num_patches = 16
-    c.ema = dict(momentum=(0.99, 0.999), boundary_steps=(0, 300),
-                 boundary_epochs=placeholder(tuple))
+    c.model = dict(v['tiny_model'], mask_ratio=c.get_ref('mask_ratio'),
+                   dtype='float32')
+    c.input.mask.update(v['tiny_mask'])
+    c.ema = dict(v['tiny_ema'], boundary_epochs=placeholder(tuple))
   return c

@@ -37,13 +37,19 @@ VARIANTS = {
     'L/16': dict(epochs=1600.0, warmup=40.0, layer_scale=1e-5,
                  decoder_num_heads=16, encoder=dict()),
 }
+# Pixel targets on the embedded photos, no tokenizer: the ViT-B recipe on a
+# tiny model (config_lib.tiny_overrides) with these model fields.
+VARIANTS['tiny'] = dict(
+    VARIANTS['B/16'], tiny_model=dict(
+        variant=None, decoder_width=64, decoder_num_heads=4,
+        regressor_depth=2, decoder_depth=2, target='pixels',
+        encoder=dict(config_lib.TINY_ENCODER, layer_scale=0.1,
+                     drop_path_rate=0.0)))
 
 
 def get_config(variant: str = 'B/16'):
-  """The CAE recipe for `variant` (a key of VARIANTS, or 'tiny': pixel
-  targets on the embedded photos, no tokenizer)."""
-  tiny = variant == 'tiny'
-  v = config_lib.pick(VARIANTS, 'B/16' if tiny else variant)
+  """The CAE recipe for `variant` (a key of VARIANTS)."""
+  v = config_lib.pick(VARIANTS, variant)
   c = config_lib.base_config()
   c.model_name = 'cae'
   c.mask_ratio = 0.5
@@ -74,11 +80,7 @@ def get_config(variant: str = 'B/16'):
   c.optim = dict(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                  wd_exclude=optim.NO_DECAY + NO_DECAY, grad_clip_norm=3.0,
                  mu_dtype=placeholder(str))
-  if tiny:
+  if 'tiny_model' in v:
     c = config_lib.tiny_overrides(c)
-    c.model.variant = None
-    c.model.encoder = dict(config_lib.TINY_ENCODER, layer_scale=0.1,
-                           drop_path_rate=0.0)
-    c.model.update(decoder_width=64, decoder_num_heads=4, regressor_depth=2,
-                   decoder_depth=2, target='pixels')
+    c.model.update(v['tiny_model'])
   return c
