@@ -13,15 +13,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
-def make_manager(workdir: str, *, keep: int,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str, *, keep: int, async_save: bool = True,
+                 subdir: str = 'checkpoints') -> ocp.CheckpointManager:
+  """The manager of `workdir/subdir` ('checkpoints': the latest states;
+  'best': the state of the best evaluation, keep=1)."""
   # The save interval is applied by `save` (orbax would also save step 1).
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints')
-      if '://' not in workdir else workdir.rstrip('/') + '/checkpoints',
+      os.path.join(os.path.abspath(workdir), subdir)
+      if '://' not in workdir else f'{workdir.rstrip("/")}/{subdir}',
       options=options)
 
 

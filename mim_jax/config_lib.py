@@ -69,6 +69,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.async_ckpt = True
   c.vis_every_steps = 5000
   c.vis_images = 8
+  # Representation monitor (off: data unset): kNN top-1 of the encoder's
+  # features on a small labelled set every `every_steps` (train.KnnMonitor).
+  c.knn = dict(data=placeholder(str), train_split='train',
+               test_split='test', every_steps=placeholder(int), k=20,
+               temperature=0.07, feature='cls', batch_size=256,
+               crop_pct=1.0)
   return c
 
 
@@ -93,6 +99,10 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.ckpt_every_steps = 200
   c.vis_every_steps = 200
+  # The kNN monitor on the embedded handwritten digits (32 px, 899 train /
+  # 898 test): about a second per evaluation on a 2-core CPU.
+  c.knn.data = 'embedded:digits'
+  c.knn.every_steps = 200
   return c
 
 

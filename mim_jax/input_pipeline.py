@@ -1,7 +1,8 @@
-"""tf.data input pipeline for MAE pretraining.
+"""tf.data input pipelines: MIM pretraining, fine-tuning/probes, evaluation.
 
 `make_train_dataset` yields per-host batches of augmented images together with
-their patch masks, generated inside tf.data:
+their patch masks (or, for fine-tuning and probes, their labels), generated
+inside tf.data:
 
   image: float32 (B, H, W, 3), (x / 255 - mean) / std.
   noise: float32 (B, L), L = (H / p) * (W / p); ascending order lists the
@@ -15,6 +16,14 @@ their patch masks, generated inside tf.data:
   <view>: uint8 (B, S, S, 3) for each entry of `views={name: S}`: the
          same crop and flip, Lanczos-resized (e.g. a dVAE tokenizer's
          input, see mim_jax/targets/tokenizer.py).
+  label: int32 (B,) class index (labelled pipelines, `labeled=True`), with
+         `image` augmented by the fine-tuning recipe when the config asks:
+         RandAugment (`input.randaugment`, e.g. 'rand-m9-mstd0.5-inc1', on
+         the uint8 crop) and random erasing (`input.random_erasing`, on the
+         normalised image), as timm's `create_transform`.
+
+`make_eval_dataset` yields the fixed evaluation batches (resize + center
+crop, `valid` marks the padding of the last batch).
 
 Determinism and resume: every random decision (crop, flip, mask) comes from
 stateless TF ops keyed by (seed, step, global index), and the record order of
@@ -54,6 +63,8 @@ _hide_accelerators_from_tf()
 
 from mim_jax.data import augment
 from mim_jax.data import masks
+from mim_jax.data import randaugment
+from mim_jax.data import random_erasing
 from mim_jax.data import seeds
 from mim_jax.data import sources
 # pylint: enable=g-import-not-at-top,g-bad-import-order
@@ -62,6 +73,12 @@ _DEFAULT_MASK = {'kind': 'random', 'ratio': 0.75}
 # The arrays every batch has (besides its views); `step` and `index` are
 # bookkeeping that stays on the host.
 BATCH_KEYS = ('image', 'noise', 'mask', 'step', 'index')
+# What labelled pipelines add (fine-tuning, probes).
+LABEL_KEY = 'label'
+# Per-example key streams besides crop / flip / mask (folded into the
+# example key, so adding them leaves the pretraining streams unchanged).
+_RANDAUGMENT_KEY = 1001
+_ERASING_KEY = 1002
 # Key used for the vis batch's masks: fixed, so the same patches are masked
 # in every visualisation of a run.
 _VIS_STEP = 0
@@ -145,8 +162,11 @@ def make_train_dataset(input_config: Any,
                        start_step: int = 0,
                        process_index: int | None = None,
                        process_count: int | None = None,
-                       views: dict[str, int] | None = None) -> tf.data.Dataset:
-  """Builds the infinite, deterministic MAE training pipeline of one host.
+                       views: dict[str, int] | None = None,
+                       labeled: bool = False,
+                       with_masks: bool = True,
+                       num_classes: int | None = None) -> tf.data.Dataset:
+  """Builds the infinite, deterministic training pipeline of one host.
 
   For host h with host batch b, example j of the k-th local batch has
   step = start_step + k and global index h * b + j; its crop, flip and mask
@@ -162,10 +182,17 @@ def make_train_dataset(input_config: Any,
     process_count: number of hosts (default: `jax.process_count()`).
     views: {name: S}: also emit each `name`, the same crop and flip
       Lanczos-resized to S x S (uint8).
+    labeled: also emit 'label' (the source must have labels), and apply
+      the config's RandAugment / random erasing.
+    with_masks: emit 'noise' and 'mask' (pretraining); False for
+      classification.
+    num_classes: labelled pipelines: the model's number of classes, checked
+      against the data set's.
 
   Returns:
-    tf.data.Dataset of dicts with BATCH_KEYS and the views (leading
-    dimension: host batch = input.batch_size // process_count).
+    tf.data.Dataset of dicts with BATCH_KEYS (less noise/mask without
+    masks, plus label) and the views (leading dimension: host batch =
+    input.batch_size // process_count).
 
   Raises:
     ValueError: on invalid configuration or an unusable data source.
@@ -182,10 +209,18 @@ def make_train_dataset(input_config: Any,
   hflip = bool(input_config.get('hflip', True))
   mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
   std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  ra_spec, erasing = _augment_config(input_config, labeled)
+  ra_fill = _ra_fill(mean)
 
   source = sources.open_source(input_config, seed=seed,
                                process_index=process_index,
-                               process_count=process_count)
+                               process_count=process_count, labeled=labeled)
+  if labeled and num_classes is not None and (
+      int(num_classes) != source.num_classes):
+    raise ValueError(
+        f'model.num_classes={num_classes} but {source.description} has '
+        f'{source.num_classes} classes; set --config.model.num_classes='
+        f'{source.num_classes}.')
 
   # Local record position of the first example, and where it lies.
   first_record = start_step * host_batch
@@ -214,12 +249,25 @@ def make_train_dataset(input_config: Any,
     image = augment.resize(crop, image_size)
     if hflip:
       image = augment.random_flip(image, flip_key)
-    example = {'image': augment.normalize(image, mean, std)}
+    if ra_spec is not None:
+      # timm applies RandAugment to the uint8 (PIL) crop after the flip.
+      image = tf.cast(randaugment.apply(
+          tf.cast(tf.round(image), tf.uint8),
+          seeds.fold_in(key, _RANDAUGMENT_KEY), ra_spec, fill=ra_fill),
+                      tf.float32)
+    image = augment.normalize(image, mean, std)
+    if erasing:
+      image = random_erasing.apply(image, seeds.fold_in(key, _ERASING_KEY),
+                                   **erasing)
+    example = {'image': image}
     for name, size in views.items():
       view = augment.resize_lanczos_uint8(crop, size)
       # The same flip_key: both views flip together.
       example[name] = augment.random_flip(view, flip_key) if hflip else view
-    example.update(mask_example(mask_key))
+    if with_masks:
+      example.update(mask_example(mask_key))
+    if labeled:
+      example['label'] = source.label(record)
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
     return example
@@ -227,9 +275,13 @@ def make_train_dataset(input_config: Any,
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True)
-  if mask_batch is not None:
+  if mask_batch is not None and with_masks:
     ds = ds.map(mask_batch, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
+  return _finish(ds, input_config)
+
+
+def _finish(ds: tf.data.Dataset, input_config: Any) -> tf.data.Dataset:
   prefetch = input_config.get('prefetch', 2)
   ds = ds.prefetch(tf.data.AUTOTUNE if prefetch is None else int(prefetch))
   options = tf.data.Options()
@@ -239,6 +291,106 @@ def make_train_dataset(input_config: Any,
   # big_vision does: TF ops then do not fight the train step for cores.
   options.threading.max_intra_op_parallelism = 1
   return ds.with_options(options)
+
+
+def _augment_config(input_config: Any, labeled: bool):
+  """(RandAugment spec or None, random-erasing kwargs or {}) of a labelled
+  pipeline; pretraining pipelines take neither.
+
+  Raises:
+    ValueError: a bad RandAugment string or erasing setting, or either set
+      for a pipeline without labels.
+  """
+  spec = input_config.get('randaugment', None)
+  erasing = dict(input_config.get('random_erasing', None) or {})
+  if not labeled:
+    if spec or erasing.get('prob'):
+      raise ValueError('input.randaugment / input.random_erasing are '
+                       'fine-tuning augmentations; pretraining pipelines '
+                       'do not apply them. Unset them.')
+    return None, {}
+  ra = randaugment.parse(spec) if spec else None
+  if erasing and not erasing.get('prob'):
+    erasing = {}
+  return ra, erasing
+
+
+def _ra_fill(mean: Sequence[float]) -> tuple[int, ...]:
+  """timm's RandAugment fill: the dataset mean as uint8 (ImageNet:
+  (124, 116, 104))."""
+  return tuple(int(round(255 * m)) for m in mean)
+
+
+def eval_batches(total_records: int, host_batch: int,
+                 process_count: int) -> int:
+  """Batches per host of an evaluation pass: every host runs the same
+  number (the largest shard, padded), so the sharded forward never waits
+  on a host that has finished."""
+  per_host = -(-total_records // process_count)
+  return max(1, -(-per_host // host_batch))
+
+
+def make_eval_dataset(input_config: Any,
+                      *,
+                      data: str | None,
+                      split: str | None,
+                      batch_size: int,
+                      crop_pct: float = 0.875,
+                      process_index: int | None = None,
+                      process_count: int | None = None
+                      ) -> tuple[tf.data.Dataset, int, int]:
+  """The finite, ordered evaluation pipeline of one host.
+
+  Each image is resized so its shorter side is image_size / crop_pct, then
+  center-cropped to image_size (timm's eval transform, bicubic), and
+  normalised. The last batches are padded with `valid` = 0 so every host
+  yields the same number of full batches.
+
+  Args:
+    input_config: `config.input` (image_size, mean, std, tfds fields).
+    data: the data spec ('tfds:..', 'folder:..', 'embedded:..'), default
+      input_config.data.
+    split: the split (TFDS / embedded).
+    batch_size: global evaluation batch.
+    crop_pct: center-crop fraction of the shorter side.
+    process_index: this host (default jax.process_index()).
+    process_count: hosts (default jax.process_count()).
+
+  Returns:
+    (dataset of {'image', 'label', 'valid'}, batches per host, number of
+    real examples over all hosts).
+
+  Raises:
+    ValueError: unknown split or data set, unlabelled data, bad sizes.
+  """
+  image_size = int(input_config.image_size)
+  if not 0 < crop_pct <= 1:
+    raise ValueError(f'eval crop_pct={crop_pct} must be in (0, 1].')
+  process_index, process_count = _process_info(process_index, process_count)
+  host_batch = _host_batch_size(int(batch_size), process_count)
+  mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
+  std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  source = sources.open_source(input_config, seed=0, data=data, split=split,
+                               process_index=process_index,
+                               process_count=process_count, labeled=True)
+  num_batches = eval_batches(source.total_records, host_batch,
+                             process_count)
+
+  def process(record):
+    crop = augment.decode_and_center_crop(source.read(record), crop_pct)
+    image = augment.normalize(augment.resize(crop, image_size), mean, std)
+    return {'image': image, 'label': source.label(record),
+            'valid': tf.constant(1.0, tf.float32)}
+
+  ds = source.ordered().map(process, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+  pad = num_batches * host_batch - source.num_records
+  blank = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+           'label': tf.constant(0, tf.int32),
+           'valid': tf.constant(0.0, tf.float32)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+  ds = ds.batch(host_batch, drop_remainder=True)
+  return _finish(ds, input_config), num_batches, source.total_records
 
 
 def _check_views(views: dict[str, int] | None) -> dict[str, int]:

@@ -18,6 +18,16 @@ Call conventions (fixed for every method):
 
 `batch` holds the arrays of `method.batch_spec(config, batch_size)` plus the
 outputs of the method's target providers (under stop_gradient).
+
+Variables of the model other than 'params' (e.g. BatchNorm's 'batch_stats')
+live in `TrainState.model_state`; the step applies the model with them
+mutable in training and reads them in evaluation.
+
+Besides the MIM methods, the registry holds the evaluation task
+('classifier': fine-tuning and probes), which starts from any method's
+encoder: a method's official state dict holds its encoder's timm-layout keys
+under `Converter.encoder_prefix`, and `Method.from_encoder` of the task loads
+them.
 """
 
 import dataclasses
@@ -30,9 +40,10 @@ import numpy as np
 
 Config = ml_collections.ConfigDict
 
-# Keys the input pipeline makes for every method (see input_pipeline.py):
-# normalised images, the masking noise and the mask it implies.
-PIPELINE_KEYS = ('image', 'noise', 'mask')
+# Keys the input pipeline makes (see input_pipeline.py): normalised images,
+# the masking noise and the mask it implies, and (labelled pipelines) the
+# class label.
+PIPELINE_KEYS = ('image', 'noise', 'mask', 'label')
 # Kinds of target providers (see TargetProvider).
 PROVIDER_KINDS = ('ema', 'frozen', 'running')
 
@@ -104,7 +115,9 @@ class TargetProvider:
     if (self.kind == 'running') != (self.update is not None):
       raise TypeError(f'target provider {self.name!r}: `update` is '
                       "required for kind 'running' and only for it.")
-    if not self.outputs:
+    if not self.outputs and self.kind != 'ema':
+      # An 'ema' provider may only keep the average (the weights EMA of
+      # fine-tuning); any other provider exists for its outputs.
       raise TypeError(f'target provider {self.name!r} lists no outputs.')
 
 
@@ -123,12 +136,17 @@ class Converter:
       image_size) -> the EMA state from the file, or None when it has none.
     ema_to_torch: (ema, model, image_size) -> the official keys of the EMA
       (e.g. `model_ema.*`); `model` may be None (keys only, no buffers).
+    encoder_prefix: where the official state dict keeps its ViT encoder in
+      timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
+      `blocks.{i}.*`, `norm.*`): '' for MAE and BootMAE, 'encoder.' for
+      CAE; None when it has no transferable encoder.
   """
   to_flax: Callable[..., Any]
   to_torch: Callable[..., dict]
   to_torch_keys: Callable[[Any], dict]
   ema_to_flax: Optional[Callable[..., Any]] = None
   ema_to_torch: Optional[Callable[..., dict]] = None
+  encoder_prefix: Optional[str] = None
 
   def __post_init__(self):
     if (self.ema_to_flax is None) != (self.ema_to_torch is None):
@@ -193,6 +211,10 @@ def _no_check(config: Config) -> None:
   del config
 
 
+def _no_transform(config: Config) -> None:
+  del config
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One MIM method, as the generic code sees it.
@@ -215,6 +237,15 @@ class Method:
     views: config -> {batch key: View}, extra views the pipeline makes.
     validate_config: config -> None; raises ValueError naming the bad value
       and the fix, before anything is built.
+    batch_transform: config -> None, or `(batch, rng) -> batch` run on the
+      devices inside the jitted train step before the model (e.g. mixup /
+      cutmix of fine-tuning); not run in evaluation.
+    eval_metrics: (pred, out, batch) -> {name: (B,) per-example values}, the
+      metrics of an evaluation pass (averaged over the valid examples);
+      None when the method has no evaluation split.
+    from_encoder: tasks that start from a pretrained encoder: (encoder
+      state dict in timm keys, model, params, image_size) -> params with
+      the encoder loaded; None for methods that only load their own files.
   """
   name: str
   build_model: Callable[[Config], Any]
@@ -226,6 +257,10 @@ class Method:
   targets: Callable[[Config], tuple] = _no_targets
   views: Callable[[Config], dict] = _no_views
   validate_config: Callable[[Config], None] = _no_check
+  batch_transform: Callable[[Config], Optional[Callable]] = _no_transform
+  eval_metrics: Optional[Callable[..., dict]] = None
+  from_encoder: Optional[Callable[..., Any]] = None
+  encoder: Optional[Callable[[Config], dict]] = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -264,13 +299,15 @@ def image_batch(config: Config, batch_size: int, patch_size: int,
                 keys: tuple[str, ...],
                 views: Mapping[str, View] = None) -> dict:
   """ShapeDtypeStructs of pipeline arrays: 'image' float32 (B, H, W, 3),
-  'noise' / 'mask' float32 (B, L), and uint8 (B, S, S, 3) views."""
+  'noise' / 'mask' float32 (B, L), 'label' int32 (B,), and uint8
+  (B, S, S, 3) views."""
   size = int(config.input.image_size)
   num_patches = (size // patch_size) ** 2
   shapes = {
       'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
       'noise': jax.ShapeDtypeStruct((batch_size, num_patches), np.float32),
-      'mask': jax.ShapeDtypeStruct((batch_size, num_patches), np.float32)}
+      'mask': jax.ShapeDtypeStruct((batch_size, num_patches), np.float32),
+      'label': jax.ShapeDtypeStruct((batch_size,), np.int32)}
   out = {k: shapes[k] for k in keys}
   for k, view in (views or {}).items():
     out[k] = jax.ShapeDtypeStruct((batch_size, view.size, view.size, 3),

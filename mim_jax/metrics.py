@@ -12,10 +12,14 @@ from clu import metric_writers
 class JsonlWriter(metric_writers.MetricWriter):
   """Writes one JSON object per written step to `path`: {"step": s, ...}.
 
-  Scalars only. Rows of steps after `resume_step` (logged by a run that
-  crashed before its next checkpoint) are dropped on open, so a resumed run
-  leaves one row per step. Local files are appended to and flushed per row;
-  object stores (gs://), which cannot append, get the whole file rewritten.
+  Scalars only. Scalars written again for the step of the last row (an
+  evaluation or the kNN monitor after the train row of that step) are
+  merged into that row, so the file keeps one row per step. Rows of steps
+  after `resume_step` (logged by a run that crashed before its next
+  checkpoint) are dropped on open, so a resumed run leaves one row per
+  step. Local files are appended to and flushed per row (a merge rewrites
+  the file through a temporary file and a rename); object stores (gs://),
+  which cannot append, get the whole file rewritten.
   """
 
   def __init__(self, path: str, resume_step: Optional[int] = None):
@@ -33,12 +37,24 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._f = None if self._remote else tf.io.gfile.GFile(path, 'a')
 
   def _rewrite(self):
-    with tf.io.gfile.GFile(self._path, 'w') as f:
+    tmp = self._path + '.tmp'
+    with tf.io.gfile.GFile(tmp, 'w') as f:
       f.write(''.join(r + '\n' for r in self._rows))
+    tf.io.gfile.rename(tmp, self._path, overwrite=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    if self._rows and json.loads(self._rows[-1])['step'] == row['step']:
+      merged = json.loads(self._rows[-1])
+      merged.update(row)
+      self._rows[-1] = json.dumps(merged)
+      if not self._remote:
+        self._f.close()
+      self._rewrite()
+      if not self._remote:
+        self._f = tf.io.gfile.GFile(self._path, 'a')
+      return
     line = json.dumps(row)
     self._rows.append(line)
     if self._remote:

@@ -8,7 +8,11 @@ Everything MAE-family recipes need, built from `config`:
   everything else, cls and mask tokens included, does (timm
   `param_groups_weight_decay`, as `main_pretrain.py` uses it);
 - optional gradient clipping with torch's `clip_grad_norm_` formula;
-- optional layer-wise lr decay (fine-tuning).
+- optional layer-wise lr decay (fine-tuning), in loop or scan layout;
+- LARS (linear probes) and SGD with momentum (attentive probes), as the
+  official MAE `util/lars.py` and torch's SGD;
+- frozen parameters (`optim.freeze`, probes): no update and no optimizer
+  state.
 """
 
 import math
@@ -147,12 +151,54 @@ def ema_update(ema, params, momentum, rate):
 NO_DECAY = ('bias', 'scale', 'q_bias', 'v_bias', 'gamma_1', 'gamma_2')
 
 
+def _names(path) -> tuple[str, ...]:
+  """The dict keys of a tree path (jax.tree_util key entries)."""
+  return tuple(str(getattr(k, 'key', k)) for k in path)
+
+
 def decay_mask(params, exclude: Sequence[str] = NO_DECAY):
   """True where weight decay applies: every leaf whose name is not in
-  `exclude` (by name, so a scanned stack of biases is still excluded)."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
-      {k: k[-1] not in exclude for k in flat})
+  `exclude` (by name, so a scanned stack of biases is still excluded).
+  Masked-out subtrees (optax.MaskedNode of frozen params) stay masked."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _names(path)[-1] not in exclude, params)
+
+
+def _stacked_depth(names: tuple[str, ...],
+                   stacked: Sequence[str]) -> bool:
+  """True for a leaf of a scanned block stack (leading axis = layer)."""
+  return any(n in stacked for n in names[:-1])
+
+
+def matrix_mask(params, stacked: Sequence[str] = ('blocks',)):
+  """True for leaves that are matrices per layer (ndim > 1 in the loop
+  layout): LARS's rule for weight decay and trust scaling (MAE
+  `util/lars.py`: 1-D params, i.e. biases and norms, get neither)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim - _stacked_depth(_names(path), stacked) > 1,
+      params)
+
+
+def scale_by_trust_ratio_per_layer(trust_coefficient: float,
+                                   stacked: Sequence[str] = ('blocks',)
+                                   ) -> optax.GradientTransformation:
+  """update * trust_coefficient * |p| / |update| (1 where either norm is
+  0), the norms taken per layer for scanned block stacks, as the loop
+  layout (and torch) would take them per tensor."""
+
+  def update(updates, state, params):
+    def one(path, u, p):
+      axes = tuple(range(1 if _stacked_depth(_names(path), stacked) else 0,
+                         u.ndim))
+      pn = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32)), axes,
+                            keepdims=True))
+      un = jnp.sqrt(jnp.sum(jnp.square(u.astype(jnp.float32)), axes,
+                            keepdims=True))
+      q = jnp.where((pn > 0) & (un > 0), trust_coefficient * pn / un, 1.0)
+      return (u * q).astype(u.dtype)
+    return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 def global_norm(tree) -> jax.Array:
@@ -175,56 +221,123 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 def layer_id_for(path: tuple, num_layers: int) -> int:
-  """MAE/BEiT layer ids: embeddings 0, block i -> i + 1, rest num_layers + 1."""
+  """MAE/BEiT layer ids (`util/lr_decay.py` `get_layer_id_for_vit`):
+  cls token, position embedding and patch embedding 0, block i -> i + 1,
+  everything else (final norms, fc_norm, head) num_layers + 1. Only the
+  encoder's blocks count (a probe's own attention block is a head)."""
   name = '/'.join(path)
-  if re.search(r'(cls_token|patch_embed|pos_embed)', name):
+  if re.search(r'(^|/)encoder/(cls_token|patch_embed|pos_embed)', name):
     return 0
-  m = re.search(r'blocks_(\d+)/', name)
+  m = re.search(r'(^|/)encoder/blocks_(\d+)/', name)
   if m:
-    return int(m.group(1)) + 1
+    return int(m.group(2)) + 1
   return num_layers + 1
 
 
 def layer_decay_scales(params, layer_decay: float, num_layers: int):
-  """decay ** (num_layers + 1 - layer_id) per leaf (loop layout only)."""
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({
-      k: layer_decay ** (num_layers + 1 - layer_id_for(k, num_layers))
-      for k in flat})
+  """decay ** (num_layers + 1 - layer_id) per leaf.
+
+  A scanned encoder stack (`encoder/blocks`, leading axis = block) gets one
+  scale per block, shaped to broadcast over the leaf. Masked-out (frozen)
+  subtrees stay masked.
+  """
+
+  def scale(path, x):
+    names = _names(path)
+    if 'blocks' in names[:-1] and 'encoder' in names:
+      ids = jnp.arange(x.shape[0]) + 1   # scanned: block i -> i + 1
+      s = layer_decay ** (num_layers + 1 - ids).astype(jnp.float32)
+      return s.reshape((-1,) + (1,) * (x.ndim - 1))
+    return layer_decay ** (num_layers + 1 - layer_id_for(names, num_layers))
+
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+OPTIMIZERS = ('adamw', 'lars', 'sgd')
+
+
+def freeze_labels(params, patterns: Sequence[str]):
+  """'frozen' for leaves whose path ('encoder/blocks_0/attn/qkv/kernel')
+  matches one of the regexes `patterns` (re.search), else 'train'."""
+  rx = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'frozen' if any(r.search('/'.join(_names(path)))
+                                      for r in rx) else 'train', params)
+
+
+def _masked(params, labels):
+  """params with frozen leaves replaced by optax.MaskedNode (what
+  multi_transform's inner transformation sees)."""
+  return jax.tree.map(lambda p, l: p if l == 'train' else optax.MaskedNode(),
+                      params, labels)
 
 
 def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
   """Builds (tx, schedule) from `config.optim` / `config.schedule`.
 
+  optim.name:
+    'adamw': AdamW (b1, b2, eps, decoupled weight_decay with the decay
+      mask), optional layer decay (`layer_decay`, `num_layers`);
+    'lars': MAE's LARS (`momentum`, `trust_coefficient`, weight_decay):
+      1-D params (biases, norms) get neither weight decay nor trust
+      scaling; momentum on the scaled update, then the lr (p -= lr * mu);
+    'sgd': torch SGD with `momentum` (and weight_decay added to the
+      gradient).
+  optim.freeze: regexes of param paths that never change (probes): they
+  get no update and no optimizer state.
+
   Args:
     config: the experiment ConfigDict.
-    params: params tree (or shapes), needed for the decay mask and layer
-      decay.
+    params: params tree (or shapes), needed for the masks and layer decay.
 
   Returns:
     The optax transformation and the lr schedule (for logging).
   """
   oc = config.optim
   schedule = make_schedule(config)
+  name = oc.get('name', 'adamw')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'Unknown optimizer {name!r}; supported: {OPTIMIZERS}.')
+  freeze = tuple(oc.get('freeze', None) or ())
+  labels = freeze_labels(params, freeze) if freeze else None
+  if labels is not None and 'train' not in jax.tree.leaves(labels):
+    raise ValueError(f'optim.freeze={list(freeze)} freezes every param: '
+                     'nothing would train.')
+  trainable = _masked(params, labels) if labels is not None else params
   chain = []
   if oc.get('grad_clip_norm'):
     chain.append(clip_by_global_norm_torch(float(oc.grad_clip_norm)))
-  if oc.get('name', 'adamw') != 'adamw':
-    raise ValueError(f'Unknown optimizer {oc.name!r}; supported: adamw.')
-  mu_dtype = oc.get('mu_dtype')
-  chain.append(optax.scale_by_adam(
-      b1=oc.b1, b2=oc.b2, eps=oc.eps,
-      mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
-  if oc.weight_decay:
-    mask = decay_mask(params, tuple(oc.get('wd_exclude', NO_DECAY)))
-    chain.append(optax.add_decayed_weights(oc.weight_decay, mask))
+  wd = oc.get('weight_decay', 0.0)
+  if name == 'adamw':
+    mu_dtype = oc.get('mu_dtype')
+    chain.append(optax.scale_by_adam(
+        b1=oc.b1, b2=oc.b2, eps=oc.eps,
+        mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None))
+    if wd:
+      mask = decay_mask(trainable, tuple(oc.get('wd_exclude', NO_DECAY)))
+      chain.append(optax.add_decayed_weights(wd, mask))
+  elif name == 'lars':
+    matrices = matrix_mask(trainable)
+    if wd:
+      chain.append(optax.add_decayed_weights(wd, matrices))
+    chain.append(optax.masked(scale_by_trust_ratio_per_layer(
+        float(oc.get('trust_coefficient', 0.001))), matrices))
+    chain.append(optax.trace(decay=float(oc.get('momentum', 0.9))))
+  else:  # sgd
+    if wd:
+      chain.append(optax.add_decayed_weights(wd))
+    chain.append(optax.trace(decay=float(oc.get('momentum', 0.9))))
   if oc.get('layer_decay'):
-    scales = layer_decay_scales(params, oc.layer_decay, oc.num_layers)
+    scales = layer_decay_scales(trainable, oc.layer_decay, oc.num_layers)
     chain.append(optax.GradientTransformation(
         lambda _: optax.EmptyState(),
         lambda u, s, p=None: (jax.tree.map(lambda g, c: g * c, u, scales), s)))
   chain.append(optax.scale_by_learning_rate(schedule))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if labels is not None:
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               labels)
+  return tx, schedule
 
 
 def tx_config_from_curve(curve: dict, batch_size: int) -> dict:

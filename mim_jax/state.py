@@ -19,6 +19,12 @@ class TrainState(train_state.TrainState):
 
   `target_state` holds the 'running' providers' statistics by provider
   name (None without any), updated in the step and checkpointed.
+
+  `model_state` holds the model's variable collections other than
+  'params' (e.g. BatchNorm's 'batch_stats' of a probe head), None for models
+  without; updated by the training forward, read by evaluation,
+  checkpointed.
   """
   ema_params: Optional[Any] = None
   target_state: Optional[Any] = None
+  model_state: Optional[Any] = None

@@ -18,6 +18,7 @@ from mim_jax import method as method_lib
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax.models import vit
 from mim_jax.state import TrainState
 
 
@@ -77,26 +78,35 @@ def provider_states(providers, state: TrainState, frozen: dict) -> dict:
 
 
 def make_loss_fn(model, loss_fn: Callable, providers=()) -> Callable:
-  """(params, batch, rng, train, *, targets, step) -> (loss, (pred, out,
-  aux)).
+  """(params, batch, rng, train, *, targets, step, model_state) -> (loss,
+  (pred, out, aux, new_model_state)).
 
   The providers' targets (from `targets`, {provider name: state}) are added
   to the batch and to the model's out dict under stop_gradient, then the
-  model and the loss run.
+  model and the loss run. `model_state` holds the model's collections
+  besides 'params' (None without): mutable in training, and returned
+  updated (unchanged in evaluation).
   """
 
   def compute(params, batch, rng, train: bool = True, *, targets=None,
-              step=0):
+              step=0, model_state=None):
     new = {}
     for p in providers:
       new.update(p.compute((targets or {})[p.name], batch))
     new = jax.lax.stop_gradient(new)
     batch = dict(batch, **new)
-    pred, out = model.apply({'params': params}, batch, train=train,
-                            rngs={'dropout': rng})
+    variables = {'params': params, **(model_state or {})}
+    if model_state and train:
+      (pred, out), model_state = model.apply(
+          variables, batch, train=True, rngs={'dropout': rng},
+          mutable=list(model_state))
+      model_state = dict(model_state)
+    else:
+      pred, out = model.apply(variables, batch, train=train,
+                              rngs={'dropout': rng})
     out = dict(out, **new)
     loss, aux = loss_fn(pred, out, batch, step)
-    return loss, (pred, out, aux)
+    return loss, (pred, out, aux, model_state)
 
   return compute
 
@@ -106,17 +116,20 @@ def _scalars(aux: dict) -> dict:
 
 
 def grads_and_metrics(compute: Callable, params, batch, rng,
-                      accum_steps: int = 1):
-  """Loss, grads and aux, optionally over `accum_steps` microbatches
-  (summed in a lax.scan: memory of one microbatch).
+                      accum_steps: int = 1, model_state=None):
+  """Loss, grads, aux and the updated model state, optionally over
+  `accum_steps` microbatches (summed in a lax.scan: memory of one
+  microbatch; the model state, e.g. BatchNorm statistics, goes through the
+  microbatches in order).
 
   With accumulation, aux holds the scalar metrics of the loss, each the
   mean over the microbatches (weighted like the loss: equally).
   """
   grad_fn = jax.value_and_grad(compute, has_aux=True)
   if accum_steps == 1:
-    (loss, (_, _, aux)), grads = grad_fn(params, batch, rng)
-    return loss, grads, aux
+    (loss, (_, _, aux, model_state)), grads = grad_fn(
+        params, batch, rng, model_state=model_state)
+    return loss, grads, aux, model_state
   # Strided split keeps the sharded batch dim in place (no resharding):
   # microbatch k holds examples k, k + accum, k + 2 accum, ...
   micro = jax.tree.map(
@@ -124,32 +137,44 @@ def grads_and_metrics(compute: Callable, params, batch, rng,
                           *x.shape[1:]).swapaxes(0, 1), batch)
 
   def body(carry, xs):
+    sums, ms = carry
     mb, k = xs
-    (loss, (_, _, aux)), grads = grad_fn(params, mb,
-                                         jax.random.fold_in(rng, k))
-    return jax.tree.map(jnp.add, carry, (loss, grads, _scalars(aux))), None
+    (loss, (_, _, aux, ms)), grads = grad_fn(
+        params, mb, jax.random.fold_in(rng, k), model_state=ms)
+    return (jax.tree.map(jnp.add, sums, (loss, grads, _scalars(aux))),
+            ms), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  aux_shapes = _scalars(jax.eval_shape(compute, params, first, rng)[1][2])
+  aux_shapes = _scalars(jax.eval_shape(
+      functools.partial(compute, model_state=model_state), params, first,
+      rng)[1][2])
   zeros = (jnp.zeros((), jnp.float32),
            jax.tree.map(jnp.zeros_like, params),
            {k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shapes.items()})
-  (loss, grads, aux), _ = jax.lax.scan(body, zeros,
-                                       (micro, jnp.arange(accum_steps)))
+  ((loss, grads, aux), model_state), _ = jax.lax.scan(
+      body, (zeros, model_state), (micro, jnp.arange(accum_steps)))
   scale = 1.0 / accum_steps
   return (loss * scale, jax.tree.map(lambda g: g * scale, grads),
-          jax.tree.map(lambda a: a * scale, aux))
+          jax.tree.map(lambda a: a * scale, aux), model_state)
+
+
+# Folded into the step's key for the batch transform (mixup / cutmix), so
+# it draws independently of dropout.
+_TRANSFORM_KEY = 0x6D6978
 
 
 def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
-                    seed: int = 0, accum_steps: int = 1, ema_momentum=None):
+                    seed: int = 0, accum_steps: int = 1, ema_momentum=None,
+                    batch_transform: Optional[Callable] = None):
   """Returns the pure `train_step(state, batch, frozen) -> (state,
   metrics)`.
 
-  `frozen` holds the weights of 'frozen' providers ({} without). After the
-  optimizer update, an 'ema' provider's `state.ema_params` moves with
+  `frozen` holds the weights of 'frozen' providers ({} without). The
+  method's `batch_transform` (mixup, ...) runs first, on the devices. After
+  the optimizer update, an 'ema' provider's `state.ema_params` moves with
   `ema_momentum` (step -> (m, 1 - m)): ema = m * ema + (1 - m) * params;
-  'running' providers update their `state.target_state` entry.
+  'running' providers update their `state.target_state` entry; the model's
+  own state (BatchNorm statistics) is replaced by the forward's update.
   """
   compute = make_loss_fn(model, loss_fn, providers)
   has_ema = any(p.kind == 'ema' for p in providers)
@@ -160,11 +185,14 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
 
   def train_step(state: TrainState, batch, frozen):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    if batch_transform is not None:
+      batch = batch_transform(batch, jax.random.fold_in(rng, _TRANSFORM_KEY))
     step_compute = functools.partial(
         compute, targets=provider_states(providers, state, frozen),
         step=state.step)
-    loss, grads, aux = grads_and_metrics(step_compute, state.params, batch,
-                                         rng, accum_steps)
+    loss, grads, aux, model_state = grads_and_metrics(
+        step_compute, state.params, batch, rng, accum_steps,
+        model_state=state.model_state)
     # The loss terms (scalars of the loss's aux) are logged with the loss.
     metrics = _scalars(aux)
     metrics.update({
@@ -173,6 +201,8 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
         'lr': schedule(state.step),
     })
     new_state = state.apply_gradients(grads=grads)
+    if model_state is not None:
+      new_state = new_state.replace(model_state=model_state)
     if has_ema:
       m, rate = ema_momentum(state.step)
       new_state = new_state.replace(ema_params=optim.ema_update(
@@ -240,7 +270,8 @@ def param_shardings(config, model, mesh: Mesh, batch_shapes: dict):
 
 
 def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
-                       params=None, materialize: bool = True, ema=None):
+                       params=None, materialize: bool = True, ema=None,
+                       model_state=None):
   """Creates the TrainState directly with its shardings.
 
   The state is traced with eval_shape first, with boxed params: the
@@ -262,6 +293,8 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
       checkpoint: nothing is initialised that the restore would overwrite.
     ema: initial `ema_params` (e.g. an official checkpoint's momentum
       encoder); None = the EMA provider's `init(params)`.
+    model_state: initial non-param collections (e.g. a trained probe's
+      BatchNorm statistics); None = the model's init.
 
   Returns:
     (state, state_shardings, tx, schedule).
@@ -272,19 +305,24 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
   boxed_params, _ = param_specs(model, batch_shapes)
   tx, schedule = optim.make_tx(config, nn.meta.unbox(boxed_params))
 
-  def make_state(params, ema=None):
+  def make_state(params, ema=None, model_state=None):
+    variables = dict(init_variables(model, batch_shapes, config.seed))
+    fresh = variables.pop('params')
     if params is None:
-      params = init_variables(model, batch_shapes, config.seed)['params']
+      params = fresh
+    if model_state is not None:
+      variables = model_state
     if ema_provider is not None and ema is None:
       ema = ema_provider.init(params)
     target_state = {p.name: p.init(params) for p in running} or None
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                             ema_params=ema, target_state=target_state)
+                             ema_params=ema, target_state=target_state,
+                             model_state=variables or None)
 
   if ema is not None:
     ema = box_like(jax.eval_shape(ema_provider.init, boxed_params), ema)
   params = box_like(boxed_params, params)
-  boxed_state = jax.eval_shape(make_state, params, ema)
+  boxed_state = jax.eval_shape(make_state, params, ema, model_state)
   abstract = nn.meta.unbox(boxed_state)
   shardings = sharding.state_shardings(
       nn.get_partition_spec(boxed_state), abstract, mesh, _rules(config),
@@ -297,8 +335,8 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
     if params is not None:
       params = jax.device_put(params, box_like(boxed_params,
                                                shardings.params))
-    state = jax.jit(lambda p, e: nn.meta.unbox(make_state(p, e)),
-                    out_shardings=shardings)(params, ema)
+    state = jax.jit(lambda p, e, m: nn.meta.unbox(make_state(p, e, m)),
+                    out_shardings=shardings)(params, ema, model_state)
   return state, shardings, tx, schedule
 
 
@@ -338,7 +376,9 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
   step = make_train_step(model, loss_fn, schedule, providers,
                          seed=config.seed,
                          accum_steps=config.get('grad_accum_steps', 1),
-                         ema_momentum=ema_schedule(config))
+                         ema_momentum=ema_schedule(config),
+                         batch_transform=method_of(config).batch_transform(
+                             config))
   rules = sharding.activation_rules(_rules(config), mesh)
 
   def sharded_step(state, batch, frozen):
@@ -352,6 +392,65 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
                     sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
+
+
+def make_eval_step(model, metrics_fn: Callable, mesh: Mesh, state_shardings):
+  """Jitted `(params, model_state, batch) -> {name: sum over the valid
+  examples}, plus 'count'`: one batch of an evaluation pass.
+
+  `metrics_fn` is the method's `eval_metrics` ((pred, out, batch) -> {name:
+  (B,) values}); `batch['valid']` (0 for padding) weights the sums, which
+  come back replicated, so every host reads the same totals. `params` may
+  be the EMA weights (sharded like the params).
+  """
+
+  def step(params, model_state, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      variables = {'params': params, **(model_state or {})}
+      pred, out = model.apply(variables, batch, train=False)
+      valid = batch['valid'].astype(jnp.float32)
+      sums = {k: jnp.sum(v.astype(jnp.float32) * valid)
+              for k, v in metrics_fn(pred, out, batch).items()}
+      sums['count'] = jnp.sum(valid)
+      return sums
+
+  return jax.jit(step, in_shardings=(state_shardings.params,
+                                     state_shardings.model_state,
+                                     sharding.data_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
+
+
+FEATURES = ('cls', 'avg')
+
+
+def make_features(config, mesh: Mesh, feature: str = 'cls'):
+  """Jitted `(params, batch) -> (features, label, valid)` of whole images
+  through the method's encoder (`Method.encoder`, params['encoder']), in
+  inference mode, replicated so every host reads the global batch.
+
+  feature: 'cls' (the cls token after the final norm) or 'avg' (the mean of
+  the normalised patch tokens).
+
+  Raises:
+    ValueError: the method declares no encoder, or an unknown feature.
+  """
+  method = method_of(config)
+  if method.encoder is None:
+    raise ValueError(f'method {method.name!r} declares no encoder '
+                     '(Method.encoder): it has no features to monitor.')
+  if feature not in FEATURES:
+    raise ValueError(f'feature={feature!r}; use one of {FEATURES}.')
+  encoder = vit.Encoder(**method.encoder(config))
+
+  def features(params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      latent, _ = encoder.apply({'params': params['encoder']},
+                                batch['image'])
+    latent = latent.astype(jnp.float32)
+    f = latent[:, 0] if feature == 'cls' else jnp.mean(latent[:, 1:], 1)
+    return f, batch['label'], batch['valid']
+
+  return jax.jit(features, out_shardings=sharding.replicated(mesh))
 
 
 def make_forward(model, mesh: Mesh | None = None):

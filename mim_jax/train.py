@@ -6,10 +6,12 @@ target providers and figures come from the method's record
 their masks) from the tf.data pipeline.
 """
 
+import json
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -19,6 +21,7 @@ import tensorflow as tf
 
 from mim_jax import checkpoint
 from mim_jax import input_pipeline
+from mim_jax import knn
 from mim_jax import metrics as metrics_lib
 from mim_jax import optim
 from mim_jax import sharding
@@ -34,13 +37,15 @@ def validate_config(config, num_devices: int, data_parallel: int):
   Raises:
     ValueError naming the bad value and the fix.
   """
+
   input_pipeline.validate_config(config.input,
                                  patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)
   method = steps.method_of(config)
   method.validate_config(config)
   spec = method.batch_spec(config, 1)
-  made = set(input_pipeline.BATCH_KEYS) | set(method.views(config))
+  made = (set(input_pipeline.BATCH_KEYS) | {input_pipeline.LABEL_KEY}
+          | set(method.views(config)))
   missing = sorted(set(spec) - made)
   if missing:
     raise ValueError(
@@ -77,6 +82,134 @@ def lower_train_step(config, mesh):
   return step.lower(state, batch, frozen), state, state_sh
 
 
+def pipeline_kind(spec: dict) -> dict:
+  """What the method's batch spec asks of the pipeline: labels (fine-tuning,
+  probes) and/or masks (pretraining)."""
+  return dict(labeled='label' in spec,
+              with_masks=bool({'noise', 'mask'} & set(spec)))
+
+
+class Evaluator:
+  """Evaluation passes over a labelled split, and the best checkpoint.
+
+  Opens the split when built (a missing split or data set fails before
+  anything compiles), runs the method's `eval_metrics` over every example
+  once (padding excluded), and keeps the state of the best
+  `config.eval.best_metric` in workdir/best/ (its value in best.json, so a
+  resumed run goes on comparing with it).
+  """
+
+  def __init__(self, config, method, model, mesh, state_shardings,
+               workdir: str):
+    ec = config.eval
+    self.config, self.workdir = config, workdir
+    self.ds, self.num_batches, self.num_examples = (
+        input_pipeline.make_eval_dataset(
+            config.input, data=ec.get('data') or config.input.data,
+            split=ec.get('split'), batch_size=ec.batch_size,
+            crop_pct=ec.get('crop_pct', 0.875)))
+    self.step_fn = steps.make_eval_step(model, method.eval_metrics, mesh,
+                                        state_shardings)
+    self.data_sh = sharding.data_sharding(mesh)
+    self.best_metric = ec.get('best_metric', 'top1')
+    self.use_ema = ec.get('use_ema', False)
+    self.best_path = os.path.join(workdir, 'best.json')
+    self.best = None
+    if tf.io.gfile.exists(self.best_path):
+      with tf.io.gfile.GFile(self.best_path) as f:
+        self.best = json.load(f)
+    self.best_mgr = None
+
+  def _pass(self, params, model_state) -> dict:
+    totals = None
+    for local in self.ds.as_numpy_iterator():
+      batch = sharding.to_global(local, self.data_sh)
+      sums = self.step_fn(params, model_state, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals,
+                                                        sums)
+    totals = jax.device_get(totals)
+    count = max(float(totals.pop('count')), 1.0)
+    return {k: float(v) / count for k, v in totals.items()}
+
+  def __call__(self, state, step: int, writer) -> dict:
+    """Evaluates `state` (and its weights EMA when configured), logs
+    eval/*, and saves the best state."""
+    t0 = time.time()
+    row = {f'eval/{k}': v for k, v in self._pass(
+        state.params, state.model_state).items()}
+    if self.use_ema and state.ema_params is not None:
+      row.update({f'eval/ema_{k}': v for k, v in self._pass(
+          state.ema_params, state.model_state).items()})
+    row['eval/seconds'] = time.time() - t0
+    key = f'eval/{self.best_metric}'
+    if key not in row:
+      raise ValueError(f'eval.best_metric={self.best_metric!r} is not an '
+                       f'evaluation metric ({sorted(row)}).')
+    writer.write_scalars(step, row)
+    logging.info('eval at step %d on %d examples: %s', step,
+                 self.num_examples,
+                 ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
+    if self.best is None or row[key] > self.best['value']:
+      self.best = {'step': step, 'metric': key, 'value': row[key]}
+      if not self.config.get('eval_only'):
+        if self.best_mgr is None:
+          self.best_mgr = checkpoint.make_manager(
+              self.workdir, keep=1, async_save=False, subdir='best')
+        checkpoint.save(self.best_mgr, step, state, 1, force=True)
+      if jax.process_index() == 0:
+        with tf.io.gfile.GFile(self.best_path, 'w') as f:
+          json.dump(self.best, f)
+    row[f'eval/best_{self.best_metric}'] = self.best['value']
+    return row
+
+
+class KnnMonitor:
+  """A kNN classifier on the encoder's features (cosine, k nearest, votes
+  weighted by exp(sim / T), as DINO's `eval_knn.py`), logged as knn/top1
+  during pretraining: the representation, not just the loss.
+
+  `config.knn`: data (a labelled data spec, e.g. 'embedded:digits'),
+  train_split / test_split, every_steps, k, temperature, feature ('cls' or
+  'avg'), batch_size, crop_pct. Each evaluation runs the encoder once over
+  both splits (inference mode, center crops) and the kNN on the devices;
+  knn/seconds logs what it costs.
+  """
+
+  def __init__(self, config, mesh):
+    kc = config.knn
+    self.kc = kc
+    self.fn = steps.make_features(config, mesh, kc.get('feature', 'cls'))
+    self.data_sh = sharding.data_sharding(mesh)
+    self.sets = [input_pipeline.make_eval_dataset(
+        config.input, data=kc.data, split=split,
+        batch_size=kc.get('batch_size', 256),
+        crop_pct=kc.get('crop_pct', 1.0))[0]
+                 for split in (kc.get('train_split', 'train'),
+                               kc.get('test_split', 'test'))]
+
+  def _features(self, params, ds):
+    feats, labels = [], []
+    for local in ds.as_numpy_iterator():
+      f, y, v = jax.device_get(self.fn(
+          params, sharding.to_global(local, self.data_sh)))
+      keep = v > 0
+      feats.append(f[keep])
+      labels.append(y[keep])
+    return np.concatenate(feats), np.concatenate(labels)
+
+  def __call__(self, params, step: int, writer) -> float:
+    t0 = time.time()
+    (xtr, ytr), (xte, yte) = [self._features(params, ds) for ds in self.sets]
+    acc = knn.knn_accuracy(
+        xtr, ytr, xte, yte, num_classes=int(max(ytr.max(), yte.max())) + 1,
+        k=self.kc.get('k', 20), temperature=self.kc.get('temperature', 0.07))
+    row = {'knn/top1': acc, 'knn/seconds': time.time() - t0}
+    writer.write_scalars(step, row)
+    logging.info('kNN at step %d: top-1 %.4f (%d train, %d test, %.1f s).',
+                 step, acc, len(ytr), len(yte), row['knn/seconds'])
+    return acc
+
+
 def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
   grid = visualize.render(steps.method_of(config), config, vis_fn, params,
@@ -93,9 +226,17 @@ def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from `workdir` if it has checkpoints).
 
+  Fine-tuning and probes (methods with `eval_metrics`) also evaluate on
+  `config.eval` every `eval.every_steps` and at the end, keeping the best
+  state in workdir/best/; `config.eval_only` evaluates `init_from` and
+  stops.
+
   Returns:
-    The final TrainState.
+    The final TrainState ((state, eval metrics) with eval_only).
   """
+  if config.get('eval_only') and not config.get('init_from'):
+    raise ValueError('eval_only evaluates the model of config.init_from: '
+                     'set --config.init_from to a workdir or .pth file.')
   mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
   dp = sharding.data_parallel_size(mesh)
   validate_config(config, jax.device_count(), dp)
@@ -125,30 +266,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # The data sources are opened before anything compiles, so a missing
   # dataset or an empty folder fails in seconds, not after compilation.
   views = {k: v.size for k, v in method.views(config).items()}
+  kind = pipeline_kind(batch_shapes)
   ds = input_pipeline.make_train_dataset(
       config.input, patch_size=p, seed=config.seed, start_step=start_step,
-      views=views)
-  vis_batch = input_pipeline.make_vis_batch(
-      config.input, patch_size=p, seed=config.seed,
-      num_images=config.get('vis_images', 8), views=views)
-  vis_batch = {k: vis_batch[k] for k in batch_shapes}
+      views=views, num_classes=config.model.get('num_classes'), **kind)
+  draws = method.to_pixels is not None
+  if draws:
+    vis_batch = input_pipeline.make_vis_batch(
+        config.input, patch_size=p, seed=config.seed,
+        num_images=config.get('vis_images', 8), views=views)
+    vis_batch = {k: vis_batch[k] for k in batch_shapes}
 
   # Frozen target weights (e.g. a tokenizer): read before compiling, after
   # the data check.
   frozen = steps.frozen_targets(config, mesh)
-  draws = method.to_pixels is not None
 
-  init = init_ema = None
+  init = init_ema = init_model_state = None
   if config.get('init_from') and not start_step:
-    init = weights.from_torch(config, model, config.init_from,
-                              strict=config.get('init_strict', True))
-    init_ema = weights.ema_from_torch(config, model, config.init_from, init)
+    init, init_model_state = weights.initial_params(config, model)
+    if not weights.is_workdir(config.init_from):
+      init_ema = weights.ema_from_torch(config, model, config.init_from,
+                                        init)
   state, state_shardings, _, schedule = steps.create_train_state(
       config, model, mesh, batch_shapes, params=init,
-      materialize=not start_step, ema=init_ema)
+      materialize=not start_step, ema=init_ema,
+      model_state=init_model_state)
   if start_step:
     state, _ = checkpoint.restore_latest(mgr, state, start_step)
     logging.info('Resumed from step %d.', start_step)
+
+  evaluate = None
+  if method.eval_metrics is not None and config.get('eval'):
+    evaluate = Evaluator(config, method, model, mesh, state_shardings,
+                         workdir)
+  if config.get('eval_only'):
+    row = evaluate(state, start_step, writer)
+    writer.flush()
+    mgr.close()
+    return state, row
+  eval_every = (config.eval.get('every_steps') if evaluate else None) or 0
+  knn_every = 0
+  if (config.get('knn') or {}).get('data'):
+    if method.encoder is None:
+      logging.warning('config.knn is set but %s declares no encoder '
+                      '(Method.encoder): no kNN monitor.', method.name)
+    else:
+      monitor = KnnMonitor(config, mesh)
+      knn_every = config.knn.get('every_steps') or config.log_every_steps
 
   data_sh = sharding.data_sharding(mesh)
   train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
@@ -194,6 +358,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         logging.info('No reconstruction images: this %s config predicts no '
                      'pixels.', method.name)
         draws = False
+    if evaluate and ((eval_every and step % eval_every == 0)
+                     or step == total_steps):
+      evaluate(state, step, writer)
+    if knn_every and (step % knn_every == 0 or step == total_steps):
+      monitor(state.params, step, writer)
     checkpoint.save(mgr, step, state, config.ckpt_every_steps,
                     force=step == total_steps)
     if mgr.reached_preemption(step):

@@ -5,16 +5,29 @@ the reconstruction visualiser share; the key names and layouts come from the
 method's converter (`Method.converter`).
 """
 
+import json
+import os
+import re
 from typing import Optional
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
+import tensorflow as tf
 
 from mim_jax import checkpoint
+from mim_jax import methods
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax.convert import core
+
+# The timm key names of a ViT encoder (what `Converter.encoder_prefix`
+# points at): everything else in a pretraining file (decoders, mask
+# tokens, momentum copies) is not part of the encoder.
+_ENCODER_KEY = re.compile(r'(cls_token|pos_embed|patch_embed\.|blocks\.\d+\.'
+                          r'|norm\.)')
 
 
 def from_torch(config, model, path: str, strict: bool = True):
@@ -72,3 +85,119 @@ def to_torch(config, model, params, ema=None) -> dict[str, np.ndarray]:
   if ema is not None and conv.ema_to_torch is not None:
     sd.update(conv.ema_to_torch(jax.device_get(ema), model, size))
   return sd
+
+
+def is_workdir(path: str) -> bool:
+  """True for a mim_jax training workdir (config.json + checkpoints/)."""
+  return tf.io.gfile.isdir(path) and tf.io.gfile.exists(
+      os.path.join(path, 'config.json'))
+
+
+def workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote into its workdir."""
+  with tf.io.gfile.GFile(os.path.join(workdir, 'config.json')) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def encoder_state_dict(method_name: str, state_dict: dict) -> dict:
+  """The encoder of a pretraining state dict of `method_name`, in timm key
+  names (its `Converter.encoder_prefix` stripped, decoders dropped).
+
+  Raises:
+    ValueError: the method has no transferable encoder, or the file holds
+      none under the prefix.
+  """
+  conv = methods.get(method_name).converter
+  prefix = conv.encoder_prefix
+  if prefix is None:
+    raise ValueError(f'method {method_name!r} declares no encoder in its '
+                     'state dicts (Converter.encoder_prefix).')
+  out = {k[len(prefix):]: v for k, v in state_dict.items()
+         if k.startswith(prefix) and _ENCODER_KEY.match(k[len(prefix):])}
+  if not out:
+    raise ValueError(
+        f'no {method_name} encoder keys (prefix {prefix!r}: cls_token, '
+        f'patch_embed.*, blocks.*) in the state dict; its first keys are '
+        f'{sorted(state_dict)[:8]}. Set config.init_method to the method '
+        'that wrote the file.')
+  return out
+
+
+def initial_params(config, model):
+  """(params, model_state or None) that `config.init_from` names, checked
+  against `model` before anything compiles (model_state: e.g. a probe's
+  BatchNorm statistics, from a workdir of the same method).
+
+  init_from may be:
+  - a mim_jax workdir of the same method (its latest params, e.g. a
+    fine-tuned classifier for evaluation), or of a pretraining method when
+    the config's method starts from an encoder (`Method.from_encoder`): the
+    encoder is taken through the pretraining method's official key names;
+  - an official PyTorch file (.pth/.pt/.npz) of the config's method (a
+    fine-tuned classifier, or a pretraining checkpoint), or, for
+    `from_encoder` methods, a pretraining file of `config.init_method`.
+
+  Raises:
+    ValueError: a missing path, or a checkpoint of another architecture
+      (conversion errors list the unknown, missing and mis-shaped keys).
+  """
+  path = config.init_from
+  method = steps.method_of(config)
+  strict = config.get('init_strict', True)
+  if is_workdir(path):
+    src_config = workdir_config(path)
+    if src_config.model_name == method.name:
+      # Restored with the run's own config (its optimizer state may differ
+      # from ours), then checked against our model.
+      state, step = state_from_workdir(
+          src_config, method.build_model(src_config), path)
+      _check_same(steps.init_params(model, steps.batch_spec(config, 1),
+                                    config.seed), state.params, path)
+      logging.info('init_from: params of %s at step %d.', path, step)
+      return state.params, state.model_state
+    if method.from_encoder is None:
+      raise ValueError(
+          f'init_from={path!r} is a {src_config.model_name} workdir, but '
+          f'{method.name} loads only its own params; use a '
+          f'{method.name} workdir or file.')
+    src_model = methods.get(src_config.model_name).build_model(src_config)
+    src_params, step = from_workdir(src_config, src_model, path)
+    sd = to_torch(src_config, src_model, src_params)
+    logging.info('init_from: the %s encoder of %s at step %d.',
+                 src_config.model_name, path, step)
+    return _from_encoder(config, model, method,
+                         encoder_state_dict(src_config.model_name, sd)), None
+  if not tf.io.gfile.exists(path):
+    raise ValueError(
+        f'init_from={path!r} does not exist: give a mim_jax workdir (with '
+        'config.json and checkpoints/) or a PyTorch .pth/.pt/.npz file.')
+  if method.from_encoder is not None and not _has_head(path):
+    src = config.get('init_method') or method.name
+    logging.info('init_from: the %s encoder of %s.', src, path)
+    return _from_encoder(config, model, method, encoder_state_dict(
+        src, core.load_state_dict(path))), None
+  return from_torch(config, model, path, strict=strict), None
+
+
+def _check_same(expected, got, path: str):
+  """Raises a ValueError listing params whose names or shapes differ."""
+  flat = lambda t: {'/'.join(k): tuple(v.shape) for k, v in
+                    traverse_util.flatten_dict(jax.device_get(t)).items()}
+  want, have = flat(expected), flat(got)
+  bad = [f'{k}: {have.get(k)} in {path}, {want.get(k)} in this model'
+         for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  if bad:
+    raise ValueError(
+        f'init_from={path!r} holds another architecture ({len(bad)} params '
+        f'differ): {bad[:12]}. Match config.model to that run.')
+
+
+def _has_head(path: str) -> bool:
+  """True for a classifier file (fine-tuned: 'head.*' keys)."""
+  return any(k.startswith('head.') for k in core.load_state_dict(path))
+
+
+def _from_encoder(config, model, method, encoder_sd: dict):
+  init = steps.init_params(model, steps.batch_spec(config, 1), config.seed)
+  return method.from_encoder(encoder_sd, model, init,
+                             config.input.image_size)

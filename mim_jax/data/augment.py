@@ -101,14 +101,18 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
   return crop
 
 
-def decode_and_center_crop(image_bytes: tf.Tensor) -> tf.Tensor:
-  """Decodes an image and takes its largest centered square.
+def decode_and_center_crop(image_bytes: tf.Tensor,
+                           crop_fraction: float = 1.0) -> tf.Tensor:
+  """Decodes an image and takes a centered square.
 
-  Resizing that square to S equals "resize the shorter side to S, then center
-  crop S x S".
+  The square's side is `crop_fraction` x the shorter side. Resizing it to S
+  equals "resize the shorter side to S / crop_fraction, then center crop
+  S x S": the timm/ImageNet evaluation transform (crop_pct 0.875: resize
+  256, center crop 224).
 
   Args:
     image_bytes: scalar string tensor, encoded image.
+    crop_fraction: in (0, 1].
 
   Returns:
     uint8 tensor (s, s, 3).
@@ -116,6 +120,9 @@ def decode_and_center_crop(image_bytes: tf.Tensor) -> tf.Tensor:
   image = _decode(image_bytes)
   shape = tf.shape(image)
   side = tf.minimum(shape[0], shape[1])
+  if crop_fraction != 1.0:
+    side = tf.cast(tf.round(tf.cast(side, tf.float32) * crop_fraction),
+                   tf.int32)
   top = (shape[0] - side) // 2
   left = (shape[1] - side) // 2
   return image[top:top + side, left:left + side]

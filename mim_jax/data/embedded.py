@@ -1,4 +1,4 @@
-"""Small photo data sets that ship inside installed Python packages.
+"""Small image data sets that ship inside installed Python packages.
 
 They need no download, so pipelines, tests and smoke runs work on machines
 without network access. Each image is returned as JPEG bytes so that it goes
@@ -121,8 +121,44 @@ def _skimage_jpegs() -> tuple[tuple[str, bytes], ...]:
   return tuple(images)
 
 
-_DATASETS: dict[str, Callable[[], tuple[tuple[str, bytes], ...]]] = {
-    'skimage': _skimage_jpegs,
+# Digits: scikit-learn's 1,797 real handwritten digits (8x8, 16 grey
+# levels), the embedded *labelled* set. The split is the one of
+# scikit-learn's digits example ("Recognizing hand-written digits":
+# train_test_split(test_size=0.5, shuffle=False)): the first half trains, the
+# second half tests, so writers of the two halves overlap only as in upstream.
+DIGITS_SIZE = 32
+DIGITS_SPLITS = ('train', 'test')
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _digits(split: str) -> tuple[tuple[str, bytes, int], ...]:
+  """(name, PNG bytes, label) of one split of scikit-learn's digits, each
+  upsampled (bicubic) from 8 x 8 to DIGITS_SIZE px, grey as RGB."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  half = len(digits.images) - len(digits.images) // 2  # sklearn's ceil
+  rows = range(half) if split == 'train' else range(half, len(digits.images))
+  out = []
+  for i in rows:
+    grey = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+    big = Image.fromarray(grey).resize((DIGITS_SIZE, DIGITS_SIZE),
+                                       resample=Image.Resampling.BICUBIC)
+    rgb = np.repeat(np.asarray(big)[..., None], 3, axis=-1)
+    out.append((f'digit_{i:04d}', _encode_png(rgb), int(digits.target[i])))
+  return tuple(out)
+
+
+# name -> (splits, loader(split) -> ((name, bytes[, label]), ...), classes).
+_DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str], tuple], int]] = {
+    'skimage': (('train',), lambda split: _skimage_jpegs(), 0),
+    'digits': (DIGITS_SPLITS, _digits, 10),
 }
 
 
@@ -131,20 +167,49 @@ def available() -> list[str]:
   return sorted(_DATASETS)
 
 
-def load(name: str) -> list[tuple[str, bytes]]:
-  """Returns the images of an embedded data set.
-
-  Args:
-    name: data set name, e.g. 'skimage' (the part after `embedded:`).
-
-  Returns:
-    List of (image name, JPEG-encoded uint8 RGB bytes), in a fixed order.
-
-  Raises:
-    ValueError: if `name` is unknown or none of its images can be loaded.
-  """
+def _check(name: str, split: str):
   if name not in _DATASETS:
     raise ValueError(
         f'Unknown embedded data set {name!r}. Available: '
         f'{", ".join("embedded:" + n for n in available())}.')
-  return list(_DATASETS[name]())
+  splits = _DATASETS[name][0]
+  if split not in splits:
+    raise ValueError(f'embedded:{name} has no split {split!r}; its splits '
+                     f'are {list(splits)} (input.split / eval split).')
+
+
+def num_classes(name: str) -> int:
+  """Number of classes of a labelled embedded set (0: unlabelled)."""
+  _check(name, 'train')
+  return _DATASETS[name][2]
+
+
+def load(name: str, split: str = 'train') -> list[tuple[str, bytes]]:
+  """Returns the images of an embedded data set.
+
+  Args:
+    name: data set name, e.g. 'skimage' (the part after `embedded:`).
+    split: 'train' (every set), or 'test' (labelled sets).
+
+  Returns:
+    List of (image name, encoded uint8 RGB bytes), in a fixed order.
+
+  Raises:
+    ValueError: if `name` or `split` is unknown, or none of its images can
+      be loaded.
+  """
+  _check(name, split)
+  return [(r[0], r[1]) for r in _DATASETS[name][1](split)]
+
+
+def labels(name: str, split: str = 'train') -> list[int]:
+  """The class labels of `load(name, split)`, in the same order.
+
+  Raises:
+    ValueError: the set has no labels.
+  """
+  _check(name, split)
+  if not _DATASETS[name][2]:
+    raise ValueError(f'embedded:{name} has no labels; use a labelled set '
+                     f'({[n for n in available() if _DATASETS[n][2]]}).')
+  return [r[2] for r in _DATASETS[name][1](split)]

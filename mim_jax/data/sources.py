@@ -7,8 +7,13 @@ never decodes an image it throws away.
 
 Supported `input.data` values:
   tfds:NAME[/CONFIG][:VERSION]  a prepared TensorFlow Datasets data set.
-  folder:/path                  *.jpg/*.jpeg/*.png found recursively.
-  embedded:NAME                 photos bundled in a package (no download).
+  folder:/path                  *.jpg/*.jpeg/*.png found recursively; for
+                                labels, one subfolder per class (ImageNet
+                                layout), classes in sorted name order.
+  embedded:NAME                 images bundled in a package (no download).
+
+Labelled sources (`labeled=True`, for fine-tuning and probes) also give each
+record's class: `label(record)`, an int32 in [0, num_classes).
 """
 
 import abc
@@ -35,6 +40,11 @@ class RecordSource(abc.ABC):
 
   description: str
   num_records: int
+  # Number of classes of a labelled source (0 when opened without labels).
+  num_classes: int = 0
+  # Records of the whole split over all hosts (each host's shard holds at
+  # most ceil(total_records / process_count)).
+  total_records: int = 0
 
   @abc.abstractmethod
   def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
@@ -55,6 +65,10 @@ class RecordSource(abc.ABC):
     """Turns a record into a scalar string tensor of encoded image bytes."""
     return record
 
+  def label(self, record: tf.Tensor) -> tf.Tensor:
+    """The int32 class of a record (labelled sources only)."""
+    raise ValueError(f'{self.description} was opened without labels.')
+
 
 class ArraySource(RecordSource):
   """Source whose records are an in-memory table (image bytes or paths).
@@ -66,7 +80,8 @@ class ArraySource(RecordSource):
   """
 
   def __init__(self, description: str, rows: list[Any], *, are_paths: bool,
-               seed: int, process_index: int, process_count: int):
+               seed: int, process_index: int, process_count: int,
+               labels: list[int] | None = None, num_classes: int = 0):
     shard = rows[process_index::process_count]
     if not shard:
       raise ValueError(
@@ -74,7 +89,13 @@ class ArraySource(RecordSource):
           f'process_count={process_count}: host {process_index} gets none.')
     self.description = description
     self.num_records = len(shard)
+    self.total_records = len(rows)
     self._table = tf.constant(shard, tf.string)
+    self._labels = None
+    if labels is not None:
+      self._labels = tf.constant(labels[process_index::process_count],
+                                 tf.int32)
+      self.num_classes = int(num_classes)
     self._are_paths = are_paths
     self._shuffle_key = seeds.fold_in(
         seeds.base_key(seed, seeds.SHUFFLE), process_index)
@@ -93,6 +114,11 @@ class ArraySource(RecordSource):
     row = tf.gather(self._table, record)
     return tf.io.read_file(row) if self._are_paths else row
 
+  def label(self, record: tf.Tensor) -> tf.Tensor:
+    if self._labels is None:
+      return super().label(record)
+    return tf.gather(self._labels, record)
+
 
 class TfdsSource(RecordSource):
   """A prepared TFDS data set, read with undecoded images.
@@ -105,18 +131,30 @@ class TfdsSource(RecordSource):
   """
 
   def __init__(self, name: str, input_config: Any, *, seed: int,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int,
+               split: str | None = None, labeled: bool = False):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     data_dir = input_config.get('tfds_data_dir', None)
     manual_dir = input_config.get('tfds_manual_dir', None)
     builder = _tfds_builder(name, data_dir, manual_dir)
-    split = input_config.get('split', 'train')
+    split = split or input_config.get('split', 'train')
     image_key = input_config.get('tfds_image_key', 'image')
+    label_key = input_config.get('tfds_label_key', 'label')
     if image_key not in builder.info.features:
       raise ValueError(
           f'TFDS data set {name!r} has no feature {image_key!r} (features: '
           f'{", ".join(builder.info.features)}); set input.tfds_image_key.')
+    self._labeled = labeled
+    if labeled:
+      features = builder.info.features
+      feature = features[label_key] if label_key in features else None
+      if feature is None or not hasattr(feature, 'num_classes'):
+        raise ValueError(
+            f'TFDS data set {name!r} has no class-label feature '
+            f'{label_key!r} (features: {", ".join(builder.info.features)}); '
+            'set input.tfds_label_key.')
+      self.num_classes = int(feature.num_classes)
     # Each host reads a disjoint, contiguous ~1/process_count of the split.
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count)
@@ -132,13 +170,19 @@ class TfdsSource(RecordSource):
           f'TFDS {name!r} split {split!r} gives host {process_index} of '
           f'{process_count} no examples.')
     self.description = f'tfds:{name} split={split} shard={host_split}'
+    self.total_records = builder.info.splits[split].num_examples
 
     read_config = tfds.ReadConfig(try_autocache=False, skip_prefetch=True)
     records = builder.as_dataset(
         split=host_split, shuffle_files=False, read_config=read_config,
         decoders={image_key: tfds.decode.SkipDecoding()})
-    records = records.map(lambda example: example[image_key],
-                          num_parallel_calls=tf.data.AUTOTUNE)
+    if labeled:
+      records = records.map(
+          lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)),
+          num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+      records = records.map(lambda example: example[image_key],
+                            num_parallel_calls=tf.data.AUTOTUNE)
     if input_config.get('cache', False):
       # Caches the encoded bytes, not decoded pixels: augmentation is
       # random per step, and encoded images are ~10x smaller.
@@ -156,6 +200,14 @@ class TfdsSource(RecordSource):
 
   def ordered(self) -> tf.data.Dataset:
     return self._records
+
+  def read(self, record) -> tf.Tensor:
+    return record[0] if self._labeled else record
+
+  def label(self, record) -> tf.Tensor:
+    if not self._labeled:
+      return super().label(record)
+    return record[1]
 
 
 def _default_tfds_data_dir() -> str:
@@ -227,6 +279,25 @@ def _list_image_files(path: str) -> list[str]:
   return sorted(files)
 
 
+def _folder_labels(path: str, files: list[str]) -> tuple[list[int], int]:
+  """Labels from class subfolders: the top-level folder of each file under
+  `path`, classes numbered in sorted name order (torchvision ImageFolder).
+
+  Raises:
+    ValueError: some images are not inside a class folder.
+  """
+  tops = [os.path.relpath(f, path).split(os.sep) for f in files]
+  loose = [os.path.join(path, *t) for t in tops if len(t) < 2]
+  if loose:
+    raise ValueError(
+        f'input.data folder {path!r} needs one subfolder per class for '
+        f'labels, but {len(loose)} images lie directly in it (e.g. '
+        f'{loose[0]!r}); move them into class folders.')
+  classes = sorted({t[0] for t in tops})
+  index = {c: i for i, c in enumerate(classes)}
+  return [index[t[0]] for t in tops], len(classes)
+
+
 def check_data_spec(data: str) -> tuple[str, str]:
   """Splits 'kind:value' and validates the kind. Returns (kind, value)."""
   if not isinstance(data, str) or not data.startswith(KNOWN_PREFIXES):
@@ -241,7 +312,9 @@ def check_data_spec(data: str) -> tuple[str, str]:
 
 
 def open_source(input_config: Any, *, seed: int, process_index: int,
-                process_count: int) -> RecordSource:
+                process_count: int, split: str | None = None,
+                labeled: bool = False, data: str | None = None
+                ) -> RecordSource:
   """Opens the source named by `input_config.data` for one host.
 
   Args:
@@ -249,6 +322,10 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     seed: experiment seed (drives the per-epoch shuffling).
     process_index: this host's index.
     process_count: number of hosts; each gets a disjoint shard.
+    split: the split to read (default `input_config.split`; TFDS and
+      embedded sets; a folder source has no splits).
+    labeled: also give each record's class (`label`, `num_classes`).
+    data: the data spec (default `input_config.data`).
 
   Returns:
     The host's RecordSource.
@@ -256,23 +333,27 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
   Raises:
     ValueError: unknown/unprepared data set, missing or empty folder.
   """
-  kind, value = check_data_spec(input_config.get('data', None))
+  kind, value = check_data_spec(data or input_config.get('data', None))
+  shard = dict(seed=seed, process_index=process_index,
+               process_count=process_count)
   if kind == 'tfds':
-    source = TfdsSource(value, input_config, seed=seed,
-                        process_index=process_index,
-                        process_count=process_count)
+    source = TfdsSource(value, input_config, split=split, labeled=labeled,
+                        **shard)
   elif kind == 'folder':
     files = _list_image_files(value)
+    labels, classes = (_folder_labels(value, files) if labeled
+                       else (None, 0))
     source = ArraySource(f'folder:{value} ({len(files)} images)', files,
-                         are_paths=True, seed=seed,
-                         process_index=process_index,
-                         process_count=process_count)
+                         are_paths=True, labels=labels, num_classes=classes,
+                         **shard)
   else:
-    images = embedded.load(value)
-    source = ArraySource(f'embedded:{value} ({len(images)} images)',
-                         [data for _, data in images], are_paths=False,
-                         seed=seed, process_index=process_index,
-                         process_count=process_count)
+    split = split or input_config.get('split', 'train')
+    images = embedded.load(value, split)
+    labels = embedded.labels(value, split) if labeled else None
+    source = ArraySource(
+        f'embedded:{value} split={split} ({len(images)} images)',
+        [d for _, d in images], are_paths=False, labels=labels,
+        num_classes=embedded.num_classes(value) if labeled else 0, **shard)
   logging.info('Input source %s: %d records for host %d/%d.',
                source.description, source.num_records, process_index,
                process_count)

@@ -14,6 +14,8 @@ REGISTRY = {
     'mae': 'mim_jax.methods.mae',
     'cae': 'mim_jax.methods.cae',
     'bootmae': 'mim_jax.methods.bootmae',
+    # The evaluation task (fine-tuning, probes) on any method's encoder.
+    'classifier': 'mim_jax.methods.classifier',
 }
 
 

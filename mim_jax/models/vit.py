@@ -1,9 +1,10 @@
 """ViT encoder on the visible tokens only, plus presets and scan tools.
 
 The encoder is shared by every MIM method (and by fine-tuning and probing):
-patch embedding, fixed 2-D sin-cos position embedding, a per-sample gather of
-the kept tokens, a cls token (whose position row is zero), pre-norm blocks
-and a final LayerNorm.
+patch embedding, 2-D sin-cos position embedding (fixed, or a learned table
+that starts from it for fine-tuning), a per-sample gather of the kept
+tokens, a cls token (whose position row is zero), pre-norm blocks and a
+final LayerNorm (optional: global-pool classifiers use their own).
 """
 
 import re
@@ -95,6 +96,14 @@ class Encoder(nn.Module):
 
   Attributes mirror big_vision's ViT. `dtype` is the compute dtype; params
   are always float32.
+
+  `posemb`: 'sincos' adds the fixed table of `pos_embed`; 'learned' makes it
+  a param `pos_embed` (1, 1 + L, width), cls row first as timm's, that starts
+  equal to the fixed table: what timm / MAE / BEiT fine-tuning trains. Its
+  shape fixes the image size. `final_norm=False` drops the final LayerNorm
+  (global-pool classifiers normalise the pooled feature instead).
+  `norm_taps` sends the tapped block outputs through the final norm too (its
+  params are shared), as a model truncated after that block would compute.
   """
   width: int = 768
   depth: int = 12
@@ -107,6 +116,9 @@ class Encoder(nn.Module):
   layernorm_eps: float = 1e-6
   drop_path_rate: float = 0.0
   taps: tuple[int, ...] = ()      # blocks whose outputs go to out['taps']
+  posemb: str = 'sincos'          # or 'learned'
+  final_norm: bool = True
+  norm_taps: bool = False         # taps through the final norm as well
   scan: bool = False
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
@@ -138,8 +150,20 @@ class Encoder(nn.Module):
       (latent, out): latent (N, 1 + K, width) after the final norm, cls
       first; out holds 'tokens' (the embedded, position-added patches of all
       L positions, before the gather) and, with `taps`, 'taps': the outputs
-      of those blocks (before the final norm), in the order of `taps`.
+      of those blocks (before the final norm unless `norm_taps`), in the
+      order of `taps`. Without `final_norm` the latent is the last block's
+      output.
+
+    Raises:
+      ValueError: an unknown `posemb`, taps outside the blocks, or
+        `norm_taps` without `final_norm`.
     """
+    if self.posemb not in ('sincos', 'learned'):
+      raise ValueError(f"encoder posemb={self.posemb!r}: use 'sincos' "
+                       "(fixed table) or 'learned'.")
+    if self.norm_taps and not self.final_norm:
+      raise ValueError('encoder norm_taps=True needs final_norm=True: the '
+                       'taps go through the final norm.')
     gh, gw = self.grid(images)
     p = self.patch_size
     # xavier_uniform on the (D, C*p*p) view of the torch conv weight.
@@ -154,10 +178,20 @@ class Encoder(nn.Module):
                 name='patch_embed')(images.astype(self.dtype))
     n = x.shape[0]
     x = x.reshape(n, gh * gw, self.width)
-    pos = jnp.asarray(self.pos_embed(images), self.dtype)
+    # Created before pos_embed: params of one module draw their init keys in
+    # creation order, so this keeps cls_token's init whatever `posemb`.
+    cls = self.param('cls_token', layers.token_param, (1, 1, self.width))
+    table = self.pos_embed(images)
+    if self.posemb == 'learned':
+      # Starts from the fixed table, as the official fine-tuning code loads
+      # the pretraining (sin-cos) pos_embed into its learned one.
+      init = lambda key, shape, dtype=jnp.float32: jnp.asarray(table, dtype)
+      table = self.param('pos_embed',
+                         layers.logical(init, (None, None, 'embed')),
+                         table.shape)
+    pos = jnp.asarray(table, self.dtype)
     tokens = x + pos[:, 1:]
     x = tokens if ids_keep is None else gather_tokens(tokens, ids_keep)
-    cls = self.param('cls_token', layers.token_param, (1, 1, self.width))
     cls = (cls + pos[:, :1]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
     dpr = tuple(float(r) for r in
@@ -182,7 +216,11 @@ class Encoder(nn.Module):
       x, tapped = x
       by_index = dict(zip(tapped_blocks, tapped))
       out['taps'] = [by_index[i] for i in self.taps]
-    x = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')(x)
+    if self.final_norm:
+      norm = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')
+      x = norm(x)
+      if self.norm_taps and self.taps:
+        out['taps'] = [norm(t) for t in out['taps']]
     return x, out
 
 

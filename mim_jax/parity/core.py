@@ -144,7 +144,7 @@ def run(path: str) -> dict[str, Any]:
   targets = {p.name: ema for p in providers if p.kind == 'ema'}
   compute = functools.partial(
       steps.make_loss_fn(model, loss_fn, providers), targets=targets)
-  loss, (pred, out, aux) = jax.jit(compute, static_argnums=3)(
+  loss, (pred, out, aux, _) = jax.jit(compute, static_argnums=3)(
       params, batch, jax.random.PRNGKey(0), False)
   ours = adapter.forward_outputs(loss, pred, out, aux)
   fwd = {}

@@ -51,7 +51,9 @@ if __name__ == '__main__' and 'jax' not in sys.modules:
 import json
 import time
 
+import flax.linen as nn
 import jax
+import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -91,6 +93,18 @@ def accum_to_fit(xla: dict, microbatch: int, hbm_bytes: float):
     if microbatch % k == 0 and xla['temporaries'] / k <= free:
       return k
   return None
+
+
+def forward_flops_per_image(config) -> float:
+  """XLA's FLOP count of one inference forward (`train=False`) of one
+  image: the model-card FLOPs of a classifier (a pretraining model's
+  forward includes its masking and decoder)."""
+  model = steps.build_model(config)
+  batch = steps.batch_spec(config, 1)
+  variables = jax.eval_shape(
+      lambda: nn.meta.unbox(steps.init_variables(model, batch, 0)))
+  fwd = jax.jit(lambda v, b: model.apply(v, b, train=False))
+  return float(fwd.lower(variables, batch).cost_analysis()['flops'])
 
 
 def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
@@ -148,6 +162,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   t = time.perf_counter()
   flat_lowered, _, _ = train.lower_train_step(_unrolled(config), mesh)
   flops = float(flat_lowered.cost_analysis()['flops'])
+  fwd_flops = forward_flops_per_image(_unrolled(config))
   flops_s = time.perf_counter() - t
   peak_flops = peak_tflops * 1e12
   ideal = flops / (num_devices * peak_flops)
@@ -177,8 +192,11 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
       'target_providers': {
           p.name: p.kind
           for p in steps.method_of(config).providers(config)},
+      'num_params': int(sum(np.prod(x.shape) for x in
+                            jax.tree.leaves(state.params))),
       'flops_per_step': flops,
       'model_flops_per_image': flops / bs,
+      'forward_flops_per_image': fwd_flops,
       'peak_tflops_per_chip': peak_tflops,
       'step_time_s_at_mfu': {f'{m:g}': ideal / m for m in mfus},
       'images_per_s_at_mfu': {f'{m:g}': bs * m / ideal for m in mfus},

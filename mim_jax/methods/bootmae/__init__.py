@@ -59,6 +59,11 @@ def to_pixels(config, pred, out, batch):
                                           vit.patch_size_of(config.model))
 
 
+def encoder(config) -> dict:
+  """The encoder's vit.Encoder fields (params['encoder'])."""
+  return build_model(config).encoder_fields()
+
+
 METHOD = method.Method(
     name='bootmae',
     build_model=build_model,
@@ -69,7 +74,8 @@ METHOD = method.Method(
         to_flax=convert.to_flax, to_torch=convert.to_torch,
         to_torch_keys=convert.to_torch_keys,
         ema_to_flax=convert.ema_to_flax,
-        ema_to_torch=convert.ema_to_torch_keys),
+        ema_to_torch=convert.ema_to_torch_keys, encoder_prefix=''),
     parity=parity.ADAPTER,
     targets=targets,
-    validate_config=validate_config)
+    validate_config=validate_config,
+    encoder=encoder)

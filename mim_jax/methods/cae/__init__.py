@@ -65,6 +65,11 @@ def to_pixels(config, pred, out, batch):
       config.loss.get('norm_pix_eps', 1e-6))
 
 
+def encoder(config) -> dict:
+  """The encoder's vit.Encoder fields (params['encoder'])."""
+  return method.model_from_config(model.Model, config).encoder_fields()
+
+
 METHOD = method.Method(
     name='cae',
     build_model=functools.partial(method.model_from_config, model.Model),
@@ -73,8 +78,10 @@ METHOD = method.Method(
     to_pixels=to_pixels,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys),
+                               to_torch_keys=convert.to_torch_keys,
+                               encoder_prefix='encoder.'),
     parity=parity.ADAPTER,
     targets=targets,
     views=views,
-    validate_config=validate_config)
+    validate_config=validate_config,
+    encoder=encoder)

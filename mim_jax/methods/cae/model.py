@@ -84,11 +84,15 @@ class CAE(nn.Module):
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
-  def _encoder(self) -> vit.Encoder:
+  def encoder_fields(self) -> dict:
+    """The vit.Encoder fields of the encoder (BEiT-style blocks)."""
     enc = dict(qkv_bias='qv', posemb_row_first=True, layer_scale=0.1)
     enc.update(self.encoder)
-    return vit.Encoder(**enc, scan=self.scan, remat_policy=self.remat_policy,
-                       dtype=self.dtype, name='encoder')
+    return dict(enc, scan=self.scan, remat_policy=self.remat_policy,
+                dtype=self.dtype)
+
+  def _encoder(self) -> vit.Encoder:
+    return vit.Encoder(**self.encoder_fields(), name='encoder')
 
   @nn.compact
   def __call__(self, batch: dict, *, train: bool = False):

@@ -33,6 +33,12 @@ def to_pixels(config, pred, out, batch):
       config.loss.get('norm_pix_eps', 1e-6))
 
 
+def encoder(config) -> dict:
+  """The encoder's vit.Encoder fields (params['encoder'])."""
+  m = method.model_from_config(model.Model, config)
+  return dict(m.encoder, scan=m.scan, dtype=m.dtype)
+
+
 METHOD = method.Method(
     name='mae',
     build_model=functools.partial(method.model_from_config, model.Model),
@@ -41,5 +47,7 @@ METHOD = method.Method(
     to_pixels=to_pixels,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys),
-    parity=parity.ADAPTER)
+                               to_torch_keys=convert.to_torch_keys,
+                               encoder_prefix=''),
+    parity=parity.ADAPTER,
+    encoder=encoder)

@@ -1,0 +1,137 @@
+"""Official fine-tuned / probe checkpoints <-> mim_jax Classifier.
+
+One rule set covers every layout, as their key sets do not overlap:
+
+* timm `VisionTransformer` and MAE fine-tuning (`models_vit.py`,
+  `mae_finetuned_vit_*.pth`): cls_token, pos_embed, patch_embed.proj.*,
+  blocks.{i}.*, then norm.* (cls token) or fc_norm.* (global pool), head.*;
+* BEiT-style fine-tuning of CAE / BootMAE (timm `Beit` with absolute
+  position embedding): the same plus blocks.{i}.gamma_1 / gamma_2 and
+  attn.q_bias / v_bias, which the encoder holds with qkv_bias='qv' and
+  layer_scale;
+* linear probes (MAE / BootMAE `main_linprobe`, CAE `run_linear.py`):
+  head.0 = BatchNorm1d (buffers only), head.1 = Linear -> our 'head' =
+  {'linear'} params plus {'bn'} batch statistics;
+* CAE's attentive probe: query_token, attentive_blocks.0.*, fc_norm =
+  LP_BatchNorm (buffers only) and head.*.
+
+`pos_embed` is a param for encoder posemb='learned'; for the fixed sin-cos
+table it is checked on import and written on export, like the pretraining
+converters.
+
+BatchNorm running statistics are not params: `to_flax` skips them and
+`batch_stats_to_flax` reads them into the model's 'batch_stats' collection
+(running_mean -> mean, running_var -> var). torch's `num_batches_tracked`
+counter is dropped: it only matters for momentum=None, which no official
+recipe uses; `to_torch` leaves it out and torch's `load_state_dict(strict=
+True)` fills it in (a BatchNorm's loader does, for dicts without
+version metadata).
+
+Not covered: CAE's own fine-tuning and attentive-probe scripts default to a
+per-block relative position bias (the keys
+blocks.{i}.attn.relative_position_bias_table / relative_position_index),
+which the encoder does not have; those keys are reported as unknown.
+"""
+
+import re
+from typing import Any, Optional
+
+import numpy as np
+
+from mim_jax.convert import core
+from mim_jax.models import layers
+from mim_jax.models import vit
+
+RULES = [
+    ('cls_token', 'encoder/cls_token'),
+    ('pos_embed', 'encoder/pos_embed'),
+    ('patch_embed.proj.', 'encoder/patch_embed/'),
+    ('blocks.{i}.', 'encoder/blocks_{i}/'),
+    ('norm.', 'encoder/norm/'),
+    ('fc_norm.', 'fc_norm/'),
+    ('query_token', 'query_token'),
+    ('attentive_blocks.0.', 'attentive_block/'),
+    # Before 'head.': the linear-probe head is a Sequential(BN, Linear).
+    ('head.1.', 'head/linear/'),
+    ('head.', 'head/'),
+]
+
+# BatchNorm buffers (exact keys) -> 'batch_stats' paths.
+_BN_MODULES = [('head.0', 'head/bn'), ('fc_norm', 'fc_norm')]
+STATS_RULES = [(f'{t}.running_{s}', f'{f}/{s}')
+               for t, f in _BN_MODULES for s in ('mean', 'var')]
+# Every BatchNorm buffer, the counter included: not params.
+_BN_BUFFERS = [re.escape(t) + r'\.(running_mean|running_var|'
+               r'num_batches_tracked)$' for t, _ in _BN_MODULES]
+
+
+def _posemb_learned(model) -> bool:
+  return model.encoder.get('posemb', vit.Encoder.posemb) == 'learned'
+
+
+def frozen_buffers(model, image_size: int) -> dict[str, np.ndarray]:
+  """The fixed sin-cos `pos_embed` of the official state dict; none when
+  the model learns it (then it is a param)."""
+  if _posemb_learned(model):
+    return {}
+  enc = model.encoder
+  g = image_size // enc.get('patch_size', vit.Encoder.patch_size)
+  return {'pos_embed': layers.posemb_sincos_2d(
+      g, g, enc.get('width', vit.Encoder.width),
+      row_first=enc.get('posemb_row_first', vit.Encoder.posemb_row_first))}
+
+
+def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
+  """Official fine-tuned or probe state dict -> params tree shaped like
+  `params` (loop or scan layout).
+
+  BatchNorm buffers are skipped (see `batch_stats_to_flax`). A pretraining
+  checkpoint into a fresh classifier needs strict=False (it has no head)
+  and a converter of its own method for its key names.
+
+  Raises:
+    core.ConversionError: unknown, missing (strict) or mis-shaped keys.
+  """
+  return core.torch_to_flax(state_dict, params, RULES,
+                            frozen=frozen_buffers(model, image_size),
+                            ignore=_BN_BUFFERS, strict=strict)
+
+
+def batch_stats_to_flax(state_dict, model, batch_stats,
+                        strict: bool = True) -> dict:
+  """The BatchNorm running statistics of the state dict -> a 'batch_stats'
+  tree shaped like `batch_stats` (the model's, from init or eval_shape).
+
+  Keys other than BatchNorm buffers are left to `to_flax`;
+  `num_batches_tracked` is dropped.
+
+  Raises:
+    core.ConversionError: a statistic the model has is missing (strict),
+      one it has not is present, or a shape differs.
+  """
+  del model  # The layout is fixed by `batch_stats`.
+  stats_keys = {t for t, _ in STATS_RULES}
+  sd = {k: v for k, v in state_dict.items() if k in stats_keys}
+  return core.torch_to_flax(sd, batch_stats or {}, STATS_RULES,
+                            strict=strict)
+
+
+def to_torch(params, model, image_size: int,
+             batch_stats: Optional[Any] = None) -> dict[str, np.ndarray]:
+  """params tree (and the 'batch_stats' collection, for the probe heads) ->
+  state dict with the official keys, fixed buffers included."""
+  sd = core.flax_to_torch(params, RULES,
+                          frozen=frozen_buffers(model, image_size))
+  if batch_stats:
+    sd.update(core.flax_to_torch(batch_stats, STATS_RULES))
+  return sd
+
+
+def to_torch_keys(tree) -> dict[str, np.ndarray]:
+  """Any params-shaped tree (e.g. gradients) -> official keys."""
+  return core.flax_to_torch(tree, RULES)
+
+
+def batch_stats_to_torch_keys(batch_stats) -> dict[str, np.ndarray]:
+  """A 'batch_stats' tree -> the official BatchNorm buffer keys."""
+  return core.flax_to_torch(batch_stats, STATS_RULES)

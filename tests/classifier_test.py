@@ -1,0 +1,447 @@
+"""Classifier (fine-tuning and probing) against timm, and its converter."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from mim_jax.convert import core
+from mim_jax.methods.classifier import convert
+from mim_jax.methods.classifier import model as model_lib
+from mim_jax.models import layers
+from mim_jax.models import vit
+
+torch = pytest.importorskip('torch')
+
+IMG = 32
+NUM_CLASSES = 10
+MU = dict(width=32, depth=2, num_heads=2, patch_size=8)
+
+
+def _timm():
+  """timm, or skip; its torchvision import warns that the C ops (which
+  ViT and BEiT do not use) failed to load."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    return pytest.importorskip('timm')
+
+
+def _images(n=2, seed=0):
+  """(torch NCHW, our {'image': NHWC}) of the same normalised images."""
+  x = np.random.RandomState(seed).randn(n, 3, IMG, IMG).astype(np.float32)
+  return torch.from_numpy(x), {'image': jnp.asarray(x.transpose(0, 2, 3, 1))}
+
+
+def _numpy_state_dict(module):
+  return {k: v.detach().numpy().copy() for k, v in
+          module.state_dict().items()}
+
+
+def _perturb(module, seed=0):
+  """Adds noise to every param, so the timm inits that are zeros or ones
+  (biases, LayerNorms, q/v biases) are checked too."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(0.02 * torch.randn(p.shape, generator=gen))
+  return module
+
+
+def _shapes(model, batch, collection='params'):
+  variables = nn.meta.unbox(
+      jax.eval_shape(model.init, jax.random.key(0), batch))
+  return variables.get(collection, {})
+
+
+def _init(model, batch, seed=0):
+  """The model's variables (jitted: eager init compiles op by op)."""
+  return nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), batch))
+
+
+def _timm_vit(width, heads, global_pool, depth=12, patch=16):
+  vt = _timm().models.vision_transformer
+  torch.manual_seed(0)
+  return _perturb(vt.VisionTransformer(
+      img_size=IMG, patch_size=patch, embed_dim=width, depth=depth,
+      num_heads=heads, num_classes=NUM_CLASSES, global_pool=global_pool,
+      fc_norm=True if global_pool == 'avg' else None)).eval()
+
+
+def _rel_err(got, want):
+  return np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+
+
+def _assert_same_state_dict(got, want, skip=()):
+  want = {k: v for k, v in want.items() if not k.endswith(skip or '\0')}
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# Parity with timm's fine-tuning architectures.
+
+
+@pytest.mark.parametrize('width,heads,global_pool,scan', [
+    (384, 6, 'avg', False),    # ViT-S shape, MAE fine-tuning (global pool)
+    (384, 6, 'token', True),   # ViT-S shape, cls token
+    (768, 12, 'avg', True),    # ViT-B shape
+    (768, 12, 'token', True),
+])
+def test_timm_vit_parity(width, heads, global_pool, scan):
+  tm = _timm_vit(width, heads, global_pool)
+  sd = _numpy_state_dict(tm)
+  x_t, batch = _images()
+  with torch.no_grad():
+    want = tm(x_t).numpy()
+  pool = 'avg' if global_pool == 'avg' else 'cls'
+  model = model_lib.Classifier(
+      encoder=dict(width=width, depth=12, num_heads=heads, patch_size=16,
+                   posemb='learned'),
+      num_classes=NUM_CLASSES, pool=pool, scan=scan)
+  params = convert.to_flax(sd, model, _shapes(model, batch), IMG)
+  logits, out = jax.jit(model.apply)({'params': params}, batch)
+  assert _rel_err(logits, want) < 1e-5
+  with torch.no_grad():
+    feats = tm.forward_head(tm.forward_features(x_t), pre_logits=True)
+  assert _rel_err(out['features'], feats.numpy()) < 1e-5
+  _assert_same_state_dict(convert.to_torch(params, model, IMG), sd)
+
+
+def test_timm_beit_parity_cae_bootmae_finetune_layout():
+  """timm Beit with absolute positions and layer scale: the CAE / BootMAE
+  fine-tuning model (q/v biases, gamma_1/gamma_2, fc_norm)."""
+  beit = _timm().models.beit
+  torch.manual_seed(0)
+  tm = _perturb(beit.Beit(
+      img_size=IMG, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+      num_classes=NUM_CLASSES, use_abs_pos_emb=True, use_rel_pos_bias=False,
+      init_values=0.1, global_pool='avg')).eval()
+  sd = _numpy_state_dict(tm)
+  assert 'blocks.1.gamma_2' in sd and 'blocks.0.attn.v_bias' in sd
+  x_t, batch = _images()
+  with torch.no_grad():
+    want = tm(x_t).numpy()
+  model = model_lib.Classifier(
+      encoder=dict(width=64, depth=2, num_heads=4, patch_size=8,
+                   qkv_bias='qv', layer_scale=0.1, posemb='learned',
+                   posemb_row_first=True),
+      num_classes=NUM_CLASSES)
+  params = convert.to_flax(sd, model, _shapes(model, batch), IMG)
+  np.testing.assert_array_equal(
+      params['encoder']['blocks_1']['gamma_2'], sd['blocks.1.gamma_2'])
+  logits, _ = model.apply({'params': params}, batch)
+  assert _rel_err(logits, want) < 1e-5
+  _assert_same_state_dict(convert.to_torch(params, model, IMG), sd)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint layouts and errors.
+
+
+def _mu_model(**kw):
+  enc = dict(MU, posemb='learned')
+  enc.update(kw.pop('encoder', {}))
+  return model_lib.Classifier(encoder=enc, num_classes=NUM_CLASSES, **kw)
+
+
+def _mae_finetuned_state_dict():
+  """A state dict with the keys of `mae_finetuned_vit_base.pth` (global
+  pool: fc_norm and head, no norm), at the 'mu' size."""
+  sd = _numpy_state_dict(_timm_vit(32, 2, 'avg', depth=2, patch=8))
+  assert 'fc_norm.weight' in sd and not any(k.startswith('norm.')
+                                            for k in sd)
+  return sd
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_mae_finetuned_layout_loads_strict_and_round_trips(scan):
+  sd = _mae_finetuned_state_dict()
+  model = _mu_model(scan=scan)
+  _, batch = _images()
+  shapes = _shapes(model, batch)
+  params = convert.to_flax(sd, model, shapes, IMG, strict=True)
+  assert set(params) == {'encoder', 'fc_norm', 'head'}
+  assert 'norm' not in params['encoder']
+  assert (jax.tree.map(np.shape, params) ==
+          jax.tree.map(lambda s: s.shape, shapes))
+  _assert_same_state_dict(convert.to_torch(params, model, IMG), sd)
+  grads_keys = convert.to_torch_keys(params)
+  assert sorted(grads_keys) == sorted(sd)
+
+
+def test_conversion_errors_name_the_key():
+  sd = _mae_finetuned_state_dict()
+  model = _mu_model()
+  _, batch = _images()
+  shapes = _shapes(model, batch)
+  missing = {k: v for k, v in sd.items() if k != 'fc_norm.weight'}
+  with pytest.raises(core.ConversionError, match='fc_norm/scale'):
+    convert.to_flax(missing, model, shapes, IMG)
+  bad = dict(sd, **{'head.weight': np.zeros((NUM_CLASSES + 1, 32))})
+  with pytest.raises(core.ConversionError, match=r'head\.weight'):
+    convert.to_flax(bad, model, shapes, IMG)
+  # A cls-token checkpoint (norm.*) into a global-pool model.
+  extra = dict(sd, **{'norm.weight': np.ones(32), 'norm.bias': np.zeros(32)})
+  with pytest.raises(core.ConversionError, match=r'norm\.weight'):
+    convert.to_flax(extra, model, shapes, IMG)
+  # A fixed sin-cos model rejects a trained pos_embed.
+  fixed = _mu_model(encoder=dict(posemb='sincos'))
+  with pytest.raises(core.ConversionError, match='pos_embed'):
+    convert.to_flax(sd, fixed, _shapes(fixed, batch), IMG)
+
+
+def test_fixed_posemb_is_a_buffer():
+  """With posemb='sincos' pos_embed is written on export and checked on
+  import, not a param (the row-first table for BEiT-family encoders)."""
+  model = _mu_model(encoder=dict(posemb='sincos', posemb_row_first=True))
+  _, batch = _images()
+  params = _init(model, batch, 0)['params']
+  assert 'pos_embed' not in params['encoder']
+  sd = convert.to_torch(params, model, IMG)
+  np.testing.assert_array_equal(
+      sd['pos_embed'], layers.posemb_sincos_2d(4, 4, 32, row_first=True))
+  back = convert.to_flax(sd, model, params, IMG)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_mae_linprobe_layout_bn_stats_and_parity():
+  """MAE main_linprobe: head = Sequential(BatchNorm1d(affine=False,
+  eps=1e-6), Linear) on the cls token; the BN buffers go to batch_stats."""
+  tm = _timm_vit(32, 2, 'token', depth=2, patch=8)
+  tm.head = torch.nn.Sequential(
+      torch.nn.BatchNorm1d(32, affine=False, eps=1e-6), tm.head)
+  x_t, batch = _images(n=4)
+  tm.train()
+  with torch.no_grad():
+    tm(x_t)                      # moves the running stats off (0, 1)
+  tm.eval()
+  sd = _numpy_state_dict(tm)
+  assert 'head.0.running_var' in sd and 'head.1.weight' in sd
+  with torch.no_grad():
+    want = tm(x_t).numpy()
+  model = _mu_model(pool='cls', head='bn_linear')
+  variables = _init(model, batch, 0)
+  params = convert.to_flax(sd, model, variables['params'], IMG)
+  stats = convert.batch_stats_to_flax(sd, model, variables['batch_stats'])
+  np.testing.assert_array_equal(stats['head']['bn']['var'],
+                                sd['head.0.running_var'])
+  logits, _ = model.apply({'params': params, 'batch_stats': stats}, batch)
+  assert _rel_err(logits, want) < 1e-5
+  # num_batches_tracked is dropped; torch loads the export strictly.
+  back = convert.to_torch(params, model, IMG, batch_stats=stats)
+  _assert_same_state_dict(back, sd, skip='num_batches_tracked')
+  tm.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()},
+                     strict=True)
+  with pytest.raises(core.ConversionError, match='head/bn/mean'):
+    convert.batch_stats_to_flax(
+        {k: v for k, v in sd.items() if k != 'head.0.running_mean'}, model,
+        variables['batch_stats'])
+
+
+def test_bn_linear_head_stats_follow_torch():
+  model = _mu_model(pool='cls', head='bn_linear', head_init_std=0.01)
+  _, batch = _images(n=4)
+  variables = _init(model, batch, 0)
+  # The BatchNorm has no scale or bias: only statistics.
+  assert set(variables['params']['head']) == {'linear'}
+  assert set(variables['batch_stats']['head']['bn']) == {'mean', 'var'}
+  (_, out), new = model.apply(variables, batch, train=True,
+                              mutable=['batch_stats'])
+  feats = torch.from_numpy(np.array(out['features']))
+  bn = torch.nn.BatchNorm1d(32, affine=False, eps=1e-6)
+  bn.train()
+  bn(feats)
+  got = new['batch_stats']['head']['bn']
+  np.testing.assert_allclose(got['mean'], bn.running_mean.numpy(),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got['var'], bn.running_var.numpy(),
+                             rtol=1e-5, atol=1e-6)
+  # Eval uses the running statistics (and leaves them as they are).
+  bn.eval()
+  lin = variables['params']['head']['linear']
+  want = bn(feats).detach().numpy() @ np.asarray(lin['kernel']) + np.asarray(
+      lin['bias'])
+  variables = dict(variables, batch_stats=new['batch_stats'])
+  logits, _ = model.apply(variables, batch, train=False)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def _torch_attentive_reference(tokens, sd, num_heads, ln_eps, bn_eps):
+  """CAE's attentive probe, rewritten from its description with torch ops:
+  LayerNorms on q, k, v inputs, cross attention with q/v biases, proj,
+  then BatchNorm (running stats) and the linear head."""
+  f = torch.nn.functional
+  t = lambda k: torch.from_numpy(sd[k])
+  p = 'attentive_blocks.0.'
+  d = tokens.shape[-1]
+  norm = lambda x, name: f.layer_norm(x, (d,), t(f'{p}{name}.weight'),
+                                      t(f'{p}{name}.bias'), ln_eps)
+  query = t('query_token').expand(tokens.shape[0], -1, -1)
+  q = f.linear(norm(query, 'norm_q'), t(f'{p}cross_attn.q.weight'),
+               t(f'{p}cross_attn.q_bias'))
+  k = f.linear(norm(tokens, 'norm_k'), t(f'{p}cross_attn.k.weight'))
+  v = f.linear(norm(tokens, 'norm_v'), t(f'{p}cross_attn.v.weight'),
+               t(f'{p}cross_attn.v_bias'))
+  split = lambda z: z.reshape(z.shape[0], z.shape[1], num_heads, -1
+                              ).transpose(1, 2)
+  att = f.scaled_dot_product_attention(split(q), split(k), split(v))
+  att = att.transpose(1, 2).reshape(tokens.shape[0], 1, d)
+  x = f.linear(att, t(f'{p}cross_attn.proj.weight'),
+               t(f'{p}cross_attn.proj.bias'))[:, 0]
+  x = f.batch_norm(x, t('fc_norm.running_mean'), t('fc_norm.running_var'),
+                   training=False, eps=bn_eps)
+  return f.linear(x, t('head.weight'), t('head.bias'))
+
+
+def test_attentive_probe_cae_layout_parity():
+  """CAE's attentive probe (--use_cls): the query attends over all tokens
+  after the encoder's final norm; keys query_token, attentive_blocks.0.*,
+  fc_norm (BatchNorm buffers) and head.*."""
+  tm = _timm_vit(32, 2, 'token', depth=2, patch=8)
+  x_t, batch = _images()
+  with torch.no_grad():
+    tokens = tm.forward_features(x_t)
+  model = _mu_model(pool='cls', head='attentive', head_init_std=0.01)
+  variables = _init(model, batch, 1)
+  rng = np.random.RandomState(0)
+  noisy = jax.tree.map(
+      lambda a: np.asarray(a) + 0.1 * rng.randn(*a.shape).astype(np.float32),
+      {k: v for k, v in variables['params'].items() if k != 'encoder'})
+  sd = dict(_numpy_state_dict(tm))
+  sd.update(convert.to_torch_keys(noisy))
+  sd['fc_norm.running_mean'] = rng.randn(32).astype(np.float32)
+  sd['fc_norm.running_var'] = rng.rand(32).astype(np.float32) + 0.5
+  sd['fc_norm.num_batches_tracked'] = np.array(3)
+  assert 'attentive_blocks.0.cross_attn.v_bias' in sd
+  assert not any('cross_attn.k_bias' in k for k in sd)
+  params = convert.to_flax(sd, model, variables['params'], IMG)
+  stats = convert.batch_stats_to_flax(sd, model, variables['batch_stats'])
+  logits, _ = model.apply({'params': params, 'batch_stats': stats}, batch)
+  with torch.no_grad():
+    want = _torch_attentive_reference(tokens, sd, 2, 1e-6, 1e-5).numpy()
+  assert _rel_err(logits, want) < 1e-5
+  back = convert.to_torch(params, model, IMG, batch_stats=stats)
+  _assert_same_state_dict(back, sd, skip='num_batches_tracked')
+
+
+def test_attentive_head_shapes_and_frozen_encoder_grads():
+  model = _mu_model(pool='cls', head='attentive', freeze_encoder=True)
+  _, batch = _images(n=3)
+  variables = _init(model, batch, 0)
+  params = variables['params']
+  assert params['query_token'].shape == (1, 1, 32)
+  assert not np.any(params['query_token'])
+  assert set(params['attentive_block']) == {'norm_q', 'norm_k', 'norm_v',
+                                            'cross_attn'}
+  assert set(params['attentive_block']['cross_attn']) == {
+      'q', 'k', 'v', 'q_bias', 'v_bias', 'proj'}
+
+  def loss(p):
+    (logits, out), _ = model.apply(
+        {'params': p, 'batch_stats': variables['batch_stats']}, batch,
+        train=True, mutable=['batch_stats'])
+    assert logits.shape == (3, NUM_CLASSES)
+    assert out['features'].shape == (3, 32)
+    return jnp.sum(logits ** 2)
+
+  grads = jax.jit(jax.grad(loss))(params)
+  for g in jax.tree.leaves(grads['encoder']):
+    assert not np.any(np.asarray(g))
+  assert np.any(np.asarray(grads['head']['kernel']))
+  assert np.any(np.asarray(grads['attentive_block']['cross_attn']['v'][
+      'kernel']))
+
+
+# ---------------------------------------------------------------------------
+# Encoder options and feature taps.
+
+
+def _encoder_params(**kw):
+  enc = vit.Encoder(**MU, **kw)
+  _, batch = _images()
+  return enc, nn.meta.unbox(enc.init(jax.random.key(0), batch['image']))
+
+
+def test_encoder_defaults_unchanged():
+  _, default = _encoder_params()
+  # The tree of every pretraining checkpoint: no pos_embed param.
+  assert set(default['params']) == {'cls_token', 'patch_embed', 'blocks_0',
+                                    'blocks_1', 'norm'}
+  _, explicit = _encoder_params(posemb='sincos', final_norm=True)
+  jax.tree.map(np.testing.assert_array_equal, explicit, default)
+
+
+@pytest.mark.parametrize('row_first', [False, True])
+def test_learned_posemb_starts_at_the_sincos_table(row_first):
+  enc, learned = _encoder_params(posemb='learned',
+                                 posemb_row_first=row_first)
+  _, batch = _images()
+  table = layers.posemb_sincos_2d(4, 4, 32, row_first=row_first)
+  np.testing.assert_array_equal(learned['params']['pos_embed'], table)
+  # The same function at init, and the other params are untouched.
+  fixed_enc, fixed = _encoder_params(posemb_row_first=row_first)
+  rest = {k: v for k, v in learned['params'].items() if k != 'pos_embed'}
+  jax.tree.map(np.testing.assert_array_equal, rest, fixed['params'])
+  np.testing.assert_allclose(enc.apply(learned, batch['image'])[0],
+                             fixed_enc.apply(fixed, batch['image'])[0],
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='bogus'):
+    vit.Encoder(**MU, posemb='bogus').init(jax.random.key(0), batch['image'])
+
+
+def test_final_norm_off_has_no_norm():
+  enc, variables = _encoder_params(final_norm=False)
+  assert 'norm' not in variables['params']
+  _, batch = _images()
+  latent, _ = enc.apply(variables, batch['image'])
+  tapped = vit.Encoder(**MU, taps=(1,))
+  _, out = tapped.apply(dict(params=dict(variables['params'], norm=dict(
+      scale=jnp.ones(32), bias=jnp.zeros(32)))), batch['image'])
+  np.testing.assert_array_equal(latent, out['taps'][0])
+
+
+@pytest.mark.parametrize('pool', ['avg', 'cls'])
+def test_feature_block_pools_that_blocks_output(pool):
+  model = model_lib.Classifier(encoder=dict(MU, depth=3),
+                               num_classes=NUM_CLASSES, pool=pool,
+                               feature_block=1)
+  _, batch = _images()
+  params = _init(model, batch, 0)['params']
+  _, out = model.apply({'params': params}, batch)
+  enc = vit.Encoder(**dict(MU, depth=3), taps=(1,),
+                    final_norm=pool == 'cls')
+  _, enc_out = enc.apply({'params': params['encoder']}, batch['image'])
+  tap = enc_out['taps'][0]
+  if pool == 'avg':
+    ln, ln_params = nn.LayerNorm(1e-6), params['fc_norm']
+    want = ln.apply({'params': ln_params}, tap[:, 1:].mean(1))
+  else:
+    ln, ln_params = nn.LayerNorm(1e-6), params['encoder']['norm']
+    want = ln.apply({'params': ln_params}, tap[:, 0])
+  np.testing.assert_allclose(out['features'], want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options_raise_before_compiling():
+  _, batch = _images()
+  for kw, msg in [(dict(feature_block=2), r'depth 2.*0\.\.1'),
+                  (dict(feature_block=-1), r'depth 2.*0\.\.1'),
+                  (dict(feature_block=0, scan=True), 'scan=False'),
+                  (dict(pool='max'), 'pool'),
+                  (dict(head='mlp'), 'head'),
+                  (dict(encoder=dict(final_norm=True)), 'final_norm')]:
+    with pytest.raises(ValueError, match=msg):
+      jax.eval_shape(_mu_model(**kw).init, jax.random.key(0), batch)
+
+
+def test_model_factory_from_variant():
+  model = model_lib.Model(variant='mu/8', num_classes=NUM_CLASSES,
+                          pool='cls', head='bn_linear', head_init_std=0.01)
+  _, batch = _images()
+  shapes = _shapes(model, batch)
+  assert shapes['head']['linear']['kernel'].shape == (32, NUM_CLASSES)
+  assert shapes['encoder']['norm']['scale'].shape == (32,)
