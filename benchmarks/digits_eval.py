@@ -44,7 +44,7 @@ from mim_jax.methods.mae import config as mae_recipe
 
 flags.DEFINE_string('seeds', '0,1,2', 'Comma-separated seeds.')
 flags.DEFINE_string('workdir', '/tmp/mim_jax_digits', 'Where runs go.')
-flags.DEFINE_integer('pretrain_steps', 3000, 'MAE pretraining steps.')
+flags.DEFINE_integer('pretrain_steps', 2000, 'MAE pretraining steps.')
 flags.DEFINE_integer('probe_steps', 600, 'Linear-probe steps.')
 flags.DEFINE_integer('finetune_steps', 600, 'Fine-tuning steps.')
 FLAGS = flags.FLAGS

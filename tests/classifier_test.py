@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mim_jax.convert import core
+from mim_jax.methods import classifier as classifier_lib
 from mim_jax.methods.classifier import convert
 from mim_jax.methods.classifier import model as model_lib
 from mim_jax.models import layers
@@ -112,9 +113,9 @@ def test_timm_vit_parity(width, heads, global_pool, scan):
   _assert_same_state_dict(convert.to_torch(params, model, IMG), sd)
 
 
-def test_timm_beit_parity_cae_bootmae_finetune_layout():
-  """timm Beit with absolute positions and layer scale: the CAE / BootMAE
-  fine-tuning model (q/v biases, gamma_1/gamma_2, fc_norm)."""
+def test_timm_beit_parity_abs_posemb_layer_scale():
+  """timm Beit with learned absolute positions and layer scale, without
+  the relative position bias (q/v biases, gamma_1/gamma_2, fc_norm)."""
   beit = _timm().models.beit
   torch.manual_seed(0)
   tm = _perturb(beit.Beit(
@@ -137,6 +138,117 @@ def test_timm_beit_parity_cae_bootmae_finetune_layout():
   logits, _ = model.apply({'params': params}, batch)
   assert _rel_err(logits, want) < 1e-5
   _assert_same_state_dict(convert.to_torch(params, model, IMG), sd)
+
+
+BEIT_ENC = dict(width=64, depth=2, num_heads=4, patch_size=8, qkv_bias='qv',
+                layer_scale=0.1, posemb_row_first=True, rel_pos_bias=True)
+
+
+def _timm_beit_rel_pos(posemb):
+  """timm Beit with the per-block relative position bias (CAE's fine-tuning
+  model), every param perturbed (the bias tables included, which start at
+  zeros), plus the `relative_position_index` buffers that the official
+  BEiT / CAE code saves and timm does not. posemb='sincos' sets pos_embed
+  to the fixed row-first table, as CAE's `--sin_pos_emb` file holds it."""
+  beit = _timm().models.beit
+  torch.manual_seed(0)
+  tm = _perturb(beit.Beit(
+      img_size=IMG, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+      num_classes=NUM_CLASSES, use_abs_pos_emb=True, use_rel_pos_bias=True,
+      init_values=0.1, global_pool='avg')).eval()
+  gen = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for block in tm.blocks:
+      # Large enough that a wrong index moves the logits well past 1e-5.
+      table = block.attn.relative_position_bias_table
+      table.copy_(torch.randn(table.shape, generator=gen))
+    if posemb == 'sincos':
+      tm.pos_embed.copy_(torch.from_numpy(
+          layers.posemb_sincos_2d(4, 4, 64, row_first=True)))
+  sd = _numpy_state_dict(tm)
+  assert 'blocks.0.attn.relative_position_index' not in sd
+  for i, block in enumerate(tm.blocks):
+    sd[f'blocks.{i}.attn.relative_position_index'] = (
+        block.attn.relative_position_index.numpy().copy())
+  return tm, sd
+
+
+def _beit_model(posemb='sincos', scan=False):
+  return model_lib.Classifier(encoder=dict(BEIT_ENC, posemb=posemb),
+                              num_classes=NUM_CLASSES, scan=scan)
+
+
+@pytest.mark.parametrize('posemb', ['learned', 'sincos'])
+def test_timm_beit_rel_pos_bias_parity_scan_and_round_trip(posemb):
+  """CAE's fine-tuning ViT: per-block relative position bias, layer scale,
+  q/v biases; the same logits in the loop and scan layouts."""
+  tm, sd = _timm_beit_rel_pos(posemb)
+  x_t, batch = _images()
+  with torch.no_grad():
+    want = tm(x_t).numpy()
+  got = {}
+  for scan in (False, True):
+    model = _beit_model(posemb, scan)
+    params = convert.to_flax(sd, model, _shapes(model, batch), IMG)
+    if scan:
+      assert params['encoder']['blocks']['attn'][
+          'relative_position_bias_table'].shape == (2, 7 * 7 + 3, 4)
+    got[scan], _ = jax.jit(model.apply)({'params': params}, batch)
+    assert _rel_err(got[scan], want) < 1e-5
+    # The index buffers (and the fixed table) are written back.
+    _assert_same_state_dict(convert.to_torch(params, model, IMG), sd)
+  np.testing.assert_allclose(got[True], got[False], rtol=1e-6, atol=1e-6)
+  # timm's own state dict, without the index buffers, loads too.
+  timm_sd = {k: v for k, v in sd.items()
+             if not k.endswith('relative_position_index')}
+  model = _beit_model(posemb)
+  convert.to_flax(timm_sd, model, _shapes(model, batch), IMG)
+
+
+def test_rel_pos_bias_conversion_errors():
+  _, sd = _timm_beit_rel_pos('sincos')
+  model = _beit_model()
+  _, batch = _images()
+  shapes = _shapes(model, batch)
+  key = 'blocks.1.attn.relative_position_index'
+  bad = dict(sd, **{key: sd[key][::-1].copy()})
+  with pytest.raises(core.ConversionError, match=key):
+    convert.to_flax(bad, model, shapes, IMG)
+  # Another image size: the index and the table no longer fit the grid.
+  with pytest.raises(core.ConversionError, match=key):
+    convert.to_flax(sd, model, shapes, 2 * IMG)
+  table = 'blocks.0.attn.relative_position_bias_table'
+  with pytest.raises(core.ConversionError, match='relative_position_bias'):
+    convert.to_flax({k: v for k, v in sd.items() if k != table}, model,
+                    shapes, IMG)
+  # BEiT's shared table is out of scope and says so.
+  shared = dict(sd, **{'rel_pos_bias.relative_position_bias_table':
+                       sd[table]})
+  with pytest.raises(core.ConversionError, match='shared by all blocks'):
+    convert.to_flax(shared, model, shapes, IMG)
+  # Without rel_pos_bias the keys are unknown.
+  plain = model_lib.Classifier(
+      encoder=dict(BEIT_ENC, rel_pos_bias=False), num_classes=NUM_CLASSES)
+  with pytest.raises(core.ConversionError, match=table):
+    convert.to_flax(sd, plain, _shapes(plain, batch), IMG)
+
+
+def test_pretrained_encoder_without_tables_starts_them_at_zeros():
+  """A CAE pretraining encoder has no relative position bias: fine-tuning
+  starts the tables at zeros (BEiT's init), as the official script does."""
+  _, sd = _timm_beit_rel_pos('sincos')
+  encoder_sd = {k: v for k, v in sd.items()
+                if not k.startswith(('head.', 'fc_norm.'))
+                and 'relative_position' not in k}
+  model = _beit_model()
+  _, batch = _images()
+  params = _init(model, batch, 0)['params']
+  loaded = classifier_lib.from_encoder(encoder_sd, model, params, IMG)
+  for i in range(2):
+    attn = loaded['encoder'][f'blocks_{i}']['attn']
+    assert not np.any(attn['relative_position_bias_table'])
+    np.testing.assert_array_equal(attn['proj']['kernel'],
+                                  sd[f'blocks.{i}.attn.proj.weight'].T)
 
 
 # ---------------------------------------------------------------------------

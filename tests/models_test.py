@@ -381,3 +381,53 @@ def test_fixed_count_split_recovers_every_count_from_its_ratio():
     vis, masked = vit.split_by_mask(mask, grid, ratio)
     assert masked.shape[1] == num_masked, (num_patches, num_masked)
     assert vis.shape[1] == num_patches - num_masked
+
+
+def _index_reference(gh, gw):
+  """BEiT's relative_position_index by its definition, pair by pair."""
+  n = (2 * gh - 1) * (2 * gw - 1) + 3
+  cells = [(i, j) for i in range(gh) for j in range(gw)]
+  ref = np.full((len(cells) + 1,) * 2, n - 3)   # cls -> patch
+  ref[:, 0] = n - 2                             # patch -> cls
+  ref[0, 0] = n - 1                             # cls -> cls
+  for a, (i, j) in enumerate(cells):
+    for b, (k, l) in enumerate(cells):
+      ref[a + 1, b + 1] = (i - k + gh - 1) * (2 * gw - 1) + (j - l + gw - 1)
+  return ref
+
+
+def test_rel_pos_bias_index_grid_and_zero_init():
+  for gh, gw in [(1, 1), (2, 3), (4, 4)]:
+    np.testing.assert_array_equal(layers.relative_position_index(gh, gw),
+                                  _index_reference(gh, gw))
+  assert layers.token_grid(17) == (4, 4)
+  with pytest.raises(ValueError, match='square grid'):
+    layers.token_grid(16)
+  with pytest.raises(ValueError, match='2x3'):
+    layers.token_grid(17, (2, 3))
+  # A non-square image: the encoder passes its grid; the tables start at
+  # zeros, so the output equals the encoder without the bias.
+  images = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (2, 8, 12, 3)).astype(np.float32))
+  enc = vit.Encoder(**TINY_ENC, rel_pos_bias=True)
+  variables = enc.init(jax.random.key(0), images)
+  table = variables['params']['blocks_1']['attn'][
+      'relative_position_bias_table']
+  assert nn.get_partition_spec(table) == jax.sharding.PartitionSpec(
+      None, 'heads')
+  assert nn.meta.unbox(table).shape == (3 * 5 + 3, 2)
+  plain = nn.meta.unbox(vit.Encoder(**TINY_ENC).init(jax.random.key(0),
+                                                     images))
+  np.testing.assert_array_equal(
+      enc.apply(variables, images)[0],
+      vit.Encoder(**TINY_ENC).apply(plain, images)[0])
+  with pytest.raises(ValueError, match='ids_keep'):
+    enc.apply(variables, images, jnp.zeros((2, 3), jnp.int32))
+
+
+def test_block_attention_computes_in_the_block_dtype():
+  block = layers.Block(num_heads=2, mlp_dim=64, dtype=jnp.bfloat16)
+  x = jnp.ones((1, 5, 32), jnp.float32)
+  variables = block.init(jax.random.key(0), x)
+  _, state = block.apply(variables, x, capture_intermediates=True)
+  assert state['intermediates']['attn']['__call__'][0].dtype == jnp.bfloat16

@@ -5,6 +5,7 @@ All modules are pure Flax linen. Parameter names mirror the official PyTorch
 the two is a mechanical rename plus transposes (see `mim_jax/convert`).
 """
 
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -157,20 +158,25 @@ def layer_scale(module: nn.Module, name: str, y: jax.Array,
 
 
 def attend(q, k, v, num_heads: int, dtype: Dtype,
-           probs_fn: Optional[Callable] = None) -> jax.Array:
+           probs_fn: Optional[Callable] = None,
+           bias: Optional[jax.Array] = None) -> jax.Array:
   """Multi-head attention core: (N, Tq, D) queries over (N, Tk, D) keys and
-  values, softmax(q k^T / sqrt(head_dim)) v -> (N, Tq, D).
+  values, softmax(q k^T / sqrt(head_dim) [+ bias]) v -> (N, Tq, D).
 
   The softmax runs in float32 even under bf16 compute, so long runs stay
   finite; `probs_fn` (e.g. attention dropout) acts on the probabilities.
+  `bias` (heads, Tq, Tk), e.g. a relative position bias, is added to the
+  logits in float32.
   """
   n, tq, d = q.shape
   hd = d // num_heads
   q = q.reshape(n, tq, num_heads, hd) * (hd ** -0.5)
   k = k.reshape(n, -1, num_heads, hd)
   v = v.reshape(n, -1, num_heads, hd)
-  logits = jnp.einsum('nqhd,nkhd->nhqk', q, k)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  logits = jnp.einsum('nqhd,nkhd->nhqk', q, k).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)[None]
+  probs = jax.nn.softmax(logits, axis=-1)
   if probs_fn is not None:
     probs = probs_fn(probs)
   out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(dtype), v)
@@ -188,12 +194,19 @@ class Attention(nn.Module):
   `floor_head_dim`: head_dim = width // num_heads even when that does not
   divide (BEiT's `all_head_dim`: BootMAE's 512-wide decoder with 12 heads
   attends in 12 x 42 = 504 dims); otherwise the width must divide.
+  `rel_pos_bias`: BEiT's per-block relative position bias, a learned
+  `relative_position_bias_table` indexed by `relative_position_index` and
+  added to the logits; the tokens must be a cls token then the full
+  `rel_pos_grid` (rows, cols) of patches in raster order (None: a square
+  grid, inferred from the token count).
   """
   num_heads: int
   qkv_bias: Any = True
   attn_drop: float = 0.0
   floor_head_dim: bool = False
   dtype: Dtype = jnp.float32
+  rel_pos_bias: bool = False
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -206,11 +219,89 @@ class Attention(nn.Module):
       qkv = qkv + jnp.concatenate(
           [q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     qkv = qkv.reshape(n, t, 3, inner)
+    bias = None
+    if self.rel_pos_bias:
+      bias = relative_position_bias(self, t, self.num_heads,
+                                    self.rel_pos_grid)
     drop = nn.Dropout(self.attn_drop)
     out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.num_heads,
                  self.dtype,
-                 lambda p: drop(p, deterministic=deterministic))
+                 lambda p: drop(p, deterministic=deterministic), bias)
     return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
+
+
+def token_grid(num_tokens: int,
+               grid: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+  """The patch grid of `num_tokens` tokens (a cls token plus the grid):
+  `grid` checked, or a square grid when None.
+
+  Raises:
+    ValueError: the tokens are not a cls token plus that (or a square) grid.
+  """
+  if grid is None:
+    side = math.isqrt(max(num_tokens - 1, 0))
+    if side < 1 or side * side + 1 != num_tokens:
+      raise ValueError(
+          f'relative position bias: {num_tokens} tokens are not a cls token '
+          'plus a square grid of patches; pass the (rows, cols) grid.')
+    return side, side
+  gh, gw = grid
+  if gh * gw + 1 != num_tokens:
+    raise ValueError(
+        f'relative position bias: {num_tokens} tokens are not a cls token '
+        f'plus the {gh}x{gw} patch grid ({gh * gw + 1} tokens); it needs '
+        'every patch (no masking) and one cls token.')
+  return gh, gw
+
+
+def num_relative_distance(grid_h: int, grid_w: int) -> int:
+  """Rows of BEiT's bias table: every 2-D offset within the grid, plus 3
+  for cls -> patch, patch -> cls and cls -> cls."""
+  return (2 * grid_h - 1) * (2 * grid_w - 1) + 3
+
+
+def relative_position_index(grid_h: int, grid_w: int) -> np.ndarray:
+  """BEiT's `relative_position_index` (1 + L, 1 + L) int64, L = grid_h *
+  grid_w, cls first: the bias-table row of each (query, key) token pair.
+
+  Patch pairs use their offset (dh + grid_h - 1) * (2 grid_w - 1) +
+  (dw + grid_w - 1), dh and dw the query's row and column minus the key's;
+  the last three rows are for cls -> patch, patch -> cls and cls -> cls.
+  """
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w),
+                           indexing='ij')
+  rows, cols = rows.reshape(-1), cols.reshape(-1)
+  dh = rows[:, None] - rows[None, :] + grid_h - 1
+  dw = cols[:, None] - cols[None, :] + grid_w - 1
+  n = num_relative_distance(grid_h, grid_w)
+  area = grid_h * grid_w
+  index = np.zeros((area + 1, area + 1), np.int64)
+  index[1:, 1:] = dh * (2 * grid_w - 1) + dw
+  index[0, :] = n - 3
+  index[:, 0] = n - 2
+  index[0, 0] = n - 1
+  return index
+
+
+def relative_position_bias(module: nn.Module, num_tokens: int,
+                           num_heads: int,
+                           grid: Optional[tuple[int, int]] = None):
+  """(heads, T, T) bias from the `relative_position_bias_table` param of
+  `module` ((2 gh - 1)(2 gw - 1) + 3, heads), zeros at init as BEiT's.
+
+  The index is a numpy constant of the grid, not a variable: the image size
+  fixes it, so it is no param (converters check and write the official
+  buffer instead).
+  """
+  gh, gw = token_grid(num_tokens, grid)
+  # Small; replicated unless the rules shard heads and the table is big.
+  table = module.param(
+      'relative_position_bias_table',
+      logical(nn.initializers.zeros_init(), (None, 'heads')),
+      (num_relative_distance(gh, gw), num_heads))
+  index = relative_position_index(gh, gw)
+  bias = jnp.take(table, index.reshape(-1), axis=0)
+  return bias.reshape(num_tokens, num_tokens, num_heads).transpose(2, 0, 1)
 
 
 def inner_dim(width: int, num_heads: int, floor_head_dim: bool) -> int:
@@ -248,12 +339,17 @@ class Block(nn.Module):
   layer_scale: Optional[float] = None   # gamma_1/gamma_2 init (BEiT, CAE)
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+  rel_pos_bias: bool = False            # BEiT per-block (see Attention)
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
   def __call__(self, x, _=None):
     x = constrain_tokens(x)
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm1')(x)
-    y = Attention(self.num_heads, self.qkv_bias, self.attn_drop, self.dtype,
+    # By keyword: positionally, dtype would land on `floor_head_dim`.
+    y = Attention(self.num_heads, self.qkv_bias, self.attn_drop,
+                  dtype=self.dtype, rel_pos_bias=self.rel_pos_bias,
+                  rel_pos_grid=self.rel_pos_grid,
                   name='attn')(y, self.deterministic)
     x = x + DropPath(self.drop_path)(
         layer_scale(self, 'gamma_1', y, self.layer_scale), self.deterministic)
@@ -280,7 +376,9 @@ def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
   `mim_jax.models.vit` converts params between the two layouts.
 
   With `taps` (block indices, loop only) it returns (x, [outputs of those
-  blocks]) instead of x.
+  blocks]) instead of x. `block_kwargs` are `Block` fields (e.g.
+  rel_pos_bias and rel_pos_grid for BEiT's per-block relative position
+  bias, whose table scan stacks like any other param).
   """
   policy = get_remat_policy(remat_policy)
   block_cls: Callable = Block

@@ -104,6 +104,10 @@ class Encoder(nn.Module):
   (global-pool classifiers normalise the pooled feature instead).
   `norm_taps` sends the tapped block outputs through the final norm too (its
   params are shared), as a model truncated after that block would compute.
+  `rel_pos_bias` gives every block BEiT's relative position bias (a param
+  `attn/relative_position_bias_table` per block, zeros at init; the index
+  follows the image's patch grid): the BEiT / CAE fine-tuning ViT. It needs
+  all patches (ids_keep=None).
   """
   width: int = 768
   depth: int = 12
@@ -119,6 +123,7 @@ class Encoder(nn.Module):
   posemb: str = 'sincos'          # or 'learned'
   final_norm: bool = True
   norm_taps: bool = False         # taps through the final norm as well
+  rel_pos_bias: bool = False      # BEiT per-block relative position bias
   scan: bool = False
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
@@ -155,8 +160,9 @@ class Encoder(nn.Module):
       output.
 
     Raises:
-      ValueError: an unknown `posemb`, taps outside the blocks, or
-        `norm_taps` without `final_norm`.
+      ValueError: an unknown `posemb`, taps outside the blocks,
+        `norm_taps` without `final_norm`, or `rel_pos_bias` with
+        `ids_keep`.
     """
     if self.posemb not in ('sincos', 'learned'):
       raise ValueError(f"encoder posemb={self.posemb!r}: use 'sincos' "
@@ -164,6 +170,11 @@ class Encoder(nn.Module):
     if self.norm_taps and not self.final_norm:
       raise ValueError('encoder norm_taps=True needs final_norm=True: the '
                        'taps go through the final norm.')
+    if self.rel_pos_bias and ids_keep is not None:
+      # The bias indexes the full grid; a per-sample subset would need a
+      # per-sample gather of the index, which no recipe uses.
+      raise ValueError('encoder rel_pos_bias=True needs every patch '
+                       '(ids_keep=None); it is a fine-tuning option.')
     gh, gw = self.grid(images)
     p = self.patch_size
     # xavier_uniform on the (D, C*p*p) view of the torch conv weight.
@@ -201,13 +212,16 @@ class Encoder(nn.Module):
     if bad:
       raise ValueError(f'encoder taps {bad} are outside the {self.depth} '
                        f'blocks: use indices 0..{self.depth - 1}.')
+    block_kwargs = dict(num_heads=self.num_heads,
+                        mlp_dim=self.mlp_dim or 4 * self.width,
+                        qkv_bias=self.qkv_bias,
+                        layer_scale=self.layer_scale,
+                        layernorm_eps=self.layernorm_eps, dtype=self.dtype)
+    if self.rel_pos_bias:
+      # The blocks see only tokens: the grid comes from the image size.
+      block_kwargs.update(rel_pos_bias=True, rel_pos_grid=(gh, gw))
     x = layers.block_stack(
-        x, depth=self.depth,
-        block_kwargs=dict(num_heads=self.num_heads,
-                          mlp_dim=self.mlp_dim or 4 * self.width,
-                          qkv_bias=self.qkv_bias,
-                          layer_scale=self.layer_scale,
-                          layernorm_eps=self.layernorm_eps, dtype=self.dtype),
+        x, depth=self.depth, block_kwargs=block_kwargs,
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, drop_path_rates=dpr, name='blocks',
         taps=tapped_blocks)

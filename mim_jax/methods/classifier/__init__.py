@@ -70,10 +70,13 @@ def targets(config):
 
 
 # Encoder params a pretraining file may lack, kept freshly initialised: the
-# learned position embedding (from the sin-cos table) and layer-scale gammas
-# (BEiT-style fine-tuning of an encoder pretrained without layer scale, e.g.
-# BootMAE: BEiT's `layer_scale_init_value`).
-_FRESH = re.compile(r'^pos_embed$|\.gamma_[12]$')
+# learned position embedding (from the sin-cos table), layer-scale gammas
+# (BEiT-style fine-tuning of an encoder pretrained without layer scale:
+# BEiT's `layer_scale_init_value`) and the per-block relative position bias
+# tables (zeros, as BEiT / CAE fine-tuning starts them: CAE pretrains
+# without one).
+_FRESH = re.compile(
+    r'^pos_embed$|\.gamma_[12]$|\.attn\.relative_position_bias_table$')
 
 
 def from_encoder(encoder_sd, flax_model, params, image_size: int):

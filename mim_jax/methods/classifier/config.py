@@ -18,16 +18,25 @@ TASKS = ('finetune', 'linprobe', 'attnprobe', 'eval')
 # The fine-tuning encoder of each pretraining method (vit.Encoder fields).
 # MAE: timm ViT (qkv bias, no layer scale), learned position embedding
 # initialised from the pretraining sin-cos table (`models_vit.py` +
-# `interpolate_pos_embed`). CAE/BootMAE: the BEiT fine-tuning ViT with
-# q/v biases and layer scale, BEiT's row-first sin-cos table; CAE keeps it
-# fixed (`--sin_pos_emb`), BootMAE learns it (`--abs_pos_emb`, no
-# relative position bias).
+# `interpolate_pos_embed`). CAE and BootMAE: BEiT's fine-tuning ViT with
+# q/v biases and the row-first sin-cos table, kept fixed (a parameter with
+# requires_grad=False in both models).
+# CAE (tools/run_class_finetuning.py: --rel_pos_bias, --sin_pos_emb and
+# --layer_scale_init_value 0.1 are the defaults, which
+# scripts/cae_{base,large}_finetune.sh keep, ViT-L included;
+# models/modeling_finetune.py): layer scale 0.1 and a per-block relative
+# position bias, which the pretraining file lacks and which starts at zeros.
+# BootMAE (models/modeling_finetune_bootmae.py): its VisionTransformer
+# builds every block with init_values=None and window_size=None and always
+# adds the fixed 14x14 sin-cos table, so the `--abs_pos_emb`,
+# `--disable_rel_pos_bias` and `--layer_scale_init_value` flags of
+# scripts/finetune/*.sh change nothing: no layer scale, no relative bias.
 ENCODERS = {
     'mae': dict(posemb='learned'),
     'cae': dict(qkv_bias='qv', layer_scale=0.1, posemb_row_first=True,
-                posemb='sincos'),
-    'bootmae': dict(qkv_bias='qv', layer_scale=0.1, posemb_row_first=True,
-                    posemb='learned'),
+                posemb='sincos', rel_pos_bias=True),
+    'bootmae': dict(qkv_bias='qv', posemb_row_first=True, posemb='sincos',
+                    rel_pos_bias=False),
 }
 
 # (task, method, size) -> recipe. lr: absolute; blr: x batch / 256.
@@ -181,6 +190,11 @@ def _probe(c, task: str, r: dict):
                  grad_clip_norm=placeholder(float))
   c.model.head_init_std = 0.01
   if task == 'linprobe':
+    if c.model.encoder.get('rel_pos_bias'):
+      # CAE's linear probe runs without it (scripts/cae_base_800e.sh passes
+      # --disable_rel_pos_bias to tools/run_linear.py); its attentive probe
+      # keeps run_attentive.py's default (zeros, frozen).
+      c.model.encoder.rel_pos_bias = False
     c.model.head = 'bn_linear'
     block = r.get('feature_block')
     c.model.pool = 'avg' if block is not None else 'cls'

@@ -6,9 +6,9 @@ One rule set covers every layout, as their key sets do not overlap:
   `mae_finetuned_vit_*.pth`): cls_token, pos_embed, patch_embed.proj.*,
   blocks.{i}.*, then norm.* (cls token) or fc_norm.* (global pool), head.*;
 * BEiT-style fine-tuning of CAE / BootMAE (timm `Beit` with absolute
-  position embedding): the same plus blocks.{i}.gamma_1 / gamma_2 and
-  attn.q_bias / v_bias, which the encoder holds with qkv_bias='qv' and
-  layer_scale;
+  position embedding): the same plus blocks.{i}.attn.q_bias / v_bias
+  (qkv_bias='qv') and, for CAE, blocks.{i}.gamma_1 / gamma_2
+  (layer_scale) and the relative position bias below;
 * linear probes (MAE / BootMAE `main_linprobe`, CAE `run_linear.py`):
   head.0 = BatchNorm1d (buffers only), head.1 = Linear -> our 'head' =
   {'linear'} params plus {'bn'} batch statistics;
@@ -19,6 +19,15 @@ One rule set covers every layout, as their key sets do not overlap:
 table it is checked on import and written on export, like the pretraining
 converters.
 
+BEiT's per-block relative position bias (encoder rel_pos_bias=True; CAE's
+fine-tuning and attentive-probe default): the param
+blocks.{i}.attn.relative_position_bias_table is mapped by the
+'blocks.{i}.' rule; the buffer blocks.{i}.attn.relative_position_index,
+fixed by the patch grid, is checked on import and written on export like
+the sin-cos table (the official BEiT / CAE code saves it, timm's `Beit`
+does not). BEiT's shared variant (one
+`rel_pos_bias.relative_position_bias_table` for all blocks) raises.
+
 BatchNorm running statistics are not params: `to_flax` skips them and
 `batch_stats_to_flax` reads them into the model's 'batch_stats' collection
 (running_mean -> mean, running_var -> var). torch's `num_batches_tracked`
@@ -26,11 +35,6 @@ counter is dropped: it only matters for momentum=None, which no official
 recipe uses; `to_torch` leaves it out and torch's `load_state_dict(strict=
 True)` fills it in (a BatchNorm's loader does, for dicts without
 version metadata).
-
-Not covered: CAE's own fine-tuning and attentive-probe scripts default to a
-per-block relative position bias (the keys
-blocks.{i}.attn.relative_position_bias_table / relative_position_index),
-which the encoder does not have; those keys are reported as unknown.
 """
 
 import re
@@ -70,15 +74,33 @@ def _posemb_learned(model) -> bool:
 
 
 def frozen_buffers(model, image_size: int) -> dict[str, np.ndarray]:
-  """The fixed sin-cos `pos_embed` of the official state dict; none when
-  the model learns it (then it is a param)."""
-  if _posemb_learned(model):
-    return {}
+  """The fixed buffers of the official state dict: the sin-cos `pos_embed`
+  (none when the model learns it: then it is a param) and, with
+  rel_pos_bias, each block's `relative_position_index`."""
   enc = model.encoder
   g = image_size // enc.get('patch_size', vit.Encoder.patch_size)
-  return {'pos_embed': layers.posemb_sincos_2d(
-      g, g, enc.get('width', vit.Encoder.width),
-      row_first=enc.get('posemb_row_first', vit.Encoder.posemb_row_first))}
+  out = {}
+  if not _posemb_learned(model):
+    out['pos_embed'] = layers.posemb_sincos_2d(
+        g, g, enc.get('width', vit.Encoder.width),
+        row_first=enc.get('posemb_row_first', vit.Encoder.posemb_row_first))
+  if enc.get('rel_pos_bias', vit.Encoder.rel_pos_bias):
+    index = layers.relative_position_index(g, g)
+    for i in range(enc.get('depth', vit.Encoder.depth)):
+      out[f'blocks.{i}.attn.relative_position_index'] = index
+  return out
+
+
+def _reject_shared_rel_pos_bias(state_dict):
+  """BEiT's shared bias would otherwise be reported as an unknown key."""
+  shared = sorted(k for k in state_dict if k.startswith('rel_pos_bias.'))
+  if shared:
+    raise core.ConversionError(
+        f'{shared}: a relative position bias shared by all blocks (BEiT '
+        '`use_shared_rel_pos_bias`) is not supported; the encoder has '
+        'per-block tables (rel_pos_bias=True). Copy the table to every '
+        'blocks.{i}.attn.relative_position_bias_table first, as the BEiT / '
+        'CAE fine-tuning scripts do when loading such a file.')
 
 
 def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
@@ -90,8 +112,11 @@ def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
   and a converter of its own method for its key names.
 
   Raises:
-    core.ConversionError: unknown, missing (strict) or mis-shaped keys.
+    core.ConversionError: unknown, missing (strict) or mis-shaped keys,
+      fixed buffers that differ from ours, or BEiT's shared relative
+      position bias.
   """
+  _reject_shared_rel_pos_bias(state_dict)
   return core.torch_to_flax(state_dict, params, RULES,
                             frozen=frozen_buffers(model, image_size),
                             ignore=_BN_BUFFERS, strict=strict)
