@@ -73,7 +73,7 @@ def task_config(task: str, seed: int, init_from):
   c.seed = seed
   c.init_from = init_from
   steps = FLAGS.probe_steps if task == 'linprobe' else FLAGS.finetune_steps
-  c.total_steps = steps
+  c.total_steps = steps          # the configs' own length: 600
   c.warmup_steps = steps // 10
   c.eval.every_steps = steps
   c.ckpt_every_steps = steps

@@ -30,16 +30,18 @@ _ENCODER_KEY = re.compile(r'(cls_token|pos_embed|patch_embed\.|blocks\.\d+\.'
                           r'|norm\.)')
 
 
-def from_torch(config, model, path: str, strict: bool = True):
+def from_torch(config, model, path: str, strict: bool = True,
+               state_dict: Optional[dict] = None):
   """Params from an official PyTorch state dict (.pth/.pt/.npz).
 
   With strict=False, params missing from the file (the decoder of the
   released encoder-only MAE checkpoints) keep a fresh initialisation.
+  `state_dict`: the file's contents when already loaded.
   """
   shapes = steps.batch_spec(config, 1)
   init = lambda: steps.init_params(model, shapes, config.seed)
   target = jax.eval_shape(init) if strict else init()
-  sd = core.load_state_dict(path)
+  sd = core.load_state_dict(path) if state_dict is None else state_dict
   logging.info('Loading %d tensors from %s.', len(sd), path)
   return steps.method_of(config).converter.to_flax(
       sd, model, target, config.input.image_size, strict=strict)
@@ -171,12 +173,16 @@ def initial_params(config, model):
     raise ValueError(
         f'init_from={path!r} does not exist: give a mim_jax workdir (with '
         'config.json and checkpoints/) or a PyTorch .pth/.pt/.npz file.')
-  if method.from_encoder is not None and not _has_head(path):
+  sd = core.load_state_dict(path)
+  # A classifier file (fine-tuned: 'head.*' keys) loads whole; any other
+  # file gives a from_encoder task its encoder.
+  if method.from_encoder is not None and not any(
+      k.startswith('head.') for k in sd):
     src = config.get('init_method') or method.name
     logging.info('init_from: the %s encoder of %s.', src, path)
-    return _from_encoder(config, model, method, encoder_state_dict(
-        src, core.load_state_dict(path))), None
-  return from_torch(config, model, path, strict=strict), None
+    return _from_encoder(config, model, method,
+                         encoder_state_dict(src, sd)), None
+  return from_torch(config, model, path, strict=strict, state_dict=sd), None
 
 
 def _check_same(expected, got, path: str):
@@ -190,11 +196,6 @@ def _check_same(expected, got, path: str):
     raise ValueError(
         f'init_from={path!r} holds another architecture ({len(bad)} params '
         f'differ): {bad[:12]}. Match config.model to that run.')
-
-
-def _has_head(path: str) -> bool:
-  """True for a classifier file (fine-tuned: 'head.*' keys)."""
-  return any(k.startswith('head.') for k in core.load_state_dict(path))
 
 
 def _from_encoder(config, model, method, encoder_sd: dict):

@@ -19,6 +19,7 @@ from mim_jax import sharding
 from mim_jax import steps
 from mim_jax import train
 from mim_jax import weights
+from mim_jax.convert import core
 from mim_jax.methods.classifier import config as recipe
 from mim_jax.methods.mae import config as mae_config
 
@@ -333,3 +334,48 @@ def test_missing_eval_split_is_refused(tmp_path):
   config.eval.split = 'validation'
   with pytest.raises(ValueError, match=r"no split 'validation'"):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
+
+
+# ---------------------------------------------------------------------------
+# init_from official PyTorch files.
+
+
+def test_init_from_official_pretrain_and_finetuned_files(pretrained,
+                                                         tmp_path):
+  """An MAE pretraining file (encoder + decoder, official keys) gives the
+  classifier its encoder; a fine-tuned file (fc_norm.*, head.*) loads
+  whole, exactly."""
+  src = weights.workdir_config(pretrained)
+  src_model = steps.build_model(src)
+  src_params, _ = weights.from_workdir(src, src_model, pretrained)
+  pth = str(tmp_path / 'checkpoint-7.pth')
+  core.save_state_dict(weights.to_torch(src, src_model, src_params), pth)
+  config = _task_config('finetune')
+  config.init_from = pth
+  model = steps.build_model(config)
+  params, model_state = weights.initial_params(config, model)
+  assert model_state is None
+  for name in ('cls_token', 'patch_embed', 'blocks_0', 'blocks_3'):
+    for a, b in zip(jax.tree.leaves(src_params['encoder'][name]),
+                    jax.tree.leaves(params['encoder'][name])):
+      np.testing.assert_array_equal(a, b)
+  # The learned position embedding starts from the file's sin-cos table.
+  np.testing.assert_allclose(
+      params['encoder']['pos_embed'][0, 1:],
+      core.load_state_dict(pth)['pos_embed'][0, 1:], atol=1e-7)
+
+  # Fine-tuned layout: our classifier exported with official keys.
+  ft = str(tmp_path / 'finetuned.pth')
+  core.save_state_dict(weights.to_torch(config, model, params), ft)
+  assert {'fc_norm.weight', 'head.weight'} <= set(
+      core.load_state_dict(ft))
+  ev = recipe.get_config('eval', 'mae', 'tiny')
+  ev.init_from = ft
+  again, _ = weights.initial_params(ev, steps.build_model(ev))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+  # A pretraining file named as another method's is refused with the keys.
+  config.init_method = 'cae'
+  with pytest.raises(ValueError, match='no cae encoder keys'):
+    weights.initial_params(config, model)

@@ -217,16 +217,16 @@ def _tiny(c, task: str):
   c.input.hflip = False         # digits are not mirror-symmetric
   c.input.randaugment = None
   c.eval.update(data='embedded:digits', split='test', batch_size=128,
-                crop_pct=1.0, every_steps=100)
+                crop_pct=1.0, every_steps=200)
   # LARS scales each matrix's step by 0.001 |w| / |g|: the probe needs
   # MAE's absolute lr (6.4) even at this batch.
   c.lr = 6.4 if 'probe' in task else 1e-3
   c.total_epochs = None
   c.warmup_epochs = None
-  c.total_steps = 300
-  c.warmup_steps = 30
+  c.total_steps = 600
+  c.warmup_steps = 60
   c.log_every_steps = 50
-  c.ckpt_every_steps = 300
+  c.ckpt_every_steps = 600
   c.mixup.update(mixup_alpha=0.0, cutmix_alpha=0.0)
   c.input.random_erasing.prob = 0.0
   if task == 'eval':
