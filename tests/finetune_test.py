@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+from mim_jax import config_lib
 from mim_jax import input_pipeline
 from mim_jax import optim
 from mim_jax import sharding
@@ -379,3 +381,27 @@ def test_init_from_official_pretrain_and_finetuned_files(pretrained,
   config.init_method = 'cae'
   with pytest.raises(ValueError, match='no cae encoder keys'):
     weights.initial_params(config, model)
+
+
+@pytest.mark.parametrize('method', ['cae', 'bootmae'])
+def test_init_from_cae_and_bootmae_pretraining_files(method, tmp_path):
+  """CAE (encoder under 'encoder.', layer scale, q/v biases) and BootMAE
+  (top-level encoder beside its decoders and momentum copy) pretraining
+  files give the classifier of their recipe its encoder."""
+  from mim_jax import methods  # pylint: disable=g-import-not-at-top
+  src = config_lib.load_config_file(f'configs/{method}_tiny.py')
+  src_model = steps.build_model(src)
+  src_params = steps.init_params(src_model, steps.batch_spec(src, 1), 3)
+  pth = str(tmp_path / f'{method}.pth')
+  core.save_state_dict(weights.to_torch(src, src_model, src_params), pth)
+  config = recipe.get_config('finetune', method, 'tiny')
+  config.init_from = pth
+  params, _ = weights.initial_params(config, steps.build_model(config))
+  want = traverse_util.flatten_dict(src_params['encoder'], sep='/')
+  got = traverse_util.flatten_dict(params['encoder'], sep='/')
+  # Every pretrained encoder param arrives unchanged (the classifier adds
+  # fresh ones: CAE's relative position bias tables).
+  assert set(want) - {'norm/scale', 'norm/bias'} <= set(got)
+  for k in set(want) & set(got):
+    np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+  assert methods.get(method).converter.encoder_prefix is not None
