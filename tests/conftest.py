@@ -16,3 +16,36 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+
+
+class PipelineCrash(Exception):
+  """Raised by a training pipeline made by `crash_train_pipeline`."""
+
+
+def crash_train_pipeline(monkeypatch, after_batches: int):
+  """Makes `input_pipeline.make_train_dataset` give pipelines that raise
+  PipelineCrash when batch `after_batches` (0-based) is asked for: a run
+  killed mid-training, after its earlier checkpoints.
+
+  Returns:
+    A function that restores the real pipeline.
+  """
+  from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  real = input_pipeline.make_train_dataset
+
+  def crashing(*args, **kw):
+    ds = real(*args, **kw)
+
+    class Wrapped:
+
+      def as_numpy_iterator(self):
+        for i, batch in enumerate(ds.as_numpy_iterator()):
+          if i == after_batches:
+            raise PipelineCrash()
+          yield batch
+
+    return Wrapped()
+
+  monkeypatch.setattr(input_pipeline, 'make_train_dataset', crashing)
+  return lambda: monkeypatch.setattr(input_pipeline, 'make_train_dataset',
+                                     real)

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import PipelineCrash
+from conftest import crash_train_pipeline
 from mim_jax import config_lib
-from mim_jax import input_pipeline
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import steps
@@ -238,10 +239,6 @@ def test_linear_probe_run_keeps_the_pretrained_encoder_exactly(
   assert os.listdir(tmp_path / 'lin' / 'best') == [str(best['step'])]
 
 
-class _Crash(Exception):
-  pass
-
-
 def test_finetune_resume_is_exact_and_eval_only_reproduces(
     pretrained, tmp_path, monkeypatch):
   """A fine-tune run (mixup/cutmix, RandAugment, random erasing, init_from a
@@ -258,26 +255,11 @@ def test_finetune_resume_is_exact_and_eval_only_reproduces(
     return c
 
   full = train.train_and_evaluate(config(), str(tmp_path / 'full'))
-  real = input_pipeline.make_train_dataset
-
-  def crashing(*args, **kw):
-    ds = real(*args, **kw)
-
-    class Wrapped:
-
-      def as_numpy_iterator(self):
-        for i, b in enumerate(ds.as_numpy_iterator()):
-          if i == 2:
-            raise _Crash()
-          yield b
-
-    return Wrapped()
-
   wd = str(tmp_path / 'half')
-  monkeypatch.setattr(input_pipeline, 'make_train_dataset', crashing)
-  with pytest.raises(_Crash):
+  restore = crash_train_pipeline(monkeypatch, 2)
+  with pytest.raises(PipelineCrash):
     train.train_and_evaluate(config(), wd)
-  monkeypatch.setattr(input_pipeline, 'make_train_dataset', real)
+  restore()
   resumed = train.train_and_evaluate(config(), wd)
   for a, b in zip(jax.tree.leaves(full.params),
                   jax.tree.leaves(resumed.params)):

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import PipelineCrash
 from conftest import ROOT
-from mim_jax import input_pipeline
+from conftest import crash_train_pipeline
 from mim_jax import train
 from mim_jax.methods.mae import config as mae_config
 
@@ -86,38 +87,19 @@ def _tiny_config(**kw):
   return c
 
 
-class _Crash(Exception):
-  pass
-
-
 def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
   """A run killed during step 6 (last checkpoint: step 4) and restarted ends
   where an uninterrupted run ends: same params, since masks and crops depend
   on (seed, step); metrics.jsonl keeps one row per step."""
   full = train.train_and_evaluate(_tiny_config(), str(tmp_path / 'a'))
 
-  real = input_pipeline.make_train_dataset
-
-  def crashing(*args, **kw):
-    ds = real(*args, **kw)
-
-    class Wrapped:
-
-      def as_numpy_iterator(self):
-        for i, b in enumerate(ds.as_numpy_iterator()):
-          if i == 5:
-            raise _Crash()
-          yield b
-
-    return Wrapped()
-
   wd = str(tmp_path / 'b')
-  monkeypatch.setattr(input_pipeline, 'make_train_dataset', crashing)
-  with pytest.raises(_Crash):
+  restore = crash_train_pipeline(monkeypatch, 5)
+  with pytest.raises(PipelineCrash):
     train.train_and_evaluate(_tiny_config(), wd)
   assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4']
   assert [r['step'] for r in _rows(wd)] == [1, 2, 3, 4, 5]
-  monkeypatch.setattr(input_pipeline, 'make_train_dataset', real)
+  restore()
   resumed = train.train_and_evaluate(_tiny_config(), wd)
   assert int(resumed.step) == 6
   diffs = jax.tree.leaves(jax.tree.map(
