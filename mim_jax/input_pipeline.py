@@ -376,7 +376,9 @@ def make_eval_dataset(input_config: Any,
   num_batches = eval_batches(source.total_records, host_batch,
                              process_count)
 
-  def process(record):
+  def process(*record):
+    # tf.data passes a labelled TFDS record (bytes, label) as two args.
+    record = record[0] if len(record) == 1 else record
     crop = augment.decode_and_center_crop(source.read(record), crop_pct)
     image = augment.normalize(augment.resize(crop, image_size), mean, std)
     return {'image': image, 'label': source.label(record),

@@ -413,3 +413,100 @@ def test_crop_window_in_bounds_and_fallback():
   window = augment.sample_crop_window(tf.constant([0, 0], tf.int64), 10,
                                       1000, (0.5, 1.0), (3 / 4, 4 / 3))
   np.testing.assert_array_equal(window.numpy(), [0, 493, 10, 13])
+
+
+# ----------------------------------------------------------- labelled data
+
+
+def test_folder_labels_from_class_folders(image_folder, tmp_path):
+  """Class = top-level subfolder, in sorted order; loose images refused."""
+  classes = tmp_path / 'classes'
+  for i, name in enumerate(['cat', 'dog', 'cat', 'eel']):
+    _write_image(str(classes / name / f'{i}.png'), 40, 40, i, 'PNG')
+  config = _config(data=f'folder:{classes}', batch_size=4)
+  source = sources.open_source(config, seed=0, process_index=0,
+                               process_count=1, labeled=True)
+  assert source.num_classes == 3
+  labels = [int(source.label(tf.constant(i, tf.int64))) for i in range(4)]
+  assert labels == [0, 0, 1, 2]  # files sorted: cat/0, cat/2, dog/1, eel/3
+  ds = input_pipeline.make_train_dataset(
+      config, patch_size=PATCH, seed=0, process_index=0, process_count=1,
+      labeled=True, with_masks=False, num_classes=3)
+  batch = next(ds.as_numpy_iterator())
+  assert 'mask' not in batch and batch['label'].dtype == np.int32
+  with pytest.raises(ValueError, match='num_classes=5.*3 classes'):
+    input_pipeline.make_train_dataset(
+        config, patch_size=PATCH, seed=0, process_index=0, process_count=1,
+        labeled=True, with_masks=False, num_classes=5)
+  with pytest.raises(ValueError, match='subfolder per class.*top.png'):
+    sources.open_source(_config(data=f'folder:{image_folder}'), seed=0,
+                        process_index=0, process_count=1, labeled=True)
+
+
+def test_eval_dataset_covers_every_example_once_padded_per_host(tfds_dir):
+  config = _config(data='tfds:tiny_mim_images', tfds_data_dir=tfds_dir)
+  seen, valid = [], 0
+  per_host = []
+  for host in range(2):
+    ds, batches, total = input_pipeline.make_eval_dataset(
+        config, data=None, split='train', batch_size=8, crop_pct=0.875,
+        process_index=host, process_count=2)
+    assert total == 10
+    rows = list(ds.as_numpy_iterator())
+    per_host.append(len(rows))
+    assert len(rows) == batches
+    for b in rows:
+      assert b['image'].shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3)
+      seen += list(b['label'][b['valid'] > 0])
+      valid += int(b['valid'].sum())
+  # 10 examples, 5 per host, host batch 4: 2 batches each, 3 padded rows.
+  assert per_host == [2, 2] and valid == 10
+  assert sorted(seen) == [0] * 5 + [1] * 5
+  with pytest.raises(ValueError, match='validation'):
+    input_pipeline.make_eval_dataset(config, data=None, split='validation',
+                                     batch_size=8, process_index=0,
+                                     process_count=1)
+
+
+def test_embedded_digits_split_and_labels():
+  train = sources.open_source(_config(data='embedded:digits'), seed=0,
+                              process_index=0, process_count=1,
+                              labeled=True)
+  test = sources.open_source(_config(data='embedded:digits'), seed=0,
+                             process_index=0, process_count=1,
+                             split='test', labeled=True)
+  assert (train.num_records, test.num_records) == (899, 898)
+  assert train.num_classes == 10
+  with pytest.raises(ValueError, match="no split 'validation'"):
+    sources.open_source(_config(data='embedded:digits'), seed=0,
+                        process_index=0, process_count=1,
+                        split='validation')
+  with pytest.raises(ValueError, match='has no labels'):
+    sources.open_source(_config(data='embedded:skimage'), seed=0,
+                        process_index=0, process_count=1, labeled=True)
+
+
+def test_fine_tuning_augmentations_only_with_labels():
+  config = _config(batch_size=4)
+  config.randaugment = 'rand-m9-mstd0.5-inc1'
+  with pytest.raises(ValueError, match='fine-tuning augmentations'):
+    input_pipeline.make_train_dataset(config, patch_size=PATCH, seed=0,
+                                      process_index=0, process_count=1)
+
+
+def test_tfds_labelled_train_pipeline(tfds_dir):
+  config = _config(data='tfds:tiny_mim_images', tfds_data_dir=tfds_dir,
+                   batch_size=4)
+  config.randaugment = 'rand-m9-mstd0.5-inc1'
+  config.random_erasing = dict(prob=0.5)
+  ds = input_pipeline.make_train_dataset(
+      config, patch_size=PATCH, seed=0, process_index=0, process_count=1,
+      labeled=True, with_masks=False, num_classes=2)
+  batches = list(ds.take(3).as_numpy_iterator())
+  labels = np.concatenate([b['label'] for b in batches])
+  assert set(labels) <= {0, 1} and len(set(labels)) == 2
+  assert np.isfinite(np.stack([b['image'] for b in batches])).all()
+  again = next(input_pipeline.make_train_dataset(
+      config, patch_size=PATCH, seed=0, process_index=0, process_count=1,
+      labeled=True, with_masks=False, start_step=2).as_numpy_iterator())
+  np.testing.assert_array_equal(again['image'], batches[2]['image'])
