@@ -313,6 +313,13 @@ def test_num_classes_unlike_the_data_set_is_refused(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
+def test_unknown_best_metric_is_refused(tmp_path):
+  config = _task_config('finetune')
+  config.eval.best_metric = 'loss'
+  with pytest.raises(ValueError, match=r"best_metric='loss'"):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+
+
 def test_missing_eval_split_is_refused(tmp_path):
   config = _task_config('finetune')
   config.eval.split = 'validation'

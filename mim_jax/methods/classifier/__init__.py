@@ -25,6 +25,8 @@ from mim_jax.models import vit
 
 POOLS = ('avg', 'cls')
 HEADS = ('linear', 'bn_linear', 'attentive')
+# What the best checkpoint may follow (eval/<name>; ema_*: the weights EMA).
+BEST_METRICS = ('top1', 'top5', 'ema_top1', 'ema_top5')
 
 
 def batch_spec(config, batch_size: int) -> dict:
@@ -119,6 +121,10 @@ def validate_config(config):
   if int(mc.get('num_classes') or 0) < 1:
     raise ValueError('model.num_classes must be set to the data set\'s '
                      'number of classes.')
+  best = (config.get('eval') or {}).get('best_metric', 'top1')
+  if best not in BEST_METRICS:
+    raise ValueError(f'eval.best_metric={best!r}; use one of {BEST_METRICS} '
+                     '(accuracies: the best checkpoint is the highest).')
   depth = vit.encoder_fields(mc.get('variant'), mc.get('encoder'))['depth']
   block = mc.get('feature_block')
   if block is not None and not 0 <= int(block) < depth:
