@@ -131,6 +131,12 @@ def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
   return lo, hi
 
 
+def _mean_std(input_config: Any) -> tuple[tuple[float, ...], ...]:
+  """The per-channel normalisation (in [0, 1] units), ImageNet's default."""
+  return (tuple(input_config.get('mean', (0.485, 0.456, 0.406))),
+          tuple(input_config.get('std', (0.229, 0.224, 0.225))))
+
+
 def _mask_config(input_config: Any) -> Any:
   return input_config.get('mask', None) or _DEFAULT_MASK
 
@@ -207,8 +213,7 @@ def make_train_dataset(input_config: Any,
   scale = _pair(input_config.get('crop_scale', (0.2, 1.0)), 'crop_scale')
   ratio = _pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)), 'crop_ratio')
   hflip = bool(input_config.get('hflip', True))
-  mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
-  std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  mean, std = _mean_std(input_config)
   ra_spec, erasing = _augment_config(input_config, labeled)
   ra_fill = _ra_fill(mean)
 
@@ -368,17 +373,14 @@ def make_eval_dataset(input_config: Any,
     raise ValueError(f'eval crop_pct={crop_pct} must be in (0, 1].')
   process_index, process_count = _process_info(process_index, process_count)
   host_batch = _host_batch_size(int(batch_size), process_count)
-  mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
-  std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  mean, std = _mean_std(input_config)
   source = sources.open_source(input_config, seed=0, data=data, split=split,
                                process_index=process_index,
                                process_count=process_count, labeled=True)
   num_batches = eval_batches(source.total_records, host_batch,
                              process_count)
 
-  def process(*record):
-    # tf.data passes a labelled TFDS record (bytes, label) as two args.
-    record = record[0] if len(record) == 1 else record
+  def process(record):
     crop = augment.decode_and_center_crop(source.read(record), crop_pct)
     image = augment.normalize(augment.resize(crop, image_size), mean, std)
     return {'image': image, 'label': source.label(record),
@@ -435,8 +437,7 @@ def make_vis_batch(input_config: Any,
     raise ValueError(f'num_images={num_images} must be >= 1.')
   mask_fn = masks.make_mask_fn(_mask_config(input_config),
                                image_size // patch_size)
-  mean = tuple(input_config.get('mean', (0.485, 0.456, 0.406)))
-  std = tuple(input_config.get('std', (0.229, 0.224, 0.225)))
+  mean, std = _mean_std(input_config)
   views = _check_views(views)
   source = sources.open_source(input_config, seed=seed, process_index=0,
                                process_count=1)

@@ -104,7 +104,7 @@ class Evaluator:
     self.config, self.workdir = config, workdir
     self.ds, self.num_batches, self.num_examples = (
         input_pipeline.make_eval_dataset(
-            config.input, data=ec.get('data') or config.input.data,
+            config.input, data=ec.get('data'),
             split=ec.get('split'), batch_size=ec.batch_size,
             crop_pct=ec.get('crop_pct', 0.875)))
     self.step_fn = steps.make_eval_step(model, method.eval_metrics, mesh,

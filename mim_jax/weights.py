@@ -153,8 +153,9 @@ def initial_params(config, model):
       # from ours), then checked against our model.
       state, step = state_from_workdir(
           src_config, method.build_model(src_config), path)
-      _check_same(steps.init_params(model, steps.batch_spec(config, 1),
-                                    config.seed), state.params, path)
+      _check_same(jax.eval_shape(lambda: steps.init_params(
+          model, steps.batch_spec(config, 1), config.seed)), state.params,
+                  path)
       logging.info('init_from: params of %s at step %d.', path, step)
       return state.params, state.model_state
     if method.from_encoder is None:
@@ -186,9 +187,10 @@ def initial_params(config, model):
 
 
 def _check_same(expected, got, path: str):
-  """Raises a ValueError listing params whose names or shapes differ."""
+  """Raises a ValueError listing params whose names or shapes differ
+  (`expected` may hold ShapeDtypeStructs)."""
   flat = lambda t: {'/'.join(k): tuple(v.shape) for k, v in
-                    traverse_util.flatten_dict(jax.device_get(t)).items()}
+                    traverse_util.flatten_dict(t).items()}
   want, have = flat(expected), flat(got)
   bad = [f'{k}: {have.get(k)} in {path}, {want.get(k)} in this model'
          for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]

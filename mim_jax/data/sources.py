@@ -177,8 +177,11 @@ class TfdsSource(RecordSource):
         split=host_split, shuffle_files=False, read_config=read_config,
         decoders={image_key: tfds.decode.SkipDecoding()})
     if labeled:
+      # A dict, not a tuple: tf.data hands a dict element to map functions
+      # as one argument, like the unlabelled bytes.
       records = records.map(
-          lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)),
+          lambda ex: {'image': ex[image_key],
+                      'label': tf.cast(ex[label_key], tf.int32)},
           num_parallel_calls=tf.data.AUTOTUNE)
     else:
       records = records.map(lambda example: example[image_key],
@@ -202,12 +205,12 @@ class TfdsSource(RecordSource):
     return self._records
 
   def read(self, record) -> tf.Tensor:
-    return record[0] if self._labeled else record
+    return record['image'] if self._labeled else record
 
   def label(self, record) -> tf.Tensor:
     if not self._labeled:
       return super().label(record)
-    return record[1]
+    return record['label']
 
 
 def _default_tfds_data_dir() -> str:
