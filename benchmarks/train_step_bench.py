@@ -18,18 +18,17 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', 'configs/mae_tiny.py', 'Config.')
-flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile step).')
 
 
-def main(_):
+def time_train_step(config, num_steps: int = 20) -> dict:
+  """Compiles the config's train step and times `num_steps` steps on one
+  synthetic batch (after one untimed step): the dict the script prints."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mim_jax import masking  # pylint: disable=g-import-not-at-top
   from mim_jax import sharding  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
   from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
   mesh = sharding.make_mesh(config.mesh)
   model = steps.build_model(config)
   bs, size = config.input.batch_size, config.input.image_size
@@ -63,18 +62,24 @@ def main(_):
   state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
   t = time.perf_counter()
-  for _ in range(flags.FLAGS.steps):
+  for _ in range(num_steps):
     state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / flags.FLAGS.steps
-  print(json.dumps(dict(
+  dt = (time.perf_counter() - t) / num_steps
+  return dict(
       benchmark='train_step', model=config.model.get('variant') or
       dict(config.model.encoder), batch=bs, image_size=size,
       scan=config.model.get('scan'), dtype=config.model.get('dtype'),
       devices=jax.device_count(), platform=jax.devices()[0].platform,
       compile_sec=round(compile_s, 2), step_sec=round(dt, 4),
-      steps_per_sec=round(1 / dt, 2), images_per_sec=round(bs / dt, 1))))
+      steps_per_sec=round(1 / dt, 2), images_per_sec=round(bs / dt, 1))
+
+
+def main(_):
+  print(json.dumps(time_train_step(flags.FLAGS.config, flags.FLAGS.steps)))
 
 
 if __name__ == '__main__':
+  config_flags.DEFINE_config_file('config', 'configs/mae_tiny.py', 'Config.')
+  flags.DEFINE_integer('steps', 20, 'Timed steps (after one compile step).')
   app.run(main)

@@ -37,6 +37,30 @@ def num_masked(num_patches: int, ratio: float) -> int:
   return num_patches - num_visible(num_patches, ratio)
 
 
+def num_inserted(num_patches: int, mask_ratio: float,
+                 insert_ratio: float) -> int:
+  """Robust-MAE encoder mask tokens per image: int(L * insert_ratio) of the
+  L patches (the same truncation rule), taken from the masked ones.
+
+  Raises:
+    ValueError: a ratio outside (0, 1), or more tokens than masked patches.
+  """
+  insert_ratio = float(insert_ratio)
+  if not 0.0 < insert_ratio < 1.0:
+    raise ValueError(f'insert ratio {insert_ratio} must be in (0, 1) (the '
+                     'fraction of all patches given an encoder mask token; '
+                     'robust MAE uses 0.25).')
+  count = int(num_patches * insert_ratio)
+  masked = num_masked(num_patches, mask_ratio)
+  if count > masked:
+    raise ValueError(
+        f'insert ratio {insert_ratio} asks for {count} encoder mask tokens '
+        f'but only {masked} of the {num_patches} patches are masked (mask '
+        f'ratio {mask_ratio}): the tokens go at masked positions, so use an '
+        f'insert ratio of at most {masked / num_patches:g}.')
+  return count
+
+
 def ratio_for(count: int, num_patches: int) -> float:
   """The ratio closest to count / L for which `num_masked` gives `count`.
 

@@ -365,7 +365,8 @@ class Block(nn.Module):
 def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
                 remat_policy: str = 'none', deterministic: bool = True,
                 drop_path_rates: Optional[tuple] = None,
-                name: str = 'blocks', taps: tuple[int, ...] = ()):
+                name: str = 'blocks', taps: tuple[int, ...] = (),
+                split: Optional[tuple[int, Callable]] = None):
   """Applies `depth` blocks, as a python loop or as one `nn.scan`.
 
   Call it inside the `nn.compact` method of the owning module, so the blocks
@@ -379,6 +380,13 @@ def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
   blocks]) instead of x. `block_kwargs` are `Block` fields (e.g.
   rel_pos_bias and rel_pos_grid for BEiT's per-block relative position
   bias, whose table scan stacks like any other param).
+
+  `split=(k, fn)` runs blocks 0..k-1, then `x = fn(x)` (which may change
+  the sequence length, e.g. append tokens), then blocks k..depth-1. With
+  `scan=True` the params stay one stacked `{name}` tree (same layout,
+  converters and layer decay as without a split); the stack runs as two
+  scans over its layer slices [0, k) and [k, depth), each compiling one
+  block.
   """
   policy = get_remat_policy(remat_policy)
   block_cls: Callable = Block
@@ -387,25 +395,59 @@ def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
   if scan and taps:
     raise ValueError(f'block outputs {taps} can only be tapped with '
                      'scan=False.')
+  if split is not None and not 0 <= split[0] < depth:
+    raise ValueError(f'split at block {split[0]} is outside the {depth} '
+                     f'blocks: use 0..{depth - 1}.')
   if scan:
     if drop_path_rates and len(set(drop_path_rates)) > 1:
       raise ValueError('scan=True needs one drop_path rate for all layers; '
                        'use scan=False for a linearly increasing rate.')
     rate = drop_path_rates[0] if drop_path_rates else 0.0
-    stack = nn.scan(
-        block_cls,
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        length=depth,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-    )(**block_kwargs, drop_path=rate, deterministic=deterministic, name=name)
-    x, _ = stack(x, None)
-    return x
+
+    def scanned(length: int, **kw):
+      return nn.scan(
+          block_cls,
+          variable_axes={'params': 0},
+          split_rngs={'params': True, 'dropout': True},
+          length=length,
+          metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(**block_kwargs, drop_path=rate, deterministic=deterministic, **kw)
+
+    stack = scanned(depth, name=name)
+    if split is None:
+      x, _ = stack(x, None)
+      return x
+    return _split_scan(stack, scanned, x, depth, split, deterministic)
   tapped = []
   for i in range(depth):
+    if split is not None and i == split[0]:
+      x = split[1](x)
     rate = drop_path_rates[i] if drop_path_rates else 0.0
     x, _ = block_cls(**block_kwargs, drop_path=rate,
                      deterministic=deterministic, name=f'{name}_{i}')(x, None)
     if i in taps:
       tapped.append(x)
   return (x, tapped) if taps else x
+
+
+def _split_scan(stack: nn.Module, scanned: Callable, x, depth: int,
+                split: tuple[int, Callable], deterministic: bool):
+  """Runs the bound stacked module `stack` as two scans over its layer
+  slices, with `split[1]` in between (see `block_stack`)."""
+  k, between = split
+  if stack.is_initializing():
+    stack(x, None)           # creates the stacked params, whole
+  params = nn.meta.unbox(stack.variables['params'])
+  rng = None if deterministic else stack.make_rng('dropout')
+
+  def run(x, lo: int, hi: int, key):
+    if hi == lo:
+      return x
+    part = jax.tree.map(lambda a: a[lo:hi], params)
+    rngs = {} if key is None else {'dropout': key}
+    y, _ = scanned(hi - lo).apply({'params': part}, x, None, rngs=rngs)
+    return y
+
+  keys = (None, None) if rng is None else tuple(jax.random.split(rng))
+  x = run(x, 0, k, keys[0])
+  return run(between(x), k, depth, keys[1])

@@ -108,6 +108,9 @@ class Encoder(nn.Module):
   `attn/relative_position_bias_table` per block, zeros at init; the index
   follows the image's patch grid): the BEiT / CAE fine-tuning ViT. It needs
   all patches (ids_keep=None).
+  `attn_drop` is dropout on every block's attention probabilities (the
+  robust-MAE "drop edge", here for the encoder's ablation; off in every
+  recipe).
   """
   width: int = 768
   depth: int = 12
@@ -124,6 +127,7 @@ class Encoder(nn.Module):
   final_norm: bool = True
   norm_taps: bool = False         # taps through the final norm as well
   rel_pos_bias: bool = False      # BEiT per-block relative position bias
+  attn_drop: float = 0.0          # dropout on the attention probabilities
   scan: bool = False
   remat_policy: str = 'none'
   dtype: Any = jnp.float32
@@ -142,14 +146,20 @@ class Encoder(nn.Module):
                                    row_first=self.posemb_row_first)
 
   @nn.compact
-  def __call__(self, images, ids_keep=None, *, train: bool = False):
+  def __call__(self, images, ids_keep=None, *, insert=None,
+               train: bool = False):
     """Encodes the patches `ids_keep` (all patches when None).
 
     Args:
       images: (N, H, W, C) normalised images.
       ids_keep: optional (N, K) int patch indices to keep, in the order the
         tokens should appear (MAE: ascending noise order).
-      train: enables drop path.
+      insert: optional (block, ids_insert, token): before block `block`
+        (0-based; 0 = before the first block), the tokens `token` (1, 1,
+        width) + the position embedding of the patches `ids_insert` (N, M)
+        are appended after the sequence, in that order; the later blocks
+        see 1 + K + M tokens (robust MAE's encoder mask tokens).
+      train: enables dropout and drop path.
 
     Returns:
       (latent, out): latent (N, 1 + K, width) after the final norm, cls
@@ -157,7 +167,7 @@ class Encoder(nn.Module):
       L positions, before the gather) and, with `taps`, 'taps': the outputs
       of those blocks (before the final norm unless `norm_taps`), in the
       order of `taps`. Without `final_norm` the latent is the last block's
-      output.
+      output. With `insert`, the latent is (N, 1 + K + M, width).
 
     Raises:
       ValueError: an unknown `posemb`, taps outside the blocks,
@@ -215,7 +225,7 @@ class Encoder(nn.Module):
     block_kwargs = dict(num_heads=self.num_heads,
                         mlp_dim=self.mlp_dim or 4 * self.width,
                         qkv_bias=self.qkv_bias,
-                        layer_scale=self.layer_scale,
+                        layer_scale=self.layer_scale, attn_drop=self.attn_drop,
                         layernorm_eps=self.layernorm_eps, dtype=self.dtype)
     if self.rel_pos_bias:
       # The blocks see only tokens: the grid comes from the image size.
@@ -224,7 +234,7 @@ class Encoder(nn.Module):
         x, depth=self.depth, block_kwargs=block_kwargs,
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, drop_path_rates=dpr, name='blocks',
-        taps=tapped_blocks)
+        taps=tapped_blocks, split=self._insertion(insert, pos))
     out = {'tokens': tokens}
     if self.taps:
       x, tapped = x
@@ -236,6 +246,18 @@ class Encoder(nn.Module):
       if self.norm_taps and self.taps:
         out['taps'] = [norm(t) for t in out['taps']]
     return x, out
+
+  def _insertion(self, insert, pos):
+    """`block_stack`'s split that appends the inserted tokens, or None."""
+    if insert is None:
+      return None
+    block, ids_insert, token = insert
+    if not 0 <= block < self.depth:
+      raise ValueError(f'insertion block {block} is outside the encoder\'s '
+                       f'{self.depth} blocks: use 0..{self.depth - 1}.')
+    tokens = (jnp.take(pos[0, 1:], ids_insert.astype(jnp.int32), axis=0) +
+              token.astype(self.dtype))
+    return block, lambda x: jnp.concatenate([x, tokens.astype(x.dtype)], 1)
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,10 @@
                             (torch.var default), eps 1e-6.
   patch_channel_normalize:  BootMAE: per patch and channel, over its p*p
                             values, biased variance, eps 1e-5.
+  population_moments:       robust MAE: statistics over every patch of a
+                            batch (per channel or per pixel position), the
+                            "population statistics" applied before the
+                            per-patch normalisation (see `population`).
 
 The inverses map a prediction back with the original patch's statistics, as
 the official MAE demo draws norm-pix reconstructions (otherwise they "look
@@ -35,12 +39,94 @@ def denormalize_patches(pred, images, patch_size: int,
 
 
 def to_input_space(pred, images, patch_size: int, norm_pix: bool,
-                   eps: float = 1e-6) -> np.ndarray:
+                   eps: float = 1e-6, population=None) -> np.ndarray:
   """Predictions of pixel patches (plain, or norm-pix when `norm_pix`) in
-  the input's normalised pixel space, float64: a method's `to_pixels`."""
-  if not norm_pix:
-    return np.asarray(pred, np.float64)
-  return denormalize_patches(pred, images, patch_size, eps)
+  the input's normalised pixel space, float64: a method's `to_pixels`.
+
+  `population`: (mean, std) broadcastable to (N, L, p*p*C), when the
+  targets were (x - mean) / std before the per-patch normalisation.
+  """
+  pred = np.asarray(pred, np.float64)
+  if population is None:
+    return denormalize_patches(pred, images, patch_size,
+                               eps) if norm_pix else pred
+  mean, std = (np.asarray(a, np.float64) for a in population)
+  if norm_pix:
+    patches = (layers.patchify(np.asarray(images, np.float64), patch_size) -
+               mean) / std
+    pred = (pred * np.sqrt(patches.var(-1, keepdims=True, ddof=1) + eps) +
+            patches.mean(-1, keepdims=True))
+  return pred * std + mean
+
+
+POPULATION_MODES = ('none', 'fixed', 'batch', 'running')
+POPULATION_AXES = ('channel', 'pixel')
+
+
+def population_moments(patches, axis: str, channels: int = 3):
+  """Mean and BIASED variance over every patch of a batch, (P,) each for
+  patches (..., P), P = p*p*C in patchify order (row, col, channel):
+
+    axis='channel': mu_c = mean of x[..., j] over all leading axes and all
+      positions j of channel c; var_c = mean of (x - mu_c)^2 over the same;
+      both repeated to the P positions of that channel.
+    axis='pixel': mu_j, var_j over the leading axes only, per position j.
+
+  Inside jit with a batch sharded over devices, the means are global (XLA
+  reduces across the devices), so they do not depend on the mesh.
+  """
+  if axis not in POPULATION_AXES:
+    raise ValueError(f'population axis {axis!r}: use one of '
+                     f'{POPULATION_AXES}.')
+  x = patches.astype(jnp.float32)
+  dim = x.shape[-1]
+  if axis == 'pixel':
+    flat = x.reshape(-1, dim)
+    mean = flat.mean(0)
+    return mean, ((flat - mean) ** 2).mean(0)
+  per_c = x.reshape(-1, channels)
+  mean = per_c.mean(0)
+  var = ((per_c - mean) ** 2).mean(0)
+  reps = dim // channels
+  return jnp.tile(mean, reps), jnp.tile(var, reps)
+
+
+def expand_channels(values, dim: int, channels: int = 3):
+  """Per-channel values (C,) -> (P,) in patchify order, or (P,) as is."""
+  values = jnp.asarray(values, jnp.float32)
+  if values.shape == (channels,):
+    return jnp.tile(values, dim // channels)
+  if values.shape != (dim,):
+    raise ValueError(f'population statistics of shape {values.shape}: give '
+                     f'{channels} (per channel) or {dim} (per pixel '
+                     'position) values.')
+  return values
+
+
+def running_fold(state: dict, patches, axis: str, momentum: float,
+                 channels: int = 3) -> dict:
+  """One EMA update of running population statistics with a batch:
+
+    count_t = count_{t-1} + 1
+    m_t = momentum * m_{t-1} + (1 - momentum) * mu_t      (m_0 = 0)
+    v_t = momentum * v_{t-1} + (1 - momentum) * var_t     (v_0 = 0)
+
+  with mu_t, var_t the batch's `population_moments` (biased variance).
+  `running_stats` debiases them (as Adam's moments).
+  """
+  mean, var = population_moments(patches, axis, channels)
+  return {'mean': momentum * state['mean'] + (1 - momentum) * mean,
+          'var': momentum * state['var'] + (1 - momentum) * var,
+          'count': state['count'] + 1}
+
+
+def running_stats(state: dict, momentum: float):
+  """Debiased (mean, var) of `running_fold`'s state: m_t / (1 -
+  momentum^t), v_t / (1 - momentum^t); after one batch, that batch's own
+  moments."""
+  weight = 1.0 - jnp.power(jnp.float32(momentum), state['count'])
+  weight = jnp.maximum(weight, jnp.finfo(jnp.float32).tiny)
+  return state['mean'] / weight, state['var'] / weight
 
 
 def patch_channel_normalize(images, patch_size: int, eps: float = 1e-5):

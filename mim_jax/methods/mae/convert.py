@@ -1,4 +1,12 @@
-"""Official MAE (facebookresearch/mae `models_mae.py`) <-> mim_jax MAE."""
+"""Official MAE (facebookresearch/mae `models_mae.py`) <-> mim_jax MAE.
+
+Robust MAE's encoder mask token (model.insert_block set) has no official
+key: it is the extra key `encoder_mask_token` (1, 1, encoder width). An
+official MAE file loads into such a model with strict=False (the token
+keeps its init); a robust-MAE state dict loads into the official
+`MaskedAutoencoderViT` with strict=False (the key is ignored; the official
+forward then has no encoder mask tokens).
+"""
 
 import numpy as np
 
@@ -11,6 +19,7 @@ RULES = [
     ('blocks.{i}.', 'encoder/blocks_{i}/'),
     ('norm.', 'encoder/norm/'),
     ('mask_token', 'decoder/mask_token'),
+    ('encoder_mask_token', 'encoder_mask_token'),
     ('decoder_embed.', 'decoder/decoder_embed/'),
     ('decoder_blocks.{i}.', 'decoder/blocks_{i}/'),
     ('decoder_norm.', 'decoder/norm/'),

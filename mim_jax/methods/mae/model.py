@@ -6,6 +6,27 @@ that (noise) order, ids_restore = argsort(ids_shuffle). The noise comes from
 the input pipeline (`batch['noise']`), so masks are reproducible per
 (seed, step, example) and the official fixtures can be replayed. The count
 is `masking.num_visible`, shared with the pipeline.
+
+Robust MAE (methods.md section 1; our reading of a paper whose method
+sections are not public) adds three switches, all off by default so the
+official computation is unchanged:
+- `decoder_attn_drop` / `encoder_attn_drop`: dropout on the attention
+  probabilities of the decoder ("drop edge at the decoding") / encoder
+  blocks (the encoder one exists for the ablation). Fine-tuning never uses
+  the pretraining decoder, and the fine-tuning encoder has its own config:
+  neither rate reaches it.
+- `insert_block` / `insert_ratio`: learnable encoder mask tokens. Before
+  block `insert_block` (0-based: the paper's "8th layer" is taken as the
+  8th block, index 7, after 7 blocks on the visible tokens), the param
+  `encoder_mask_token` + the encoder's position embedding is appended for
+  M = masking.num_inserted(L, mask_ratio, insert_ratio) patches: the first
+  M masked patches in noise order, ids_shuffle[len_keep:len_keep + M], so
+  they come from the same per-example noise as the mask (uniform over the
+  masked set; resume stays exact). The later blocks see 1 + K + M tokens;
+  the decoder gets the encoder outputs at visible and inserted positions and
+  its own mask token at the remaining L - K - M. `out['inserted']` (N, L)
+  marks the inserted patches (the loss may leave them out).
+- population-statistics targets: the loss's (loss.py), not the model's.
 """
 
 from typing import Any, Optional
@@ -91,6 +112,9 @@ class MAE(nn.Module):
   decoder_num_heads: int = 16
   decoder_mlp_dim: Optional[int] = None
   decoder_attn_drop: float = 0.0
+  encoder_attn_drop: float = 0.0
+  insert_block: Optional[int] = None
+  insert_ratio: float = 0.25
   mask_ratio: float = 0.75
   in_chans: int = 3
   scan: bool = False
@@ -98,7 +122,8 @@ class MAE(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.enc = vit.Encoder(**self.encoder, scan=self.scan,
+    self.enc = vit.Encoder(**self.encoder, attn_drop=self.encoder_attn_drop,
+                           scan=self.scan,
                            remat_policy=self.remat_policy, dtype=self.dtype,
                            name='encoder')
     p = self.enc.patch_size
@@ -108,6 +133,10 @@ class MAE(nn.Module):
         out_dim=p * p * self.in_chans, attn_drop=self.decoder_attn_drop,
         layernorm_eps=self.enc.layernorm_eps, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, name='decoder')
+    if self.insert_block is not None:
+      self.encoder_mask_token = self.param(
+          'encoder_mask_token', layers.token_param,
+          (1, 1, self.enc.width))
 
   def __call__(self, batch: dict, *, train: bool = False):
     """Forward pass.
@@ -122,7 +151,9 @@ class MAE(nn.Module):
     Returns:
       (pred, out): pred (N, L, p*p*C) in the float32 target space; out holds
       'mask', 'ids_restore', 'ids_keep', 'latent' and 'target' (patchified
-      input, not normalised: the loss applies norm_pix).
+      input, not normalised: the loss applies norm_pix), and with encoder
+      mask tokens 'ids_insert' (N, M) and 'inserted' (N, L) float32, 1 at
+      the inserted patches (a subset of the masked ones).
     """
     images, noise = batch['image'], batch['noise']
     grid_hw = self.enc.grid(images)
@@ -132,11 +163,21 @@ class MAE(nn.Module):
       raise ValueError(f'noise has {noise.shape[1]} patches per row but '
                        f'the images have {num_patches} ({grid_hw}).')
     ids_keep, ids_restore, mask = ids_from_noise(noise, len_keep)
-    latent, _ = self.enc(images, ids_keep, train=train)
+    out = dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+    insert = None
+    if self.insert_block is not None:
+      count = masking.num_inserted(num_patches, self.mask_ratio,
+                                   self.insert_ratio)
+      # The next `count` patches of the noise order: the decoder's
+      # unshuffle (ids_restore) then puts their outputs in place unchanged.
+      ids_insert = jnp.argsort(noise, axis=1)[:, len_keep:len_keep + count]
+      insert = (self.insert_block, ids_insert, self.encoder_mask_token)
+      out.update(ids_insert=ids_insert, inserted=jax.nn.one_hot(
+          ids_insert, num_patches, dtype=jnp.float32).sum(1))
+    latent, _ = self.enc(images, ids_keep, insert=insert, train=train)
     pred = self.dec(latent, ids_restore, grid_hw, train=train)
     target = layers.patchify(images.astype(jnp.float32), self.enc.patch_size)
-    out = dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
-               latent=latent, target=target)
+    out.update(latent=latent, target=target)
     return pred.astype(jnp.float32), out
 
 
