@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conftest import FIXTURES, ROOT, PipelineCrash, crash_train_pipeline
+from conftest import FIXTURES, ROOT
 from mim_jax import config_lib
 from mim_jax import masking
 from mim_jax import methods
@@ -399,50 +399,38 @@ def test_bad_config_fails_in_the_cli_before_the_workdir(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Training: resume is exact, running statistics survive the checkpoint.
+# Training: the running statistics survive the checkpoint.
 
 
 def _train_config():
   c = _robust_tiny()
   c.input.batch_size = 8
-  c.total_steps = 6
+  c.total_steps = 4
   c.warmup_steps = 2
   c.log_every_steps = 1
   c.ckpt_every_steps = 2
-  c.vis_every_steps = 6
-  c.knn.every_steps = 0
+  c.vis_every_steps = 4
+  c.knn.data = ''             # no kNN monitor
   c.async_ckpt = False
   return c
 
 
-def test_romae_trains_resumes_exactly_and_checkpoints_its_statistics(
-    tmp_path, monkeypatch):
+def test_romae_trains_and_checkpoints_its_statistics(tmp_path):
+  """(Resume exactness is the trainer's, tested in train_test.py: the
+  inserted patches come from the pipeline's noise like the mask.)"""
   full = train.train_and_evaluate(_train_config(), str(tmp_path / 'a'))
   stats = full.target_state['population']
-  assert float(stats['count']) == 6.0
+  assert float(stats['count']) == 4.0
   assert np.isfinite(np.asarray(stats['var'])).all()
-  assert os.path.exists(tmp_path / 'a' / 'recon_0000006.png')
-  # Restored from the step-6 checkpoint: the same bits.
+  assert os.path.exists(tmp_path / 'a' / 'recon_0000004.png')
+  # Restored from the step-4 checkpoint: the same bits.
   c = _train_config()
   state, step = weights.state_from_workdir(c, MAE.build_model(c),
                                            str(tmp_path / 'a'))
-  assert step == 6
+  assert step == 4
   for k in ('mean', 'var', 'count'):
     np.testing.assert_array_equal(np.asarray(state.target_state[
         'population'][k]), np.asarray(stats[k]))
-  # Killed during step 6 (last checkpoint: 4) and resumed: same end state,
-  # statistics included (the masks and inserted patches depend on the
-  # (seed, step) of the pipeline only).
-  wd = str(tmp_path / 'b')
-  restore = crash_train_pipeline(monkeypatch, 5)
-  with pytest.raises(PipelineCrash):
-    train.train_and_evaluate(_train_config(), wd)
-  restore()
-  resumed = train.train_and_evaluate(_train_config(), wd)
-  for a, b in zip(jax.tree.leaves((full.params, full.target_state)),
-                  jax.tree.leaves((resumed.params, resumed.target_state))):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
-                               atol=1e-6)
 
 
 def test_running_statistics_are_replicated_on_the_mesh():
