@@ -92,8 +92,8 @@ def validate_config(config) -> None:
       raise ValueError(f'config.model.{key}={rate}: a dropout rate must be '
                        'in [0, 1) (robust MAE uses 0.3 on the decoder).')
   if m.get('insert_block') is not None:
-    depth = model.Model(variant=m.get('variant'),
-                        encoder=m.get('encoder')).encoder.get('depth', 12)
+    depth = vit.encoder_fields(m.get('variant'), m.get('encoder')).get(
+        'depth', vit.Encoder.depth)
     block = int(m.insert_block)
     if not 0 <= block < depth:
       raise ValueError(

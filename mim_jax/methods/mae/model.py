@@ -47,10 +47,14 @@ def ids_from_noise(noise: jax.Array, len_keep: int):
     ids_keep (N, len_keep), ids_restore (N, L), mask (N, L) float32 with
     1 = removed (masked), 0 = kept.
   """
-  ids_shuffle = jnp.argsort(noise, axis=1)
+  return ids_from_shuffle(jnp.argsort(noise, axis=1), len_keep)
+
+
+def ids_from_shuffle(ids_shuffle: jax.Array, len_keep: int):
+  """`ids_from_noise` given ids_shuffle = argsort(noise) (N, L)."""
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   ids_keep = ids_shuffle[:, :len_keep]
-  n, num_patches = noise.shape
+  n, num_patches = ids_shuffle.shape
   mask = jnp.ones((n, num_patches), jnp.float32).at[:, :len_keep].set(0.0)
   mask = jnp.take_along_axis(mask, ids_restore, axis=1)
   return ids_keep, ids_restore, mask
@@ -162,7 +166,8 @@ class MAE(nn.Module):
     if noise.shape[1] != num_patches:
       raise ValueError(f'noise has {noise.shape[1]} patches per row but '
                        f'the images have {num_patches} ({grid_hw}).')
-    ids_keep, ids_restore, mask = ids_from_noise(noise, len_keep)
+    ids_shuffle = jnp.argsort(noise, axis=1)
+    ids_keep, ids_restore, mask = ids_from_shuffle(ids_shuffle, len_keep)
     out = dict(mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
     insert = None
     if self.insert_block is not None:
@@ -170,7 +175,7 @@ class MAE(nn.Module):
                                    self.insert_ratio)
       # The next `count` patches of the noise order: the decoder's
       # unshuffle (ids_restore) then puts their outputs in place unchanged.
-      ids_insert = jnp.argsort(noise, axis=1)[:, len_keep:len_keep + count]
+      ids_insert = ids_shuffle[:, len_keep:len_keep + count]
       insert = (self.insert_block, ids_insert, self.encoder_mask_token)
       out.update(ids_insert=ids_insert, inserted=jax.nn.one_hot(
           ids_insert, num_patches, dtype=jnp.float32).sum(1))
