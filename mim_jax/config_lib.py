@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = placeholder(int)
   c.warmup_epochs = 40.0
   c.warmup_steps = placeholder(int)
+  # End this run after this step; the schedule still spans total_steps, and
+  # a rerun without it continues the same schedule.
+  c.stop_after_steps = placeholder(int)
   c.schedule = dict(min_lr=0.0)
   c.optim = dict(name='adamw', b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
                  wd_exclude=('bias', 'scale'),

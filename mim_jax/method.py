@@ -246,6 +246,10 @@ class Method:
     from_encoder: tasks that start from a pretrained encoder: (encoder
       state dict in timm keys, model, params, image_size) -> params with
       the encoder loaded; None for methods that only load their own files.
+    encoder: config -> the vit.Encoder fields of `params['encoder']`, the
+      encoder that feature monitoring and the timm export
+      (`convert export --format=timm`) rebuild; None when the method has
+      no pretrained ViT encoder.
   """
   name: str
   build_model: Callable[[Config], Any]

@@ -58,6 +58,10 @@ def validate_config(config, num_devices: int, data_parallel: int):
         f'global batch size {bs} is not divisible by {data_parallel} '
         f'data-parallel devices x {accum} accumulation steps (of '
         f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
+  stop = config.get('stop_after_steps')
+  if stop is not None and stop < 1:
+    raise ValueError(f'stop_after_steps={stop} must be >= 1 (or unset to '
+                     'train to the end of the schedule).')
 
 
 def lower_train_step(config, mesh):
@@ -239,7 +243,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
   dp = sharding.data_parallel_size(mesh)
   validate_config(config, jax.device_count(), dp)
+  # The schedule spans total_steps; stop_after_steps ends this run earlier
+  # (rerun without it to continue the same schedule).
   total_steps = optim.steps_from(config, 'total')
+  end_step = min(total_steps, config.get('stop_after_steps') or total_steps)
   is_main = jax.process_index() == 0
   if is_main and '://' not in workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -320,13 +327,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   vis_fn = steps.make_forward(model, mesh)
 
   progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=tb_writer if is_main else None,
+      num_train_steps=end_step, writer=tb_writer if is_main else None,
       every_steps=config.log_every_steps)
   pending, t_log, n_log = [], time.time(), 0
   logging.info('Training steps %d..%d, host batch %d, mesh %s.', start_step,
-               total_steps, host_bs, dict(mesh.shape))
+               end_step, host_bs, dict(mesh.shape))
   step = start_step
-  while step < total_steps:
+  while step < end_step:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       local = next(it)
       batch = sharding.to_global({k: local[k] for k in batch_shapes},
@@ -336,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     pending.append(m)
     n_log += 1
     progress(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
+    if step % config.log_every_steps == 0 or step == end_step:
       stacked = jax.device_get(pending)
       row = {f'train/{k}': float(np.mean([x[k] for x in stacked]))
              for k in stacked[0]}
@@ -351,19 +358,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       logging.info('step %d: %s', step,
                    ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
       pending, t_log, n_log = [], time.time(), 0
-    if draws and (step % config.vis_every_steps == 0 or step == total_steps):
+    if draws and (step % config.vis_every_steps == 0 or step == end_step):
       if _vis(config, vis_fn, state.params, vis_batch, workdir, step,
               writer) is None:
         logging.info('No reconstruction images: this %s config predicts no '
                      'pixels.', method.name)
         draws = False
     if evaluate and ((eval_every and step % eval_every == 0)
-                     or step == total_steps):
+                     or step == end_step):
       evaluate(state, step, writer)
-    if knn_every and (step % knn_every == 0 or step == total_steps):
+    if knn_every and (step % knn_every == 0 or step == end_step):
       monitor(state.params, step, writer)
     checkpoint.save(mgr, step, state, config.ckpt_every_steps,
-                    force=step == total_steps)
+                    force=step == end_step)
     if mgr.reached_preemption(step):
       if mgr.latest_step() != step:  # not saved by the line above
         checkpoint.save(mgr, step, state, 1, force=True)

@@ -22,6 +22,7 @@ from mim_jax import methods
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax.convert import core
+from mim_jax.convert import timm_vit
 
 # The timm key names of a ViT encoder (what `Converter.encoder_prefix`
 # points at): everything else in a pretraining file (decoders, mask
@@ -87,6 +88,53 @@ def to_torch(config, model, params, ema=None) -> dict[str, np.ndarray]:
   if ema is not None and conv.ema_to_torch is not None:
     sd.update(conv.ema_to_torch(jax.device_get(ema), model, size))
   return sd
+
+
+def to_timm(config, params, pool: str = 'token'):
+  """The encoder of `params` (a params tree with 'encoder', e.g. the run's
+  params or a momentum encoder) as a timm `VisionTransformer` state dict.
+
+  Args:
+    config: the run's config; its method's `Method.encoder` gives the
+      encoder's fields.
+    params: a tree whose 'encoder' entry holds the vit.Encoder params.
+    pool: 'token' or 'avg' (see mim_jax/convert/timm_vit.py).
+
+  Returns:
+    (state dict in timm key names, the VisionTransformer kwargs it loads
+    into with strict=True).
+
+  Raises:
+    ValueError: the method declares no encoder, `params` has none, or timm
+      cannot represent it (see timm_vit.timm_kwargs).
+  """
+  if 'encoder' not in params:
+    raise ValueError(f'the params hold no encoder (their entries: '
+                     f'{sorted(params)}); pass a tree with an "encoder".')
+  return timm_vit.encoder_to_timm(jax.device_get(params['encoder']),
+                               _encoder_fields(config),
+                               int(config.input.image_size), pool)
+
+
+def timm_kwargs(config, pool: str = 'token') -> dict:
+  """The timm `VisionTransformer` kwargs of the config's encoder (what
+  `to_timm` matches), checked without reading any params.
+
+  Raises:
+    ValueError: as `to_timm`.
+  """
+  return timm_vit.timm_kwargs(_encoder_fields(config),
+                              int(config.input.image_size), pool)
+
+
+def _encoder_fields(config) -> dict:
+  method = steps.method_of(config)
+  if method.encoder is None:
+    raise ValueError(
+        f'method {method.name!r} declares no pretraining encoder '
+        '(Method.encoder), so it has none to export for timm; use '
+        '--format=official.')
+  return method.encoder(config)
 
 
 def is_workdir(path: str) -> bool:

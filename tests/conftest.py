@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -49,3 +51,35 @@ def crash_train_pipeline(monkeypatch, after_batches: int):
   monkeypatch.setattr(input_pipeline, 'make_train_dataset', crashing)
   return lambda: monkeypatch.setattr(input_pipeline, 'make_train_dataset',
                                      real)
+
+
+CURVES = os.path.join(FIXTURES, 'curves_mae_tiny')
+# The short run of the reference recipe: its first 3 epochs (of 15).
+CURVES_SHORT_EPOCHS = 3
+
+
+def _train_curves_short(workdir: str):
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file(
+      os.path.join(ROOT, 'configs', 'mae_curves_tiny.py'))
+  c.stop_after_steps = 32 * CURVES_SHORT_EPOCHS
+  c.async_ckpt = False
+  train.train_and_evaluate(c, workdir)
+
+
+@pytest.fixture(scope='session')
+def curves_short_workdir(tmp_path_factory, worker_id):
+  """A workdir of `configs/mae_curves_tiny.py` stopped after 3 epochs (the
+  schedule still spans 15), trained once for the whole session, whatever
+  the number of xdist workers (a file lock guards the shared folder)."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  shared = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':
+    shared = shared.parent
+  workdir = str(shared / 'curves_short')
+  with filelock.FileLock(workdir + '.lock'):
+    if not os.path.exists(os.path.join(workdir, 'done')):
+      _train_curves_short(workdir)
+      open(os.path.join(workdir, 'done'), 'w').close()
+  return workdir

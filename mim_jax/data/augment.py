@@ -59,9 +59,23 @@ def sample_crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
   return tf.cast(window, tf.int32)
 
 
+# libjpeg's accurate integer IDCT, PIL's default: TF's default ('', the
+# fast IDCT) is off by about 1 level per pixel, noise that raised the loss
+# of the tiny reference recipe by about 1 sigma of the official seed spread
+# (README, "Loss curves"). With it, a decoded JPEG equals PIL's pixel for
+# pixel (a partial decode differs only at chroma samples on the window's
+# border).
+JPEG_DCT = 'INTEGER_ACCURATE'
+
+
 def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
-  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 (H, W, 3)."""
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 (H, W, 3), JPEGs as PIL."""
+  image = tf.cond(
+      tf.io.is_jpeg(image_bytes),
+      lambda: tf.io.decode_jpeg(image_bytes, channels=3,
+                                dct_method=JPEG_DCT),
+      lambda: tf.io.decode_image(image_bytes, channels=3,
+                                 expand_animations=False))
   image.set_shape([None, None, 3])
   return image
 
@@ -87,7 +101,8 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
   def jpeg_crop():
     shape = tf.io.extract_jpeg_shape(image_bytes)
     window = sample_crop_window(seed, shape[0], shape[1], scale, ratio)
-    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3,
+                                      dct_method=JPEG_DCT)
 
   def generic_crop():
     image = _decode(image_bytes)
@@ -129,23 +144,25 @@ def decode_and_center_crop(image_bytes: tf.Tensor,
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic resize to (size, size), float32 in [0, 255].
+  """Bicubic resize to (size, size), rounded to integer levels, as float32
+  in [0, 255].
 
   Antialiasing matters here: crops of large photos are shrunk by 10x or more
   for small image sizes, and without it bicubic aliases badly (PIL, used by
-  timm/torchvision, antialiases too).
+  timm/torchvision, antialiases too). The rounding is PIL's too: its resize
+  returns uint8, so the official pipelines' images carry that quantisation.
 
   Args:
     image: uint8 or float (h, w, 3).
     size: output side.
 
   Returns:
-    float32 (size, size, 3).
+    float32 (size, size, 3), integer-valued.
   """
   image = tf.image.resize(tf.cast(image, tf.float32), [size, size],
                           method='bicubic', antialias=True)
   # Bicubic overshoots around edges.
-  return tf.clip_by_value(image, 0.0, 255.0)
+  return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
 def resize_lanczos_uint8(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -18,6 +18,21 @@ Dtype = Any
 
 # torch.nn.init.xavier_uniform_ on Linear weights; biases start at zero.
 xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_default_bias(fan_in: int):
+  """PyTorch's default Linear / Conv bias init, U(-1/sqrt(fan_in),
+  1/sqrt(fan_in)). The official MAE's `initialize_weights` re-initialises
+  the patch-embedding conv's weight (xavier) but keeps this default bias
+  (facebookresearch/mae models_mae.py), so the encoder starts with it."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 # timm / MAE use trunc_normal(.02) or normal(.02) for cls / mask tokens.
 token_init = nn.initializers.normal(stddev=0.02)
 # A (1, 1, width) learned token (cls, mask), sharded along its width.

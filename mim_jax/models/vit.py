@@ -193,8 +193,9 @@ class Encoder(nn.Module):
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
                 kernel_init=layers.logical(conv_init,
                                            (None, None, None, 'embed')),
-                bias_init=layers.logical(nn.initializers.zeros_init(),
-                                         ('embed',)),
+                bias_init=layers.logical(
+                    layers.torch_default_bias(images.shape[-1] * p * p),
+                    ('embed',)),
                 dtype=self.dtype,
                 name='patch_embed')(images.astype(self.dtype))
     n = x.shape[0]
