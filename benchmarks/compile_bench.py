@@ -6,6 +6,7 @@ depth.
 
   python benchmarks/compile_bench.py [--variants=B/16,L/16] [--devices=8] \
       [--scan=true] [--batch_per_device=8]
+  python benchmarks/compile_bench.py --smoke   # tests: the tiny model once
 """
 
 import os
@@ -32,6 +33,8 @@ flags.DEFINE_integer('devices', 8, 'Fake CPU devices (FSDP mesh).')
 flags.DEFINE_bool('scan', True, 'nn.scan over blocks.')
 flags.DEFINE_integer('batch_per_device', 8, 'Examples per device.')
 flags.DEFINE_integer('repeats', 2, 'Compiles per variant (best is kept).')
+flags.DEFINE_bool('smoke', False, 'Tests: --variants=tiny --repeats=1 '
+                  '--batch_per_device=1.')
 
 
 def compile_seconds(variant: str, devices: int, scan: bool,
@@ -55,6 +58,8 @@ def compile_seconds(variant: str, devices: int, scan: bool,
 
 def main(_):
   f = flags.FLAGS
+  if f.smoke:
+    f.variants, f.repeats, f.batch_per_device = ['tiny'], 1, 1
   results = {}
   for v in f.variants:
     runs = [compile_seconds(v, f.devices, f.scan, f.batch_per_device)
@@ -70,7 +75,8 @@ def main(_):
           v: round(results[v]['compile_s'] / results[first]['compile_s'], 3)
           for v in f.variants},
   }
-  print(json.dumps(out, indent=1))
+  # One line: the last line of the output is the whole result.
+  print(json.dumps(out))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ JSON (XLA FLOPs per image, and CPU/accelerator time).
 
   python benchmarks/tokenizer_bench.py [--config=configs/cae_vitb.py]
       [--batch=8] [--iters=3]
+  python benchmarks/tokenizer_bench.py --smoke   # tests: a tiny dVAE
 
 Random weights of the official architecture (the real file is not needed to
 time it). Compare `gflops_per_image` with the planner's
@@ -25,6 +26,9 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', 'configs/cae_vitb.py', 'Config.')
 flags.DEFINE_integer('batch', 8, 'Images per call.')
 flags.DEFINE_integer('iters', 3, 'Timed calls (after one warm-up call).')
+flags.DEFINE_bool('smoke', False, 'Tests: a dVAE of width 16 and 64 tokens '
+                  'on a 32 px view (image 64 px), one image per device, 1 '
+                  'timed call.')
 
 
 def main(_):
@@ -34,6 +38,10 @@ def main(_):
   from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   from mim_jax.targets import tokenizer  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
+  if flags.FLAGS.smoke:
+    config.tokenizer.hidden, config.tokenizer.vocab_size = 16, 64
+    config.input.image_size = 4 * vit.patch_size_of(config.model)
+    flags.FLAGS.batch, flags.FLAGS.iters = jax.device_count(), 1
   size = tokenizer.view(config, vit.patch_size_of(config.model)).size
   module = tokenizer.encoder_of(config)
   # As in the train step: params replicated, the views sharded over the

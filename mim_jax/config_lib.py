@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding_rules = sharding.DEFAULT_RULES
   c.min_shard_size = sharding.DEFAULT_MIN_SHARD_SIZE
   c.log_every_steps = 100
+  # Chip peak TFLOP/s for train/mfu (unset: the known TPU peak of the
+  # device kind, train.PEAK_TFLOPS; none on CPUs). train/tflops_per_device
+  # is logged either way.
+  c.peak_tflops = placeholder(float)
   c.ckpt_every_steps = 1000
   c.keep_ckpts = 3
   c.async_ckpt = True

@@ -58,6 +58,11 @@ def validate_config(config, num_devices: int, data_parallel: int):
         f'global batch size {bs} is not divisible by {data_parallel} '
         f'data-parallel devices x {accum} accumulation steps (of '
         f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
+  peak = config.get('peak_tflops')
+  if peak is not None and not peak > 0:
+    raise ValueError(f'peak_tflops={peak} must be > 0: the chip\'s peak '
+                     'TFLOP/s for train/mfu (e.g. 275 for TPU v4, bf16), or '
+                     'unset it.')
   stop = config.get('stop_after_steps')
   if stop is not None and stop < 1:
     raise ValueError(f'stop_after_steps={stop} must be >= 1 (or unset to '
@@ -83,6 +88,44 @@ def lower_train_step(config, mesh):
            for k, v in shapes.items()}
   frozen = steps.frozen_targets(config, mesh, abstract=True)
   return step.lower(state, batch, frozen), state, state_sh
+
+
+def unrolled_config(config):
+  """The config with layers unrolled and no remat or accumulation: the
+  model-FLOPs convention (no recompute), and no loops (XLA's cost analysis
+  counts a loop body once)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for key, value in (('scan', False), ('remat_policy', 'none')):
+      if key in c.model:  # (models without the switch are unrolled)
+        c.model[key] = value
+    c.grad_accum_steps = 1
+  return c
+
+
+def step_flops(config, mesh) -> float:
+  """FLOPs of one optimizer step over the global batch: XLA's cost analysis
+  of the train step lowered (not compiled) with `unrolled_config`. Target
+  networks run inside the step, so their FLOPs are in it. The one count of
+  the planner (`tools/plan.py`) and of the logged MFU."""
+  lowered, _, _ = lower_train_step(unrolled_config(config), mesh)
+  return float(lowered.cost_analysis()['flops'])
+
+
+# Peak dense bf16 TFLOP/s per chip by `jax.devices()[0].device_kind`, for
+# the MFU when config.peak_tflops is unset (Cloud TPU system architecture
+# pages: v4 275, v5e 197, v5p 459, v6e (Trillium) 918).
+PEAK_TFLOPS = {'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5e': 197.0,
+               'TPU v5': 459.0, 'TPU v5p': 459.0, 'TPU v6 lite': 918.0,
+               'TPU v6e': 918.0}
+
+
+def peak_tflops_of(config) -> float | None:
+  """config.peak_tflops, else the known peak of this chip, else None (no
+  MFU, e.g. on CPUs)."""
+  if config.get('peak_tflops') is not None:
+    return float(config.peak_tflops)
+  return PEAK_TFLOPS.get(jax.devices()[0].device_kind)
 
 
 def pipeline_kind(spec: dict) -> dict:
@@ -320,6 +363,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       monitor = KnnMonitor(config, mesh)
       knn_every = config.knn.get('every_steps') or config.log_every_steps
 
+  # Throughput in the logs: the planner's FLOP count, taken once.
+  flops = step_flops(config, mesh)
+  peak = peak_tflops_of(config)
+  logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
+               'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
+               peak)
+
   data_sh = sharding.data_sharding(mesh)
   train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
                                     state_shardings)
@@ -354,6 +404,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       dt = time.time() - t_log
       row['train/images_per_sec'] = n_log * config.input.batch_size / dt
       row['train/steps_per_sec'] = n_log / dt
+      tflops = flops * n_log / dt / jax.device_count() / 1e12
+      row['train/tflops_per_device'] = tflops
+      if peak:
+        row['train/mfu'] = tflops / peak
       writer.write_scalars(step, row)
       logging.info('step %d: %s', step,
                    ', '.join(f'{k}={v:.4g}' for k, v in row.items()))

@@ -64,6 +64,7 @@ def _train_curves_short(workdir: str):
   c = config_lib.load_config_file(
       os.path.join(ROOT, 'configs', 'mae_curves_tiny.py'))
   c.stop_after_steps = 32 * CURVES_SHORT_EPOCHS
+  c.peak_tflops = 0.5  # so that train/mfu is logged (tests/curves_test.py)
   c.async_ckpt = False
   train.train_and_evaluate(c, workdir)
 

@@ -257,3 +257,27 @@ def test_benchmark_smoke(curves_short_workdir, tmp_path):
   assert out['curves']['reference_seeds'] == 8
   assert len(out['points']) == CURVES_SHORT_EPOCHS
   assert out['init']['seeds'] == 4 and out['init']['official']['std'] > 0
+
+
+def test_logged_throughput_uses_the_planners_flop_count(curves_short_workdir):
+  """train/tflops_per_device and train/mfu of the shared run follow from
+  the planner's FLOPs per step (`train.step_flops`, one count for both)."""
+  from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  c = curves_vs_pytorch.recipe()
+  flops = train.step_flops(c, sharding.make_mesh(c.mesh))
+  # 2 x params x tokens is the bulk: a few MFLOPs per image, not zero.
+  assert 1e6 < flops / c.input.batch_size < 1e9
+  with open(os.path.join(curves_short_workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  for r in rows:
+    want = flops * r['train/steps_per_sec'] / jax.device_count() / 1e12
+    assert math.isclose(r['train/tflops_per_device'], want, rel_tol=1e-6)
+    assert math.isclose(r['train/mfu'], want / 0.5, rel_tol=1e-6)
+  assert train.peak_tflops_of(c) is None  # CPUs: no known peak, no MFU
+  c.peak_tflops = 275.0
+  assert train.peak_tflops_of(c) == 275.0
+  c.peak_tflops = 0.0
+  with pytest.raises(ValueError, match='peak_tflops=0.0 must be > 0'):
+    train.validate_config(c, 1, 1)

@@ -36,13 +36,58 @@ class BatchedMaskFn(NamedTuple):
   data-dependent loops (block masks): one call per batch instead of one per
   example keeps the Python call overhead off each example.
 
-  per_example(key) -> private features ('_mask_*') of one example, from its
-    stateless key only (so a mask never depends on its batch);
+  per_example(key) -> the private features (`features`, '_mask_*') of one
+    example, from its stateless key only (so a mask never depends on its
+    batch);
   per_batch(batch) -> the batch with those features replaced by
     'noise' and 'mask'.
+  features: the names per_example makes and per_batch consumes. They are
+    private: a caller makes them with per_example, before batching, and
+    never by hand (their set changes with the kind's parameters and
+    versions); per_batch names any missing or stray one.
   """
   per_example: Callable[[tf.Tensor], dict[str, tf.Tensor]]
   per_batch: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+  features: tuple[str, ...]
+
+
+# Prefix of the private per-example features of a `BatchedMaskFn`.
+PRIVATE_PREFIX = '_mask_'
+
+
+def _pop_features(batch: dict[str, tf.Tensor], features: tuple[str, ...],
+                  what: str) -> list[tf.Tensor]:
+  """Removes and returns `features` from `batch`, in order.
+
+  Args:
+    batch: the batched examples (a copy the caller may modify).
+    features: the private features the per-batch stage consumes.
+    what: the mask, for the message (e.g. "kind='block', variant='cae'").
+
+  Raises:
+    ValueError: the batch's private features are not exactly `features`
+      (missing ones, or stray ones made by hand), naming both sets and how
+      to make them.
+  """
+  private = sorted(k for k in batch if k.startswith(PRIVATE_PREFIX))
+  if private != sorted(features):
+    missing = [k for k in features if k not in batch]
+    stray = [k for k in private if k not in features]
+    problems = []
+    if missing:
+      problems.append(f'lacks {missing}')
+    if stray:
+      problems.append(f'has unexpected {stray}')
+    raise ValueError(
+        f'The per-batch stage of input.mask ({what}) needs exactly the '
+        f'per-example features {list(features)}; the batch '
+        f'{" and ".join(problems)} (batch keys: {sorted(batch)}). These '
+        'features are private: make them with the mask\'s per-example '
+        'stage before batching, never by hand: `per_example, per_batch = '
+        'masks.stages(mask_fn)`, merge per_example(key) into each example, '
+        'then .batch(b).map(per_batch), as '
+        'input_pipeline.make_train_dataset does.')
+  return [batch.pop(k) for k in features]
 
 
 MaskBuilder = Callable[[Any, int, int], Union[MaskFn, BatchedMaskFn]]
@@ -199,35 +244,44 @@ def _make_block(mask_config: Any, grid_height: int,
     _check_count(mask_config, params['num_masking_patches'], num_patches,
                  'block')
 
+  # The roll exists only with extra random patches (BootMAE's effective
+  # mask); each feature has its own key stream, so leaving it out changes
+  # no other feature.
+  features = ('_mask_seed', '_mask_uniform')
+  if total is not None:
+    features += ('_mask_roll',)
+  what = (f"kind='block', variant={params['variant']!r}, "
+          f'total_masked={total}')
+
+  def per_example(key: tf.Tensor) -> dict[str, tf.Tensor]:
+    out = {'_mask_seed': seeds.to_int(key),
+           '_mask_uniform': tf.random.stateless_uniform(
+               [num_patches], seed=seeds.fold_in(key, 1), dtype=tf.float32)}
+    if total is not None:
+      out['_mask_roll'] = tf.random.stateless_uniform(
+          [], seed=seeds.fold_in(key, 2), minval=0, maxval=max_roll + 1,
+          dtype=tf.int32)
+    return out
+
   def make(batch_seeds: np.ndarray, uniform: np.ndarray,
-           roll: np.ndarray) -> np.ndarray:
+           roll: np.ndarray | None = None) -> np.ndarray:
     mask = block_masks.block_masks(batch_seeds, grid_height, grid_width,
                                    **params)
     if total is None:
       return mask
     return block_masks.add_random_patches(mask, uniform, roll, total)
 
-  def per_example(key: tf.Tensor) -> dict[str, tf.Tensor]:
-    return {'_mask_seed': seeds.to_int(key),
-            '_mask_uniform': tf.random.stateless_uniform(
-                [num_patches], seed=seeds.fold_in(key, 1), dtype=tf.float32),
-            '_mask_roll': tf.random.stateless_uniform(
-                [], seed=seeds.fold_in(key, 2), minval=0,
-                maxval=max_roll + 1, dtype=tf.int32)}
-
   def per_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     batch = dict(batch)
-    batch_seeds = batch.pop('_mask_seed')
-    uniform = batch.pop('_mask_uniform')
-    roll = batch.pop('_mask_roll')
-    mask = tf.numpy_function(make, [batch_seeds, uniform, roll], tf.float32,
-                             stateful=False)
+    inputs = _pop_features(batch, features, what)
+    batch_seeds, uniform = inputs[:2]
+    mask = tf.numpy_function(make, inputs, tf.float32, stateful=False)
     mask.set_shape(batch_seeds.shape.concatenate([num_patches]))
     batch['mask'] = mask
     batch['noise'] = noise_for_mask(mask, uniform)
     return batch
 
-  return BatchedMaskFn(per_example, per_batch)
+  return BatchedMaskFn(per_example, per_batch, features)
 
 
 @register_mask('grid')
@@ -289,7 +343,13 @@ def make_mask_fn(mask_config: Any,
 
 
 def stages(mask_fn: Union[MaskFn, BatchedMaskFn]):
-  """(per-example fn, per-batch fn or None) of a mask function."""
+  """(per-example fn, per-batch fn or None) of a mask function.
+
+  The per-example fn maps an example's stateless key to features merged
+  into the example: 'noise' and 'mask', or, for masks made per batch, the
+  private features the per-batch fn turns into them after batching. Use
+  both stages as a pair: the private features are not made by hand.
+  """
   if isinstance(mask_fn, BatchedMaskFn):
     return mask_fn.per_example, mask_fn.per_batch
   return mask_fn, None

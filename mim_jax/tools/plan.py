@@ -71,18 +71,6 @@ def _state_bytes(tree, shardings=None) -> int:
   return 0 if tree is None else sharding.per_device_bytes(tree, shardings)
 
 
-def _unrolled(config):
-  """Same model with layers unrolled and no remat / accumulation: the
-  model-FLOPs convention (no recompute) and no loops for cost analysis."""
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    for key, value in (('scan', False), ('remat_policy', 'none')):
-      if key in c.model:  # (models without the switch are unrolled)
-        c.model[key] = value
-    c.grad_accum_steps = 1
-  return c
-
-
 def accum_to_fit(xla: dict, microbatch: int, hbm_bytes: float):
   """Smallest extra accumulation factor K (dividing the per-device
   microbatch) whose temporaries, assumed to shrink as 1/K, fit next to the
@@ -160,9 +148,8 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   suggestion = accum_to_fit(xla, bs // (dp * accum), hbm_gib * GIB)
 
   t = time.perf_counter()
-  flat_lowered, _, _ = train.lower_train_step(_unrolled(config), mesh)
-  flops = float(flat_lowered.cost_analysis()['flops'])
-  fwd_flops = forward_flops_per_image(_unrolled(config))
+  flops = train.step_flops(config, mesh)
+  fwd_flops = forward_flops_per_image(train.unrolled_config(config))
   flops_s = time.perf_counter() - t
   peak_flops = peak_tflops * 1e12
   ideal = flops / (num_devices * peak_flops)

@@ -1,0 +1,208 @@
+"""Every script in benchmarks/ runs, in its smoke mode (tiny sizes, one
+iteration), as a subprocess; its JSON (the last line of its output) is
+parsed and checked. The README quotes figures from these scripts: this
+keeps them runnable between the runs that produce the figures.
+
+curves_vs_pytorch.py and vs_pytorch.py have their own tests
+(tests/curves_test.py, tests/vs_pytorch_test.py).
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+# Generous: a hang fails, a busy machine should not.
+TIMEOUT_S = 300
+
+
+def _env() -> dict:
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  # One CPU device: conftest's 8 fake devices only slow the scripts down
+  # (compile_bench.py sets its own count).
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+',
+                            '', env.get('XLA_FLAGS', '')).strip()
+  return env
+
+
+def run_smoke(script: str, *args: str) -> dict:
+  """Runs `benchmarks/<script> --smoke *args`; returns its last line, as
+  JSON."""
+  cmd = [sys.executable, os.path.join('benchmarks', script), '--smoke',
+         *args]
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=TIMEOUT_S, check=False)
+  assert proc.returncode == 0, (
+      f'{" ".join(cmd)} exited with {proc.returncode}:\n'
+      f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
+  lines = proc.stdout.strip().splitlines()
+  assert lines, f'{script} printed nothing; stderr:\n{proc.stderr[-3000:]}'
+  return json.loads(lines[-1])
+
+
+def _positive(*values):
+  for v in values:
+    assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, v
+
+
+def test_mask_bench():
+  out = run_smoke('mask_bench.py')
+  assert out['benchmark'] == 'block_masks'
+  assert set(out['results']) == {'cae', 'beit', 'bootmae'}
+  for res in out['results'].values():
+    assert set(res) == {
+        'plain_python_port', 'block_masks', 'speedup',
+        'tf_data_per_batch_stage', 'tf_data_pipeline_block',
+        'tf_data_pipeline_random_for_comparison'}
+    _positive(*res.values())
+
+
+def test_input_pipeline_bench():
+  out = run_smoke('input_pipeline_bench.py')
+  assert out['benchmark'] == 'input_pipeline'
+  assert (out['image_size'], out['host_batch'], out['batches']) == (32, 32, 2)
+  _positive(out['images_per_sec'], out['sec_per_batch'])
+
+
+def test_input_pipeline_bench_jpeg():
+  """The real pipeline on written JPEGs: both IDCTs, 1 and 2 threads, and
+  the per-stage breakdown."""
+  out = run_smoke('input_pipeline_bench.py', '--jpeg')
+  assert out['benchmark'] == 'input_pipeline_jpeg'
+  assert (out['image_size'], out['patch_size'], out['host_batch']) == (
+      224, 16, 8)
+  jpegs = out['jpegs']
+  assert jpegs['images'] == 16 and jpegs['quality'] == 90
+  assert 224 <= jpegs['mean_width'] <= 500
+  assert 224 <= jpegs['mean_height'] <= 500
+  assert set(out['results']) == {'accurate', 'fast'}
+  for res in out['results'].values():
+    assert set(res['threads']) == {'1', '2'}
+    for r in res['threads'].values():
+      _positive(r['images_per_sec'], r['images_per_cpu_sec'],
+                r['images_per_sec_per_thread'])
+    assert set(res['breakdown_1_thread']) == {
+        'read', 'decode_crop', 'resize', 'flip', 'normalize', 'mask',
+        'full_decode', 'flip_cond', 'uint8_out', 'both'}
+    for r in res['breakdown_1_thread'].values():
+      _positive(r['images_per_sec'], r['images_per_cpu_sec'])
+
+
+def test_compile_bench():
+  out = run_smoke('compile_bench.py')
+  assert out['benchmark'] == 'train_step_compile'
+  assert set(out['results']) == {'tiny'}
+  _positive(out['results']['tiny']['lower_s'],
+            out['results']['tiny']['compile_s'])
+  assert out['compile_ratio_vs_tiny'] == {'tiny': 1.0}
+
+
+def test_tokenizer_bench():
+  out = run_smoke('tokenizer_bench.py')
+  assert out['benchmark'] == 'tokenizer'
+  assert out['view_size'] == 32
+  _positive(out['gflops_per_image'], out['sec_per_image'], out['compile_s'],
+            out['params_millions'])
+
+
+def test_train_step_bench():
+  out = run_smoke('train_step_bench.py')
+  assert out['benchmark'] == 'train_step'
+  assert (out['batch'], out['image_size']) == (8, 32)
+  _positive(out['compile_sec'], out['step_sec'], out['steps_per_sec'],
+            out['images_per_sec'])
+
+
+def test_profile_step():
+  """The op profile: every executed instruction in one category, shares
+  summing to 1, matmuls present."""
+  out = run_smoke('profile_step.py')
+  assert out['benchmark'] == 'profile_step'
+  _positive(out['step_sec'], out['op_ms_per_step'])
+  shares = {k: v['share'] for k, v in out['categories'].items()}
+  assert abs(sum(shares.values()) - 1) < 1e-2
+  assert shares['matmul/conv'] > 0.2
+  assert out['top_ops'] and all(o['ms'] >= 0 for o in out['top_ops'])
+
+
+def test_digits_eval(tmp_path):
+  """Pretraining, linear probe and fine-tuning, 2 steps each."""
+  out = run_smoke('digits_eval.py', f'--workdir={tmp_path}')
+  assert out['seeds'] == [0]
+  assert out['settings']['pretrain_steps'] == 2
+  for key in ('linear_probe', 'finetune'):
+    assert set(out[key]) == {'pretrained'}
+    assert 0 <= out[key]['pretrained']['mean'] <= 1
+  assert os.path.exists(tmp_path / 'seed0' / 'finetune_pretrained' /
+                        'metrics.jsonl')
+
+
+def test_romae_ablation(tmp_path):
+  """The 'all' run (every robust-MAE switch): 2 pretraining steps, its
+  reconstruction MSE and its step cost."""
+  out = run_smoke('romae_ablation.py', f'--workdir={tmp_path}')
+  assert out['seeds'] == [0]
+  run = out['runs']['all']
+  assert set(run) == {'train_loss', 'test_recon_mse', 'cost'}
+  _positive(run['train_loss']['mean'], run['test_recon_mse']['mean'],
+            run['cost']['step_sec'], run['cost']['flops'])
+
+
+# The mask stages that mask_bench.py drives (it once crashed with
+# KeyError: '_mask_roll' on features it had made by hand).
+
+
+def _block(**extra):
+  from mim_jax.data import masks  # pylint: disable=g-import-not-at-top
+  config = dict(kind='block', num_masking_patches=120, min_num_patches=16,
+                max_num_patches=60, variant='bootmae', **extra)
+  return masks.stages(masks.make_mask_fn(config, 14))
+
+
+def _hand_made(n, roll):
+  features = {'_mask_seed': np.arange(n, dtype=np.int64),
+              '_mask_uniform': np.zeros((n, 196), np.float32)}
+  if roll:
+    features['_mask_roll'] = np.zeros(n, np.int32)
+  return features
+
+
+def test_per_batch_stage_names_missing_features():
+  """BootMAE's effective mask needs the roll: a batch without it fails
+  with the missing name and how to make it, not a bare KeyError."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  _, per_batch = _block(total_masked=147)
+  ds = tf.data.Dataset.from_tensor_slices(_hand_made(8, roll=False)).batch(4)
+  with pytest.raises(ValueError, match=r"lacks \['_mask_roll'\].*"
+                     r'per_example'):
+    ds.map(per_batch)
+
+
+def test_per_batch_stage_refuses_stray_features():
+  """Without extra random patches there is no roll: a hand-made one is
+  refused instead of leaking into the batch."""
+  _, per_batch = _block()
+  with pytest.raises(ValueError, match=r"unexpected \['_mask_roll'\]"):
+    per_batch(_hand_made(4, roll=True))
+
+
+@pytest.mark.parametrize('extra', [{}, {'total_masked': 147}])
+def test_stages_made_by_the_library_work_in_tf_data(extra):
+  """per_example over keys, batch, per_batch: what the benchmark and the
+  pipeline do, for the block-only and the effective BootMAE mask."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from mim_jax.data import seeds  # pylint: disable=g-import-not-at-top
+  per_example, per_batch = _block(**extra)
+  key = seeds.base_key(0, seeds.TRAIN)
+  ds = tf.data.Dataset.range(8).map(lambda i: seeds.fold_in(key, 0, i))
+  batch = ds.map(per_example).batch(8).map(per_batch).get_single_element()
+  assert set(batch) == {'mask', 'noise'}
+  np.testing.assert_array_equal(batch['mask'].numpy().sum(1),
+                                extra.get('total_masked', 120))
