@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
@@ -107,13 +106,8 @@ def profile(config, num_steps: int = 2, top: int = 15) -> dict:
   compiled, state, batch, frozen, compile_s = train_step_bench.compile_step(
       config)
   comps, instrs = parse_hlo(compiled.as_text())
-  state, m = compiled(state, batch, frozen)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(num_steps):
-    state, m = compiled(state, batch, frozen)
-  jax.block_until_ready(m)
-  step_s = (time.perf_counter() - t) / num_steps
+  state, step_s = train_step_bench.run_steps(compiled, state, batch, frozen,
+                                             num_steps)
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for _ in range(num_steps):

@@ -67,19 +67,29 @@ def compile_step(config):
   return compiled, state, batch, frozen, compile_s
 
 
-def time_train_step(config, num_steps: int = 20) -> dict:
-  """Compiles the config's train step and times `num_steps` steps on one
-  synthetic batch (after one untimed step): the dict the script prints."""
+def run_steps(compiled, state, batch, frozen, num_steps: int):
+  """One untimed step, then `num_steps` timed ones.
+
+  Returns:
+    (the state after them, seconds per timed step).
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  compiled, state, batch, frozen, compile_s = compile_step(config)
-  bs, size = config.input.batch_size, config.input.image_size
   state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
   t = time.perf_counter()
   for _ in range(num_steps):
     state, m = compiled(state, batch, frozen)
   jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / num_steps
+  return state, (time.perf_counter() - t) / num_steps
+
+
+def time_train_step(config, num_steps: int = 20) -> dict:
+  """Compiles the config's train step and times `num_steps` steps on one
+  synthetic batch (after one untimed step): the dict the script prints."""
+  import jax  # pylint: disable=g-import-not-at-top
+  compiled, state, batch, frozen, compile_s = compile_step(config)
+  bs, size = config.input.batch_size, config.input.image_size
+  _, dt = run_steps(compiled, state, batch, frozen, num_steps)
   return dict(
       benchmark='train_step', model=config.model.get('variant') or
       dict(config.model.encoder), batch=bs, image_size=size,
