@@ -361,7 +361,8 @@ def compare(ours: list[Run], refs: list[Reference], *, align: str = 'epoch',
     p['ours'], _ = _stats(p['ours_runs'])
     p['reference'], p['ref_std'] = _stats(p['ref_seeds'])
   # The points that count: from epoch 1 on (epoch 0 is warmup from init).
-  late = [p for p in pts if p['epoch'] is None or p['epoch'] >= 1]
+  judged = lambda p: p['epoch'] is None or p['epoch'] >= 1
+  late = [p for p in pts if judged(p)]
   stds = [p['ref_std'] for p in late if p['ref_std'] is not None]
   floor = float(np.median(stds)) if stds and sigma_floor == 'median' else 0.0
   first_bad = None
@@ -375,7 +376,7 @@ def compare(ours: list[Run], refs: list[Reference], *, align: str = 'epoch',
                    if p['lr_reference'] else None)
     p['ok'] = bool(abs(p['z']) <= tolerance_sigma if p['z'] is not None
                    else abs(p['rel']) <= tolerance_rel)
-    if first_bad is None and not p['ok'] and p in late:
+    if first_bad is None and not p['ok'] and judged(p):
       first_bad = {k: p[k] for k in ('x', 'epoch', 'ours', 'reference',
                                      'sigma', 'rel', 'z')}
   zs = [p['z'] for p in late if p['z'] is not None]
