@@ -105,3 +105,22 @@ def test_smoke_run():
   assert r['pytorch']['gflop_per_img'] == r['mim_jax']['gflop_per_img']
   assert r['ratio'] == pytest.approx(
       r['mim_jax']['img_per_s'] / r['pytorch']['img_per_s'])
+
+
+def test_xla_cpu_limits_smoke():
+  """benchmarks/xla_cpu_limits.py: each minimal program runs on both sides
+  (in separate processes) and every time and ratio is positive."""
+  from benchmarks_test import run_smoke  # pylint: disable=g-import-not-at-top
+  out = run_smoke('xla_cpu_limits.py')
+  assert out['benchmark'] == 'xla_cpu_limits'
+  assert set(out['jax']['attention']) == {
+      'head_major', 'token_major', 'jax_nn_dot_product_attention'}
+  assert set(out['torch']['attention']) == {'sdpa', 'explicit'}
+  assert set(out['jax']['scan_stack']) == {
+      'scan', 'unrolled_stack', 'scan_without_stack', 'stack_mib'}
+  for side in ('jax', 'torch'):
+    for case in out[side].values():
+      assert all(v > 0 for v in case.values()), out
+  assert set(out['ratios']) == {'attention_vs_sdpa', 'attention_vs_explicit',
+                                'scan_stack', 'weight_grad'}
+  assert all(v > 0 for v in out['ratios'].values())

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 
 Dtype = Any
@@ -43,6 +44,13 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The block's input, the qkv and fc1 outputs, the attention output and
+    # the residual between attention and MLP are kept; LayerNorms, softmax
+    # probabilities and GELU are recomputed in the backward pass (one extra
+    # q k^T dot per block, no other matmul), so the scan stacks about half
+    # the activations (README, "Speed").
+    'linears': jax.checkpoint_policies.save_only_these_names(
+        'qkv', 'attn_out', 'resid_mid', 'mlp_hidden'),
 }
 
 
@@ -185,17 +193,23 @@ def attend(q, k, v, num_heads: int, dtype: Dtype,
   """
   n, tq, d = q.shape
   hd = d // num_heads
-  q = q.reshape(n, tq, num_heads, hd) * (hd ** -0.5)
-  k = k.reshape(n, -1, num_heads, hd)
-  v = v.reshape(n, -1, num_heads, hd)
-  logits = jnp.einsum('nqhd,nkhd->nhqk', q, k).astype(jnp.float32)
+
+  def heads(x):  # (N, T, D) -> (N, H, T, hd): one batch dim for the dots
+    return x.reshape(n, -1, num_heads, hd).transpose(0, 2, 1, 3)
+
+  # Head-major operands make both dots plain batched matmuls over (N, H),
+  # with contiguous rows: on XLA:CPU the token-major einsums ran the
+  # probabilities @ values dot at a tenth of the matmul rate (README,
+  # "Speed").
+  q, k, v = heads(q * (hd ** -0.5)), heads(k), heads(v)
+  logits = jnp.einsum('nhqd,nhkd->nhqk', q, k).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)[None]
   probs = jax.nn.softmax(logits, axis=-1)
   if probs_fn is not None:
     probs = probs_fn(probs)
-  out = jnp.einsum('nhqk,nkhd->nqhd', probs.astype(dtype), v)
-  return out.reshape(n, tq, d)
+  out = jnp.einsum('nhqk,nhkd->nhqd', probs.astype(dtype), v)
+  return out.transpose(0, 2, 1, 3).reshape(n, tq, d)
 
 
 class Attention(nn.Module):
@@ -233,7 +247,7 @@ class Attention(nn.Module):
       q_bias, v_bias = qv_biases(self, inner)
       qkv = qkv + jnp.concatenate(
           [q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(n, t, 3, inner)
+    qkv = checkpoint_name(qkv, 'qkv').reshape(n, t, 3, inner)
     bias = None
     if self.rel_pos_bias:
       bias = relative_position_bias(self, t, self.num_heads,
@@ -242,6 +256,7 @@ class Attention(nn.Module):
     out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.num_heads,
                  self.dtype,
                  lambda p: drop(p, deterministic=deterministic), bias)
+    out = checkpoint_name(out, 'attn_out')
     return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
 
 
@@ -339,6 +354,7 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     x = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1')(x)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_len', 'act_mlp'))
+    x = checkpoint_name(x, 'mlp_hidden')
     x = nn.gelu(x, approximate=False)
     return dense(d, ('mlp', 'embed'), self.dtype, 'fc2')(x)
 
@@ -368,6 +384,7 @@ class Block(nn.Module):
                   name='attn')(y, self.deterministic)
     x = x + DropPath(self.drop_path)(
         layer_scale(self, 'gamma_1', y, self.layer_scale), self.deterministic)
+    x = checkpoint_name(x, 'resid_mid')
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm2')(x)
     y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
     x = x + DropPath(self.drop_path)(
