@@ -119,7 +119,7 @@ def run_jax(sizes: dict, repeats: int) -> dict:
           lambda: jax.block_until_ready(unrolled(x0)), repeats),
       scan_without_stack=best_ms(
           lambda: jax.block_until_ready(no_stack(x0)), repeats),
-      stack_mib=round(layers_ * b * tok * w * 4 / 2 ** 20, 1))
+      stack_mib=round(layers_ * b * tok * w * 4 / 2 ** 20, 3))
 
   m, kk, nn_ = sizes['weight_grad']
   x = jnp.asarray(_inputs((m, kk), 1)[0])

@@ -12,6 +12,9 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from mim_jax import guards
+from mim_jax import optim
+
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True,
                  subdir: str = 'checkpoints') -> ocp.CheckpointManager:
@@ -29,12 +32,30 @@ def make_manager(workdir: str, *, keep: int, async_save: bool = True,
 
 def save(mgr: ocp.CheckpointManager, step: int, state: Any, every: int,
          force: bool = False) -> bool:
-  """Saves `state` (a TrainState pytree) if `step % every == 0` or `force`."""
+  """Saves `state` (a TrainState pytree) if `step % every == 0` or `force`.
+
+  Raises:
+    guards.CheckpointSaveError (one line: path and errno) if this save, or
+    an earlier asynchronous one, failed.
+  """
   if not force and step % every:
     return False
   # apply_fn and tx are static fields: the pytree holds step, params,
   # opt_state and ema_params.
-  return mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+  try:
+    return mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise guards.checkpoint_error(e, mgr.directory) from e
+
+
+def check_saves(mgr: ocp.CheckpointManager) -> None:
+  """Raises guards.CheckpointSaveError if a finished asynchronous save
+  failed (called after every step, so a failure surfaces in the main
+  thread at once, not at the next save or at exit)."""
+  try:
+    mgr.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise guards.checkpoint_error(e, mgr.directory) from e
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
@@ -97,8 +118,7 @@ def _restore_legacy(mgr: ocp.CheckpointManager, step: int, target):
 def _flat_shapes(tree) -> dict:
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(
-        k, 'idx', k)))) for k in path)
+    name = '/'.join(optim.path_names(path))
     out[name] = tuple(getattr(leaf, 'shape', ()) or ())
   return out
 

@@ -74,6 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.ckpt_every_steps = 1000
   c.keep_ckpts = 3
   c.async_ckpt = True
+  # A step with a non-finite loss, gradient, param or optimizer state
+  # leaves the state unchanged (checked on the devices every step): 'skip'
+  # goes on and stops after max_consecutive_skips such steps in a row,
+  # 'stop' stops at the first. No checkpoint ever holds non-finite values.
+  c.nonfinite = 'skip'
+  c.max_consecutive_skips = 10
   c.vis_every_steps = 5000
   c.vis_images = 8
   # Representation monitor (off: data unset): kNN top-1 of the encoder's

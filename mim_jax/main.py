@@ -59,6 +59,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=g-import-not-at-top
+  from mim_jax import guards  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
   args = distributed_args(os.environ)
   if args is not None:
@@ -66,7 +67,28 @@ def main(argv):
   logging.info('JAX process %d / %d, %d local devices of %d.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  except guards.Stopped as e:  # saved; a supervisor should rerun
+    _exit(e.exit_code, str(e))
+  except (guards.NonFiniteError, guards.CheckpointSaveError) as e:
+    _exit(1, f'error: {e}', hard=isinstance(e, guards.CheckpointSaveError))
+
+
+def _exit(code: int, message: str, hard: bool = False):
+  """Ends the process with `message` as the last line of stderr.
+
+  `hard` skips the interpreter's exit handlers: after a failed
+  asynchronous save, orbax's background threads may never finish, and a
+  normal exit would wait for them forever (a supervisor would never see the
+  job end).
+  """
+  logging.flush()
+  sys.stdout.flush()
+  print(message, file=sys.stderr, flush=True)
+  if hard:
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
 
 
 def run():

@@ -151,9 +151,11 @@ def ema_update(ema, params, momentum, rate):
 NO_DECAY = ('bias', 'scale', 'q_bias', 'v_bias', 'gamma_1', 'gamma_2')
 
 
-def _names(path) -> tuple[str, ...]:
-  """The dict keys of a tree path (jax.tree_util key entries)."""
-  return tuple(str(getattr(k, 'key', k)) for k in path)
+def path_names(path) -> tuple[str, ...]:
+  """The names along a tree path (jax.tree_util key entries): dict keys,
+  attribute names and sequence indices."""
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+               for k in path)
 
 
 def decay_mask(params, exclude: Sequence[str] = NO_DECAY):
@@ -161,7 +163,7 @@ def decay_mask(params, exclude: Sequence[str] = NO_DECAY):
   `exclude` (by name, so a scanned stack of biases is still excluded).
   Masked-out subtrees (optax.MaskedNode of frozen params) stay masked."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: _names(path)[-1] not in exclude, params)
+      lambda path, _: path_names(path)[-1] not in exclude, params)
 
 
 def _stacked_depth(names: tuple[str, ...],
@@ -175,7 +177,7 @@ def matrix_mask(params, stacked: Sequence[str] = ('blocks',)):
   layout): LARS's rule for weight decay and trust scaling (MAE
   `util/lars.py`: 1-D params, i.e. biases and norms, get neither)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim - _stacked_depth(_names(path), stacked) > 1,
+      lambda path, x: x.ndim - _stacked_depth(path_names(path), stacked) > 1,
       params)
 
 
@@ -188,7 +190,7 @@ def scale_by_trust_ratio_per_layer(trust_coefficient: float,
 
   def update(updates, state, params):
     def one(path, u, p):
-      axes = tuple(range(1 if _stacked_depth(_names(path), stacked) else 0,
+      axes = tuple(range(1 if _stacked_depth(path_names(path), stacked) else 0,
                          u.ndim))
       pn = jnp.sqrt(jnp.sum(jnp.square(p.astype(jnp.float32)), axes,
                             keepdims=True))
@@ -243,7 +245,7 @@ def layer_decay_scales(params, layer_decay: float, num_layers: int):
   """
 
   def scale(path, x):
-    names = _names(path)
+    names = path_names(path)
     if 'blocks' in names[:-1] and 'encoder' in names:
       ids = jnp.arange(x.shape[0]) + 1   # scanned: block i -> i + 1
       s = layer_decay ** (num_layers + 1 - ids).astype(jnp.float32)
@@ -261,7 +263,7 @@ def freeze_labels(params, patterns: Sequence[str]):
   matches one of the regexes `patterns` (re.search), else 'train'."""
   rx = [re.compile(p) for p in patterns]
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'frozen' if any(r.search('/'.join(_names(path)))
+      lambda path, _: 'frozen' if any(r.search('/'.join(path_names(path)))
                                       for r in rx) else 'train', params)
 
 

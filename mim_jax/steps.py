@@ -163,9 +163,59 @@ def grads_and_metrics(compute: Callable, params, batch, rng,
 _TRANSFORM_KEY = 0x6D6978
 
 
+def checked_trees(loss, grads, state: TrainState) -> list:
+  """What the non-finite guard checks, in order: the loss, the gradients
+  and the updated params and optimizer state (so the updates too)."""
+  return [('loss', loss), ('grads', grads), ('params', state.params),
+          ('opt_state', state.opt_state)]
+
+
+def nonfinite_names(state: TrainState) -> list[str]:
+  """The name of each flag of the step's `nonfinite_at` metric (index ->
+  'loss', 'grads/...', 'params/...' or 'opt_state/...'), from a state or
+  its abstract version."""
+  return ['/'.join([prefix, *optim.path_names(path)])
+          for prefix, tree in checked_trees(0.0, state.params, state)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]] + [
+              'overflow (a sum of squares beyond float32: |values| > 1e19)']
+
+
+def _all_finite(loss, grads, state: TrainState, grad_norm):
+  """(every checked value finite, index of the first non-finite one in
+  `nonfinite_names` order or -1), on the devices.
+
+  The test itself uses the loss and one sum of squares per tree (the
+  gradients' is `grad_norm`, already computed): a non-finite value makes
+  it non-finite. Only when it fails are the arrays checked one by one, to
+  name the first; if none is (finite values whose squares overflow
+  float32), the index is that of the last name, 'overflow'.
+  """
+  trees = checked_trees(loss, grads, state)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  for _, tree in trees[2:]:
+    ok &= jnp.isfinite(optim.global_norm(tree))
+
+  def first_bad():
+    flags = jnp.stack([jnp.all(jnp.isfinite(x)) for _, tree in trees
+                       for x in jax.tree.leaves(tree)] + [jnp.array(False)])
+    return jnp.argmin(flags).astype(jnp.int32)
+
+  return ok, jax.lax.cond(ok, lambda: jnp.int32(-1), first_bad)
+
+
+def _keep_if_not(ok, new, old):
+  """`new` if `ok`, else `old`, for float arrays; integer arrays (the
+  optimizer's step counts) always advance, so the lr schedule stays on the
+  step."""
+  if jnp.issubdtype(jnp.result_type(new), jnp.inexact):
+    return jnp.where(ok, new, old)
+  return new
+
+
 def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
                     seed: int = 0, accum_steps: int = 1, ema_momentum=None,
-                    batch_transform: Optional[Callable] = None):
+                    batch_transform: Optional[Callable] = None,
+                    guard: bool = True):
   """Returns the pure `train_step(state, batch, frozen) -> (state,
   metrics)`.
 
@@ -175,6 +225,15 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
   `ema_momentum` (step -> (m, 1 - m)): ema = m * ema + (1 - m) * params;
   'running' providers update their `state.target_state` entry; the model's
   own state (BatchNorm statistics) is replaced by the forward's update.
+
+  With `guard`, a step whose loss, gradients, new params or new optimizer
+  state hold a non-finite value changes nothing but the step counts (the
+  state's and the optimizer's, so the lr schedule stays on the step):
+  params, optimizer moments, EMA, target and model state stay as they
+  were. Its
+  metrics say so: `skipped` (1.0) and `nonfinite_at` (the index of the
+  first non-finite array in `nonfinite_names`; -1 when finite). The host
+  decides whether to go on (`mim_jax.guards.NonFiniteMonitor`).
   """
   compute = make_loss_fn(model, loss_fn, providers)
   has_ema = any(p.kind == 'ema' for p in providers)
@@ -213,6 +272,15 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
           state.target_state, **{
               p.name: p.update(state.target_state[p.name], batch, state.step)
               for p in running}))
+    if guard:
+      ok, metrics['nonfinite_at'] = _all_finite(loss, grads, new_state,
+                                                metrics['l2_grads'])
+      metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
+      kept = {k: jax.tree.map(functools.partial(_keep_if_not, ok),
+                              getattr(new_state, k), getattr(state, k))
+              for k in ('params', 'opt_state', 'ema_params', 'target_state',
+                        'model_state')}
+      new_state = new_state.replace(**kept)
     metrics['l2_params'] = optim.global_norm(new_state.params)
     return new_state, metrics
 
@@ -378,7 +446,8 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
                          accum_steps=config.get('grad_accum_steps', 1),
                          ema_momentum=ema_schedule(config),
                          batch_transform=method_of(config).batch_transform(
-                             config))
+                             config),
+                         guard=config.get('nonfinite', 'skip') != 'off')
   rules = sharding.activation_rules(_rules(config), mesh)
 
   def sharded_step(state, batch, frozen):

@@ -20,6 +20,7 @@ from flax import traverse_util
 import tensorflow as tf
 
 from mim_jax import checkpoint
+from mim_jax import guards
 from mim_jax import input_pipeline
 from mim_jax import knn
 from mim_jax import metrics as metrics_lib
@@ -63,6 +64,16 @@ def validate_config(config, num_devices: int, data_parallel: int):
     raise ValueError(f'peak_tflops={peak} must be > 0: the chip\'s peak '
                      'TFLOP/s for train/mfu (e.g. 275 for TPU v4, bf16), or '
                      'unset it.')
+  action = config.get('nonfinite', 'skip')
+  if action not in guards.NONFINITE_ACTIONS:
+    raise ValueError(f'nonfinite={action!r}: use one of '
+                     f'{guards.NONFINITE_ACTIONS} (skip the update of a '
+                     'step with non-finite values, or stop at once).')
+  k = config.get('max_consecutive_skips', 10)
+  if not (isinstance(k, int) and k >= 1):
+    raise ValueError(f'max_consecutive_skips={k!r} must be an integer >= 1 '
+                     '(the run stops after that many skipped steps in a '
+                     'row).')
   stop = config.get('stop_after_steps')
   if stop is not None and stop < 1:
     raise ValueError(f'stop_after_steps={stop} must be >= 1 (or unset to '
@@ -269,6 +280,20 @@ def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   return path
 
 
+def _train_row(stacked: list[dict]) -> dict:
+  """The logged means of a log interval's step metrics; steps whose update
+  the non-finite guard skipped are counted (`train/skipped_steps`), not
+  averaged."""
+  skipped = [float(x.pop('skipped', 0.0)) for x in stacked]
+  for x in stacked:
+    x.pop('nonfinite_at', None)
+  good = [x for x, s in zip(stacked, skipped) if not s]
+  row = {f'train/{k}': float(np.mean([x[k] for x in good]))
+         for k in (stacked[0] if good else ())}
+  row['train/skipped_steps'] = float(sum(skipped))
+  return row
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains (resuming from `workdir` if it has checkpoints).
 
@@ -382,55 +407,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   pending, t_log, n_log = [], time.time(), 0
   logging.info('Training steps %d..%d, host batch %d, mesh %s.', start_step,
                end_step, host_bs, dict(mesh.shape))
+  nonfinite = guards.NonFiniteMonitor(
+      config.get('nonfinite', 'skip'), config.get('max_consecutive_skips', 10),
+      steps.nonfinite_names(state), mgr.latest_step)
   step = start_step
-  while step < end_step:
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      local = next(it)
-      batch = sharding.to_global({k: local[k] for k in batch_shapes},
-                                 data_sh)
-      state, m = train_step(state, batch, frozen)
-    step += 1
-    pending.append(m)
-    n_log += 1
-    progress(step)
-    if step % config.log_every_steps == 0 or step == end_step:
-      stacked = jax.device_get(pending)
-      row = {f'train/{k}': float(np.mean([x[k] for x in stacked]))
-             for k in stacked[0]}
-      if not np.isfinite(row['train/loss']):
-        raise FloatingPointError(
-            f'loss became {row["train/loss"]} at step {step}; lower the lr, '
-            'enable optim.grad_clip_norm, or use float32 compute.')
-      dt = time.time() - t_log
-      row['train/images_per_sec'] = n_log * config.input.batch_size / dt
-      row['train/steps_per_sec'] = n_log / dt
-      tflops = flops * n_log / dt / jax.device_count() / 1e12
-      row['train/tflops_per_device'] = tflops
-      if peak:
-        row['train/mfu'] = tflops / peak
-      writer.write_scalars(step, row)
-      logging.info('step %d: %s', step,
-                   ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
-      pending, t_log, n_log = [], time.time(), 0
-    if draws and (step % config.vis_every_steps == 0 or step == end_step):
-      if _vis(config, vis_fn, state.params, vis_batch, workdir, step,
-              writer) is None:
-        logging.info('No reconstruction images: this %s config predicts no '
-                     'pixels.', method.name)
-        draws = False
-    if evaluate and ((eval_every and step % eval_every == 0)
-                     or step == end_step):
-      evaluate(state, step, writer)
-    if knn_every and (step % knn_every == 0 or step == end_step):
-      monitor(state.params, step, writer)
-    checkpoint.save(mgr, step, state, config.ckpt_every_steps,
-                    force=step == end_step)
-    if mgr.reached_preemption(step):
-      if mgr.latest_step() != step:  # not saved by the line above
-        checkpoint.save(mgr, step, state, 1, force=True)
-      mgr.wait_until_finished()
-      logging.warning('Preempted at step %d; checkpoint saved.', step)
-      break
+  with guards.StopSignals(enabled=jax.process_count() == 1) as signals:
+    while step < end_step:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        local = next(it)
+        batch = sharding.to_global({k: local[k] for k in batch_shapes},
+                                   data_sh)
+        state, m = train_step(state, batch, frozen)
+      step += 1
+      nonfinite.observe(step, m)
+      checkpoint.check_saves(mgr)
+      pending.append(m)
+      n_log += 1
+      progress(step)
+      if step % config.log_every_steps == 0 or step == end_step:
+        row = _train_row(jax.device_get(pending))
+        dt = time.time() - t_log
+        row['train/images_per_sec'] = n_log * config.input.batch_size / dt
+        row['train/steps_per_sec'] = n_log / dt
+        tflops = flops * n_log / dt / jax.device_count() / 1e12
+        row['train/tflops_per_device'] = tflops
+        if peak:
+          row['train/mfu'] = tflops / peak
+        writer.write_scalars(step, row)
+        logging.info('step %d: %s', step,
+                     ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
+        pending, t_log, n_log = [], time.time(), 0
+      if draws and (step % config.vis_every_steps == 0 or step == end_step):
+        if _vis(config, vis_fn, state.params, vis_batch, workdir, step,
+                writer) is None:
+          logging.info('No reconstruction images: this %s config predicts '
+                       'no pixels.', method.name)
+          draws = False
+      if evaluate and ((eval_every and step % eval_every == 0)
+                       or step == end_step):
+        evaluate(state, step, writer)
+      if knn_every and (step % knn_every == 0 or step == end_step):
+        monitor(state.params, step, writer)
+      stopping = signals.received is not None
+      if stopping or step == end_step or (
+          step % config.ckpt_every_steps == 0):
+        nonfinite.settle()  # never save past a step it would stop at
+        if nonfinite.consecutive and not (stopping or step == end_step):
+          # The state is finite (skipped updates change nothing) but a
+          # periodic save now would rotate out older ones for no progress.
+          logging.warning('Step %d: no checkpoint right after a skipped '
+                          'step; the newest stays step %s.', step,
+                          mgr.latest_step())
+        else:
+          checkpoint.save(mgr, step, state, config.ckpt_every_steps,
+                          force=stopping or step == end_step)
+      if stopping:
+        mgr.wait_until_finished()
+        checkpoint.check_saves(mgr)
+        writer.flush()
+        message = (f'{signals.name} at step {step}: checkpoint saved in '
+                   f'{mgr.directory}; rerun with the same --workdir to '
+                   f'resume (exit status {guards.EXIT_STOPPED}).')
+        logging.warning(message)
+        raise guards.Stopped(message)
+      if mgr.reached_preemption(step):
+        if mgr.latest_step() != step:  # not saved by the line above
+          checkpoint.save(mgr, step, state, 1, force=True)
+        mgr.wait_until_finished()
+        logging.warning('Preempted at step %d; checkpoint saved.', step)
+        break
+  nonfinite.settle()
   mgr.wait_until_finished()
+  checkpoint.check_saves(mgr)
   writer.flush()
   return state

@@ -1,0 +1,305 @@
+"""Operations (M10): the non-finite guard, stop signals and failed saves.
+
+CLI runs are subprocesses with timeouts, since a hang is the failure they
+guard against.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+from mim_jax import guards
+from mim_jax import input_pipeline
+from mim_jax import sharding
+from mim_jax import steps
+from mim_jax import train
+from mim_jax.methods.mae import config as mae_config
+
+TIMEOUT_S = 300
+
+
+def _config(**kw):
+  c = mae_config.get_config('tiny')
+  c.input.batch_size = 8
+  c.total_steps = 6
+  c.warmup_steps = 2
+  c.log_every_steps = 1
+  c.ckpt_every_steps = 2
+  c.vis_every_steps = 100
+  c.async_ckpt = False
+  c.update(kw)
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _saved_steps(workdir) -> list[int]:
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir,
+                                                         'checkpoints'))
+                if d.isdigit())
+
+
+def _checkpoint(workdir, step):
+  """The arrays of a saved step, as numpy (same 8-device topology)."""
+  path = os.path.join(workdir, 'checkpoints', str(step), 'default')
+  return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path))
+
+
+def _all_finite(tree) -> bool:
+  return all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def _poison(monkeypatch, batches: set[int]):
+  """Training pipelines whose batches `batches` (0-based) carry NaN
+  images."""
+  real = input_pipeline.make_train_dataset
+
+  def poisoned(*args, **kw):
+    ds = real(*args, **kw)
+
+    class Wrapped:
+
+      def as_numpy_iterator(self):
+        for i, batch in enumerate(ds.as_numpy_iterator()):
+          if i in batches:
+            batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+          yield batch
+
+    return Wrapped()
+
+  monkeypatch.setattr(input_pipeline, 'make_train_dataset', poisoned)
+
+
+# ---------------------------------------------------------------------------
+# The guard inside the jitted step.
+
+
+def test_step_guard_keeps_the_state_and_names_the_value():
+  """A NaN batch changes nothing but the step counts and names the loss; a
+  clean batch then updates as usual."""
+  config = _config()
+  mesh = sharding.make_mesh(config.mesh)
+  model = steps.build_model(config)
+  shapes = steps.batch_spec(config)
+  state, shardings, _, schedule = steps.create_train_state(
+      config, model, mesh, shapes)
+  step = steps.jit_train_step(config, model, steps.build_loss(config),
+                              schedule, mesh, shardings)
+  names = steps.nonfinite_names(state)
+  assert names[0] == 'loss'
+  assert any(n.startswith('grads/encoder/') for n in names)
+  assert any(n.startswith('params/decoder/') for n in names)
+  assert any(n.startswith('opt_state/') for n in names)
+  rng = np.random.default_rng(0)
+  n = shapes['noise'].shape[1]
+  clean = {'image': rng.standard_normal(shapes['image'].shape, np.float32),
+           'noise': rng.random((8, n), np.float32)}
+  clean['mask'] = (np.argsort(np.argsort(clean['noise'], 1), 1)
+                   >= n // 4).astype(np.float32)
+  data_sh = sharding.data_sharding(mesh)
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  bad = dict(clean, image=np.where(rng.random(clean['image'].shape) < 1e-3,
+                                   np.nan, clean['image']))
+  state, m = step(state, sharding.to_global(bad, data_sh), {})
+  assert float(m['skipped']) == 1.0
+  assert names[int(m['nonfinite_at'])] == 'loss'
+  assert int(state.step) == 1
+  after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+    if np.issubdtype(b.dtype, np.floating):  # params and moments: kept
+      np.testing.assert_array_equal(a, b)
+    else:  # the optimizer's counts advance with the step
+      np.testing.assert_array_equal(a, b + 1)
+  state, m = step(state, sharding.to_global(clean, data_sh), {})
+  assert float(m['skipped']) == 0.0 and int(m['nonfinite_at']) == -1
+  assert int(state.step) == 2
+  moved = jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params,
+      before[0]))
+  assert max(moved) > 0
+
+
+def test_poisoned_batch_is_skipped_and_counted(tmp_path, monkeypatch):
+  """nonfinite='skip': the run goes on past a NaN batch, logs it as
+  train/skipped_steps (no loss for that step), and every checkpoint is
+  finite."""
+  _poison(monkeypatch, {2})
+  wd = str(tmp_path / 'skip')
+  state = train.train_and_evaluate(_config(), wd)
+  assert int(state.step) == 6
+  rows = _rows(wd)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert rows[2]['train/skipped_steps'] == 1.0
+  assert 'train/loss' not in rows[2]
+  assert all(r['train/skipped_steps'] == 0.0 for i, r in enumerate(rows)
+             if i != 2)
+  assert all(np.isfinite(r['train/loss']) for i, r in enumerate(rows)
+             if i != 2)
+  for s in _saved_steps(wd):
+    assert _all_finite(_checkpoint(wd, s)), s
+
+
+def test_stop_mode_stops_at_the_poisoned_step(tmp_path, monkeypatch):
+  """nonfinite='stop': the NaN batch of step 3 stops the run with the step,
+  the value and the newest (finite) checkpoint in the message."""
+  _poison(monkeypatch, {2})
+  wd = str(tmp_path / 'stop')
+  with pytest.raises(guards.NonFiniteError,
+                     match=r'non-finite loss at step 3: nonfinite=stop.*'
+                     r'newest checkpoint, step 2'):
+    train.train_and_evaluate(_config(nonfinite='stop'), wd)
+  assert _saved_steps(wd) == [2]
+
+
+def test_huge_lr_stops_after_k_skips_and_keeps_finite_checkpoints(tmp_path):
+  """The issue's probe: lr 1e4 with a checkpoint every step. Params would
+  be NaN within a few steps; instead updates are skipped, the run stops
+  after K in a row, no checkpoint is written after a skipped step, and
+  every checkpoint left (rotation included) is finite."""
+  wd = str(tmp_path / 'lr')
+  config = _config(lr=1e4, total_steps=30, ckpt_every_steps=1,
+                   log_every_steps=20, max_consecutive_skips=3, keep_ckpts=2)
+  with pytest.raises(guards.NonFiniteError,
+                     match=r'3 steps in a row were skipped '
+                     r'\(max_consecutive_skips=3\)') as e:
+    train.train_and_evaluate(config, wd)
+  msg = str(e.value)
+  bad_step = int(msg.split(' at step ')[1].split(':')[0])
+  saved = _saved_steps(wd)
+  assert saved and max(saved) == bad_step - 3  # the last good step
+  assert f'newest checkpoint, step {max(saved)}' in msg
+  for s in saved:
+    assert _all_finite(_checkpoint(wd, s)), s
+
+
+def test_bad_nonfinite_options_are_refused_before_building():
+  for kw, match in ((dict(nonfinite='ignore'), 'nonfinite'),
+                    (dict(max_consecutive_skips=0), 'max_consecutive_skips')):
+    with pytest.raises(ValueError, match=match):
+      train.validate_config(_config(**kw), 1, 1)
+
+
+# ---------------------------------------------------------------------------
+# The CLI: signals and failed saves.
+
+SMALL = ['--config=configs/mae_tiny.py', '--config.total_steps=24',
+         '--config.warmup_steps=4', '--config.log_every_steps=1',
+         '--config.ckpt_every_steps=1000', '--config.vis_every_steps=1000',
+         '--config.input.batch_size=16']
+
+
+def _cli(workdir, *extra):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'mim_jax.main', f'--workdir={workdir}', *SMALL,
+       *extra], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, what: str):
+  deadline = time.time() + TIMEOUT_S
+  while not predicate():
+    assert proc.poll() is None, (f'exited ({proc.returncode}) before '
+                                 f'{what}:\n{proc.stderr.read()[-3000:]}')
+    assert time.time() < deadline, f'no {what} after {TIMEOUT_S} s'
+    time.sleep(0.1)
+
+
+def _logged_steps(workdir) -> int:
+  try:
+    return len(_rows(workdir))
+  except (OSError, json.JSONDecodeError):
+    return 0
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM])
+def test_signal_saves_then_resume_is_bit_identical(tmp_path, sig):
+  """SIGTERM mid-run: the CLI finishes its step, saves it (no periodic save
+  is due), says so on its last line and exits with EXIT_STOPPED; rerun, it
+  resumes and ends bit-identical to an uninterrupted run."""
+  wd = str(tmp_path / 'sig')
+  proc = _cli(wd)
+  _wait_for(lambda: _logged_steps(wd) >= 3, proc, 'logged steps')
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=TIMEOUT_S)
+  assert proc.returncode == guards.EXIT_STOPPED, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  saved = _saved_steps(wd)
+  assert len(saved) == 1 and 3 <= saved[0] < 24, (saved, last)
+  assert last.startswith(f'{sig.name} at step {saved[0]}: checkpoint saved')
+  assert 'Traceback' not in err
+
+  res = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.main', f'--workdir={wd}', *SMALL],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+      text=True, timeout=TIMEOUT_S)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert f'Resumed from step {saved[0]}' in res.stderr
+  ref = str(tmp_path / 'ref')
+  res = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.main', f'--workdir={ref}', *SMALL],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+      text=True, timeout=TIMEOUT_S)
+  assert res.returncode == 0, res.stderr[-3000:]
+  ours, theirs = _rows(wd), _rows(ref)
+  assert [r['step'] for r in ours] == list(range(1, 25))
+  assert [r['train/loss'] for r in ours] == [r['train/loss'] for r in theirs]
+  a, b = _checkpoint(wd, 24), _checkpoint(ref, 24)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_failed_save_exits_with_the_path_instead_of_hanging(tmp_path):
+  """The checkpoint folder becomes unusable mid-run (replaced by a file:
+  chmod does not stop root). The next save fails; the CLI exits non-zero
+  within the timeout, its last line naming the path and the OS error."""
+  wd = str(tmp_path / 'ro')
+  proc = _cli(wd, '--config.ckpt_every_steps=2')
+  ckpts = os.path.join(wd, 'checkpoints')
+  _wait_for(lambda: os.path.isdir(os.path.join(ckpts, '2')), proc,
+            'first checkpoint')
+  shutil.rmtree(ckpts)
+  with open(ckpts, 'w') as f:
+    f.write('not a directory')
+  _, err = proc.communicate(timeout=TIMEOUT_S)
+  assert proc.returncode == 1, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('error: checkpoint save failed in '), last
+  assert 'Errno' in last and 'checkpoints' in last, last
+
+
+def test_checkpoint_error_names_path_and_errno():
+  """OSErrors anywhere in the cause chain, and tensorstore's errors (an
+  errno inside a ValueError's text), become one line with path and errno."""
+  ts = ValueError('FAILED_PRECONDITION: Error writing local file '
+                  '"/w/checkpoints/4.orbax-checkpoint-tmp/x": Not a '
+                  "directory [os_error_code='20']")
+  msg = str(guards.checkpoint_error(ts, '/w/checkpoints'))
+  assert msg.startswith('checkpoint save failed in /w/checkpoints/4.orbax-'
+                        'checkpoint-tmp/x: [Errno 20 ENOTDIR] Not a '
+                        'directory.'), msg
+  try:
+    try:
+      raise PermissionError(13, 'Permission denied', '/w/checkpoints/6')
+    except OSError as inner:
+      raise RuntimeError('async save failed') from inner
+  except RuntimeError as outer:
+    msg = str(guards.checkpoint_error(outer, '/w/checkpoints'))
+  assert msg.startswith('checkpoint save failed in /w/checkpoints/6: '
+                        '[Errno 13 EACCES] Permission denied.'), msg
+  msg = str(guards.checkpoint_error(RuntimeError('boom\nmore'), '/w/c'))
+  assert msg.startswith('checkpoint save failed in /w/c: RuntimeError: '
+                        'boom.') and '\n' not in msg
