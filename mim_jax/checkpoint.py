@@ -6,6 +6,7 @@ would be restored: a run loses at most the steps since the last save.
 """
 
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -14,6 +15,11 @@ from absl import logging
 
 from mim_jax import guards
 from mim_jax import optim
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint holds another model or optimizer state than the
+  config builds (a config change, not a damaged file)."""
 
 
 def make_manager(workdir: str, *, keep: int, async_save: bool = True,
@@ -93,6 +99,66 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
   return state, step
 
 
+def restore_with_fallback(mgr: ocp.CheckpointManager, abstract_state: Any,
+                          damaged_dir: Optional[str] = None):
+  """Restores the newest checkpoint that can be restored.
+
+  A checkpoint that cannot be read (a truncated or missing file, a
+  half-copied folder) is logged with the reason and the one before it is
+  tried. The unreadable ones are then moved to `damaged_dir` (default:
+  `<checkpoints>_damaged` next to the checkpoints), so later saves of those
+  steps do not collide with them. A checkpoint of another model or
+  optimizer is not damage: that error is raised at once.
+
+  Returns:
+    (state, step).
+
+  Raises:
+    IncompatibleCheckpointError: the config does not fit the checkpoints.
+    ValueError: no checkpoint could be restored (each step's reason).
+  """
+  failed = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      state, _ = restore_latest(mgr, abstract_state, step)
+    except IncompatibleCheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+      logging.warning('Checkpoint of step %d in %s cannot be restored (%s); '
+                      'trying the one before it.', step, mgr.directory,
+                      reason)
+      failed.append((step, reason))
+      continue
+    if failed:
+      where = damaged_dir or str(mgr.directory).rstrip('/') + '_damaged'
+      for bad, _ in failed if jax.process_index() == 0 else ():
+        _move_aside(os.path.join(str(mgr.directory), str(bad)),
+                    os.path.join(where, str(bad)))
+      mgr.reload()
+      logging.warning('Resumed from step %d, the newest checkpoint that '
+                      'restores; unreadable steps %s moved to %s.', step,
+                      [b for b, _ in failed], where)
+    return state, step
+  raise ValueError(
+      f'No checkpoint in {mgr.directory} can be restored: ' + '; '.join(
+          f'step {s}: {r}' for s, r in failed) + '. Restore a copy of the '
+      'checkpoints, or use a fresh --workdir.')
+
+
+def _move_aside(src: str, dst: str) -> None:
+  """Moves a damaged step folder out of the checkpoints (local paths; on
+  object stores it is left in place and logged)."""
+  if '://' in src:
+    logging.warning('%s is unreadable; remove it by hand before this run '
+                    'saves that step again.', src)
+    return
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  if os.path.exists(dst):
+    shutil.rmtree(dst)
+  shutil.move(src, dst)
+
+
 # TrainState fields of checkpoints written before target providers had a
 # `target_state` field (mim_jax before M5).
 _LEGACY_FIELDS = ('step', 'params', 'opt_state', 'ema_params')
@@ -123,36 +189,49 @@ def _flat_shapes(tree) -> dict:
   return out
 
 
-def check_compatible(mgr: ocp.CheckpointManager, step: int, target) -> None:
-  """Compares the stored arrays with the restore target, before reading.
-
-  Raises:
-    ValueError listing the paths missing on either side and the shape
-    mismatches, with both shapes (a restore onto another model).
-  """
+def mismatches(mgr: ocp.CheckpointManager, step: int, target) -> list[str]:
+  """How the arrays stored at `step` differ from the restore target, read
+  from the checkpoint's metadata (nothing else is read): lines for the
+  shape mismatches (both shapes) and the paths only on one side; [] when
+  they fit or the metadata cannot be read (orbax's own restore checks then
+  apply)."""
   try:
     meta = mgr.item_metadata(step)
+    if meta is None:  # a freshly opened manager knows no item metadata yet
+      meta = ocp.StandardCheckpointer().metadata(
+          os.path.join(str(mgr.directory), str(step), 'default'))
+      meta = getattr(meta, 'item_metadata', meta)
   except Exception:  # pylint: disable=broad-except
-    return  # old / foreign layout: orbax's own restore checks still apply
+    return []
   meta = getattr(meta, 'tree', meta)
   if meta is None:
-    return
+    return []
   stored, wanted = _flat_shapes(meta), _flat_shapes(target)
   only_ckpt = sorted(set(stored) - set(wanted))
   only_model = sorted(set(wanted) - set(stored))
   shapes = [f'{k}: checkpoint {stored[k]} vs model {wanted[k]}'
             for k in sorted(set(stored) & set(wanted))
             if stored[k] != wanted[k]]
-  if not (only_ckpt or only_model or shapes):
-    return
   lines = []
   for title, items in (('shape mismatches', shapes),
                        ('only in the checkpoint', only_ckpt),
                        ('only in the model', only_model)):
     if items:
-      more = f' (+{len(items) - 8} more)' if len(items) > 8 else ''
-      lines.append(f'{len(items)} {title}: ' + '; '.join(items[:8]) + more)
-  raise ValueError(
-      f'Checkpoint at step {step} in {mgr.directory} does not fit this '
-      'model/optimizer: ' + ' | '.join(lines) + '. Use a fresh --workdir or '
-      'the config the checkpoint was written with.')
+      lines.append(f'{len(items)} {title}: ' + '; '.join(items))
+  return lines
+
+
+def check_compatible(mgr: ocp.CheckpointManager, step: int, target) -> None:
+  """Compares the stored arrays with the restore target, before reading.
+
+  Raises:
+    IncompatibleCheckpointError listing every path missing on either side
+    and every shape mismatch, with both shapes (a restore onto another
+    model).
+  """
+  lines = mismatches(mgr, step, target)
+  if lines:
+    raise IncompatibleCheckpointError(
+        f'Checkpoint at step {step} in {mgr.directory} does not fit this '
+        'model/optimizer: ' + ' | '.join(lines) + '. Use a fresh --workdir '
+        'or the config the checkpoint was written with.')

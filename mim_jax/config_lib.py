@@ -5,6 +5,7 @@ A method's whole recipe lives in `mim_jax/methods/<m>/config.py`; the files
 in `configs/` pick a variant of it.
 """
 
+import json
 import os
 
 import ml_collections
@@ -173,3 +174,47 @@ def check_overrides(argv: list[str]):
             f'field {part!r}. Known fields there: {known}. Fix the spelling, '
             f'or add the field to {config_path.partition(":")[0]}.')
       node = node[part]
+
+
+# Config fields whose change on resume changes what the checkpoint holds
+# (the model, the optimizer's kind and moment dtype): refused.
+LAYOUT_FIELDS = ('model_name', 'model.', 'optim.name', 'optim.mu_dtype')
+
+
+def flat_json(config) -> dict:
+  """The config as the flat {'a.b': value} of its config.json form (tuples
+  become lists), for comparisons with a saved config.json."""
+  flat = {}
+
+  def walk(node, prefix):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, f'{prefix}{k}.')
+    else:
+      flat[prefix[:-1]] = node
+
+  walk(json.loads(config.to_json_best_effort()) if isinstance(
+      config, ml_collections.ConfigDict) else config, '')
+  return flat
+
+
+def resume_changes(saved: dict, config) -> tuple[list, list]:
+  """Compares a workdir's saved config.json (`saved`, a dict) with the
+  config of a resumed run.
+
+  Returns:
+    (refused, allowed): 'field: old -> new' lines; refused are the
+    LAYOUT_FIELDS, allowed everything else (schedules, intervals, total
+    steps, data paths, ...).
+  """
+  old, new = flat_json(saved), flat_json(config)
+  refused, allowed = [], []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, '<unset>'), new.get(key, '<unset>')
+    if a == b:
+      continue
+    line = f'{key}: {a!r} -> {b!r}'
+    layout = any(key == f or (f.endswith('.') and key.startswith(f))
+                 for f in LAYOUT_FIELDS)
+    (refused if layout else allowed).append(line)
+  return refused, allowed

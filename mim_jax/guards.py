@@ -12,8 +12,11 @@ stop signals, and checkpoint-save failures.
   `EXIT_STOPPED`.
 - `checkpoint_error` turns a failed (asynchronous) save into one line that
   names the path and the OS error.
+- `user_errors` marks the errors of a run's setup (bad config, missing
+  data, unreadable files) so the CLI prints them without a traceback.
 """
 
+import contextlib
 import errno as errno_lib
 import os
 import re
@@ -28,6 +31,27 @@ from absl import logging
 # "try again"): a supervisor restarts the job, which resumes.
 EXIT_STOPPED = 75
 NONFINITE_ACTIONS = ('skip', 'stop')
+
+
+# Errors a run's setup raises for bad input (config, data, checkpoint or
+# weights files): the CLI prints them as one line, without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
+@contextlib.contextmanager
+def user_errors():
+  """Marks USER_ERRORS raised inside as the user's (`is_user_error`); they
+  propagate unchanged."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    e.mim_jax_user_error = True
+    raise
+
+
+def is_user_error(e: BaseException) -> bool:
+  return bool(getattr(e, 'mim_jax_user_error', False))
 
 
 class NonFiniteError(FloatingPointError):

@@ -19,6 +19,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and images.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of errors in the '
+                  'config, data or files too (they print one line).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -73,6 +75,10 @@ def main(argv):
     _exit(e.exit_code, str(e))
   except (guards.NonFiniteError, guards.CheckpointSaveError) as e:
     _exit(1, f'error: {e}', hard=isinstance(e, guards.CheckpointSaveError))
+  except Exception as e:  # pylint: disable=broad-except
+    if not guards.is_user_error(e) or flags.FLAGS.verbose:
+      raise  # a bug: the traceback is the report
+    _exit(2, f'error: {e} (--verbose shows the traceback)')
 
 
 def _exit(code: int, message: str, hard: bool = False):

@@ -20,6 +20,8 @@ from flax import traverse_util
 import tensorflow as tf
 
 from mim_jax import checkpoint
+from mim_jax import config_lib
+from mim_jax.convert import core
 from mim_jax import guards
 from mim_jax import input_pipeline
 from mim_jax import knn
@@ -74,6 +76,17 @@ def validate_config(config, num_devices: int, data_parallel: int):
     raise ValueError(f'max_consecutive_skips={k!r} must be an integer >= 1 '
                      '(the run stops after that many skipped steps in a '
                      'row).')
+  init_from = config.get('init_from')
+  if init_from and os.path.isfile(init_from):
+    core.check_weights_file(init_from)  # before anything is created
+  if not config.get('eval_only'):
+    total, warm = (optim.steps_from(config, k) for k in ('total', 'warmup'))
+    if not 0 <= warm < total:
+      raise ValueError(
+          f'the warmup ({warm} steps) must be shorter than the run '
+          f'(total_steps {total}): raise --config.total_steps (or '
+          '--config.total_epochs), or lower --config.warmup_steps (or '
+          '--config.warmup_epochs).')
   stop = config.get('stop_after_steps')
   if stop is not None and stop < 1:
     raise ValueError(f'stop_after_steps={stop} must be >= 1 (or unset to '
@@ -280,6 +293,35 @@ def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
   return path
 
 
+def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
+  """Compares a resumed run's config with the workdir's config.json and
+  its newest checkpoint's arrays, before anything is written.
+
+  Returns:
+    The allowed changes ('field: old -> new'), also logged.
+
+  Raises:
+    ValueError listing every refused field (config_lib.LAYOUT_FIELDS) and
+    every array that does not fit.
+  """
+  path = os.path.join(workdir, 'config.json')
+  refused, allowed = [], []
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      refused, allowed = config_lib.resume_changes(json.load(f), config)
+  arrays = checkpoint.mismatches(mgr, mgr.latest_step(), abstract_state)
+  if refused or arrays:
+    raise ValueError(
+        f'{workdir} holds a run of another model or optimizer state: '
+        + ' | '.join(([f'{len(refused)} refused config changes: '
+                       + '; '.join(refused)] if refused else []) + arrays)
+        + '. Use a fresh --workdir, or the config this run started with '
+        f'({path}).')
+  for line in allowed:
+    logging.info('Config changed on resume: %s', line)
+  return allowed
+
+
 def _train_row(stacked: list[dict]) -> dict:
   """The logged means of a log interval's step metrics; steps whose update
   the non-finite guard skipped are counted (`train/skipped_steps`), not
@@ -305,101 +347,114 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Returns:
     The final TrainState ((state, eval metrics) with eval_only).
   """
-  if config.get('eval_only') and not config.get('init_from'):
-    raise ValueError('eval_only evaluates the model of config.init_from: '
-                     'set --config.init_from to a workdir or .pth file.')
-  mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
-  dp = sharding.data_parallel_size(mesh)
-  validate_config(config, jax.device_count(), dp)
-  # The schedule spans total_steps; stop_after_steps ends this run earlier
-  # (rerun without it to continue the same schedule).
-  total_steps = optim.steps_from(config, 'total')
-  end_step = min(total_steps, config.get('stop_after_steps') or total_steps)
-  is_main = jax.process_index() == 0
-  if is_main and '://' not in workdir:
-    os.makedirs(workdir, exist_ok=True)
-  method = steps.method_of(config)
-  model = method.build_model(config)
-  loss_fn = steps.build_loss(config)
-  host_bs = config.input.batch_size // jax.process_count()
-  p = vit.patch_size_of(config.model)
-  batch_shapes = steps.batch_spec(config)
-  mgr = checkpoint.make_manager(
-      workdir, keep=config.get('keep_ckpts', 3),
-      async_save=config.get('async_ckpt', True))
-  start_step = int(mgr.latest_step() or 0)
-  writer, tb_writer = metrics_lib.make_writer(
-      workdir, is_main, resume_step=start_step)
-  if is_main:
-    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
-    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
-                          else str(v) for k, v in flat.items()})
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
+  # Errors of the setup (config, data, checkpoints, weights files) are
+  # the user's: the CLI prints them as one line (guards.UserError).
+  with guards.user_errors():
+    if config.get('eval_only') and not config.get('init_from'):
+      raise ValueError('eval_only evaluates the model of config.init_from: '
+                       'set --config.init_from to a workdir or .pth file.')
+    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+    dp = sharding.data_parallel_size(mesh)
+    validate_config(config, jax.device_count(), dp)
+    # The schedule spans total_steps; stop_after_steps ends this run earlier
+    # (rerun without it to continue the same schedule).
+    total_steps = optim.steps_from(config, 'total')
+    end_step = min(total_steps, config.get('stop_after_steps') or total_steps)
+    is_main = jax.process_index() == 0
+    if is_main and '://' not in workdir:
+      os.makedirs(workdir, exist_ok=True)
+    method = steps.method_of(config)
+    model = method.build_model(config)
+    loss_fn = steps.build_loss(config)
+    host_bs = config.input.batch_size // jax.process_count()
+    p = vit.patch_size_of(config.model)
+    batch_shapes = steps.batch_spec(config)
+    mgr = checkpoint.make_manager(
+        workdir, keep=config.get('keep_ckpts', 3),
+        async_save=config.get('async_ckpt', True))
+    # Resume first (it reads, compiles nothing): the step it restores, which
+    # may be older than the newest if that one is damaged, decides the
+    # metrics rows kept and where the data starts.
+    state, start_step, changed = None, 0, []
+    if mgr.latest_step() is not None:
+      abstract, state_shardings, _, schedule = steps.create_train_state(
+          config, model, mesh, batch_shapes, materialize=False)
+      changed = check_resume(config, workdir, mgr, abstract)
+      state, start_step = checkpoint.restore_with_fallback(mgr, abstract)
+      logging.info('Resumed from step %d.', start_step)
+    writer, tb_writer = metrics_lib.make_writer(
+        workdir, is_main, resume_step=start_step)
+    if is_main:
+      flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+      writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
+                            else str(v) for k, v in flat.items()})
+      path = os.path.join(workdir, 'config.json')
+      if changed and tf.io.gfile.exists(path):  # the history of changes
+        tf.io.gfile.copy(path, os.path.join(
+            workdir, f'config.{start_step}.json'), overwrite=True)
+      with tf.io.gfile.GFile(path, 'w') as f:
+        f.write(config.to_json_best_effort(indent=1))
 
-  # The data sources are opened before anything compiles, so a missing
-  # dataset or an empty folder fails in seconds, not after compilation.
-  views = {k: v.size for k, v in method.views(config).items()}
-  kind = pipeline_kind(batch_shapes)
-  ds = input_pipeline.make_train_dataset(
-      config.input, patch_size=p, seed=config.seed, start_step=start_step,
-      views=views, num_classes=config.model.get('num_classes'), **kind)
-  draws = method.to_pixels is not None
-  if draws:
-    vis_batch = input_pipeline.make_vis_batch(
-        config.input, patch_size=p, seed=config.seed,
-        num_images=config.get('vis_images', 8), views=views)
-    vis_batch = {k: vis_batch[k] for k in batch_shapes}
+    # The data sources are opened before anything compiles, so a missing
+    # dataset or an empty folder fails in seconds, not after compilation.
+    views = {k: v.size for k, v in method.views(config).items()}
+    kind = pipeline_kind(batch_shapes)
+    ds = input_pipeline.make_train_dataset(
+        config.input, patch_size=p, seed=config.seed, start_step=start_step,
+        views=views, num_classes=config.model.get('num_classes'), **kind)
+    draws = method.to_pixels is not None
+    if draws:
+      vis_batch = input_pipeline.make_vis_batch(
+          config.input, patch_size=p, seed=config.seed,
+          num_images=config.get('vis_images', 8), views=views)
+      vis_batch = {k: vis_batch[k] for k in batch_shapes}
 
-  # Frozen target weights (e.g. a tokenizer): read before compiling, after
-  # the data check.
-  frozen = steps.frozen_targets(config, mesh)
+    # Frozen target weights (e.g. a tokenizer): read before compiling, after
+    # the data check.
+    frozen = steps.frozen_targets(config, mesh)
 
-  init = init_ema = init_model_state = None
-  if config.get('init_from') and not start_step:
-    init, init_model_state = weights.initial_params(config, model)
-    if not weights.is_workdir(config.init_from):
-      init_ema = weights.ema_from_torch(config, model, config.init_from,
-                                        init)
-  state, state_shardings, _, schedule = steps.create_train_state(
-      config, model, mesh, batch_shapes, params=init,
-      materialize=not start_step, ema=init_ema,
-      model_state=init_model_state)
-  if start_step:
-    state, _ = checkpoint.restore_latest(mgr, state, start_step)
-    logging.info('Resumed from step %d.', start_step)
+    if state is None:
+      init = init_ema = init_model_state = None
+      if config.get('init_from'):
+        init, init_model_state = weights.initial_params(config, model)
+        if not weights.is_workdir(config.init_from):
+          init_ema = weights.ema_from_torch(config, model, config.init_from,
+                                            init)
+      state, state_shardings, _, schedule = steps.create_train_state(
+          config, model, mesh, batch_shapes, params=init, ema=init_ema,
+          model_state=init_model_state)
 
-  evaluate = None
-  if method.eval_metrics is not None and config.get('eval'):
-    evaluate = Evaluator(config, method, model, mesh, state_shardings,
-                         workdir)
-  if config.get('eval_only'):
-    row = evaluate(state, start_step, writer)
-    writer.flush()
-    mgr.close()
-    return state, row
-  eval_every = (config.eval.get('every_steps') if evaluate else None) or 0
-  knn_every = 0
-  if (config.get('knn') or {}).get('data'):
-    if method.encoder is None:
-      logging.warning('config.knn is set but %s declares no encoder '
-                      '(Method.encoder): no kNN monitor.', method.name)
-    else:
-      monitor = KnnMonitor(config, mesh)
-      knn_every = config.knn.get('every_steps') or config.log_every_steps
+    evaluate = None
+    if method.eval_metrics is not None and config.get('eval'):
+      evaluate = Evaluator(config, method, model, mesh, state_shardings,
+                           workdir)
+    if config.get('eval_only'):
+      row = evaluate(state, start_step, writer)
+      writer.flush()
+      mgr.close()
+      return state, row
+    eval_every = (config.eval.get('every_steps') if evaluate else None) or 0
+    knn_every = 0
+    if (config.get('knn') or {}).get('data'):
+      if method.encoder is None:
+        logging.warning('config.knn is set but %s declares no encoder '
+                        '(Method.encoder): no kNN monitor.', method.name)
+      else:
+        monitor = KnnMonitor(config, mesh)
+        knn_every = config.knn.get('every_steps') or config.log_every_steps
 
-  # Throughput in the logs: the planner's FLOP count, taken once.
-  flops = step_flops(config, mesh)
-  peak = peak_tflops_of(config)
-  logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
-               'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
-               peak)
+    # Throughput in the logs: the planner's FLOP count, taken once.
+    flops = step_flops(config, mesh)
+    peak = peak_tflops_of(config)
+    logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
+                 'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
+                 peak)
 
-  data_sh = sharding.data_sharding(mesh)
-  train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
-                                    state_shardings)
-  it = iter(ds.as_numpy_iterator())
-  vis_fn = steps.make_forward(model, mesh)
+    data_sh = sharding.data_sharding(mesh)
+    train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
+                                      state_shardings)
+    it = iter(ds.as_numpy_iterator())
+    vis_fn = steps.make_forward(model, mesh)
 
   progress = periodic_actions.ReportProgress(
       num_train_steps=end_step, writer=tb_writer if is_main else None,

@@ -303,3 +303,168 @@ def test_checkpoint_error_names_path_and_errno():
   msg = str(guards.checkpoint_error(RuntimeError('boom\nmore'), '/w/c'))
   assert msg.startswith('checkpoint save failed in /w/c: RuntimeError: '
                         'boom.') and '\n' not in msg
+
+
+# ---------------------------------------------------------------------------
+# Resuming: damaged checkpoints.
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """One tiny run (6 steps, checkpoints 2, 4, 6) shared by the resume
+  tests; each copies it."""
+  wd = str(tmp_path_factory.mktemp('trained') / 'wd')
+  train.train_and_evaluate(_config(), wd)
+  return wd
+
+
+def _copy(trained, tmp_path) -> str:
+  wd = str(tmp_path / 'wd')
+  shutil.copytree(trained, wd)
+  return wd
+
+
+def _largest_file(folder: str) -> str:
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    tmp_path, trained, caplog):
+  """A truncated array file in the newest checkpoint: the run logs why,
+  resumes from the one before, moves the damaged one aside, and trains on
+  to the end (saving that step again)."""
+  wd = _copy(trained, tmp_path)
+  victim = _largest_file(os.path.join(wd, 'checkpoints', '6'))
+  with open(victim, 'r+b') as f:
+    f.truncate(os.path.getsize(victim) // 2)
+  caplog.set_level('INFO')
+  state = train.train_and_evaluate(_config(total_steps=8), wd)
+  assert int(state.step) == 8
+  log = caplog.text
+  assert 'Checkpoint of step 6' in log and 'cannot be restored' in log
+  assert 'Resumed from step 4' in log
+  assert os.path.isdir(os.path.join(wd, 'checkpoints_damaged', '6'))
+  assert _saved_steps(wd)[-2:] == [6, 8]
+  assert [r['step'] for r in _rows(wd)] == list(range(1, 9))
+
+
+def test_no_restorable_checkpoint_is_one_clear_error(tmp_path, trained):
+  wd = _copy(trained, tmp_path)
+  for s in _saved_steps(wd):
+    victim = _largest_file(os.path.join(wd, 'checkpoints', str(s)))
+    with open(victim, 'r+b') as f:
+      f.truncate(0)
+  with pytest.raises(ValueError, match=r'No checkpoint in .* can be '
+                     r'restored: step 6: .*step 4: .*step 2: '):
+    train.train_and_evaluate(_config(total_steps=8), wd)
+
+
+# ---------------------------------------------------------------------------
+# Resuming with another config.
+
+
+def test_layout_change_on_resume_is_refused_before_writing(tmp_path,
+                                                           trained):
+  """Another decoder width and mu_dtype on an existing workdir: refused
+  with every differing field and array listed; config.json, metrics and
+  checkpoints are untouched."""
+  wd = _copy(trained, tmp_path)
+  before = {f: open(os.path.join(wd, f), 'rb').read()
+            for f in ('config.json', 'metrics.jsonl')}
+  config = _config(total_steps=8)
+  config.model.decoder_width = 48
+  config.optim.mu_dtype = 'bfloat16'
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(config, wd)
+  msg = str(e.value)
+  assert 'refused config changes' in msg
+  assert 'model.decoder_width: 64 -> 48' in msg
+  assert "optim.mu_dtype: None -> 'bfloat16'" in msg
+  assert 'shape mismatches' in msg
+  assert 'params/decoder/decoder_embed/kernel' in msg  # an array, listed
+  for f, data in before.items():
+    assert open(os.path.join(wd, f), 'rb').read() == data, f
+  assert _saved_steps(wd) == [2, 4, 6]
+
+
+def test_safe_change_on_resume_is_logged_and_kept_in_history(
+    tmp_path, trained, caplog):
+  """A longer schedule and another logging interval: allowed, logged, and
+  the previous config kept as config.6.json."""
+  wd = _copy(trained, tmp_path)
+  old = json.load(open(os.path.join(wd, 'config.json')))
+  caplog.set_level('INFO')
+  state = train.train_and_evaluate(
+      _config(total_steps=8, log_every_steps=2), wd)
+  assert int(state.step) == 8
+  assert 'Config changed on resume: total_steps: 6 -> 8' in caplog.text
+  assert 'log_every_steps: 1 -> 2' in caplog.text
+  assert json.load(open(os.path.join(wd, 'config.6.json'))) == old
+  assert json.load(open(os.path.join(wd, 'config.json')))['total_steps'] == 8
+
+
+def test_warmup_not_shorter_than_the_run_is_refused_before_the_workdir(
+    tmp_path):
+  wd = str(tmp_path / 'never')
+  with pytest.raises(ValueError, match=r'warmup \(6 steps\) must be '
+                     r'shorter than the run \(total_steps 6\)'):
+    train.train_and_evaluate(_config(warmup_steps=6), wd)
+  assert not os.path.exists(wd)
+
+
+# ---------------------------------------------------------------------------
+# Messages.
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT),
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+  """The ViT-B recipe without ImageNet prepared: the last line names the
+  problem and the fix, no traceback (exit 2); --verbose shows it."""
+  res = _run('mim_jax.main', '--config=configs/mae_vitb.py',
+             f'--workdir={tmp_path / "b"}',
+             f'--config.input.tfds_data_dir={tmp_path / "no_tfds"}')
+  assert res.returncode == 2, res.stderr[-3000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: TFDS data set'), last
+  assert 'not prepared' in last and '--verbose' in last
+  assert 'Traceback' not in res.stderr
+  res = _run('mim_jax.main', '--config=configs/mae_tiny.py',
+             f'--workdir={tmp_path / "w"}', '--config.warmup_steps=600',
+             '--verbose')
+  assert res.returncode == 1 and 'Traceback' in res.stderr
+  assert 'must be shorter than the run' in res.stderr
+  assert not os.path.exists(tmp_path / 'w')
+
+
+@pytest.mark.parametrize('content,match', [
+    (b'', r'is empty \(0 bytes\)'),
+    (bytes(range(196, 256)) * 4, 'is not a PyTorch checkpoint'),
+    (b'PK\x03\x04' + b'\x00' * 60, 'cannot be read'),
+])
+def test_bad_weights_files_are_named_before_anything_is_made(
+    tmp_path, content, match):
+  path = tmp_path / 'bad.pth'
+  path.write_bytes(content)
+  wd = tmp_path / 'never'
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(_config(init_from=str(path)), str(wd))
+  if content[:2] != b'PK':  # the header check runs before the workdir
+    assert not wd.exists()
+
+
+def test_convert_import_of_an_empty_file_is_one_line(tmp_path):
+  path = tmp_path / 'empty.pth'
+  path.write_bytes(b'')
+  res = _run('mim_jax.tools.convert', 'import', '--config=configs/mae_tiny.py',
+             f'--torch_ckpt={path}', f'--out={tmp_path / "out"}')
+  assert res.returncode == 1, res.stderr[-2000:]
+  last = res.stderr.strip().splitlines()[-1]
+  assert last == (f"error: checkpoint '{path}' is empty (0 bytes): its "
+                  'download or copy did not finish; fetch it again.'), last
+  assert 'Traceback' not in res.stderr

@@ -58,19 +58,60 @@ def _map_key(key: str, rules: Rules, forward: bool) -> Optional[str]:
   return None
 
 
+def check_weights_file(path: str) -> None:
+  """Cheap checks of a weights file before anything is built: it exists,
+  is not empty, and starts as torch.save's zip archive, a legacy pickle or
+  an .npz (a zip) does.
+
+  Raises:
+    FileNotFoundError / ValueError naming the file and the fix.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'checkpoint {path!r} does not exist: check the '
+                            'path.')
+  if os.path.isdir(path):
+    raise ValueError(f'checkpoint {path!r} is a folder, not a .pth/.pt/.npz '
+                     'file.')
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'checkpoint {path!r} is empty (0 bytes): its download '
+                     'or copy did not finish; fetch it again.')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if not (head.startswith(b'PK') or head[:1] == b'\x80'):
+    raise ValueError(
+        f'checkpoint {path!r} is not a PyTorch checkpoint or .npz (it starts '
+        f'with {head!r}; torch.save writes a zip archive): fetch it again, '
+        'or give a state dict saved with torch.save or numpy.savez.')
+
+
+def _unreadable(path: str, e: Exception) -> str:
+  """One line for a weights file torch / numpy cannot read."""
+  text = str(e)
+  if 'Weights only load failed' in text:
+    return (f'checkpoint {path!r} holds pickled objects other than tensors, '
+            'and mim_jax reads weights only (torch.load(weights_only=True)), '
+            'never code from a file: re-save it as a state dict, '
+            'torch.save(model.state_dict(), path), where you trust it.')
+  first = (text.strip().splitlines() or [''])[0][:200]
+  return (f'checkpoint {path!r} cannot be read ({type(e).__name__}: '
+          f'{first}): it is damaged or truncated; fetch it again.')
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint (.pth/.pt, via torch.load(weights_only=True))
   or a state dict saved as .npz. Unwraps {'model': ...} / {'state_dict': ...}
   as written by the official training scripts; their {'model_ema': ...}
   (a timm ModelEma state dict, e.g. BootMAE's momentum encoder) comes back
   as `model_ema.`-prefixed keys."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint {path!r} does not exist.')
-  if path.endswith('.npz'):
-    with np.load(path) as f:
-      return {k: np.asarray(f[k]) for k in f.files}
-  import torch  # pylint: disable=g-import-not-at-top
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  check_weights_file(path)
+  try:
+    if path.endswith('.npz'):
+      with np.load(path) as f:
+        return {k: np.asarray(f[k]) for k in f.files}
+    import torch  # pylint: disable=g-import-not-at-top
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(_unreadable(path, e)) from e
   ema = obj.get('model_ema') if isinstance(obj, dict) else None
   for wrapper in ('model', 'state_dict', 'module'):
     if isinstance(obj, dict) and wrapper in obj and isinstance(

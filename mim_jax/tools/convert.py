@@ -65,6 +65,7 @@ files are read with torch.load(weights_only=True).
 """
 
 import os
+import sys
 from typing import Optional
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -73,6 +74,8 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from mim_jax import guards
 
 FLAGS = flags.FLAGS
 
@@ -198,7 +201,13 @@ def main(argv):
                            'import reads official files (drop --format).')
     if not FLAGS.torch_ckpt:
       raise app.UsageError('import needs --torch_ckpt.')
-    import_(FLAGS.config)
+    try:  # a missing, empty or damaged file: one line, no traceback
+      with guards.user_errors():
+        import_(FLAGS.config)
+    except Exception as e:  # pylint: disable=broad-except
+      if not guards.is_user_error(e):
+        raise
+      sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
