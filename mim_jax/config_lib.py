@@ -42,7 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=4096, image_size=224, crop_scale=(0.2, 1.0),
       crop_ratio=(3 / 4, 4 / 3), hflip=True, mean=IMAGENET_MEAN,
       std=IMAGENET_STD, shuffle_buffer=50_000, cache=False, prefetch=2,
-      mask=dict(kind='random', ratio=c.get_ref('mask_ratio')))
+      mask=dict(kind='random', ratio=c.get_ref('mask_ratio')),
+      # Folder sources: undecodable, empty or over-large files are 'skip'ped
+      # (logged once by path, counted in train/bad_images) or stop the run
+      # ('error'); see mim_jax/data/image_check.py.
+      bad_images='skip', max_image_pixels=89_478_485)
   c.lr = placeholder(float)      # absolute lr; overrides base_lr when set
   c.base_lr = 1.5e-4             # lr = base_lr * batch_size / 256
   c.total_epochs = 800.0

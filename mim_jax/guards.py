@@ -46,8 +46,14 @@ def user_errors():
   try:
     yield
   except USER_ERRORS as e:
-    e.mim_jax_user_error = True
+    mark_user_error(e)
     raise
+
+
+def mark_user_error(e: BaseException) -> BaseException:
+  """`e`, marked as the user's (see `user_errors`)."""
+  e.mim_jax_user_error = True
+  return e
 
 
 def is_user_error(e: BaseException) -> bool:

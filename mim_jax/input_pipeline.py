@@ -62,6 +62,7 @@ def _hide_accelerators_from_tf():
 _hide_accelerators_from_tf()
 
 from mim_jax.data import augment
+from mim_jax.data import image_check
 from mim_jax.data import masks
 from mim_jax.data import randaugment
 from mim_jax.data import random_erasing
@@ -73,6 +74,10 @@ _DEFAULT_MASK = {'kind': 'random', 'ratio': 0.75}
 # The arrays every batch has (besides its views); `step` and `index` are
 # bookkeeping that stays on the host.
 BATCH_KEYS = ('image', 'noise', 'mask', 'step', 'index')
+# Folder sources: per example, 1 where a bad file was left out and the next
+# good one fills its place (`mim_jax.data.image_check`); summed per batch
+# into train/bad_images.
+BAD_KEY = 'bad_images'
 # What labelled pipelines add (fine-tuning, probes).
 LABEL_KEY = 'label'
 # Per-example key streams besides crop / flip / mask (folded into the
@@ -158,6 +163,7 @@ def validate_config(input_config: Any, *, patch_size: int,
                                image_size // patch_size)
   _, process_count = _process_info(0, process_count)
   host_batch = _host_batch_size(int(input_config.batch_size), process_count)
+  image_checker(input_config)  # bad_images, max_image_pixels
   return image_size, mask_fn, host_batch
 
 
@@ -238,19 +244,18 @@ def make_train_dataset(input_config: Any,
   ds = tf.data.Dataset.counter(start_epoch).flat_map(source.epoch)
   if skip:
     ds = ds.skip(skip)
-  ds = ds.enumerate()
+  ds = read_checked(ds.enumerate(), source, input_config)
 
   train_key = seeds.base_key(seed, seeds.TRAIN)
   mask_example, mask_batch = masks.stages(mask_fn)
 
-  def process(position, record):
+  def process(position, record, data, filled):
     step = start_step + position // host_batch
     index = process_index * host_batch + position % host_batch
     key = seeds.fold_in(train_key, step, index)
     crop_key, flip_key, mask_key = tf.unstack(
         tf.random.experimental.stateless_split(key, 3))
-    crop = augment.decode_and_random_crop(source.read(record), crop_key,
-                                          scale, ratio)
+    crop = augment.decode_and_random_crop(data, crop_key, scale, ratio)
     image = augment.resize(crop, image_size)
     if hflip:
       image = augment.random_flip(image, flip_key)
@@ -275,6 +280,8 @@ def make_train_dataset(input_config: Any,
       example['label'] = source.label(record)
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
+    if source.paths is not None:
+      example[BAD_KEY] = filled
     return example
 
   ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
@@ -284,6 +291,48 @@ def make_train_dataset(input_config: Any,
     ds = ds.map(mask_batch, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
   return _finish(ds, input_config)
+
+
+def image_checker(input_config: Any) -> image_check.ImageChecker:
+  """The config's check of image files (input.bad_images,
+  input.max_image_pixels)."""
+  return image_check.ImageChecker(
+      input_config.get('bad_images', 'skip'),
+      input_config.get('max_image_pixels', image_check.DEFAULT_MAX_PIXELS))
+
+
+def read_checked(ds: tf.data.Dataset, source: sources.RecordSource,
+                 input_config: Any) -> tf.data.Dataset:
+  """(position, record) -> (position, record, encoded bytes, filled).
+
+  For sources of files, each file is checked before decoding
+  (`mim_jax.data.image_check`): a bad one is logged once by path and left
+  out, and the next good record fills its position (`filled` = 1), or the
+  run stops naming it (input.bad_images='error'). A source with no good
+  file at all is refused here, before anything compiles. Other sources
+  pass through (`filled` = 0).
+  """
+  if source.paths is None:
+    def read_all(position, record):
+      return position, record, source.read(record), tf.constant(0)
+
+    return ds.map(read_all, num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+  checker = image_checker(input_config)
+  checker.first_good(source.paths)
+
+  def read(position, record):
+    data = source.read(record)
+    return position, record, data, checker.ok(source.path(record), data)
+
+  def good(unused_position, unused_record, unused_data, ok):
+    return ok
+
+  def without_flag(position, record, data, unused_ok):
+    return position, record, data
+
+  ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return image_check.fill_gaps(ds.filter(good).map(without_flag))
 
 
 def _finish(ds: tf.data.Dataset, input_config: Any) -> tf.data.Dataset:
@@ -455,7 +504,18 @@ def make_vis_batch(input_config: Any,
     example['index'] = tf.cast(index, tf.int32)
     return example
 
-  ds = source.ordered().repeat().take(num_images).enumerate()
+  records = source.ordered()
+  if source.paths is not None:  # bad files are left out (the train
+    # pipeline applies input.bad_images)
+    checker = image_check.ImageChecker(
+        'skip', image_checker(input_config).max_pixels)
+    checker.first_good(source.paths)
+
+    def good(record):
+      return checker.ok(source.path(record), source.read(record))
+
+    records = records.filter(good)
+  ds = records.repeat().take(num_images).enumerate()
   ds = ds.map(process).batch(num_images)
   if mask_batch is not None:
     ds = ds.map(mask_batch)

@@ -8,6 +8,7 @@ their masks) from the tf.data pipeline.
 
 import json
 import os
+import re
 import time
 
 import jax
@@ -322,6 +323,19 @@ def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
   return allowed
 
 
+def _next_batch(it):
+  """The next host batch; a bad image file met with
+  input.bad_images='error' becomes one line naming it."""
+  try:
+    return next(it)
+  except tf.errors.OpError as e:
+    found = re.search(r'bad image [^\n]*?set --config\.input\.bad_images='
+                      r'skip to leave such files out\.', e.message)
+    if not found:
+      raise
+    raise guards.mark_user_error(ValueError(found.group(0))) from None
+
+
 def _train_row(stacked: list[dict]) -> dict:
   """The logged means of a log interval's step metrics; steps whose update
   the non-finite guard skipped are counted (`train/skipped_steps`), not
@@ -459,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   progress = periodic_actions.ReportProgress(
       num_train_steps=end_step, writer=tb_writer if is_main else None,
       every_steps=config.log_every_steps)
-  pending, t_log, n_log = [], time.time(), 0
+  pending, t_log, n_log, bad_images = [], time.time(), 0, 0
   logging.info('Training steps %d..%d, host batch %d, mesh %s.', start_step,
                end_step, host_bs, dict(mesh.shape))
   nonfinite = guards.NonFiniteMonitor(
@@ -469,10 +483,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   with guards.StopSignals(enabled=jax.process_count() == 1) as signals:
     while step < end_step:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        local = next(it)
+        local = _next_batch(it)
         batch = sharding.to_global({k: local[k] for k in batch_shapes},
                                    data_sh)
         state, m = train_step(state, batch, frozen)
+      bad_images += int(np.sum(local.get(input_pipeline.BAD_KEY, 0)))
       step += 1
       nonfinite.observe(step, m)
       checkpoint.check_saves(mgr)
@@ -481,6 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       progress(step)
       if step % config.log_every_steps == 0 or step == end_step:
         row = _train_row(jax.device_get(pending))
+        if input_pipeline.BAD_KEY in local:  # sources of files
+          row['train/bad_images'] = float(bad_images)
         dt = time.time() - t_log
         row['train/images_per_sec'] = n_log * config.input.batch_size / dt
         row['train/steps_per_sec'] = n_log / dt
@@ -491,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         writer.write_scalars(step, row)
         logging.info('step %d: %s', step,
                      ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
-        pending, t_log, n_log = [], time.time(), 0
+        pending, t_log, n_log, bad_images = [], time.time(), 0, 0
       if draws and (step % config.vis_every_steps == 0 or step == end_step):
         if _vis(config, vis_fn, state.params, vis_batch, workdir, step,
                 writer) is None:

@@ -225,6 +225,22 @@ def _logged_steps(workdir) -> int:
     return 0
 
 
+def test_sigint_finishes_the_step_and_saves(tmp_path):
+  """Ctrl-C (SIGINT) acts as SIGTERM: no KeyboardInterrupt traceback, the
+  step is saved, exit status EXIT_STOPPED."""
+  wd = str(tmp_path / 'int')
+  proc = _cli(wd)
+  _wait_for(lambda: _logged_steps(wd) >= 2, proc, 'logged steps')
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=TIMEOUT_S)
+  assert proc.returncode == guards.EXIT_STOPPED, err[-3000:]
+  saved = _saved_steps(wd)
+  assert len(saved) == 1
+  assert err.strip().splitlines()[-1].startswith(
+      f'SIGINT at step {saved[0]}: checkpoint saved')
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
+
+
 @pytest.mark.parametrize('sig', [signal.SIGTERM])
 def test_signal_saves_then_resume_is_bit_identical(tmp_path, sig):
   """SIGTERM mid-run: the CLI finishes its step, saves it (no periodic save
@@ -468,3 +484,99 @@ def test_convert_import_of_an_empty_file_is_one_line(tmp_path):
   assert last == (f"error: checkpoint '{path}' is empty (0 bytes): its "
                   'download or copy did not finish; fetch it again.'), last
   assert 'Traceback' not in res.stderr
+
+
+# ---------------------------------------------------------------------------
+# Bad image files.
+
+
+def _broken_files(folder) -> dict[str, bytes]:
+  """Real broken files next to good photos: a truncated JPEG, zero bytes,
+  text, a PNG named .jpg (fine: decoded by content) and a 20000 x 20000
+  JPEG header."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  os.makedirs(folder)
+  for i in range(10):
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(
+        os.path.join(folder, f'good{i}.jpg'), quality=90)
+  good = open(os.path.join(folder, 'good0.jpg'), 'rb').read()
+  png = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(
+      png, format='PNG')
+  huge = bytearray(good)
+  i = 2
+  while huge[i + 1] not in (0xC0, 0xC2):
+    i += 2 + int.from_bytes(huge[i + 2:i + 4], 'big')
+  huge[i + 5:i + 9] = (20000).to_bytes(2, 'big') * 2
+  bad = {'a_truncated.jpg': good[:len(good) // 2], 'b_empty.jpg': b'',
+         'c_text.jpg': b'<html>not an image</html>',
+         'e_huge.jpg': bytes(huge)}
+  for name, data in dict(bad, **{'d_png.jpg': png.getvalue()}).items():
+    with open(os.path.join(folder, name), 'wb') as f:
+      f.write(data)
+  return bad
+
+
+def test_bad_images_are_skipped_counted_and_logged_by_path(tmp_path,
+                                                           caplog):
+  folder = str(tmp_path / 'photos')
+  bad = _broken_files(folder)
+  caplog.set_level('WARNING')
+  config = _config(total_steps=4, ckpt_every_steps=4)
+  config.input.data = f'folder:{folder}'
+  wd = str(tmp_path / 'wd')
+  state = train.train_and_evaluate(config, wd)
+  assert int(state.step) == 4
+  rows = _rows(wd)
+  # 15 files, 4 bad: in 4 steps of 8 (over two epochs) each is met twice.
+  assert sum(r['train/bad_images'] for r in rows) == 8
+  for name in bad:
+    logged = [m for m in caplog.messages if name in m]
+    assert len(logged) == 1, (name, logged)  # once, by path
+  assert not any('d_png.jpg' in m for m in caplog.messages)
+  assert all(np.isfinite(r['train/loss']) for r in rows)
+
+
+def test_bad_images_are_skipped_the_same_way_on_resume(tmp_path):
+  """The pipeline started at step k gives exactly the batches an
+  uninterrupted one gives from step k, bad-file fills included."""
+  folder = str(tmp_path / 'photos')
+  _broken_files(folder)
+  config = _config()
+  config.input.data = f'folder:{folder}'
+
+  def batches(start, count):
+    ds = input_pipeline.make_train_dataset(
+        config.input, patch_size=4, seed=0, start_step=start,
+        process_index=0, process_count=1)
+    it = ds.as_numpy_iterator()
+    return [next(it) for _ in range(count)]
+
+  whole, resumed = batches(0, 6), batches(3, 3)
+  assert sum(int(b['bad_images'].sum()) for b in whole) > 0
+  for a, b in zip(whole[3:], resumed):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_bad_image_error_mode_and_a_folder_of_only_bad_files(tmp_path):
+  folder = str(tmp_path / 'photos')
+  _broken_files(folder)
+  config = _config(total_steps=4)
+  config.input.data = f'folder:{folder}'
+  config.input.bad_images = 'error'
+  with pytest.raises(ValueError, match=r'^bad image .*photos/[abce]_\w+'
+                     r'\.jpg: .*bad_images=skip') as e:
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert guards.is_user_error(e.value)
+  only_bad = str(tmp_path / 'bad_only')
+  os.makedirs(only_bad)
+  for name in ('a_truncated.jpg', 'b_empty.jpg', 'c_text.jpg'):
+    shutil.copy(os.path.join(folder, name), only_bad)
+  config.input.data = f'folder:{only_bad}'
+  config.input.bad_images = 'skip'
+  with pytest.raises(ValueError, match=r'none of the 3 images can be '
+                     r'decoded: .*a_truncated\.jpg \(truncated JPEG'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd2'))

@@ -61,9 +61,18 @@ class RecordSource(abc.ABC):
   def ordered(self) -> tf.data.Dataset:
     """All records of the shard in their stored order (no shuffling)."""
 
+  # Sources of image files (folders): `path(record)` names a record's file
+  # and `paths` lists them in stored order, for the checks of
+  # `mim_jax.data.image_check`.
+  paths: list[str] | None = None
+
   def read(self, record: tf.Tensor) -> tf.Tensor:
     """Turns a record into a scalar string tensor of encoded image bytes."""
     return record
+
+  def path(self, record: tf.Tensor) -> tf.Tensor:
+    """The file of a record (sources with `paths` only)."""
+    raise ValueError(f'{self.description} has no files.')
 
   def label(self, record: tf.Tensor) -> tf.Tensor:
     """The int32 class of a record (labelled sources only)."""
@@ -97,6 +106,7 @@ class ArraySource(RecordSource):
                                  tf.int32)
       self.num_classes = int(num_classes)
     self._are_paths = are_paths
+    self.paths = list(shard) if are_paths else None
     self._shuffle_key = seeds.fold_in(
         seeds.base_key(seed, seeds.SHUFFLE), process_index)
 
@@ -113,6 +123,11 @@ class ArraySource(RecordSource):
   def read(self, record: tf.Tensor) -> tf.Tensor:
     row = tf.gather(self._table, record)
     return tf.io.read_file(row) if self._are_paths else row
+
+  def path(self, record: tf.Tensor) -> tf.Tensor:
+    if not self._are_paths:
+      return super().path(record)
+    return tf.gather(self._table, record)
 
   def label(self, record: tf.Tensor) -> tf.Tensor:
     if self._labels is None:

@@ -1,0 +1,176 @@
+"""Checks of encoded image files before they are decoded (folder sources).
+
+TensorFlow's decoders stop a tf.data pipeline at the first bad file, with an
+error that does not name it. Each file read from a folder is therefore
+checked first, from its bytes and without decoding: empty, not a JPEG or
+PNG (text, HTML, ...), a corrupt or missing header, truncated (no end
+marker), or more pixels than `input.max_image_pixels` (a decompression
+bomb, or an image too large to decode in memory). A PNG named `.jpg` is
+fine: the decoder goes by content.
+
+`ImageChecker` runs the check as a `tf.py_function` in the pipeline. With
+`input.bad_images='skip'` a bad file is logged once, by path, and left out
+(`fill_gaps` keeps every position of the stream filled, so the step ->
+example mapping, and with it resume, stay exact); with 'error' it stops the
+run naming the file.
+"""
+
+import struct
+import threading
+from typing import Optional
+
+from absl import logging
+import tensorflow as tf
+
+# PIL's Image.MAX_IMAGE_PIXELS: a 20000 x 20000 image is over it.
+DEFAULT_MAX_PIXELS = 89_478_485
+BAD_IMAGE_MODES = ('skip', 'error')
+_PNG = b'\x89PNG\r\n\x1a\n'
+# Start-of-frame markers (the ones with the frame size), per ITU T.81.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+        0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+  """(height, width) from the first start-of-frame segment, or None."""
+  i, n = 2, len(data)
+  while i + 4 <= n:
+    if data[i] != 0xFF:
+      return None
+    marker = data[i + 1]
+    if marker == 0xFF:  # fill byte
+      i += 1
+      continue
+    if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
+      i += 2
+      continue
+    if marker in _SOF:
+      if i + 9 > n:
+        return None
+      h, w = struct.unpack('>HH', data[i + 5:i + 9])
+      return h, w
+    if marker == 0xDA:  # scan data before any frame header
+      return None
+    i += 2 + struct.unpack('>H', data[i + 2:i + 4])[0]
+  return None
+
+
+def problem(data: bytes, max_pixels: int) -> Optional[str]:
+  """Why `data` (an encoded image) would not decode, or None."""
+  if not data:
+    return 'empty file'
+  if data[:3] == b'\xff\xd8\xff':
+    size = _jpeg_size(data)
+    if size is None:
+      return 'corrupt JPEG (no frame header)'
+    if not data.rstrip(b'\x00\r\n\t ').endswith(b'\xff\xd9'):
+      return 'truncated JPEG (no end-of-image marker)'
+  elif data[:8] == _PNG:
+    if len(data) < 24 or data[12:16] != b'IHDR':
+      return 'corrupt PNG (no IHDR header)'
+    w, h = struct.unpack('>II', data[16:24])
+    size = h, w
+    if b'IEND' not in data[-16:]:
+      return 'truncated PNG (no IEND chunk)'
+  else:
+    return f'not a JPEG or PNG (starts with {data[:8]!r})'
+  h, w = size
+  if not h or not w:
+    return f'{w} x {h} pixels'
+  if h * w > max_pixels:
+    return (f'{w} x {h} = {w * h} pixels, over input.max_image_pixels='
+            f'{max_pixels}')
+  return None
+
+
+class ImageChecker:
+  """The pipeline's check of each file (see the module docstring).
+
+  Attributes:
+    bad: {path: reason} of the bad files this checker met.
+  """
+
+  # Paths already logged, by any checker of this process (the train
+  # pipeline and the reconstruction batch meet the same files).
+  _logged = set()
+
+  def __init__(self, mode: str = 'skip',
+               max_pixels: int = DEFAULT_MAX_PIXELS):
+    if mode not in BAD_IMAGE_MODES:
+      raise ValueError(f'input.bad_images={mode!r}: use one of '
+                       f'{BAD_IMAGE_MODES}.')
+    if not (isinstance(max_pixels, int) and max_pixels > 0):
+      raise ValueError(f'input.max_image_pixels={max_pixels!r} must be a '
+                       'positive integer.')
+    self.mode, self.max_pixels = mode, max_pixels
+    self.bad = {}
+    self._lock = threading.Lock()
+
+  def _check(self, path, data) -> bool:
+    path = path.numpy().decode('utf-8', 'replace')
+    why = problem(data.numpy(), self.max_pixels)
+    if why is None:
+      return True
+    if self.mode == 'error':
+      raise ValueError(f'bad image {path}: {why}. Fix or remove it, or set '
+                       '--config.input.bad_images=skip to leave such files '
+                       'out.')
+    with self._lock:
+      first = path not in ImageChecker._logged
+      ImageChecker._logged.add(path)
+      self.bad.setdefault(path, why)
+    if first:
+      logging.warning('Skipping bad image %s: %s.', path, why)
+    return False
+
+  def ok(self, path: tf.Tensor, data: tf.Tensor) -> tf.Tensor:
+    """Scalar bool tensor: `data` (read from `path`) looks decodable."""
+    flag = tf.py_function(self._check, [path, data], tf.bool)
+    flag.set_shape([])
+    return flag
+
+  def first_good(self, paths: list[str], limit: int = 5) -> None:
+    """Reads `paths` in order until one is good, before anything compiles.
+
+    Raises:
+      ValueError naming up to `limit` bad files, when none is good.
+    """
+    seen = []
+    for path in paths:
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        why = problem(f.read(), self.max_pixels)
+      if why is None:
+        return
+      seen.append(f'{path} ({why})')
+    more = f' and {len(seen) - limit} more' if len(seen) > limit else ''
+    raise ValueError(
+        f'none of the {len(seen)} images can be decoded: '
+        + '; '.join(seen[:limit]) + more + '. Fix the files or point '
+        'input.data at another folder.')
+
+
+def fill_gaps(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Elements (position, *rest) with some positions left out -> every
+  position, in order, plus a last field: 1 where the position's own record
+  was left out and the next kept element stands in for it (with its own
+  position, so its crop and flip differ), else 0.
+
+  The stand-in is the *next* kept element, so what fills a position does
+  not depend on where the stream started: a resumed run fills exactly as
+  an uninterrupted one.
+  """
+
+  def step(expected, elem):
+    position = elem[0]
+    return position + 1, (expected, elem)
+
+  def expand(expected, elem):
+    position, rest = elem[0], elem[1:]
+    count = position - expected + 1
+    positions = tf.range(expected, position + 1)
+    filled = tf.cast(positions < position, tf.int32)
+    tiled = tuple(tf.repeat(tf.expand_dims(x, 0), count, axis=0)
+                  for x in rest)
+    return tf.data.Dataset.from_tensor_slices((positions, *tiled, filled))
+
+  return ds.scan(tf.constant(0, tf.int64), step).flat_map(expand)
