@@ -11,9 +11,9 @@ torch on as many threads as XLA uses cores), best time per side:
   decoder: batch 16, 197 tokens, 16 heads of 32). jax: `layers.attend`
   (the head-major layout of the train step), the token-major einsums it
   replaced and `jax.nn.dot_product_attention` (XLA:CPU has no fused
-  attention kernel, so it lowers to the same dots and softmax); torch: `scaled_dot_product_attention` (timm's default, a fused
-  kernel that never stores the probabilities) and the explicit
-  matmul-softmax-matmul.
+  attention kernel, so it lowers to the same dots and softmax); torch:
+  `scaled_dot_product_attention` (timm's default, a fused kernel that
+  never stores the probabilities) and the explicit matmul-softmax-matmul.
 - `scan_stack`: the bookkeeping of a scanned stack. An 8-step `lax.scan`
   whose body is one elementwise op and that stacks an f32[16, 197, 2048]
   output per step, as the backward pass needs the MLP activations: JAX

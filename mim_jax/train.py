@@ -22,7 +22,6 @@ import tensorflow as tf
 
 from mim_jax import checkpoint
 from mim_jax import config_lib
-from mim_jax.convert import core
 from mim_jax import guards
 from mim_jax import input_pipeline
 from mim_jax import knn
@@ -32,6 +31,7 @@ from mim_jax import sharding
 from mim_jax import steps
 from mim_jax import visualize
 from mim_jax import weights
+from mim_jax.convert import core
 from mim_jax.models import vit
 
 

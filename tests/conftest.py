@@ -24,10 +24,9 @@ class PipelineCrash(Exception):
   """Raised by a training pipeline made by `crash_train_pipeline`."""
 
 
-def crash_train_pipeline(monkeypatch, after_batches: int):
-  """Makes `input_pipeline.make_train_dataset` give pipelines that raise
-  PipelineCrash when batch `after_batches` (0-based) is asked for: a run
-  killed mid-training, after its earlier checkpoints.
+def wrap_train_pipeline(monkeypatch, change):
+  """Makes `input_pipeline.make_train_dataset` give pipelines whose batch i
+  (0-based) is `change(i, batch)` (which may also raise).
 
   Returns:
     A function that restores the real pipeline.
@@ -35,22 +34,53 @@ def crash_train_pipeline(monkeypatch, after_batches: int):
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   real = input_pipeline.make_train_dataset
 
-  def crashing(*args, **kw):
+  def wrapped(*args, **kw):
     ds = real(*args, **kw)
 
     class Wrapped:
 
       def as_numpy_iterator(self):
         for i, batch in enumerate(ds.as_numpy_iterator()):
-          if i == after_batches:
-            raise PipelineCrash()
-          yield batch
+          yield change(i, batch)
 
     return Wrapped()
 
-  monkeypatch.setattr(input_pipeline, 'make_train_dataset', crashing)
+  monkeypatch.setattr(input_pipeline, 'make_train_dataset', wrapped)
   return lambda: monkeypatch.setattr(input_pipeline, 'make_train_dataset',
                                      real)
+
+
+def crash_train_pipeline(monkeypatch, after_batches: int):
+  """Pipelines that raise PipelineCrash when batch `after_batches` (0-based)
+  is asked for: a run killed mid-training, after its earlier checkpoints.
+
+  Returns:
+    A function that restores the real pipeline.
+  """
+
+  def crash(i, batch):
+    if i == after_batches:
+      raise PipelineCrash()
+    return batch
+
+  return wrap_train_pipeline(monkeypatch, crash)
+
+
+def tiny_mae_config(**kw):
+  """The tiny MAE recipe, shortened for tests: batch 8, 6 steps (warmup 2),
+  a log row every step, a synchronous checkpoint every 2 steps; `kw`
+  overrides top-level fields."""
+  from mim_jax.methods.mae import config  # pylint: disable=g-import-not-at-top
+  c = config.get_config('tiny')
+  c.input.batch_size = 8
+  c.total_steps = 6
+  c.warmup_steps = 2
+  c.log_every_steps = 1
+  c.ckpt_every_steps = 2
+  c.vis_every_steps = 100
+  c.async_ckpt = False
+  c.update(kw)
+  return c
 
 
 CURVES = os.path.join(FIXTURES, 'curves_mae_tiny')

@@ -18,27 +18,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
+from conftest import tiny_mae_config
+from conftest import wrap_train_pipeline
 from mim_jax import guards
 from mim_jax import input_pipeline
 from mim_jax import sharding
 from mim_jax import steps
 from mim_jax import train
-from mim_jax.methods.mae import config as mae_config
 
 TIMEOUT_S = 300
 
 
 def _config(**kw):
-  c = mae_config.get_config('tiny')
-  c.input.batch_size = 8
-  c.total_steps = 6
-  c.warmup_steps = 2
-  c.log_every_steps = 1
-  c.ckpt_every_steps = 2
-  c.vis_every_steps = 100
-  c.async_ckpt = False
-  c.update(kw)
-  return c
+  return tiny_mae_config(**kw)
 
 
 def _rows(workdir):
@@ -66,22 +58,13 @@ def _all_finite(tree) -> bool:
 def _poison(monkeypatch, batches: set[int]):
   """Training pipelines whose batches `batches` (0-based) carry NaN
   images."""
-  real = input_pipeline.make_train_dataset
 
-  def poisoned(*args, **kw):
-    ds = real(*args, **kw)
+  def poison(i, batch):
+    if i in batches:
+      return dict(batch, image=np.full_like(batch['image'], np.nan))
+    return batch
 
-    class Wrapped:
-
-      def as_numpy_iterator(self):
-        for i, batch in enumerate(ds.as_numpy_iterator()):
-          if i in batches:
-            batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-          yield batch
-
-    return Wrapped()
-
-  monkeypatch.setattr(input_pipeline, 'make_train_dataset', poisoned)
+  wrap_train_pipeline(monkeypatch, poison)
 
 
 # ---------------------------------------------------------------------------

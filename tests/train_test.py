@@ -15,8 +15,8 @@ import pytest
 from conftest import PipelineCrash
 from conftest import ROOT
 from conftest import crash_train_pipeline
+from conftest import tiny_mae_config
 from mim_jax import train
-from mim_jax.methods.mae import config as mae_config
 
 SMALL = ['--config.total_steps=40', '--config.warmup_steps=4',
          '--config.log_every_steps=4', '--config.ckpt_every_steps=4',
@@ -74,33 +74,20 @@ def test_cli_killed_and_restarted_resumes(tmp_path):
   assert '40' in os.listdir(os.path.join(wd, 'checkpoints'))
 
 
-def _tiny_config(**kw):
-  c = mae_config.get_config('tiny')
-  c.input.batch_size = 8
-  c.total_steps = 6
-  c.warmup_steps = 2
-  c.log_every_steps = 1
-  c.ckpt_every_steps = 2
-  c.vis_every_steps = 100
-  c.async_ckpt = False
-  c.update(kw)
-  return c
-
-
 def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
   """A run killed during step 6 (last checkpoint: step 4) and restarted ends
   where an uninterrupted run ends: same params, since masks and crops depend
   on (seed, step); metrics.jsonl keeps one row per step."""
-  full = train.train_and_evaluate(_tiny_config(), str(tmp_path / 'a'))
+  full = train.train_and_evaluate(tiny_mae_config(), str(tmp_path / 'a'))
 
   wd = str(tmp_path / 'b')
   restore = crash_train_pipeline(monkeypatch, 5)
   with pytest.raises(PipelineCrash):
-    train.train_and_evaluate(_tiny_config(), wd)
+    train.train_and_evaluate(tiny_mae_config(), wd)
   assert sorted(os.listdir(os.path.join(wd, 'checkpoints'))) == ['2', '4']
   assert [r['step'] for r in _rows(wd)] == [1, 2, 3, 4, 5]
   restore()
-  resumed = train.train_and_evaluate(_tiny_config(), wd)
+  resumed = train.train_and_evaluate(tiny_mae_config(), wd)
   assert int(resumed.step) == 6
   diffs = jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
