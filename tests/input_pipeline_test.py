@@ -58,8 +58,9 @@ def _batches(config, num, **kwargs):
 
 
 def _assert_batch_equal(a, b):
-  assert set(a) == set(b) == set(KEYS)
-  for key in KEYS:
+  # Folder sources also count bad files per example (none here).
+  assert set(a) == set(b) and set(a) - {input_pipeline.BAD_KEY} == set(KEYS)
+  for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
@@ -206,6 +207,7 @@ def test_folder_source(image_folder):
   batches = _batches(config, 4, seed=1)
   for batch in batches:
     _assert_valid_batch(batch, 4)
+    np.testing.assert_array_equal(batch[input_pipeline.BAD_KEY], 0)
   (resumed,) = _batches(config, 1, seed=1, start_step=3)
   _assert_batch_equal(resumed, batches[3])
 
