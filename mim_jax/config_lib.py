@@ -9,6 +9,7 @@ import json
 import os
 
 import ml_collections
+from flax import traverse_util
 from ml_collections.config_dict import placeholder
 
 from mim_jax import sharding
@@ -188,18 +189,9 @@ LAYOUT_FIELDS = ('model_name', 'model.', 'optim.name', 'optim.mu_dtype')
 def flat_json(config) -> dict:
   """The config as the flat {'a.b': value} of its config.json form (tuples
   become lists), for comparisons with a saved config.json."""
-  flat = {}
-
-  def walk(node, prefix):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        walk(v, f'{prefix}{k}.')
-    else:
-      flat[prefix[:-1]] = node
-
-  walk(json.loads(config.to_json_best_effort()) if isinstance(
-      config, ml_collections.ConfigDict) else config, '')
-  return flat
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
+  return traverse_util.flatten_dict(config, sep='.')
 
 
 def resume_changes(saved: dict, config) -> tuple[list, list]:

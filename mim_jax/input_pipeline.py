@@ -293,11 +293,12 @@ def make_train_dataset(input_config: Any,
   return _finish(ds, input_config)
 
 
-def image_checker(input_config: Any) -> image_check.ImageChecker:
-  """The config's check of image files (input.bad_images,
+def image_checker(input_config: Any,
+                  mode: str | None = None) -> image_check.ImageChecker:
+  """The config's check of image files (input.bad_images, or `mode`;
   input.max_image_pixels)."""
   return image_check.ImageChecker(
-      input_config.get('bad_images', 'skip'),
+      mode or input_config.get('bad_images', 'skip'),
       input_config.get('max_image_pixels', image_check.DEFAULT_MAX_PIXELS))
 
 
@@ -507,8 +508,7 @@ def make_vis_batch(input_config: Any,
   records = source.ordered()
   if source.paths is not None:  # bad files are left out (the train
     # pipeline applies input.bad_images)
-    checker = image_check.ImageChecker(
-        'skip', image_checker(input_config).max_pixels)
+    checker = image_checker(input_config, mode='skip')
     checker.first_good(source.paths)
 
     def good(record):

@@ -180,20 +180,20 @@ def nonfinite_names(state: TrainState) -> list[str]:
               'overflow (a sum of squares beyond float32: |values| > 1e19)']
 
 
-def _all_finite(loss, grads, state: TrainState, grad_norm):
+def _all_finite(loss, grads, state: TrainState, grad_norm, param_norm):
   """(every checked value finite, index of the first non-finite one in
   `nonfinite_names` order or -1), on the devices.
 
-  The test itself uses the loss and one sum of squares per tree (the
-  gradients' is `grad_norm`, already computed): a non-finite value makes
-  it non-finite. Only when it fails are the arrays checked one by one, to
-  name the first; if none is (finite values whose squares overflow
-  float32), the index is that of the last name, 'overflow'.
+  The test itself uses the loss and one norm per tree (the gradients' and
+  the new params' are the logged ones, already computed): a non-finite
+  value makes it non-finite. Only when it fails are the arrays checked one
+  by one, to name the first; if none is (finite values whose squares
+  overflow float32), the index is that of the last name, 'overflow'.
   """
   trees = checked_trees(loss, grads, state)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  for _, tree in trees[2:]:
-    ok &= jnp.isfinite(optim.global_norm(tree))
+  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        & jnp.isfinite(param_norm)
+        & jnp.isfinite(optim.global_norm(state.opt_state)))
 
   def first_bad():
     flags = jnp.stack([jnp.all(jnp.isfinite(x)) for _, tree in trees
@@ -230,10 +230,11 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
   state hold a non-finite value changes nothing but the step counts (the
   state's and the optimizer's, so the lr schedule stays on the step):
   params, optimizer moments, EMA, target and model state stay as they
-  were. Its
-  metrics say so: `skipped` (1.0) and `nonfinite_at` (the index of the
-  first non-finite array in `nonfinite_names`; -1 when finite). The host
-  decides whether to go on (`mim_jax.guards.NonFiniteMonitor`).
+  were. Its metrics say so: `skipped` (1.0) and `nonfinite_at` (the index
+  of the first non-finite array in `nonfinite_names`; -1 when finite); its
+  other metrics describe the rejected update, and the trainer leaves them
+  out of the logged means. The host decides whether to go on
+  (`mim_jax.guards.NonFiniteMonitor`).
   """
   compute = make_loss_fn(model, loss_fn, providers)
   has_ema = any(p.kind == 'ema' for p in providers)
@@ -272,16 +273,16 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
           state.target_state, **{
               p.name: p.update(state.target_state[p.name], batch, state.step)
               for p in running}))
+    metrics['l2_params'] = optim.global_norm(new_state.params)
     if guard:
-      ok, metrics['nonfinite_at'] = _all_finite(loss, grads, new_state,
-                                                metrics['l2_grads'])
+      ok, metrics['nonfinite_at'] = _all_finite(
+          loss, grads, new_state, metrics['l2_grads'], metrics['l2_params'])
       metrics['skipped'] = 1.0 - ok.astype(jnp.float32)
       kept = {k: jax.tree.map(functools.partial(_keep_if_not, ok),
                               getattr(new_state, k), getattr(state, k))
               for k in ('params', 'opt_state', 'ema_params', 'target_state',
                         'model_state')}
       new_state = new_state.replace(**kept)
-    metrics['l2_params'] = optim.global_norm(new_state.params)
     return new_state, metrics
 
   return train_step
@@ -446,8 +447,7 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
                          accum_steps=config.get('grad_accum_steps', 1),
                          ema_momentum=ema_schedule(config),
                          batch_transform=method_of(config).batch_transform(
-                             config),
-                         guard=config.get('nonfinite', 'skip') != 'off')
+                             config))
   rules = sharding.activation_rules(_rules(config), mesh)
 
   def sharded_step(state, batch, frozen):

@@ -8,7 +8,6 @@ their masks) from the tf.data pipeline.
 
 import json
 import os
-import re
 import time
 
 import jax
@@ -32,6 +31,7 @@ from mim_jax import steps
 from mim_jax import visualize
 from mim_jax import weights
 from mim_jax.convert import core
+from mim_jax.data import image_check
 from mim_jax.models import vit
 
 
@@ -329,8 +329,7 @@ def _next_batch(it):
   try:
     return next(it)
   except tf.errors.OpError as e:
-    found = re.search(r'bad image [^\n]*?set --config\.input\.bad_images='
-                      r'skip to leave such files out\.', e.message)
+    found = image_check.ERROR.search(e.message)
     if not found:
       raise
     raise guards.mark_user_error(ValueError(found.group(0))) from None
@@ -362,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     The final TrainState ((state, eval metrics) with eval_only).
   """
   # Errors of the setup (config, data, checkpoints, weights files) are
-  # the user's: the CLI prints them as one line (guards.UserError).
+  # the user's: the CLI prints them as one line (guards.user_errors).
   with guards.user_errors():
     if config.get('eval_only') and not config.get('init_from'):
       raise ValueError('eval_only evaluates the model of config.init_from: '

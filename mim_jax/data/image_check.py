@@ -15,6 +15,7 @@ example mapping, and with it resume, stay exact); with 'error' it stops the
 run naming the file.
 """
 
+import re
 import struct
 import threading
 from typing import Optional
@@ -25,6 +26,11 @@ import tensorflow as tf
 # PIL's Image.MAX_IMAGE_PIXELS: a 20000 x 20000 image is over it.
 DEFAULT_MAX_PIXELS = 89_478_485
 BAD_IMAGE_MODES = ('skip', 'error')
+# The end of the error of input.bad_images='error'; `ERROR` finds the whole
+# line in the message of the TensorFlow error that carries it.
+_ERROR_FIX = ('. Fix or remove it, or set --config.input.bad_images=skip to '
+              'leave such files out.')
+ERROR = re.compile(r'bad image [^\n]*?' + re.escape(_ERROR_FIX))
 _PNG = b'\x89PNG\r\n\x1a\n'
 # Start-of-frame markers (the ones with the frame size), per ITU T.81.
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
@@ -86,8 +92,6 @@ def problem(data: bytes, max_pixels: int) -> Optional[str]:
 class ImageChecker:
   """The pipeline's check of each file (see the module docstring).
 
-  Attributes:
-    bad: {path: reason} of the bad files this checker met.
   """
 
   # Paths already logged, by any checker of this process (the train
@@ -103,7 +107,6 @@ class ImageChecker:
       raise ValueError(f'input.max_image_pixels={max_pixels!r} must be a '
                        'positive integer.')
     self.mode, self.max_pixels = mode, max_pixels
-    self.bad = {}
     self._lock = threading.Lock()
 
   def _check(self, path, data) -> bool:
@@ -112,13 +115,10 @@ class ImageChecker:
     if why is None:
       return True
     if self.mode == 'error':
-      raise ValueError(f'bad image {path}: {why}. Fix or remove it, or set '
-                       '--config.input.bad_images=skip to leave such files '
-                       'out.')
+      raise ValueError(f'bad image {path}: {why}{_ERROR_FIX}')
     with self._lock:
       first = path not in ImageChecker._logged
       ImageChecker._logged.add(path)
-      self.bad.setdefault(path, why)
     if first:
       logging.warning('Skipping bad image %s: %s.', path, why)
     return False
