@@ -193,14 +193,24 @@ _TS_ERRNO = re.compile(r"os_error_code='(\d+)'")
 _TS_PATH = re.compile(r'"(/[^"]+)"')
 
 
+# The errno of an OSError subclass raised with a message only.
+_ERRNO_OF = {FileNotFoundError: errno_lib.ENOENT,
+             NotADirectoryError: errno_lib.ENOTDIR,
+             IsADirectoryError: errno_lib.EISDIR,
+             PermissionError: errno_lib.EACCES,
+             FileExistsError: errno_lib.EEXIST}
+
+
 def checkpoint_error(e: BaseException, directory) -> CheckpointSaveError:
   """A one-line error for a failed save into `directory`: the path and
   the OS error (errno) when there is one."""
   os_err = _os_error(e)
   text = str(e)
   code, path = None, str(directory)
-  if os_err is not None and os_err.errno:
-    code, path = os_err.errno, os_err.filename or path
+  if os_err is not None and (os_err.errno or type(os_err) in _ERRNO_OF):
+    # (libraries raise e.g. NotADirectoryError(message) without an errno)
+    code = os_err.errno or _ERRNO_OF[type(os_err)]
+    path = os_err.filename or path
   elif _TS_ERRNO.search(text):
     code = int(_TS_ERRNO.search(text).group(1))
     found = _TS_PATH.search(text)

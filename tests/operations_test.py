@@ -270,7 +270,8 @@ def test_failed_save_exits_with_the_path_instead_of_hanging(tmp_path):
   ckpts = os.path.join(wd, 'checkpoints')
   _wait_for(lambda: os.path.isdir(os.path.join(ckpts, '2')), proc,
             'first checkpoint')
-  shutil.rmtree(ckpts)
+  # A rename is atomic; deleting would race with the saves writing in it.
+  os.rename(ckpts, ckpts + '.gone')
   with open(ckpts, 'w') as f:
     f.write('not a directory')
   _, err = proc.communicate(timeout=TIMEOUT_S)
@@ -299,6 +300,10 @@ def test_checkpoint_error_names_path_and_errno():
     msg = str(guards.checkpoint_error(outer, '/w/checkpoints'))
   assert msg.startswith('checkpoint save failed in /w/checkpoints/6: '
                         '[Errno 13 EACCES] Permission denied.'), msg
+  msg = str(guards.checkpoint_error(
+      NotADirectoryError('Path is not a directory: /w/c/4.tmp'), '/w/c'))
+  assert msg.startswith('checkpoint save failed in /w/c: [Errno 20 ENOTDIR] '
+                        'Not a directory.'), msg
   msg = str(guards.checkpoint_error(RuntimeError('boom\nmore'), '/w/c'))
   assert msg.startswith('checkpoint save failed in /w/c: RuntimeError: '
                         'boom.') and '\n' not in msg
