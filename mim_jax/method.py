@@ -215,6 +215,11 @@ def _no_transform(config: Config) -> None:
   del config
 
 
+def _no_rules(config: Config) -> tuple:
+  del config
+  return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One MIM method, as the generic code sees it.
@@ -250,6 +255,9 @@ class Method:
       encoder that feature monitoring and the timm export
       (`convert export --format=timm`) rebuild; None when the method has
       no pretrained ViT encoder.
+    init_rules: config -> `mim_jax.models.init_rules.Rule`s that redraw
+      params after `model.init` as the official code initialises them
+      (its post-construction re-init); () keeps the modules' own inits.
   """
   name: str
   build_model: Callable[[Config], Any]
@@ -265,6 +273,7 @@ class Method:
   eval_metrics: Optional[Callable[..., dict]] = None
   from_encoder: Optional[Callable[..., Any]] = None
   encoder: Optional[Callable[[Config], dict]] = None
+  init_rules: Callable[[Config], tuple] = _no_rules
 
   def __post_init__(self):
     for field in dataclasses.fields(self):

@@ -18,6 +18,7 @@ from mim_jax import method as method_lib
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax.models import init_rules
 from mim_jax.models import vit
 from mim_jax.state import TrainState
 
@@ -288,17 +289,29 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
   return train_step
 
 
-def init_variables(model, batch_shapes: dict, seed: int):
-  """Initialises the boxed variables (params carry their logical axes)."""
+def init_rules_of(config) -> tuple:
+  """The method's official-init rules (`Method.init_rules`)."""
+  return tuple(method_of(config).init_rules(config))
+
+
+def init_variables(model, batch_shapes: dict, seed: int, rules=()):
+  """Initialises the boxed variables (params carry their logical axes);
+  `rules` (init_rules_of(config)) redraw params as the official code
+  initialises them."""
   dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_shapes.items()}
-  return model.init(
-      {'params': jax.random.PRNGKey(seed), 'dropout': jax.random.PRNGKey(0)},
-      dummy, train=False)
+  key = jax.random.PRNGKey(seed)
+  variables = dict(model.init({'params': key,
+                               'dropout': jax.random.PRNGKey(0)},
+                              dummy, train=False))
+  variables['params'] = init_rules.apply(
+      variables['params'], rules, jax.random.fold_in(key, 1))
+  return variables
 
 
-def init_params(model, batch_shapes: dict, seed: int):
+def init_params(model, batch_shapes: dict, seed: int, rules=()):
   """Initialises plain params from ShapeDtypeStructs (no data needed)."""
-  return nn.meta.unbox(init_variables(model, batch_shapes, seed)['params'])
+  return nn.meta.unbox(
+      init_variables(model, batch_shapes, seed, rules)['params'])
 
 
 def _is_box(x) -> bool:
@@ -375,7 +388,8 @@ def create_train_state(config, model, mesh: Mesh, batch_shapes: dict,
   tx, schedule = optim.make_tx(config, nn.meta.unbox(boxed_params))
 
   def make_state(params, ema=None, model_state=None):
-    variables = dict(init_variables(model, batch_shapes, config.seed))
+    variables = dict(init_variables(model, batch_shapes, config.seed,
+                                    init_rules_of(config)))
     fresh = variables.pop('params')
     if params is None:
       params = fresh

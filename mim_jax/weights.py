@@ -40,7 +40,8 @@ def from_torch(config, model, path: str, strict: bool = True,
   `state_dict`: the file's contents when already loaded.
   """
   shapes = steps.batch_spec(config, 1)
-  init = lambda: steps.init_params(model, shapes, config.seed)
+  init = lambda: steps.init_params(model, shapes, config.seed,
+                                   steps.init_rules_of(config))
   target = jax.eval_shape(init) if strict else init()
   sd = core.load_state_dict(path) if state_dict is None else state_dict
   logging.info('Loading %d tensors from %s.', len(sd), path)
@@ -249,6 +250,7 @@ def _check_same(expected, got, path: str):
 
 
 def _from_encoder(config, model, method, encoder_sd: dict):
-  init = steps.init_params(model, steps.batch_spec(config, 1), config.seed)
+  init = steps.init_params(model, steps.batch_spec(config, 1), config.seed,
+                           steps.init_rules_of(config))
   return method.from_encoder(encoder_sd, model, init,
                              config.input.image_size)

@@ -64,6 +64,10 @@ def encoder(config) -> dict:
   return build_model(config).encoder_fields()
 
 
+def init_rules(config) -> tuple:
+  return model.init_rules(build_model(config))
+
+
 METHOD = method.Method(
     name='bootmae',
     build_model=build_model,
@@ -78,4 +82,5 @@ METHOD = method.Method(
     parity=parity.ADAPTER,
     targets=targets,
     validate_config=validate_config,
-    encoder=encoder)
+    encoder=encoder,
+    init_rules=init_rules)

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mim_jax.models import init_rules as ir
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -187,6 +188,28 @@ class BootMAE(nn.Module):
                feat_decoder_out=feat,
                pred_feature=pred_feature.astype(jnp.float32))
     return pred.astype(jnp.float32), out
+
+
+# Upstream's constructor, after building its modules: trunc_normal(0.02)
+# mask tokens truncated at +-0.02 (its trunc_normal_ passes a=-std, b=std),
+# then every Linear redrawn xavier-uniform with zero bias, a fused qkv per
+# q/k/v (the cross-attention's fused kv as one weight), cls normal(1e-6),
+# the patch embedding xavier on its (D, C*p*p) view with zero bias. The
+# pixel head, a ConvTranspose2d, is not re-initialised: PyTorch's default,
+# U(+-1/sqrt(fan_in)) for weight and bias with fan_in = C*p*p (its weight is
+# (D, C, p, p) and torch takes fan_in from dim 1).
+def init_rules(model: BootMAE) -> tuple:
+  """The official init, beyond the modules' own (see `mim_jax.models.
+  init_rules`)."""
+  p = vit.Encoder(**model.encoder_fields(), parent=None).patch_size
+  head = 1.0 / float(model.in_chans * p * p) ** .5
+  return (
+      ir.Rule(r'(.*/)?qkv/kernel', ir.xavier_uniform(parts=3)),
+      ir.Rule(r'encoder/patch_embed/bias', ir.zeros),
+      ir.Rule(r'encoder/cls_token', ir.normal(1e-6)),
+      ir.Rule(r'(pixel|feature)_mask_token', ir.trunc_normal(.02, -.02, .02)),
+      ir.Rule(r'pixel_head/(kernel|bias)', ir.uniform(head)),
+  )
 
 
 def ema_targets(model: BootMAE, ema_params, batch) -> dict:

@@ -6,7 +6,6 @@ pixel MSE + alignment), convert.py (official keys, teacher copy), parity.py
 the shared frozen tokenizer provider (mim_jax/targets/tokenizer.py).
 """
 
-import functools
 
 from mim_jax import method
 from mim_jax.methods.cae import convert
@@ -16,6 +15,15 @@ from mim_jax.methods.cae import parity
 from mim_jax.models import vit
 from mim_jax.targets import pixels
 from mim_jax.targets import tokenizer
+
+
+def build_model(config):
+  """The model of `config.model`; with token targets and no
+  `model.vocab_size`, the vocabulary of the tokenizer file."""
+  net = method.model_from_config(model.Model, config)
+  if _tokenizer(config) and config.model.get('vocab_size') is None:
+    net = net.clone(vocab_size=tokenizer.sizes(config)['vocab_size'])
+  return net
 
 
 def _tokens(config) -> bool:
@@ -70,9 +78,14 @@ def encoder(config) -> dict:
   return method.model_from_config(model.Model, config).encoder_fields()
 
 
+def init_rules(config) -> tuple:
+  del config
+  return model.INIT_RULES
+
+
 METHOD = method.Method(
     name='cae',
-    build_model=functools.partial(method.model_from_config, model.Model),
+    build_model=build_model,
     batch_spec=batch_spec,
     loss=loss.loss_fn,
     to_pixels=to_pixels,
@@ -84,4 +97,5 @@ METHOD = method.Method(
     targets=targets,
     views=views,
     validate_config=validate_config,
-    encoder=encoder)
+    encoder=encoder,
+    init_rules=init_rules)

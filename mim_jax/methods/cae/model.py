@@ -16,7 +16,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mim_jax.models import init_rules as ir
 from mim_jax.models import layers
 from mim_jax.models import vit
 
@@ -76,6 +78,10 @@ class CAE(nn.Module):
   decoder_depth: int = 4
   decoder_layer_scale: float = 0.1
   decoder_mlp_dim: Optional[int] = None
+  # Stochastic depth of the regressor and decoder, each linearly from 0 at
+  # its first block; None = the encoder's drop_path_rate, as upstream passes
+  # one --drop_path to all three stacks.
+  decoder_drop_path_rate: Optional[float] = None
   vocab_size: int = 8192
   target: str = 'tokens'                  # or 'pixels' (CAE paper Table 8)
   mask_ratio: float = 0.5
@@ -143,10 +149,12 @@ class CAE(nn.Module):
     x = jnp.broadcast_to(mask_token.astype(self.dtype),
                          (n, num_masked, width))
     pos_kv = jnp.concatenate([pos_vis, pos_masked], axis=1)
-    for i in range(self.regressor_depth):
+    rate = (enc.drop_path_rate if self.decoder_drop_path_rate is None
+            else self.decoder_drop_path_rate)
+    for i, dp in enumerate(np.linspace(0, rate, self.regressor_depth)):
       x = RegressorBlock(
           self.decoder_num_heads, mlp_dim, self.decoder_layer_scale,
-          layernorm_eps=eps, deterministic=not train,
+          drop_path=float(dp), layernorm_eps=eps, deterministic=not train,
           dtype=self.dtype, name=f'regressor_blocks_{i}')(
               x, jnp.concatenate([z_vis, x], axis=1), pos_masked, pos_kv)
     latent_predict = layers.layer_norm(eps, self.dtype,
@@ -160,7 +168,9 @@ class CAE(nn.Module):
                           layernorm_eps=eps,
                           dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
-        deterministic=not train, name='decoder_blocks')
+        deterministic=not train, name='decoder_blocks',
+        drop_path_rates=tuple(
+            float(r) for r in np.linspace(0, rate, self.decoder_depth)))
     y = layers.layer_norm(eps, self.dtype,
                           'decoder_norm')(y)
     p = enc.patch_size
@@ -187,3 +197,17 @@ def Model(*, variant: Optional[str] = None, encoder: Optional[dict] = None,
           **kw) -> CAE:
   """Builds CAE from a ViT variant ('B/16') and/or explicit encoder fields."""
   return CAE(encoder=vit.encoder_fields(variant, encoder), **kw)
+
+
+# Upstream: the encoder draws its patch embedding and cls token from
+# trunc_normal(0.02) truncated at +-0.02 (its trunc_normal_ passes a=-std,
+# b=std) with zero conv bias, the mask token likewise; then the model applies
+# xavier-uniform with zero bias to every Linear (the modules' own init here)
+# and LayerNorm 1/0 (fix_init_weight=False, every official script).
+_TRUNC = ir.trunc_normal(.02, -.02, .02)
+INIT_RULES = (
+    ir.Rule(r'encoder/patch_embed/kernel', _TRUNC),
+    ir.Rule(r'encoder/patch_embed/bias', ir.zeros),
+    ir.Rule(r'encoder/cls_token', _TRUNC),
+    ir.Rule(r'mask_token', _TRUNC),
+)
