@@ -141,13 +141,42 @@ def test_bad_tokenizer_config(change, words):
 
 
 def test_wrong_architecture_file(encoder_pkl):
+  """A config whose sizes disagree with the file: the field and the file's
+  value are named, before any conversion."""
   _, path = encoder_pkl
   c = _config(path)
   c.tokenizer.hidden = 16
   with pytest.raises(ValueError) as e:
     tokenizer.load_params(c)
-  assert 'blocks.input.w: got (8, 3, 7, 7)' in str(e.value)
-  assert 'config.tokenizer' in str(e.value)
+  assert 'with hidden=8' in str(e.value)
+  assert 'config.tokenizer.hidden=16' in str(e.value)
+
+
+def test_sizes_left_none_are_read_from_the_file(encoder_pkl):
+  """Any encoder the DALL-E package builds: with config.tokenizer's sizes
+  and model.vocab_size None, the file's sizes build the tokenizer and the
+  model's output layer."""
+  _, path = encoder_pkl
+  c = cae_config.get_config('tiny')
+  c.model.target = 'tokens'
+  c.tokenizer.update(dict(weights=path, hidden=None, groups=None,
+                          blocks_per_group=None, vocab_size=None))
+  assert tokenizer.sizes(c) == dict(hidden=HID, groups=4, blocks_per_group=2,
+                                    vocab_size=VOCAB)
+  assert steps.build_model(c).vocab_size == VOCAB
+  train.validate_config(c, 8, 8)
+  params = tokenizer.load_params(c)
+  assert params['input']['kernel'].shape == (7, 7, 3, HID)
+
+
+def test_a_file_that_is_not_a_dalle_encoder(tmp_path):
+  path = str(tmp_path / 'encoder.pkl')
+  torch.save(torch.nn.Linear(3, 4), path)
+  c = cae_config.get_config('tiny')
+  c.model.target = 'tokens'
+  c.tokenizer.update(dict(weights=path, vocab_size=None))
+  with pytest.raises(ValueError, match='not a DALL-E dVAE encoder'):
+    tokenizer.sizes(c)
 
 
 def test_pixel_targets_need_no_tokenizer():

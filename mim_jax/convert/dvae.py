@@ -85,6 +85,34 @@ def load_encoder_pkl(path: str) -> dict[str, np.ndarray]:
   return {k: v.detach().float().numpy() for k, v in sd.items()}
 
 
+def sizes_of(state_dict) -> dict[str, int]:
+  """The encoder's architecture read from its tensors: `hidden` (n_hid,
+  the input conv's outputs), `groups`, `blocks_per_group` and `vocab_size`
+  (the output conv's outputs), as `config.tokenizer` names them.
+
+  Raises:
+    core.ConversionError: not a DALL-E encoder (no input / output conv or
+      no groups), with the keys found.
+  """
+  names = _torch_names(state_dict)
+  groups = {int(m.group(1)) for k in names
+            if (m := re.match(r'blocks\.group_(\d+)\.', k))}
+  blocks = {int(m.group(1)) for k in names
+            if (m := re.match(r'blocks\.group_1\.block_(\d+)\.', k))}
+  try:
+    hidden = names['blocks.input.weight'].shape[0]
+    vocab = names['blocks.output.conv.weight'].shape[0]
+  except KeyError:
+    groups = set()
+  if not groups or not blocks:
+    raise core.ConversionError(
+        f'not a DALL-E dVAE encoder: no blocks.input / blocks.group_<g> / '
+        f'blocks.output.conv tensors (found {sorted(state_dict)[:8]}); the '
+        f'official file is {ENCODER_URL}.')
+  return dict(hidden=int(hidden), groups=max(groups),
+              blocks_per_group=max(blocks), vocab_size=int(vocab))
+
+
 def to_flax(state_dict, params):
   """Official encoder state dict -> params shaped like `params`.
 

@@ -18,6 +18,7 @@ replicated on the mesh (the DALL-E encoder has 54M params, 0.2 GB in f32);
 checkpoints stay the size of the model, and the file stays the one source.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -36,11 +37,70 @@ VIEW = 'tokenizer_image'
 TOKENS = 'token_ids'
 
 
-def encoder_of(config) -> dvae.Encoder:
-  """The dVAE encoder described by `config.tokenizer` (official defaults)."""
+def _path(config) -> str:
+  """`config.tokenizer.weights`, expanded, checked to exist.
+
+  Raises:
+    ValueError: the file does not exist (with where to get it).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(config.tokenizer.weights)
+  if not tf.io.gfile.exists(path):
+    raise ValueError(
+        f'Tokenizer weights {path} not found (config.tokenizer.weights). '
+        f'Download the DALL-E encoder: `mkdir -p {os.path.dirname(path)} && '
+        f'wget {convert_dvae.ENCODER_URL} -O {path}` (copy it to every '
+        'host, or use a gs:// path), or train on normalised pixels with '
+        '--config.model.target=pixels.')
+  return path
+
+
+@functools.lru_cache(maxsize=1)
+def _read(path: str) -> dict:
+  sd = convert_dvae.load_encoder_pkl(path)
+  logging.info('Tokenizer: %d tensors from %s.', len(sd), path)
+  return sd
+
+
+def sizes(config) -> dict[str, int]:
+  """The tokenizer's architecture: `config.tokenizer`'s hidden, groups,
+  blocks_per_group and vocab_size where set; the ones left None are read
+  from the weights file (any encoder the DALL-E package builds), and set
+  ones must agree with it.
+
+  Raises:
+    ValueError: the file is needed and missing, or disagrees with a set
+      field (named, with the file's value).
+  """
+  given = _given(config)
+  if len(given) == len(_ARCH_KEYS):
+    return given
+  path = _path(config)
+  found = convert_dvae.sizes_of(_read(path))
+  _check_sizes(given, found, path)
+  return found
+
+
+def _given(config) -> dict[str, int]:
   tok = config.get('tokenizer') or {}
-  return dvae.Encoder(**{k: int(tok[k]) for k in _ARCH_KEYS
-                         if tok.get(k) is not None})
+  return {k: int(tok[k]) for k in _ARCH_KEYS if tok.get(k) is not None}
+
+
+def _check_sizes(given: dict, found: dict, path: str) -> None:
+  bad = {k: (v, found[k]) for k, v in given.items() if found[k] != v}
+  if bad:
+    raise ValueError(
+        f'{path} is a DALL-E encoder with '
+        + ', '.join(f'{k}={f}' for k, (_, f) in bad.items())
+        + ' but the config says '
+        + ', '.join(f'config.tokenizer.{k}={g}' for k, (g, _) in bad.items())
+        + ': set them to the file\'s values, or to None to read them from '
+        'the file.')
+
+
+def encoder_of(config) -> dvae.Encoder:
+  """The dVAE encoder of `config.tokenizer` (see `sizes`)."""
+  return dvae.Encoder(**sizes(config))
 
 
 def view(config, patch_size: int) -> method.View:
@@ -50,7 +110,8 @@ def view(config, patch_size: int) -> method.View:
 
 
 def validate_config(config) -> None:
-  """Checks a token-target config without reading any file.
+  """Checks a token-target config (reads the weights file only for sizes
+  the config leaves None).
 
   Raises:
     ValueError: no weights path, or a vocabulary that differs from the
@@ -84,18 +145,11 @@ def load_params(config) -> Any:
     ValueError: the file does not exist (with where to get it).
     ConversionError: the file holds another architecture (names the keys).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  path = os.path.expanduser(config.tokenizer.weights)
-  if not tf.io.gfile.exists(path):
-    raise ValueError(
-        f'Tokenizer weights {path} not found (config.tokenizer.weights). '
-        f'Download the DALL-E encoder: `mkdir -p {os.path.dirname(path)} && '
-        f'wget {convert_dvae.ENCODER_URL} -O {path}` (copy it to every '
-        'host, or use a gs:// path), or train on normalised pixels with '
-        '--config.model.target=pixels.')
-  sd = convert_dvae.load_encoder_pkl(path)
-  logging.info('Tokenizer: %d tensors from %s.', len(sd), path)
-  return convert_dvae.to_flax(sd, _abstract_params(encoder_of(config)))
+  path = _path(config)
+  sd = _read(path)
+  found = convert_dvae.sizes_of(sd)
+  _check_sizes(_given(config), found, path)
+  return convert_dvae.to_flax(sd, _abstract_params(dvae.Encoder(**found)))
 
 
 def tokenize(module: dvae.Encoder, params, images_u8) -> jax.Array:
