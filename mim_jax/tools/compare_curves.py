@@ -2,7 +2,14 @@ r"""Compare training-loss curves: mim_jax runs against PyTorch reference runs.
 
   python -m mim_jax.tools.compare_curves --ours=/tmp/run_a --ours=/tmp/run_b \
       --reference=tests/fixtures/curves_mae_tiny/curves.json \
-      --out=curves.png [--align=epoch|step] [--tolerance_sigma=3]
+      --out=curves.png [--align=epoch|step] [--tolerance_sigma=3] \
+      [--term=loss]
+
+`--term` picks the curve: the total `loss` (default) or one logged loss term
+(e.g. CAE's `loss_main`, `loss_align`, `mlm_acc`; BootMAE's `loss_pixel`,
+`loss_feature`): ours `train/<term>`, a curves.json's `terms[<term>]`, a
+log.txt's `train_<term>`, an mm log's `<term>`. A reference or workdir
+without it is refused with the list of the terms it has.
 
 Inputs (the format of each --reference is detected from its content):
 
@@ -132,11 +139,22 @@ def steps_per_epoch_of(config: dict) -> Optional[int]:
   return int(n) // int(b)
 
 
-def read_ours(workdir: str, steps_per_epoch: Optional[int] = None) -> Run:
-  """A mim_jax workdir's training curve (metrics.jsonl + config.json).
+def _no_term(path: str, term: str, found) -> ValueError:
+  found = sorted(found)
+  return ValueError(
+      f'{path} has no term {term!r}; it has: '
+      f'{", ".join(found) if found else "(none)"}. Pass one of these as '
+      '--term.')
+
+
+def read_ours(workdir: str, steps_per_epoch: Optional[int] = None,
+              term: str = 'loss') -> Run:
+  """A mim_jax workdir's training curve (metrics.jsonl + config.json) of
+  `term` (`train/<term>`: the total 'loss' or a logged loss term).
 
   Raises:
-    ValueError: no metrics.jsonl, or no train/loss rows.
+    ValueError: no metrics.jsonl, or no train/<term> rows (the message
+      lists the terms the workdir logs).
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -149,11 +167,15 @@ def read_ours(workdir: str, steps_per_epoch: Optional[int] = None) -> Run:
   if spe is None and os.path.exists(cfg_path):
     with open(cfg_path) as f:
       spe = steps_per_epoch_of(json.load(f))
-  rows = [r for r in _read_jsonl(path) if 'train/loss' in r]
+  all_rows = _read_jsonl(path)
+  key = f'train/{term}'
+  rows = [r for r in all_rows if key in r]
   if not rows:
-    raise ValueError(f'{path} has no train/loss rows.')
+    raise _no_term(path, term, {k[len('train/'):] for r in all_rows
+                                for k in r if k.startswith('train/')
+                                and k != 'train/lr'})
   steps = [int(r['step']) for r in rows]
-  loss = [float(r['train/loss']) for r in rows]
+  loss = [float(r[key]) for r in rows]
   lr = [float(r.get('train/lr', math.nan)) for r in rows]
   run = Run(os.path.basename(os.path.normpath(workdir)), {}, {}, steps, loss,
             lr, spe)
@@ -163,20 +185,27 @@ def read_ours(workdir: str, steps_per_epoch: Optional[int] = None) -> Run:
   return run
 
 
-def _official(path: str, rows: list[dict]) -> Reference:
-  loss = {int(r['epoch']): float(r['train_loss']) for r in rows
-          if 'train_loss' in r}
+def _official(path: str, rows: list[dict], term: str) -> Reference:
+  key = f'train_{term}'
+  if not any(key in r for r in rows):
+    raise _no_term(path, term, {k[len('train_'):] for r in rows for k in r
+                                if k.startswith('train_')
+                                and k != 'train_lr'})
+  loss = {int(r['epoch']): float(r[key]) for r in rows if key in r}
   lr = {int(r['epoch']): float(r.get('train_lr', math.nan)) for r in rows
-        if 'train_loss' in r}
+        if key in r}
   return Reference(path, [Run(path, loss, lr)])
 
 
-def _mm(path: str, rows: list[dict],
-        steps_per_epoch: Optional[int]) -> Reference:
+def _mm(path: str, rows: list[dict], steps_per_epoch: Optional[int],
+        term: str) -> Reference:
   """mmengine scalars.json or mmcv log.json training rows."""
-  train = [r for r in rows if 'loss' in r and r.get('mode', 'train') ==
+  train = [r for r in rows if term in r and r.get('mode', 'train') ==
            'train' and 'epoch' in r]
   if not train:
+    if term != 'loss' and any('loss' in r for r in rows):
+      raise _no_term(path, term, {k for r in rows for k in r
+                                  if k.startswith('loss')})
     raise ValueError(f'{path}: no training rows with "loss" and "epoch".')
   spe = steps_per_epoch
   if spe is None:
@@ -194,18 +223,27 @@ def _mm(path: str, rows: list[dict],
   by_epoch_loss, by_epoch_lr = {}, {}
   for r in train:
     e = int(r['epoch']) - 1
-    by_epoch_loss.setdefault(e, []).append(float(r['loss']))
+    by_epoch_loss.setdefault(e, []).append(float(r[term]))
     by_epoch_lr.setdefault(e, []).append(float(r.get('lr', math.nan)))
   run = Run(path, {e: float(np.mean(v)) for e, v in by_epoch_loss.items()},
             {e: float(np.mean(v)) for e, v in by_epoch_lr.items()}, ends,
-            [float(r['loss']) for r in train],
+            [float(r[term]) for r in train],
             [float(r.get('lr', math.nan)) for r in train], spe)
   return Reference(path, [run])
 
 
-def _curves_json(path: str, data: dict) -> Reference:
+def _curves_json(path: str, data: dict, term: str) -> Reference:
+  """curves.json: the total loss at the top level, each logged term under
+  'terms' in the same layout (the lr stays the top level's)."""
   spe = int(data['steps_per_epoch'])
   seeds = [str(s) for s in data['seeds']]
+  lr_by_epoch = {int(e['epoch']): float(e.get('train_lr', math.nan))
+                 for e in data['epochs']}
+  if term != 'loss':
+    terms = data.get('terms') or {}
+    if term not in terms:
+      raise _no_term(path, term, ['loss', *terms])
+    data = terms[term]
   per_step = data.get('per_step') or {}
   # The per-step lr is in the recipe next to it (config.json), if present.
   lr_steps = None
@@ -216,8 +254,7 @@ def _curves_json(path: str, data: dict) -> Reference:
   runs = []
   for s in seeds:
     loss = {int(e['epoch']): float(e['per_seed'][s]) for e in data['epochs']}
-    lr = {int(e['epoch']): float(e.get('train_lr', math.nan))
-          for e in data['epochs']}
+    lr = {e: lr_by_epoch.get(e, math.nan) for e in loss}
     run = Run(f'{path}[seed {s}]', loss, lr, steps_per_epoch=spe)
     values = (per_step.get('per_seed') or {}).get(s)
     if values:
@@ -229,18 +266,20 @@ def _curves_json(path: str, data: dict) -> Reference:
   return Reference(path, runs)
 
 
-def read_reference(path: str,
-                   steps_per_epoch: Optional[int] = None) -> Reference:
-  """A reference log in any known format (detected from its content).
+def read_reference(path: str, steps_per_epoch: Optional[int] = None,
+                   term: str = 'loss') -> Reference:
+  """A reference log in any known format (detected from its content), its
+  curve of `term` (the total 'loss' or a loss term).
 
   Raises:
-    ValueError: unknown format (the message lists the known ones).
+    ValueError: unknown format (the message lists the known ones), or no
+      such term (the message lists the reference's terms).
   """
   if not os.path.exists(path):
     raise ValueError(f'--reference {path!r} does not exist.')
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, 'metrics.jsonl')):
-      return Reference(path, [read_ours(path, steps_per_epoch)])
+      return Reference(path, [read_ours(path, steps_per_epoch, term)])
     raise ValueError(f'--reference {path!r} is a folder without '
                      'metrics.jsonl; give a log file. Known formats: '
                      f'{", ".join(FORMATS)}.')
@@ -251,15 +290,15 @@ def read_reference(path: str,
   except json.JSONDecodeError:
     data = None
   if isinstance(data, dict) and 'epochs' in data and 'seeds' in data:
-    return _curves_json(path, data)
+    return _curves_json(path, data, term)
   rows = _read_jsonl(path)
   if rows and all(isinstance(r, dict) for r in rows):
     keys = set().union(*rows)
     if 'train_loss' in keys and 'epoch' in keys:
-      return _official(path, rows)
+      return _official(path, rows, term)
     if 'loss' in keys and 'epoch' in keys and ('iter' in keys
                                                or 'step' in keys):
-      return _mm(path, rows, steps_per_epoch)
+      return _mm(path, rows, steps_per_epoch, term)
     if 'train/loss' in keys and 'step' in keys:
       raise ValueError(f'{path} is a mim_jax metrics.jsonl: pass its '
                        'workdir (the folder), which also holds config.json.')
@@ -434,7 +473,7 @@ def plot(report: dict, out: str, title: str = ''):
             label='mim_jax runs' if i == 0 else None)
   ax.plot(x, [p['ours'] for p in pts], color='tab:red', lw=1.5, ls='--',
           label=f'mim_jax mean ({n_ours} run{"s" * (n_ours > 1)})')
-  ax.set_ylabel('training loss')
+  ax.set_ylabel(report.get('term', 'loss'))
   ax.set_yscale('log')
   ax.grid(alpha=0.3, which='both')
   lr_ax = ax.twinx()
@@ -483,15 +522,16 @@ def run(ours: Sequence[str], references: Sequence[str], *,
         out: Optional[str] = None, align: str = 'epoch',
         tolerance_sigma: float = 3.0, tolerance_rel: float = 0.02,
         sigma_floor: str = 'median',
-        steps_per_epoch: Optional[int] = None) -> dict:
-  """Reads, compares and (with `out`) plots; returns the report."""
+        steps_per_epoch: Optional[int] = None, term: str = 'loss') -> dict:
+  """Reads, compares and (with `out`) plots `term`; returns the report."""
   if not ours or not references:
     raise ValueError('give at least one --ours workdir and one --reference '
                      'log.')
-  runs = [read_ours(w, steps_per_epoch) for w in ours]
-  refs = [read_reference(p, steps_per_epoch) for p in references]
+  refs = [read_reference(p, steps_per_epoch, term) for p in references]
+  runs = [read_ours(w, steps_per_epoch, term) for w in ours]
   report = compare(runs, refs, align=align, tolerance_sigma=tolerance_sigma,
                    tolerance_rel=tolerance_rel, sigma_floor=sigma_floor)
+  report['term'] = term
   if out:
     plot(report, out)
     report['figure'] = out
@@ -506,7 +546,7 @@ def main(argv):
     report = run(f.ours, f.reference, out=f.out, align=f.align,
                  tolerance_sigma=f.tolerance_sigma,
                  tolerance_rel=f.tolerance_rel, sigma_floor=f.sigma_floor,
-                 steps_per_epoch=f.steps_per_epoch)
+                 steps_per_epoch=f.steps_per_epoch, term=f.term)
   except ValueError as e:
     raise SystemExit(f'compare_curves: {e}') from None
   print(json.dumps(report))
@@ -528,6 +568,10 @@ def _define_flags():
                     'Floor of the per-point sigma.')
   flags.DEFINE_integer('steps_per_epoch', None,
                        'Steps per epoch (default: from config.json).')
+  flags.DEFINE_string('term', 'loss',
+                      'The curve to compare: the total loss or a logged '
+                      'term (ours: train/<term>; curves.json: terms[<term>]; '
+                      'log.txt: train_<term>).')
 
 
 if __name__ == '__main__':
