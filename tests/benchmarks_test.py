@@ -3,8 +3,9 @@ iteration), as a subprocess; its JSON (the last line of its output) is
 parsed and checked. The README quotes figures from these scripts: this
 keeps them runnable between the runs that produce the figures.
 
-curves_vs_pytorch.py and vs_pytorch.py have their own tests
-(tests/curves_test.py, tests/vs_pytorch_test.py).
+curves_vs_pytorch.py, vs_pytorch.py and mask_distribution.py have their own
+tests (tests/curves_test.py, tests/vs_pytorch_test.py,
+tests/mask_distribution_test.py).
 """
 
 import json
