@@ -19,7 +19,7 @@ least 5 per block: upstream's 16 of 196 scaled); the tokenizer's view 64 px
 cross-entropy on the masked tokens + 2 x alignment MSE;
 RandomResizedCrop(32, scale 0.08-1, bicubic) + flip, ImageNet mean/std;
 batch 32, every image once per epoch (32 steps), 15 epochs; AdamW (0.9,
-0.999), wd 0.05 (not on biases, norms, layer scales and cls), clip 3.0, lr
+0.999), wd 0.05 (not on biases, norms and layer scales), clip 3.0, lr
 1.5e-3 after a linspace warmup of 2 epochs from 0, cosine to 1e-5; fp32.
 """
 

@@ -88,29 +88,36 @@ CURVES = os.path.join(FIXTURES, 'curves_mae_tiny')
 CURVES_SHORT_EPOCHS = 3
 
 
-def _train_curves_short(workdir: str):
+def _train_curves_short(workdir: str, method: str = 'mae'):
   from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import train  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(
-      os.path.join(ROOT, 'configs', 'mae_curves_tiny.py'))
+      os.path.join(ROOT, 'configs', f'{method}_curves_tiny.py'))
   c.stop_after_steps = 32 * CURVES_SHORT_EPOCHS
   c.peak_tflops = 0.5  # so that train/mfu is logged (tests/curves_test.py)
   c.async_ckpt = False
   train.train_and_evaluate(c, workdir)
 
 
-@pytest.fixture(scope='session')
-def curves_short_workdir(tmp_path_factory, worker_id):
-  """A workdir of `configs/mae_curves_tiny.py` stopped after 3 epochs (the
-  schedule still spans 15), trained once for the whole session, whatever
-  the number of xdist workers (a file lock guards the shared folder)."""
+def shared_curves_short(tmp_path_factory, worker_id, method: str) -> str:
+  """A workdir of `configs/<method>_curves_tiny.py` stopped after 3 epochs
+  (the schedule still spans 15), trained once for the whole session,
+  whatever the number of xdist workers (a file lock guards the shared
+  folder)."""
   import filelock  # pylint: disable=g-import-not-at-top
   shared = tmp_path_factory.getbasetemp()
   if worker_id != 'master':
     shared = shared.parent
-  workdir = str(shared / 'curves_short')
+  name = 'curves_short' if method == 'mae' else f'curves_short_{method}'
+  workdir = str(shared / name)
   with filelock.FileLock(workdir + '.lock'):
     if not os.path.exists(os.path.join(workdir, 'done')):
-      _train_curves_short(workdir)
+      _train_curves_short(workdir, method)
       open(os.path.join(workdir, 'done'), 'w').close()
   return workdir
+
+
+@pytest.fixture(scope='session')
+def curves_short_workdir(tmp_path_factory, worker_id):
+  """The MAE reference recipe's first 3 epochs (shared_curves_short)."""
+  return shared_curves_short(tmp_path_factory, worker_id, 'mae')

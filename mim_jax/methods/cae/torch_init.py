@@ -46,6 +46,7 @@ import numpy as np
 from mim_jax import method
 from mim_jax.methods.cae import model as cae_model
 from mim_jax.models import torch_draws as common
+from mim_jax.targets import tokenizer
 
 
 def _modules(torch, eps: float, std: float):
@@ -194,7 +195,9 @@ def official_init(config, seed: int,
   chans = m.get('in_chans', 3)
   grid = config.input.image_size // p
   if m.get('target', 'tokens') == 'tokens':
-    num_classes = m.get('vocab_size', 8192)
+    # model.vocab_size None: the tokenizer file's vocabulary.
+    num_classes = (m.get('vocab_size')
+                   or tokenizer.sizes(config)['vocab_size'])
   else:  # no official pixel head; ours: p*p*C outputs per masked patch
     num_classes = p * p * chans
   dec_scale = m.get('decoder_layer_scale', 0.1)
