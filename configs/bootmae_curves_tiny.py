@@ -24,6 +24,7 @@ linspace warmup of 2 epochs from 0, cosine to 6.25e-5; fp32, no clipping.
 
 import os
 
+from mim_jax import config_lib
 from mim_jax.methods.bootmae import config as recipe
 
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
@@ -33,11 +34,8 @@ FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
 
 def get_config(arg=None):
   del arg
-  c = recipe.get_config('tiny')
-  c.input.data = f'folder:{os.path.normpath(FOLDER)}'
-  c.input.num_train_examples = 1024
-  c.input.batch_size = 32
-  c.input.image_size = 32
+  c = config_lib.curves_overrides(recipe.get_config('tiny'),
+                                  os.path.normpath(FOLDER))
   c.input.crop_scale = (0.2, 1.0)
   c.input.mask.update(dict(num_masking_patches=39, min_num_patches=5,
                            max_num_patches=20, extra_random=True, roll=3))
@@ -45,16 +43,8 @@ def get_config(arg=None):
   c.lr = 1.5e-3
   c.optim.weight_decay = 0.05
   c.schedule.min_lr = 6.25e-5
-  c.total_steps = None
-  c.warmup_steps = None
-  c.total_epochs = 15.0
-  c.warmup_epochs = 2.0
   # Upstream's dynamic EMA of the ViT-B script: 0.999 -> 0.9999 over epochs
   # 0..100, stepped per epoch (only its first 15 epochs are run here).
   c.ema = dict(momentum=(0.999, 0.9999, 0.99999),
                boundary_epochs=(0, 100, 400))
-  c.log_every_steps = 1
-  c.ckpt_every_steps = 480
-  c.vis_every_steps = 480
-  c.knn.data = None
   return c

@@ -25,6 +25,7 @@ batch 32, every image once per epoch (32 steps), 15 epochs; AdamW (0.9,
 
 import os
 
+from mim_jax import config_lib
 from mim_jax.methods.cae import config as recipe
 
 FIXTURES = os.path.normpath(os.path.join(
@@ -36,11 +37,7 @@ TOKENIZER = os.path.join(FIXTURES, 'curves_cae_tiny', 'tokenizer',
 
 def get_config(arg=None):
   del arg
-  c = recipe.get_config('tiny')
-  c.input.data = f'folder:{FOLDER}'
-  c.input.num_train_examples = 1024
-  c.input.batch_size = 32
-  c.input.image_size = 32
+  c = config_lib.curves_overrides(recipe.get_config('tiny'), FOLDER)
   c.input.crop_scale = (0.08, 1.0)
   c.input.mask.min_num_patches = 5
   c.model.target = 'tokens'
@@ -50,12 +47,4 @@ def get_config(arg=None):
                           blocks_per_group=None, vocab_size=None))
   c.lr = 1.5e-3
   c.schedule.min_lr = 1e-5
-  c.total_steps = None
-  c.warmup_steps = None
-  c.total_epochs = 15.0
-  c.warmup_epochs = 2.0
-  c.log_every_steps = 1
-  c.ckpt_every_steps = 480
-  c.vis_every_steps = 480
-  c.knn.data = None
   return c

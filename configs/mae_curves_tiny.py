@@ -26,6 +26,7 @@ distribution.
 
 import os
 
+from mim_jax import config_lib
 from mim_jax.methods.mae import config as recipe
 
 FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
@@ -35,21 +36,10 @@ FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
 
 def get_config(arg=None):
   del arg
-  c = recipe.get_config('tiny')
-  c.input.data = f'folder:{os.path.normpath(FOLDER)}'
-  c.input.num_train_examples = 1024
-  c.input.batch_size = 32
-  c.input.image_size = 32
+  c = config_lib.curves_overrides(recipe.get_config('tiny'),
+                                  os.path.normpath(FOLDER))
   c.input.crop_scale = (0.2, 1.0)
   c.lr = 1.5e-3
   c.optim.weight_decay = 0.05
   c.schedule.min_lr = 0.0
-  c.total_steps = None
-  c.warmup_steps = None
-  c.total_epochs = 15.0
-  c.warmup_epochs = 2.0
-  c.log_every_steps = 1
-  c.ckpt_every_steps = 480
-  c.vis_every_steps = 480
-  c.knn.data = None
   return c

@@ -125,6 +125,28 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def curves_overrides(c: ml_collections.ConfigDict,
+                     folder: str) -> ml_collections.ConfigDict:
+  """The run of the PyTorch reference curves (tests/fixtures/curves_*_tiny,
+  configs/*_curves_tiny.py): the 1,024 photo crops of `folder`, 32 px,
+  batch 32 (every image once an epoch: 32 steps), 15 epochs after 2 of
+  warmup (480 steps), every step logged (epoch means are then exactly
+  upstream's), no kNN monitor."""
+  c.input.data = f'folder:{folder}'
+  c.input.num_train_examples = 1024
+  c.input.batch_size = 32
+  c.input.image_size = 32
+  c.total_steps = None
+  c.warmup_steps = None
+  c.total_epochs = 15.0
+  c.warmup_epochs = 2.0
+  c.log_every_steps = 1
+  c.ckpt_every_steps = 480
+  c.vis_every_steps = 480
+  c.knn.data = None
+  return c
+
+
 def pick(table: dict, variant: str) -> dict:
   """`table[variant]`, or an error listing the recipe's variants."""
   if variant not in table:

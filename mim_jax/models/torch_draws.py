@@ -43,3 +43,47 @@ def sincos_2d(torch, h: int, w: int, dim: int, temperature: float = 1e4):
   emb = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h),
                    torch.cos(out_h)], dim=1)[None]
   return torch.cat([torch.zeros(1, 1, dim), emb], dim=1)
+
+
+def beit_layers(torch):
+  """(Attention, Mlp): minimal torch modules with the BEiT family's
+  attribute names and registration order, for construction only (their
+  default inits draw from the RNG in that order). Attention(dim): `qkv`
+  without bias, zero `q_bias` and `v_bias`, `proj`; Mlp(dim, hidden): `fc1`,
+  `fc2`."""
+  nn = torch.nn
+
+  class Attention(nn.Module):
+
+    def __init__(self, dim):
+      super().__init__()
+      self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+      self.q_bias = nn.Parameter(torch.zeros(dim))
+      self.v_bias = nn.Parameter(torch.zeros(dim))
+      self.proj = nn.Linear(dim, dim)
+
+  class Mlp(nn.Module):
+
+    def __init__(self, dim, hidden):
+      super().__init__()
+      self.fc1 = nn.Linear(dim, hidden)
+      self.fc2 = nn.Linear(hidden, dim)
+
+  return Attention, Mlp
+
+
+def beit_init_weights(torch, std: float = 0.02):
+  """The BEiT family's `_init_weights`, for `Module.apply`: Linear and
+  Conv2d weights trunc_normal(std) at +-std with zero bias, LayerNorm 1/0."""
+  nn = torch.nn
+
+  def init(m):
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+      trunc_normal_(torch, m.weight, std)
+      if m.bias is not None:
+        nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+      nn.init.constant_(m.bias, 0)
+      nn.init.constant_(m.weight, 1.0)
+
+  return init

@@ -56,14 +56,7 @@ def _model(torch, *, chans, p, grid, d, depth, mlp_ratio, dd, decoder_depth,
   nn = torch.nn
   norm = lambda n: nn.LayerNorm(n, eps=eps)
 
-  class Attention(nn.Module):
-
-    def __init__(self, dim):
-      super().__init__()
-      self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-      self.q_bias = nn.Parameter(torch.zeros(dim))
-      self.v_bias = nn.Parameter(torch.zeros(dim))
-      self.proj = nn.Linear(dim, dim)
+  Attention, Mlp = common.beit_layers(torch)
 
   class CrossAttention(nn.Module):
 
@@ -74,13 +67,6 @@ def _model(torch, *, chans, p, grid, d, depth, mlp_ratio, dd, decoder_depth,
       self.q_bias = nn.Parameter(torch.zeros(dim))
       self.v_bias = nn.Parameter(torch.zeros(dim))
       self.proj = nn.Linear(dim, dim)
-
-  class Mlp(nn.Module):
-
-    def __init__(self, dim, hidden):
-      super().__init__()
-      self.fc1 = nn.Linear(dim, hidden)
-      self.fc2 = nn.Linear(hidden, dim)
 
   class Block(nn.Module):
 
@@ -165,16 +151,7 @@ def official_init(config, seed: int) -> dict[str, np.ndarray]:
     trunc_normal(model.mask_token)
     trunc_normal(model.mask_token_1)
 
-    def init_weights(m):
-      if isinstance(m, (nn.Linear, nn.Conv2d)):
-        trunc_normal(m.weight)
-        if m.bias is not None:
-          nn.init.constant_(m.bias, 0)
-      elif isinstance(m, nn.LayerNorm):
-        nn.init.constant_(m.bias, 0)
-        nn.init.constant_(m.weight, 1.0)
-
-    model.apply(init_weights)
+    model.apply(common.beit_init_weights(torch))
     for name, m in model.named_modules():
       if not isinstance(m, nn.Linear):
         continue

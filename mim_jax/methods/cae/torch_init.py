@@ -58,14 +58,7 @@ def _modules(torch, eps: float, std: float):
   def trunc_normal(t):
     common.trunc_normal_(torch, t, std)
 
-  def init_weights(m):  # the submodules' _init_weights
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-      trunc_normal(m.weight)
-      if m.bias is not None:
-        nn.init.constant_(m.bias, 0)
-    elif isinstance(m, nn.LayerNorm):
-      nn.init.constant_(m.bias, 0)
-      nn.init.constant_(m.weight, 1.0)
+  init_weights = common.beit_init_weights(torch, std)  # the submodules'
 
   def rescale(pairs):
     with torch.no_grad():
@@ -73,14 +66,7 @@ def _modules(torch, eps: float, std: float):
         for w in weights:
           w.div_(math.sqrt(2.0 * (i + 1)))
 
-  class Attention(nn.Module):
-
-    def __init__(self, dim):
-      super().__init__()
-      self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-      self.q_bias = nn.Parameter(torch.zeros(dim))
-      self.v_bias = nn.Parameter(torch.zeros(dim))
-      self.proj = nn.Linear(dim, dim)
+  Attention, Mlp = common.beit_layers(torch)
 
   class CrossAttention(nn.Module):
 
@@ -92,13 +78,6 @@ def _modules(torch, eps: float, std: float):
       self.q_bias = nn.Parameter(torch.zeros(dim))
       self.v_bias = nn.Parameter(torch.zeros(dim))
       self.proj = nn.Linear(dim, dim)
-
-  class Mlp(nn.Module):
-
-    def __init__(self, dim, hidden):
-      super().__init__()
-      self.fc1 = nn.Linear(dim, hidden)
-      self.fc2 = nn.Linear(hidden, dim)
 
   class Block(nn.Module):
 
