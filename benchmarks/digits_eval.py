@@ -1,7 +1,9 @@
-r"""Does our pretraining learn? A tiny MAE on real handwritten digits, then a
-linear probe and fine-tuning, against the same encoder at random init.
+r"""Does our pretraining learn? A tiny MAE, CAE or BootMAE on real
+handwritten digits, then a linear probe and fine-tuning, against the same
+encoder at random init.
 
-  python benchmarks/digits_eval.py [--seeds=0,1,2] [--workdir=/tmp/digits]
+  python benchmarks/digits_eval.py [--method=mae|cae|bootmae]
+      [--seeds=0,1,2] [--workdir=/tmp/digits]
   python benchmarks/digits_eval.py --smoke   # the tests: seconds
 
 `--smoke`: seed 0 only, 2 steps per run, no kNN monitor, no random-init
@@ -16,9 +18,12 @@ the package, 8x8 upsampled to 32 px), its usual fixed split (first half
 train, second half test: `embedded:digits`, splits 'train' / 'test').
 Pretraining sees the train images only, without labels. For each seed:
 
-1. pretrain a tiny MAE (configs/mae_tiny.py's model) on the train split;
-2. linear probe (configs/linprobe_mae_tiny.py) and fine-tune
-   (configs/finetune_mae_tiny.py) from it, and from a randomly initialised
+1. pretrain the method's tiny recipe (configs/<method>_tiny.py's model and
+   losses: MAE norm-pix; CAE with pixel targets, no tokenizer; BootMAE with
+   its momentum encoder) on the train split;
+2. linear probe and fine-tune (the classifier's tiny recipes for that
+   method's encoder, e.g. configs/linprobe_mae_tiny.py and
+   configs/finetune_mae_tiny.py) from it, and from a randomly initialised
    encoder of the same shape;
 3. read the final test top-1.
 
@@ -46,14 +51,19 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 from absl import logging
 
+import importlib
+
 from mim_jax import train
 from mim_jax.methods.classifier import config as task_recipe
-from mim_jax.methods.mae import config as mae_recipe
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
+flags.DEFINE_enum('method', 'mae', ['mae', 'cae', 'bootmae'],
+                  'The pretraining method (its tiny recipe).')
 flags.DEFINE_string('seeds', '0,1,2', 'Comma-separated seeds.')
-flags.DEFINE_string('workdir', '/tmp/mim_jax_digits', 'Where runs go.')
-flags.DEFINE_integer('pretrain_steps', 2000, 'MAE pretraining steps.')
+flags.DEFINE_string('workdir', None, 'Where runs go (default '
+                    '/tmp/mim_jax_digits, /tmp/mim_jax_digits_<method> '
+                    'for CAE and BootMAE).')
+flags.DEFINE_integer('pretrain_steps', 2000, 'Pretraining steps.')
 flags.DEFINE_integer('probe_steps', 600, 'Linear-probe steps.')
 flags.DEFINE_integer('finetune_steps', 600, 'Fine-tuning steps.')
 flags.DEFINE_bool('smoke', False, 'Tests: seed 0, 2 steps per run, no kNN, '
@@ -74,9 +84,17 @@ def apply_smoke(**more):
     FLAGS.workdir = tempfile.mkdtemp(prefix='mim_jax_smoke_')
 
 
+def workdir_root() -> str:
+  if FLAGS.workdir:
+    return FLAGS.workdir
+  suffix = '' if FLAGS.method == 'mae' else f'_{FLAGS.method}'
+  return f'/tmp/mim_jax_digits{suffix}'
+
+
 def pretrain_config(seed: int):
-  """The tiny MAE recipe on the digits' train split (no labels)."""
-  c = mae_recipe.get_config('tiny')
+  """The method's tiny recipe on the digits' train split (no labels)."""
+  recipe = importlib.import_module(f'mim_jax.methods.{FLAGS.method}.config')
+  c = recipe.get_config('tiny')
   c.seed = seed
   c.input.data = 'embedded:digits'
   c.input.split = 'train'
@@ -95,7 +113,7 @@ def pretrain_config(seed: int):
 
 
 def task_config(task: str, seed: int, init_from):
-  c = task_recipe.get_config(task, 'mae', 'tiny')
+  c = task_recipe.get_config(task, FLAGS.method, 'tiny')
   c.seed = seed
   c.init_from = init_from
   steps = FLAGS.probe_steps if task == 'linprobe' else FLAGS.finetune_steps
@@ -129,13 +147,13 @@ def main(argv):
   knn = {}
   t0 = time.time()
   for seed in seeds:
-    base = os.path.join(FLAGS.workdir, f'seed{seed}')
-    mae_wd = os.path.join(base, 'mae')
-    train.train_and_evaluate(pretrain_config(seed), mae_wd)
-    knn[seed] = knn_curve(mae_wd)
+    base = os.path.join(workdir_root(), f'seed{seed}')
+    pre_wd = os.path.join(base, FLAGS.method)
+    train.train_and_evaluate(pretrain_config(seed), pre_wd)
+    knn[seed] = knn_curve(pre_wd)
     for task, key in (('linprobe', 'linear_probe'), ('finetune', 'finetune')):
       for init in inits:
-        src = mae_wd if init == 'pretrained' else None
+        src = pre_wd if init == 'pretrained' else None
         wd = os.path.join(base, f'{task}_{init}')
         train.train_and_evaluate(task_config(task, seed, src), wd)
         acc = final_eval(wd)
@@ -144,7 +162,7 @@ def main(argv):
 
   summary = {k: {init: {'mean': float(np.mean(v)), 'std': float(np.std(v))}
                  for init, v in r.items()} for k, r in runs.items()}
-  print('\n| protocol | pretrained (MAE) | random init |')
+  print(f'\n| protocol | pretrained ({FLAGS.method}) | random init |')
   print('|---|---|---|')
 
   def cell(s):
@@ -157,7 +175,7 @@ def main(argv):
     s = summary[key]
     print(f'| {name} | {cell(s["pretrained"])} | {cell(s.get("random"))} |')
   summary.update(
-      seeds=seeds, runs=runs, knn_during_pretraining=knn,
+      method=FLAGS.method, seeds=seeds, runs=runs, knn_during_pretraining=knn,
       seconds=time.time() - t0,
       settings=dict(pretrain_steps=FLAGS.pretrain_steps,
                     probe_steps=FLAGS.probe_steps,

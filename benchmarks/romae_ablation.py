@@ -190,7 +190,7 @@ def main(argv):
   t0 = time.time()
   for seed in seeds:
     for r in runs:
-      base = os.path.join(FLAGS.workdir, r, f'seed{seed}')
+      base = os.path.join(digits_eval.workdir_root(), r, f'seed{seed}')
       pre_wd = os.path.join(base, 'pretrain')
       config = run_config(r, seed)
       train.train_and_evaluate(config, pre_wd)
