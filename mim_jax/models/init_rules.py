@@ -51,14 +51,6 @@ def xavier_uniform(parts: int = 1) -> Init:
   return init
 
 
-def conv_xavier_uniform(key, shape, dtype=jnp.float32):
-  """xavier_uniform_ on the (D, C*p*p) view of a patch-embedding conv
-  weight; the Flax kernel is (..., p, p, C, D)."""
-  fan_in, fan_out = int(np.prod(shape[-4:-1])), shape[-1]
-  bound = np.sqrt(6.0 / (fan_in + fan_out))
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 def uniform(bound: float) -> Init:
   """U(-bound, bound): e.g. PyTorch's default init of a conv (weight and
   bias), 1/sqrt(fan_in)."""

@@ -6,7 +6,6 @@ pixel MSE + alignment), convert.py (official keys, teacher copy), parity.py
 the shared frozen tokenizer provider (mim_jax/targets/tokenizer.py).
 """
 
-
 from mim_jax import method
 from mim_jax.methods.cae import convert
 from mim_jax.methods.cae import loss
