@@ -100,6 +100,39 @@ class CAE(nn.Module):
   def _encoder(self) -> vit.Encoder:
     return vit.Encoder(**self.encoder_fields(), name='encoder')
 
+  def _regress(self, z_vis, pos_vis, pos_masked, mlp_dim: int, eps: float,
+               rate: float, train: bool):
+    """The latent regressor: mask-token queries cross-attending to [visible
+    latents, queries], drop path rising linearly to `rate`; returns the
+    normed predicted latents of the masked patches (N, M, width)."""
+    (n, num_masked), width = pos_masked.shape[:2], z_vis.shape[-1]
+    mask_token = self.param('mask_token', layers.token_param, (1, 1, width))
+    x = jnp.broadcast_to(mask_token.astype(self.dtype),
+                         (n, num_masked, width))
+    pos_kv = jnp.concatenate([pos_vis, pos_masked], axis=1)
+    for i, dp in enumerate(np.linspace(0, rate, self.regressor_depth)):
+      x = RegressorBlock(
+          self.decoder_num_heads, mlp_dim, self.decoder_layer_scale,
+          drop_path=float(dp), layernorm_eps=eps, deterministic=not train,
+          dtype=self.dtype, name=f'regressor_blocks_{i}')(
+              x, jnp.concatenate([z_vis, x], axis=1), pos_masked, pos_kv)
+    return layers.layer_norm(eps, self.dtype, 'regressor_norm')(x)
+
+  def _decode(self, y, mlp_dim: int, eps: float, rate: float, train: bool):
+    """The decoder blocks on the predicted latents (+ positions), drop path
+    rising linearly to `rate`, and its final norm."""
+    y = layers.block_stack(
+        y, depth=self.decoder_depth,
+        block_kwargs=dict(num_heads=self.decoder_num_heads, mlp_dim=mlp_dim,
+                          qkv_bias='qv', layer_scale=self.decoder_layer_scale,
+                          layernorm_eps=eps,
+                          dtype=self.dtype),
+        scan=self.scan, remat_policy=self.remat_policy,
+        deterministic=not train, name='decoder_blocks',
+        drop_path_rates=tuple(
+            float(r) for r in np.linspace(0, rate, self.decoder_depth)))
+    return layers.layer_norm(eps, self.dtype, 'decoder_norm')(y)
+
   @nn.compact
   def __call__(self, batch: dict, *, train: bool = False):
     """Forward pass.
@@ -124,7 +157,6 @@ class CAE(nn.Module):
     grid_hw = enc.grid(images)
     num_patches = grid_hw[0] * grid_hw[1]
     ids_vis, ids_masked = vit.split_by_mask(mask, grid_hw, self.mask_ratio)
-    num_masked = ids_masked.shape[1]
     width = self.decoder_width or enc.width
     mlp_dim = self.decoder_mlp_dim or 4 * width
     eps = enc.layernorm_eps
@@ -145,34 +177,11 @@ class CAE(nn.Module):
         *grid_hw, width, cls_token=False, row_first=True)[0], self.dtype)
     pos_vis, pos_masked = rd[ids_vis], rd[ids_masked]
     n = images.shape[0]
-    mask_token = self.param('mask_token', layers.token_param, (1, 1, width))
-    x = jnp.broadcast_to(mask_token.astype(self.dtype),
-                         (n, num_masked, width))
-    pos_kv = jnp.concatenate([pos_vis, pos_masked], axis=1)
     rate = (enc.drop_path_rate if self.decoder_drop_path_rate is None
             else self.decoder_drop_path_rate)
-    for i, dp in enumerate(np.linspace(0, rate, self.regressor_depth)):
-      x = RegressorBlock(
-          self.decoder_num_heads, mlp_dim, self.decoder_layer_scale,
-          drop_path=float(dp), layernorm_eps=eps, deterministic=not train,
-          dtype=self.dtype, name=f'regressor_blocks_{i}')(
-              x, jnp.concatenate([z_vis, x], axis=1), pos_masked, pos_kv)
-    latent_predict = layers.layer_norm(eps, self.dtype,
-                                       'regressor_norm')(x)
-
-    y = latent_predict + pos_masked
-    y = layers.block_stack(
-        y, depth=self.decoder_depth,
-        block_kwargs=dict(num_heads=self.decoder_num_heads, mlp_dim=mlp_dim,
-                          qkv_bias='qv', layer_scale=self.decoder_layer_scale,
-                          layernorm_eps=eps,
-                          dtype=self.dtype),
-        scan=self.scan, remat_policy=self.remat_policy,
-        deterministic=not train, name='decoder_blocks',
-        drop_path_rates=tuple(
-            float(r) for r in np.linspace(0, rate, self.decoder_depth)))
-    y = layers.layer_norm(eps, self.dtype,
-                          'decoder_norm')(y)
+    latent_predict = self._regress(z_vis, pos_vis, pos_masked, mlp_dim, eps,
+                                   rate, train)
+    y = self._decode(latent_predict + pos_masked, mlp_dim, eps, rate, train)
     p = enc.patch_size
     out_dim = self.vocab_size if self.target == 'tokens' else (
         p * p * self.in_chans)
