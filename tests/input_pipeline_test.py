@@ -417,6 +417,27 @@ def test_crop_window_in_bounds_and_fallback():
   np.testing.assert_array_equal(window.numpy(), [0, 493, 10, 13])
 
 
+
+
+def test_tokenizer_view_resize_is_pils():
+  """The tokenizer view's resize is PIL's LANCZOS (BEiT/CAE's
+  second_interpolation) bit for bit, RGB and grey, shrinking and growing,
+  inside a parallel tf.data map, with a static shape."""
+  rng = np.random.default_rng(0)
+  cases = [((57, 90, 3), 64), ((300, 211, 3), 64), ((40, 33, 1), 112),
+           ((64, 64, 3), 64)]
+  images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape, _ in cases]
+  for (shape, size), image in zip(cases, images):
+    for method, pil in (('lanczos', Image.LANCZOS),
+                        ('bicubic', Image.BICUBIC)):
+      ds = tf.data.Dataset.from_tensors(image).map(
+          lambda x: augment.resize_pil_uint8(x, size, method),  # pylint: disable=cell-var-from-loop
+          num_parallel_calls=2)
+      assert ds.element_spec.shape == (size, size, shape[2])
+      got, = ds.as_numpy_iterator()
+      src = Image.fromarray(image[..., 0] if shape[2] == 1 else image)
+      want = np.asarray(src.resize((size, size), pil)).reshape(got.shape)
+      np.testing.assert_array_equal(got, want)
 # ----------------------------------------------------------- labelled data
 
 

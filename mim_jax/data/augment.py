@@ -8,6 +8,8 @@ from (seed, step, example index) alone.
 import math
 from typing import Sequence
 
+import numpy as np
+from PIL import Image
 import tensorflow as tf
 
 # RandomResizedCrop attempts before falling back to a center crop, as in
@@ -165,15 +167,52 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.round(tf.clip_by_value(image, 0.0, 255.0))
 
 
-def resize_lanczos_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Lanczos-3 resize to (size, size), antialiased, rounded to uint8.
+# PIL's resampling filters by name.
+_PIL_FILTERS = {'lanczos': Image.LANCZOS, 'bicubic': Image.BICUBIC}
 
-  The tokenizer view of BEiT/CAE (PIL LANCZOS on the uint8 crop, which also
-  returns uint8). Shipping uint8 keeps the host-to-device copy 4x smaller.
+
+def resize_pil_uint8(image: tf.Tensor, size: int,
+                     method: str = 'lanczos') -> tf.Tensor:
+  """`PIL.Image.resize((size, size), LANCZOS | BICUBIC)` of a uint8 image,
+  computed by PIL itself (a `tf.numpy_function`; PIL's C resampling
+  releases the GIL, so parallel map calls run in parallel).
+
+  The tokenizer view of BEiT/CAE: torchvision's resized crop with
+  `second_interpolation='lanczos'` on the PIL crop. Its ids are an argmax,
+  so sub-level differences change targets: TF's antialiased lanczos3 is off
+  by 0.19 grey levels on average and changed 2.7% of a small DALL-E
+  encoder's ids. PIL's 8-bit path (22-bit fixed-point coefficients, two
+  passes each rounded to uint8, their order chosen by the Pillow version)
+  is about 5x faster here than the same arithmetic written in TF ops
+  (1.0 vs 6-7 ms of CPU for a 270 px crop to 112 px; TF's own lanczos3:
+  1.4 ms).
+
+  Args:
+    image: uint8 (h, w, c), c 1 or 3.
+    size: output side.
+    method: 'lanczos' or 'bicubic' (PIL's, a = -0.5).
+
+  Returns:
+    uint8 (size, size, c).
   """
-  image = tf.image.resize(tf.cast(image, tf.float32), [size, size],
-                          method='lanczos3', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  resample = _PIL_FILTERS[method]
+
+  def run(pixels):
+    grey = pixels.shape[-1] == 1
+    out = Image.fromarray(pixels[..., 0] if grey else pixels).resize(
+        (size, size), resample)
+    out = np.asarray(out)
+    return out[..., None] if grey else out
+
+  out = tf.numpy_function(run, [image], tf.uint8, stateful=False)
+  return tf.ensure_shape(out, [size, size, image.shape[-1]])
+
+
+def resize_lanczos_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The tokenizer view: PIL's LANCZOS resize, uint8 (see
+  `resize_pil_uint8`). Shipping uint8 keeps the host-to-device copy 4x
+  smaller."""
+  return resize_pil_uint8(image, size, 'lanczos')
 
 
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
