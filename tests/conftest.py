@@ -14,6 +14,18 @@ os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# JAX's persistent compilation cache, shared by the xdist workers and the
+# CLI subprocesses (they inherit the environment): many tests build the same
+# tiny programs (every resume test compiles its run twice), so a fresh clone
+# saves about a sixth of the suite, and a rerun more. The cache is keyed by
+# the program, the compile options, XLA_FLAGS and the jax version; a size
+# limit turns on jax's file lock and LRU eviction, so two workers never read
+# a half-written entry.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(ROOT, '.pytest_cache', 'jax_compilation'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2 << 30))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
