@@ -16,16 +16,18 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # JAX's persistent compilation cache, shared by the xdist workers and the
 # CLI subprocesses (they inherit the environment): many tests build the same
-# tiny programs (every resume test compiles its run twice), so a fresh clone
-# saves about a sixth of the suite, and a rerun more. The cache is keyed by
-# the program, the compile options, XLA_FLAGS and the jax version; a size
-# limit turns on jax's file lock and LRU eviction, so two workers never read
-# a half-written entry.
+# tiny programs (every resume test compiles its run twice). The cache is
+# keyed by the program, the compile options, XLA_FLAGS and the jax version.
+# No size limit: a limit turns on jax's LRU eviction, which lists and reads
+# the whole folder at every write (quadratic: a fresh clone's suite writes
+# about 3,000 entries and ran no faster with it). Without it there is no
+# file lock either; an entry read while another worker writes it fails to
+# decompress, and jax then warns and compiles instead. Programs that compile
+# in under 0.1 s are not worth a file.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(ROOT, '.pytest_cache', 'jax_compilation'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2 << 30))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
@@ -80,7 +82,8 @@ def crash_train_pipeline(monkeypatch, after_batches: int):
 
 def tiny_mae_config(**kw):
   """The tiny MAE recipe, shortened for tests: batch 8, 6 steps (warmup 2),
-  a log row every step, a synchronous checkpoint every 2 steps; `kw`
+  a log row every step, a synchronous checkpoint every 2 steps, no kNN
+  monitor (it costs a run seconds; train_test's CLI run keeps it); `kw`
   overrides top-level fields."""
   from mim_jax.methods.mae import config  # pylint: disable=g-import-not-at-top
   c = config.get_config('tiny')
@@ -91,6 +94,7 @@ def tiny_mae_config(**kw):
   c.ckpt_every_steps = 2
   c.vis_every_steps = 100
   c.async_ckpt = False
+  c.knn.data = None
   c.update(kw)
   return c
 

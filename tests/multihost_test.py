@@ -26,7 +26,8 @@ from mim_jax import steps
 ARGS = ['--config=configs/mae_tiny.py', '--config.total_steps=6',
         '--config.warmup_steps=2', '--config.log_every_steps=2',
         '--config.ckpt_every_steps=3', '--config.vis_every_steps=6',
-        '--config.input.batch_size=16', '--config.async_ckpt=False']
+        '--config.input.batch_size=16', '--config.async_ckpt=False',
+        '--config.knn.data=']
 
 
 def _free_port() -> int:

@@ -182,7 +182,7 @@ def test_bad_nonfinite_options_are_refused_before_building():
 SMALL = ['--config=configs/mae_tiny.py', '--config.total_steps=24',
          '--config.warmup_steps=4', '--config.log_every_steps=1',
          '--config.ckpt_every_steps=1000', '--config.vis_every_steps=1000',
-         '--config.input.batch_size=16']
+         '--config.input.batch_size=16', '--config.knn.data=']
 
 
 def _cli(workdir, *extra):

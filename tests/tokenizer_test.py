@@ -93,6 +93,7 @@ def test_token_targets_train(encoder_pkl, tmp_path):
   c.log_every_steps, c.ckpt_every_steps, c.vis_every_steps = 2, 4, 4
   c.input.batch_size = 16
   c.async_ckpt = False
+  c.knn.data = None
   spec = steps.batch_spec(c)
   assert spec[tokenizer.VIEW].shape == (16, 64, 64, 3)
   assert 'token_ids' not in spec  # made inside the step

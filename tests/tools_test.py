@@ -21,6 +21,7 @@ def test_export_import_and_visualize(tmp_path):
   c.input.batch_size = 8
   c.total_steps, c.warmup_steps, c.log_every_steps = 2, 1, 1
   c.vis_every_steps, c.async_ckpt = 100, False
+  c.knn.data = None
   wd = str(tmp_path / 'run')
   state = train.train_and_evaluate(c, wd)
   model = steps.build_model(c)

@@ -69,6 +69,8 @@ def test_cli_killed_and_restarted_resumes(tmp_path):
               'train/images_per_sec'):
       assert np.isfinite(r[k]), (k, r)
   assert rows[-1]['train/loss'] < rows[0]['train/loss']
+  # The kNN monitor (the other tests' runs leave it off) ran at the end.
+  assert 0 < rows[-1]['knn/top1'] <= 1 and 'knn/top1' not in rows[-2]
   assert glob.glob(os.path.join(wd, 'events.out.tfevents.*'))
   assert os.path.exists(os.path.join(wd, 'recon_0000040.png'))
   assert '40' in os.listdir(os.path.join(wd, 'checkpoints'))
