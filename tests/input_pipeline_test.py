@@ -417,8 +417,6 @@ def test_crop_window_in_bounds_and_fallback():
   np.testing.assert_array_equal(window.numpy(), [0, 493, 10, 13])
 
 
-
-
 def test_tokenizer_view_resize_is_pils():
   """The tokenizer view's resize is PIL's LANCZOS (BEiT/CAE's
   second_interpolation) bit for bit, RGB and grey, shrinking and growing,
@@ -438,6 +436,8 @@ def test_tokenizer_view_resize_is_pils():
       src = Image.fromarray(image[..., 0] if shape[2] == 1 else image)
       want = np.asarray(src.resize((size, size), pil)).reshape(got.shape)
       np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------- labelled data
 
 
