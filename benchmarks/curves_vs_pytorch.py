@@ -44,7 +44,10 @@ import numpy as np
 from scipy import stats
 
 from mim_jax import config_lib
+from mim_jax import experiment
 from mim_jax import input_pipeline
+from mim_jax import providers as providers_lib
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import weights
 from mim_jax.models import vit
@@ -85,23 +88,21 @@ def official_init(config, seed: int) -> dict:
 def _targets(config, params) -> dict:
   """{provider: state} at initialisation (the EMA = the params' copy, a
   frozen tokenizer read from its file)."""
-  out = {}
-  for p in steps.method_of(config).providers(config):
-    out[p.name] = p.init(config) if p.kind == 'frozen' else p.init(params)
-  return out
+  return providers_lib.initial_states(experiment.providers_of(config),
+                                      config, params)
 
 
 def initial_losses(config, seeds, batches, official: bool) -> np.ndarray:
   """The mean loss over `batches` at initialisation, one per seed: our
-  init (`steps.init_params` with the method's init rules) or the official
+  init (`state_lib.init_params` with the method's init rules) or the official
   one (`torch_init`, loaded through its official key names), through the
   same forward and loss in training mode (upstream's first step), with the
   target providers (momentum encoder, tokenizer) at their initial state."""
   import jax  # pylint: disable=g-import-not-at-top
-  model = steps.build_model(config)
-  spec = steps.batch_spec(config)
-  providers = steps.method_of(config).providers(config)
-  compute = jax.jit(steps.make_loss_fn(model, steps.build_loss(config),
+  model = experiment.build_model(config)
+  spec = experiment.batch_spec(config)
+  providers = experiment.providers_of(config)
+  compute = jax.jit(steps.make_loss_fn(model, experiment.build_loss(config),
                                        providers),
                     static_argnames='train')
   out = []
@@ -111,8 +112,8 @@ def initial_losses(config, seeds, batches, official: bool) -> np.ndarray:
           config, model, f'official init {seed}',
           state_dict=official_init(config, seed))
     else:
-      params = steps.init_params(model, spec, seed,
-                                 steps.init_rules_of(config))
+      params = state_lib.init_params(model, spec, seed,
+                                 experiment.init_rules_of(config))
     targets = _targets(config, params)
     out.append(float(np.mean([
         compute(params, b, jax.random.PRNGKey(seed), train=True,
@@ -124,9 +125,9 @@ def first_batches(config, n: int) -> list[dict]:
   """The first `n` training batches of seed 0 (crops, flips, masks, the
   method's extra views)."""
   from mim_jax import train  # pylint: disable=g-import-not-at-top
-  spec = steps.batch_spec(config)
+  spec = experiment.batch_spec(config)
   views = {k: v.size for k, v in
-           steps.method_of(config).views(config).items()}
+           experiment.method_of(config).views(config).items()}
   ds = input_pipeline.make_train_dataset(
       config.input, patch_size=vit.patch_size_of(config.model), seed=0,
       process_index=0, process_count=1, views=views,

@@ -30,14 +30,16 @@ def compile_step(config):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import masking  # pylint: disable=g-import-not-at-top
   from mim_jax import sharding  # pylint: disable=g-import-not-at-top
+  from mim_jax import state as state_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
   from mim_jax.models import vit  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh)
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   bs, size = config.input.batch_size, config.input.image_size
-  shapes = steps.batch_spec(config)
+  shapes = experiment.batch_spec(config)
   rng = np.random.default_rng(0)
   # Random masks of the config's ratio, as the pipeline makes them: the
   # noise's ascending order lists the visible patches first.
@@ -53,13 +55,13 @@ def compile_step(config):
       host[k] = made[k]
     else:  # an extra uint8 view of the method (e.g. the tokenizer's)
       host[k] = rng.integers(0, 256, s.shape, np.uint8)
-  state, shardings, _, schedule = steps.create_train_state(
+  state, shardings, _, schedule = state_lib.create_train_state(
       config, model, mesh, shapes)
   data_sh = sharding.data_sharding(mesh)
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
                               schedule, mesh, shardings)
   # Frozen target weights (e.g. the tokenizer), read from their files.
-  frozen = steps.frozen_targets(config, mesh)
+  frozen = experiment.frozen_targets(config, mesh)
   batch = sharding.to_global(host, data_sh)
   t = time.perf_counter()
   compiled = step.lower(state, batch, frozen).compile()

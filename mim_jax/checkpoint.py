@@ -5,7 +5,9 @@ complete, so a crash mid-save never leaves a half-written checkpoint that
 would be restored: a run loses at most the steps since the last save.
 """
 
+import errno as errno_lib
 import os
+import re
 import shutil
 from typing import Any, Optional
 
@@ -13,11 +15,11 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mim_jax import guards
+from mim_jax import errors
 from mim_jax import optim
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.WorkdirError):
   """The checkpoint holds another model or optimizer state than the
   config builds (a config change, not a damaged file)."""
 
@@ -41,8 +43,8 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, every: int,
   """Saves `state` (a TrainState pytree) if `step % every == 0` or `force`.
 
   Raises:
-    guards.CheckpointSaveError (one line: path and errno) if this save, or
-    an earlier asynchronous one, failed.
+    CheckpointSaveError (one line: path and errno) if this save, or an
+    earlier asynchronous one, failed.
   """
   if not force and step % every:
     return False
@@ -51,17 +53,17 @@ def save(mgr: ocp.CheckpointManager, step: int, state: Any, every: int,
   try:
     return mgr.save(step, args=ocp.args.StandardSave(state), force=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise guards.checkpoint_error(e, mgr.directory) from e
+    raise checkpoint_error(e, mgr.directory) from e
 
 
 def check_saves(mgr: ocp.CheckpointManager) -> None:
-  """Raises guards.CheckpointSaveError if a finished asynchronous save
+  """Raises CheckpointSaveError if a finished asynchronous save
   failed (called after every step, so a failure surfaces in the main
   thread at once, not at the next save or at exit)."""
   try:
     mgr.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except
-    raise guards.checkpoint_error(e, mgr.directory) from e
+    raise checkpoint_error(e, mgr.directory) from e
 
 
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
@@ -71,7 +73,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
   Args:
     mgr: the manager.
     abstract_state: the target: ShapeDtypeStructs with shardings (see
-      `steps.create_train_state(materialize=False)`) or arrays.
+      `state_lib.create_train_state(materialize=False)`) or arrays.
     step: the step to restore; default the latest.
 
   Returns:
@@ -92,7 +94,7 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state: Any,
         raise
       state = _restore_legacy(mgr, step, target)
   except (ValueError, KeyError) as e:
-    raise ValueError(
+    raise errors.WorkdirError(
         f'Checkpoint at step {step} in {mgr.directory} does not match this '
         f'model/optimizer ({e}). Use a fresh --workdir or the config the '
         'checkpoint was written with.') from e
@@ -115,7 +117,8 @@ def restore_with_fallback(mgr: ocp.CheckpointManager, abstract_state: Any,
 
   Raises:
     IncompatibleCheckpointError: the config does not fit the checkpoints.
-    ValueError: no checkpoint could be restored (each step's reason).
+    errors.WorkdirError: no checkpoint could be restored (each step's
+      reason).
   """
   failed = []
   for step in sorted(mgr.all_steps(), reverse=True):
@@ -140,7 +143,7 @@ def restore_with_fallback(mgr: ocp.CheckpointManager, abstract_state: Any,
                       'restores; unreadable steps %s moved to %s.', step,
                       [b for b, _ in failed], where)
     return state, step
-  raise ValueError(
+  raise errors.WorkdirError(
       f'No checkpoint in {mgr.directory} can be restored: ' + '; '.join(
           f'step {s}: {r}' for s, r in failed) + '. Restore a copy of the '
       'checkpoints, or use a fresh --workdir.')
@@ -235,3 +238,57 @@ def check_compatible(mgr: ocp.CheckpointManager, step: int, target) -> None:
         f'Checkpoint at step {step} in {mgr.directory} does not fit this '
         'model/optimizer: ' + ' | '.join(lines) + '. Use a fresh --workdir '
         'or the config the checkpoint was written with.')
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written."""
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+  """The first OSError in `e`'s cause / context chain."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+# tensorstore reports OS errors inside a ValueError's text:
+# 'Error writing local file "PATH": ... [os_error_code=\'20\']'.
+_TS_ERRNO = re.compile(r"os_error_code='(\d+)'")
+_TS_PATH = re.compile(r'"(/[^"]+)"')
+
+
+# The errno of an OSError subclass raised with a message only.
+_ERRNO_OF = {FileNotFoundError: errno_lib.ENOENT,
+             NotADirectoryError: errno_lib.ENOTDIR,
+             IsADirectoryError: errno_lib.EISDIR,
+             PermissionError: errno_lib.EACCES,
+             FileExistsError: errno_lib.EEXIST}
+
+
+def checkpoint_error(e: BaseException, directory) -> CheckpointSaveError:
+  """A one-line error for a failed save into `directory`: the path and
+  the OS error (errno) when there is one."""
+  os_err = _os_error(e)
+  text = str(e)
+  code, path = None, str(directory)
+  if os_err is not None and (os_err.errno or type(os_err) in _ERRNO_OF):
+    # (libraries raise e.g. NotADirectoryError(message) without an errno)
+    code = os_err.errno or _ERRNO_OF[type(os_err)]
+    path = os_err.filename or path
+  elif _TS_ERRNO.search(text):
+    code = int(_TS_ERRNO.search(text).group(1))
+    found = _TS_PATH.search(text)
+    path = found.group(1) if found else path
+  if code:
+    what = (f'[Errno {code} {errno_lib.errorcode.get(code, "")}] '
+            f'{os.strerror(code)}')
+  else:
+    what = f'{type(e).__name__}: {text}'.splitlines()[0]
+  return CheckpointSaveError(
+      f'checkpoint save failed in {path}: {what}. Training stopped; the '
+      'newest complete checkpoint is intact. Make the checkpoint directory '
+      'writable (or free space), then rerun with the same --workdir.')

@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.vis_every_steps = 5000
   c.vis_images = 8
   # Representation monitor (off: data unset): kNN top-1 of the encoder's
-  # features on a small labelled set every `every_steps` (train.KnnMonitor).
+  # features on a small labelled set every `every_steps` (hooks.KnnMonitor).
   c.knn = dict(data=placeholder(str), train_split='train',
                test_split='test', every_steps=placeholder(int), k=20,
                temperature=0.07, feature='cls', batch_size=256,
@@ -165,6 +165,21 @@ def load_config_file(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def none_for_off(config: ml_collections.ConfigDict):
+  """`config` with every string field that reads 'None' set to None.
+
+  A command-line override `--config.knn.data=None` (the natural way to turn
+  an optional feature off) reaches a string field as the text 'None'; no
+  field takes that text as a value.
+  """
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      none_for_off(value)
+    elif isinstance(value, str) and value == 'None':
+      config[key] = None
+  return config
 
 
 def check_overrides(argv: list[str]):

@@ -60,24 +60,33 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  import jax  # pylint: disable=g-import-not-at-top
-  from mim_jax import guards  # pylint: disable=g-import-not-at-top
-  from mim_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from mim_jax import checkpoint
+  from mim_jax import config_lib
+  from mim_jax import errors
+  from mim_jax import nonfinite
+  from mim_jax import signals
+  from mim_jax import train
+  # pylint: enable=g-import-not-at-top
   args = distributed_args(os.environ)
   if args is not None:
     jax.distributed.initialize(**args)
   logging.info('JAX process %d / %d, %d local devices of %d.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+  config = config_lib.none_for_off(flags.FLAGS.config)
+  entry = (train.evaluate if config.get('eval_only')
+           else train.train_and_evaluate)
   try:
-    train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-  except guards.Stopped as e:  # saved; a supervisor should rerun
+    entry(config, flags.FLAGS.workdir)
+  except signals.Stopped as e:  # saved; a supervisor should rerun
     _exit(e.exit_code, str(e))
-  except (guards.NonFiniteError, guards.CheckpointSaveError) as e:
-    _exit(1, f'error: {e}', hard=isinstance(e, guards.CheckpointSaveError))
-  except Exception as e:  # pylint: disable=broad-except
-    if not guards.is_user_error(e) or flags.FLAGS.verbose:
-      raise  # a bug: the traceback is the report
+  except (nonfinite.NonFiniteError, checkpoint.CheckpointSaveError) as e:
+    _exit(1, f'error: {e}', hard=isinstance(e, checkpoint.CheckpointSaveError))
+  except errors.UserError as e:  # bad input; anything else is a bug
+    if flags.FLAGS.verbose:
+      raise
     _exit(2, f'error: {e} (--verbose shows the traceback)')
 
 

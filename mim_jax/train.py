@@ -1,34 +1,46 @@
-"""train_and_evaluate: mesh, sharded state, jitted step, loop, ckpt, metrics.
+"""The trainer: `setup` builds a run, `loop` trains it, hooks do the
+periodic work.
 
-The loop is the same for every method: the model, its batch spec, loss,
-target providers and figures come from the method's record
-(`mim_jax.method.Method`, found by `config.model_name`), the batches (with
-their masks) from the tf.data pipeline.
+  run = setup(config, workdir)   # checks, resume, data, state, writers
+  state = loop(run, default_hooks(run, stop_signals))
+
+`train_and_evaluate` does both (the CLI's training entry point);
+`evaluate` is the evaluation-only entry point (`config.eval_only`). The
+loop is the same for every method: the model, its batch spec, loss, target
+providers and figures come from the method's record (`mim_jax.experiment`),
+the batches (with their masks) from the tf.data pipeline, and every
+periodic job is a hook (`mim_jax.hooks`).
+
+Setup reads and checks everything (config, data sources, checkpoints,
+weights files) before it writes anything into the workdir, so a run whose
+setup fails leaves no half-made workdir behind.
 """
 
+import dataclasses
 import json
 import os
-import time
+from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 from flax import traverse_util
 import tensorflow as tf
 
 from mim_jax import checkpoint
 from mim_jax import config_lib
-from mim_jax import guards
+from mim_jax import errors
+from mim_jax import experiment
+from mim_jax import hooks as hooks_lib
 from mim_jax import input_pipeline
-from mim_jax import knn
 from mim_jax import metrics as metrics_lib
+from mim_jax import nonfinite
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax import signals
+from mim_jax import state as state_lib
 from mim_jax import steps
-from mim_jax import visualize
 from mim_jax import weights
 from mim_jax.convert import core
 from mim_jax.data import image_check
@@ -39,42 +51,42 @@ def validate_config(config, num_devices: int, data_parallel: int):
   """Checks the config before anything is built or compiled.
 
   Raises:
-    ValueError naming the bad value and the fix.
+    errors.ConfigError naming the bad value and the fix.
   """
   input_pipeline.validate_config(config.input,
                                  patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)
-  method = steps.method_of(config)
+  method = experiment.method_of(config)
   method.validate_config(config)
   spec = method.batch_spec(config, 1)
   made = (set(input_pipeline.BATCH_KEYS) | {input_pipeline.LABEL_KEY}
           | set(method.views(config)))
   missing = sorted(set(spec) - made)
   if missing:
-    raise ValueError(
+    raise errors.ConfigError(
         f'method {method.name!r} asks for batch keys {missing} that the '
         f'pipeline does not make (it makes {sorted(made)}); declare them '
         'as views of the method or drop them from its batch_spec.')
   bs = config.input.batch_size
   accum = config.get('grad_accum_steps', 1)
   if bs % (data_parallel * accum):
-    raise ValueError(
+    raise errors.ConfigError(
         f'global batch size {bs} is not divisible by {data_parallel} '
         f'data-parallel devices x {accum} accumulation steps (of '
         f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
   peak = config.get('peak_tflops')
   if peak is not None and not peak > 0:
-    raise ValueError(f'peak_tflops={peak} must be > 0: the chip\'s peak '
+    raise errors.ConfigError(f'peak_tflops={peak} must be > 0: the chip\'s peak '
                      'TFLOP/s for train/mfu (e.g. 275 for TPU v4, bf16), or '
                      'unset it.')
   action = config.get('nonfinite', 'skip')
-  if action not in guards.NONFINITE_ACTIONS:
-    raise ValueError(f'nonfinite={action!r}: use one of '
-                     f'{guards.NONFINITE_ACTIONS} (skip the update of a '
+  if action not in nonfinite.ACTIONS:
+    raise errors.ConfigError(f'nonfinite={action!r}: use one of '
+                     f'{nonfinite.ACTIONS} (skip the update of a '
                      'step with non-finite values, or stop at once).')
   k = config.get('max_consecutive_skips', 10)
   if not (isinstance(k, int) and k >= 1):
-    raise ValueError(f'max_consecutive_skips={k!r} must be an integer >= 1 '
+    raise errors.ConfigError(f'max_consecutive_skips={k!r} must be an integer >= 1 '
                      '(the run stops after that many skipped steps in a '
                      'row).')
   init_from = config.get('init_from')
@@ -83,14 +95,14 @@ def validate_config(config, num_devices: int, data_parallel: int):
   if not config.get('eval_only'):
     total, warm = (optim.steps_from(config, k) for k in ('total', 'warmup'))
     if not 0 <= warm < total:
-      raise ValueError(
+      raise errors.ConfigError(
           f'the warmup ({warm} steps) must be shorter than the run '
           f'(total_steps {total}): raise --config.total_steps (or '
           '--config.total_epochs), or lower --config.warmup_steps (or '
           '--config.warmup_epochs).')
   stop = config.get('stop_after_steps')
   if stop is not None and stop < 1:
-    raise ValueError(f'stop_after_steps={stop} must be >= 1 (or unset to '
+    raise errors.ConfigError(f'stop_after_steps={stop} must be >= 1 (or unset to '
                      'train to the end of the schedule).')
 
 
@@ -102,16 +114,16 @@ def lower_train_step(config, mesh):
     (lowered, abstract_state, state_shardings); the frozen target weights
     are arguments of `lowered` (replicated).
   """
-  model = steps.build_model(config)
-  shapes = steps.batch_spec(config)
-  state, state_sh, _, schedule = steps.create_train_state(
+  model = experiment.build_model(config)
+  shapes = experiment.batch_spec(config)
+  state, state_sh, _, schedule = state_lib.create_train_state(
       config, model, mesh, shapes, materialize=False)
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
                               schedule, mesh, state_sh)
   data_sh = sharding.data_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
            for k, v in shapes.items()}
-  frozen = steps.frozen_targets(config, mesh, abstract=True)
+  frozen = experiment.frozen_targets(config, mesh, abstract=True)
   return step.lower(state, batch, frozen), state, state_sh
 
 
@@ -153,147 +165,6 @@ def peak_tflops_of(config) -> float | None:
   return PEAK_TFLOPS.get(jax.devices()[0].device_kind)
 
 
-def pipeline_kind(spec: dict) -> dict:
-  """What the method's batch spec asks of the pipeline: labels (fine-tuning,
-  probes) and/or masks (pretraining)."""
-  return dict(labeled='label' in spec,
-              with_masks=bool({'noise', 'mask'} & set(spec)))
-
-
-class Evaluator:
-  """Evaluation passes over a labelled split, and the best checkpoint.
-
-  Opens the split when built (a missing split or data set fails before
-  anything compiles), runs the method's `eval_metrics` over every example
-  once (padding excluded), and keeps the state of the best
-  `config.eval.best_metric` in workdir/best/ (its value in best.json, so a
-  resumed run goes on comparing with it).
-  """
-
-  def __init__(self, config, method, model, mesh, state_shardings,
-               workdir: str):
-    ec = config.eval
-    self.config, self.workdir = config, workdir
-    self.ds, self.num_batches, self.num_examples = (
-        input_pipeline.make_eval_dataset(
-            config.input, data=ec.get('data'),
-            split=ec.get('split'), batch_size=ec.batch_size,
-            crop_pct=ec.get('crop_pct', 0.875)))
-    self.step_fn = steps.make_eval_step(model, method.eval_metrics, mesh,
-                                        state_shardings)
-    self.data_sh = sharding.data_sharding(mesh)
-    self.best_metric = ec.get('best_metric', 'top1')
-    self.use_ema = ec.get('use_ema', False)
-    self.best_path = os.path.join(workdir, 'best.json')
-    self.best = None
-    if tf.io.gfile.exists(self.best_path):
-      with tf.io.gfile.GFile(self.best_path) as f:
-        self.best = json.load(f)
-    self.best_mgr = None
-
-  def _pass(self, params, model_state) -> dict:
-    totals = None
-    for local in self.ds.as_numpy_iterator():
-      batch = sharding.to_global(local, self.data_sh)
-      sums = self.step_fn(params, model_state, batch)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals,
-                                                        sums)
-    totals = jax.device_get(totals)
-    count = max(float(totals.pop('count')), 1.0)
-    return {k: float(v) / count for k, v in totals.items()}
-
-  def __call__(self, state, step: int, writer) -> dict:
-    """Evaluates `state` (and its weights EMA when configured), logs
-    eval/*, and saves the best state."""
-    t0 = time.time()
-    row = {f'eval/{k}': v for k, v in self._pass(
-        state.params, state.model_state).items()}
-    if self.use_ema and state.ema_params is not None:
-      row.update({f'eval/ema_{k}': v for k, v in self._pass(
-          state.ema_params, state.model_state).items()})
-    row['eval/seconds'] = time.time() - t0
-    key = f'eval/{self.best_metric}'
-    if key not in row:
-      raise ValueError(f'eval.best_metric={self.best_metric!r} is not an '
-                       f'evaluation metric ({sorted(row)}).')
-    writer.write_scalars(step, row)
-    logging.info('eval at step %d on %d examples: %s', step,
-                 self.num_examples,
-                 ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
-    if self.best is None or row[key] > self.best['value']:
-      self.best = {'step': step, 'metric': key, 'value': row[key]}
-      if not self.config.get('eval_only'):
-        if self.best_mgr is None:
-          self.best_mgr = checkpoint.make_manager(
-              self.workdir, keep=1, async_save=False, subdir='best')
-        checkpoint.save(self.best_mgr, step, state, 1, force=True)
-      if jax.process_index() == 0:
-        with tf.io.gfile.GFile(self.best_path, 'w') as f:
-          json.dump(self.best, f)
-    row[f'eval/best_{self.best_metric}'] = self.best['value']
-    return row
-
-
-class KnnMonitor:
-  """A kNN classifier on the encoder's features (cosine, k nearest, votes
-  weighted by exp(sim / T), as DINO's `eval_knn.py`), logged as knn/top1
-  during pretraining: the representation, not just the loss.
-
-  `config.knn`: data (a labelled data spec, e.g. 'embedded:digits'),
-  train_split / test_split, every_steps, k, temperature, feature ('cls' or
-  'avg'), batch_size, crop_pct. Each evaluation runs the encoder once over
-  both splits (inference mode, center crops) and the kNN on the devices;
-  knn/seconds logs what it costs.
-  """
-
-  def __init__(self, config, mesh):
-    kc = config.knn
-    self.kc = kc
-    self.fn = steps.make_features(config, mesh, kc.get('feature', 'cls'))
-    self.data_sh = sharding.data_sharding(mesh)
-    self.sets = [input_pipeline.make_eval_dataset(
-        config.input, data=kc.data, split=split,
-        batch_size=kc.get('batch_size', 256),
-        crop_pct=kc.get('crop_pct', 1.0))[0]
-                 for split in (kc.get('train_split', 'train'),
-                               kc.get('test_split', 'test'))]
-
-  def _features(self, params, ds):
-    feats, labels = [], []
-    for local in ds.as_numpy_iterator():
-      f, y, v = jax.device_get(self.fn(
-          params, sharding.to_global(local, self.data_sh)))
-      keep = v > 0
-      feats.append(f[keep])
-      labels.append(y[keep])
-    return np.concatenate(feats), np.concatenate(labels)
-
-  def __call__(self, params, step: int, writer) -> float:
-    t0 = time.time()
-    (xtr, ytr), (xte, yte) = [self._features(params, ds) for ds in self.sets]
-    acc = knn.knn_accuracy(
-        xtr, ytr, xte, yte, num_classes=int(max(ytr.max(), yte.max())) + 1,
-        k=self.kc.get('k', 20), temperature=self.kc.get('temperature', 0.07))
-    row = {'knn/top1': acc, 'knn/seconds': time.time() - t0}
-    writer.write_scalars(step, row)
-    logging.info('kNN at step %d: top-1 %.4f (%d train, %d test, %.1f s).',
-                 step, acc, len(ytr), len(yte), row['knn/seconds'])
-    return acc
-
-
-def _vis(config, vis_fn, params, vis_batch, workdir, step, writer):
-  """Writes recon_<step>.png (original | masked | recon | recon+visible)."""
-  grid = visualize.render(steps.method_of(config), config, vis_fn, params,
-                          vis_batch)
-  if grid is None:
-    return None
-  path = os.path.join(workdir, f'recon_{step:07d}.png')
-  if jax.process_index() == 0:
-    visualize.save_png(grid, path)
-    writer.write_images(step, {'reconstruction': grid[None]})
-  return path
-
-
 def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
   """Compares a resumed run's config with the workdir's config.json and
   its newest checkpoint's arrays, before anything is written.
@@ -302,7 +173,7 @@ def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
     The allowed changes ('field: old -> new'), also logged.
 
   Raises:
-    ValueError listing every refused field (config_lib.LAYOUT_FIELDS) and
+    errors.WorkdirError listing every refused field (config_lib.LAYOUT_FIELDS) and
     every array that does not fit.
   """
   path = os.path.join(workdir, 'config.json')
@@ -312,7 +183,7 @@ def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
       refused, allowed = config_lib.resume_changes(json.load(f), config)
   arrays = checkpoint.mismatches(mgr, mgr.latest_step(), abstract_state)
   if refused or arrays:
-    raise ValueError(
+    raise errors.WorkdirError(
         f'{workdir} holds a run of another model or optimizer state: '
         + ' | '.join(([f'{len(refused)} refused config changes: '
                        + '; '.join(refused)] if refused else []) + arrays)
@@ -321,6 +192,250 @@ def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
   for line in allowed:
     logging.info('Config changed on resume: %s', line)
   return allowed
+
+
+def pipeline_kind(spec: dict) -> dict:
+  """What the method's batch spec asks of the pipeline: labels (fine-tuning,
+  probes) and/or masks (pretraining)."""
+  return dict(labeled='label' in spec,
+              with_masks=bool({'noise', 'mask'} & set(spec)))
+
+
+@dataclasses.dataclass
+class Run:
+  """A run set up by `setup`: what the loop and the hooks need.
+
+  `batches` yields host batches from `start_step` on; `train_step(state,
+  batch, frozen) -> (state, metrics)` is jitted with the state's shardings;
+  `evaluator` / `knn_monitor` / `vis` (forward function and batch) are None
+  where the config has none.
+  """
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  method: Any
+  model: Any
+  state: Any
+  state_shardings: Any
+  frozen: dict
+  train_step: Any
+  batches: Any
+  batch_keys: tuple
+  start_step: int
+  end_step: int
+  mgr: Any
+  writer: Any
+  progress_writer: Any
+  flops: float
+  peak: Optional[float]
+  evaluator: Optional[hooks_lib.Evaluator] = None
+  knn_monitor: Optional[hooks_lib.KnnMonitor] = None
+  vis: Optional[tuple] = None
+
+  def close(self, wait: bool = True) -> None:
+    """Flushes the writers and, with `wait`, waits for pending saves (not
+    after a failed save, whose threads may never finish)."""
+    if wait:
+      self.mgr.wait_until_finished()
+    self.writer.flush()
+
+
+def _checked_mesh(config):
+  """The mesh, after every config check that needs no data."""
+  mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
+  validate_config(config, jax.device_count(),
+                  sharding.data_parallel_size(mesh))
+  return mesh
+
+
+@dataclasses.dataclass
+class _Resumed:
+  """What a workdir's checkpoints give a run: the restored state (None to
+  start fresh), its step, the allowed config changes, the open manager
+  (None without checkpoints/) and the state's shardings and schedule (from
+  the same state creation: a TrainState's static fields must match)."""
+  state: Any = None
+  step: int = 0
+  changed: list = dataclasses.field(default_factory=list)
+  mgr: Any = None
+  made: Optional[tuple] = None
+
+
+def _resume(config, workdir: str, model, mesh, batch_shapes) -> _Resumed:
+  """The workdir's newest checkpoint that restores. Reads only: a workdir
+  without checkpoints is not created here."""
+  if not tf.io.gfile.exists(os.path.join(workdir, 'checkpoints')):
+    return _Resumed()
+  mgr = _manager(config, workdir)
+  if mgr.latest_step() is None:
+    return _Resumed(mgr=mgr)
+  abstract, shardings, _, schedule = state_lib.create_train_state(
+      config, model, mesh, batch_shapes, materialize=False)
+  changed = check_resume(config, workdir, mgr, abstract)
+  state, step = checkpoint.restore_with_fallback(mgr, abstract)
+  logging.info('Resumed from step %d.', step)
+  return _Resumed(state, step, changed, mgr, (shardings, schedule))
+
+
+def _manager(config, workdir: str):
+  return checkpoint.make_manager(
+      workdir, keep=config.get('keep_ckpts', 3),
+      async_save=config.get('async_ckpt', True))
+
+
+def _initial_state(config, model, mesh, batch_shapes):
+  """(state, shardings, schedule): a fresh state (from `config.init_from`
+  when set)."""
+  init = init_ema = init_model_state = None
+  if config.get('init_from'):
+    init, init_model_state = weights.initial_params(config, model)
+    if not weights.is_workdir(config.init_from):
+      init_ema = weights.ema_from_torch(config, model, config.init_from,
+                                        init)
+  state, shardings, _, schedule = state_lib.create_train_state(
+      config, model, mesh, batch_shapes, params=init, ema=init_ema,
+      model_state=init_model_state)
+  return state, shardings, schedule
+
+
+def _train_data(config, method, batch_shapes, start_step: int):
+  """(host batch iterator, vis batch or None): the data sources are
+  opened before anything compiles, so a missing dataset or an empty folder
+  fails in seconds."""
+  p = vit.patch_size_of(config.model)
+  views = {k: v.size for k, v in method.views(config).items()}
+  ds = input_pipeline.make_train_dataset(
+      config.input, patch_size=p, seed=config.seed, start_step=start_step,
+      views=views, num_classes=config.model.get('num_classes'),
+      **pipeline_kind(batch_shapes))
+  vis_batch = None
+  if method.to_pixels is not None:
+    vis_batch = input_pipeline.make_vis_batch(
+        config.input, patch_size=p, seed=config.seed,
+        num_images=config.get('vis_images', 8), views=views)
+    vis_batch = {k: vis_batch[k] for k in batch_shapes}
+  return iter(ds.as_numpy_iterator()), vis_batch
+
+
+def _knn_monitor(config, method, mesh):
+  """The kNN monitor when `config.knn.data` is set (and the method has an
+  encoder), else None."""
+  if not (config.get('knn') or {}).get('data'):
+    return None
+  if method.encoder is None:
+    logging.warning('config.knn is set but %s declares no encoder '
+                    '(Method.encoder): no kNN monitor.', method.name)
+    return None
+  return hooks_lib.KnnMonitor(config, mesh)
+
+
+def _open_workdir(config, workdir: str, start_step: int, changed: list):
+  """Creates the workdir's files: (writer, progress writer). The config
+  goes into config.json (the one before a resume with changes is kept as
+  config.<step>.json) and the hparams of the events file."""
+  is_main = jax.process_index() == 0
+  if is_main and '://' not in workdir:
+    os.makedirs(workdir, exist_ok=True)
+  writer, progress_writer = metrics_lib.make_writer(
+      workdir, is_main, resume_step=start_step)
+  if is_main:
+    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
+                          else str(v) for k, v in flat.items()})
+    path = os.path.join(workdir, 'config.json')
+    if changed and tf.io.gfile.exists(path):  # the history of changes
+      tf.io.gfile.copy(path, os.path.join(
+          workdir, f'config.{start_step}.json'), overwrite=True)
+    with tf.io.gfile.GFile(path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=1))
+  return writer, progress_writer
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks and builds everything a training run needs.
+
+  In order: the config; the workdir's newest checkpoint (resume); the data
+  sources, frozen target weights and `init_from` weights; the state; only
+  then the workdir's files (checkpoints/, config.json, events, metrics);
+  then the FLOP count and the jitted step. The schedule spans total_steps;
+  stop_after_steps ends this run earlier (rerun without it to continue the
+  same schedule).
+
+  Raises:
+    errors.UserError subclasses for bad input (config, data, files), before
+    anything is written.
+  """
+  if config.get('eval_only'):
+    raise errors.ConfigError('config.eval_only is set: use '
+                             'train.evaluate (the CLI does).')
+  mesh = _checked_mesh(config)
+  total_steps = optim.steps_from(config, 'total')
+  end_step = min(total_steps, config.get('stop_after_steps') or total_steps)
+  method = experiment.method_of(config)
+  model = method.build_model(config)
+  batch_shapes = experiment.batch_spec(config)
+  resumed = _resume(config, workdir, model, mesh, batch_shapes)
+  start_step, mgr = resumed.step, resumed.mgr
+  batches, vis_batch = _train_data(config, method, batch_shapes, start_step)
+  frozen = experiment.frozen_targets(config, mesh)
+  if resumed.state is None:
+    state, shardings, schedule = _initial_state(config, model, mesh,
+                                                batch_shapes)
+  else:
+    state, (shardings, schedule) = resumed.state, resumed.made
+  evaluator = None
+  if method.eval_metrics is not None and config.get('eval'):
+    evaluator = hooks_lib.Evaluator(config, method, model, mesh, shardings,
+                                    workdir)
+  knn_monitor = _knn_monitor(config, method, mesh)
+  # Everything is checked: from here on the workdir is written.
+  writer, progress_writer = _open_workdir(config, workdir, start_step,
+                                          resumed.changed)
+  if mgr is None:
+    mgr = _manager(config, workdir)
+  flops = step_flops(config, mesh)
+  peak = peak_tflops_of(config)
+  logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
+               'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
+               peak)
+  train_step = steps.jit_train_step(config, model,
+                                    experiment.build_loss(config), schedule,
+                                    mesh, shardings)
+  vis = (None if vis_batch is None
+         else (steps.make_forward(model, mesh), vis_batch))
+  return Run(config=config, workdir=workdir, mesh=mesh, method=method,
+             model=model, state=state, state_shardings=shardings,
+             frozen=frozen, train_step=train_step, batches=batches,
+             batch_keys=tuple(batch_shapes), start_step=start_step,
+             end_step=end_step, mgr=mgr, writer=writer,
+             progress_writer=progress_writer, flops=flops, peak=peak,
+             evaluator=evaluator, knn_monitor=knn_monitor, vis=vis)
+
+
+def default_hooks(run: Run, stop: signals.StopSignals) -> list:
+  """The hooks of a training run, in their order (see `mim_jax.hooks`):
+  the checkpoint of a step is written before anything else reads it."""
+  config, end = run.config, run.end_step
+  out = [hooks_lib.MetricsLogger(
+      config, run.writer,
+      run.progress_writer if jax.process_index() == 0 else None,
+      end_step=end, flops=run.flops, peak=run.peak),
+         hooks_lib.Checkpointer(config, run.mgr, nonfinite.names(run.state),
+                                end_step=end, stop=stop, writer=run.writer)]
+  if run.vis is not None:
+    out.append(hooks_lib.Figures(config, run.method, *run.vis, run.workdir,
+                                 run.writer, end_step=end))
+  if run.evaluator is not None:
+    every = config.eval.get('every_steps') or 0
+    out.append(hooks_lib.Periodic(
+        lambda step, state: run.evaluator(state, step, run.writer), every,
+        end_step=end))
+  if run.knn_monitor is not None:
+    every = config.knn.get('every_steps') or config.log_every_steps
+    out.append(hooks_lib.Periodic(
+        lambda step, state: run.knn_monitor(state.params, step, run.writer),
+        every, end_step=end))
+  return out
 
 
 def _next_batch(it):
@@ -332,223 +447,105 @@ def _next_batch(it):
     found = image_check.ERROR.search(e.message)
     if not found:
       raise
-    raise guards.mark_user_error(ValueError(found.group(0))) from None
+    raise errors.DataError(found.group(0)) from None
 
 
-def _train_row(stacked: list[dict]) -> dict:
-  """The logged means of a log interval's step metrics; steps whose update
-  the non-finite guard skipped are counted (`train/skipped_steps`), not
-  averaged."""
-  skipped = [float(x.pop('skipped', 0.0)) for x in stacked]
-  for x in stacked:
-    x.pop('nonfinite_at', None)
-  good = [x for x, s in zip(stacked, skipped) if not s]
-  row = {f'train/{k}': float(np.mean([x[k] for x in good]))
-         for k in (stacked[0] if good else ())}
-  row['train/skipped_steps'] = float(sum(skipped))
-  return row
+# Errors that end a run on purpose: no rescue save (a stop has saved; a
+# non-finite state or a failing save must not be saved).
+_NO_RESCUE = (signals.Stopped, nonfinite.NonFiniteError,
+              checkpoint.CheckpointSaveError)
+
+
+def _run_hooks(hooks: Sequence[hooks_lib.Hook], step: int, state,
+               info: hooks_lib.StepInfo) -> bool:
+  """Calls each hook; True when one ends the loop. When a hook fails, the
+  checkpointer saves the step first (no hook failure loses training)."""
+  stop = False
+  for hook in hooks:
+    try:
+      stop |= bool(hook(step, state, info))
+    except _NO_RESCUE:
+      raise
+    except Exception:
+      for h in hooks:
+        if isinstance(h, hooks_lib.Checkpointer) and h is not hook:
+          h.rescue(step, state)
+      raise
+  return stop
+
+
+def loop(run: Run, hooks: Sequence[hooks_lib.Hook]):
+  """Trains `run` from its start step to its end step (or a preemption),
+  calling the hooks after every step.
+
+  Returns:
+    The final TrainState.
+  """
+  state, step = run.state, run.start_step
+  data_sh = sharding.data_sharding(run.mesh)
+  logging.info('Training steps %d..%d, host batch %d, mesh %s.', step,
+               run.end_step, run.config.input.batch_size // jax.process_count(),
+               dict(run.mesh.shape))
+  while step < run.end_step:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      local = _next_batch(run.batches)
+      batch = sharding.to_global({k: local[k] for k in run.batch_keys},
+                                 data_sh)
+      state, metrics = run.train_step(state, batch, run.frozen)
+    step += 1
+    bad = local.get(input_pipeline.BAD_KEY)
+    info = hooks_lib.StepInfo(
+        metrics, None if bad is None else int(np.sum(bad)))
+    if _run_hooks(hooks, step, state, info):
+      break
+  for hook in hooks:
+    hook.end(step, state)
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains (resuming from `workdir` if it has checkpoints).
-
-  Fine-tuning and probes (methods with `eval_metrics`) also evaluate on
+  """Trains (resuming from `workdir` if it has checkpoints): `setup`, then
+  `loop` with `default_hooks`. Fine-tuning and probes also evaluate on
   `config.eval` every `eval.every_steps` and at the end, keeping the best
-  state in workdir/best/; `config.eval_only` evaluates `init_from` and
-  stops.
+  state in workdir/best/.
 
   Returns:
-    The final TrainState ((state, eval metrics) with eval_only).
+    The final TrainState.
   """
-  # Errors of the setup (config, data, checkpoints, weights files) are
-  # the user's: the CLI prints them as one line (guards.user_errors).
-  with guards.user_errors():
-    if config.get('eval_only') and not config.get('init_from'):
-      raise ValueError('eval_only evaluates the model of config.init_from: '
-                       'set --config.init_from to a workdir or .pth file.')
-    mesh = sharding.make_mesh(config.get('mesh', [('data', -1)]))
-    dp = sharding.data_parallel_size(mesh)
-    validate_config(config, jax.device_count(), dp)
-    # The schedule spans total_steps; stop_after_steps ends this run earlier
-    # (rerun without it to continue the same schedule).
-    total_steps = optim.steps_from(config, 'total')
-    end_step = min(total_steps, config.get('stop_after_steps') or total_steps)
-    is_main = jax.process_index() == 0
-    if is_main and '://' not in workdir:
-      os.makedirs(workdir, exist_ok=True)
-    method = steps.method_of(config)
-    model = method.build_model(config)
-    loss_fn = steps.build_loss(config)
-    host_bs = config.input.batch_size // jax.process_count()
-    p = vit.patch_size_of(config.model)
-    batch_shapes = steps.batch_spec(config)
-    mgr = checkpoint.make_manager(
-        workdir, keep=config.get('keep_ckpts', 3),
-        async_save=config.get('async_ckpt', True))
-    # Resume first (it reads, compiles nothing): the step it restores, which
-    # may be older than the newest if that one is damaged, decides the
-    # metrics rows kept and where the data starts.
-    state, start_step, changed = None, 0, []
-    if mgr.latest_step() is not None:
-      abstract, state_shardings, _, schedule = steps.create_train_state(
-          config, model, mesh, batch_shapes, materialize=False)
-      changed = check_resume(config, workdir, mgr, abstract)
-      state, start_step = checkpoint.restore_with_fallback(mgr, abstract)
-      logging.info('Resumed from step %d.', start_step)
-    writer, tb_writer = metrics_lib.make_writer(
-        workdir, is_main, resume_step=start_step)
-    if is_main:
-      flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
-      writer.write_hparams({k: v if isinstance(v, (int, float, str, bool))
-                            else str(v) for k, v in flat.items()})
-      path = os.path.join(workdir, 'config.json')
-      if changed and tf.io.gfile.exists(path):  # the history of changes
-        tf.io.gfile.copy(path, os.path.join(
-            workdir, f'config.{start_step}.json'), overwrite=True)
-      with tf.io.gfile.GFile(path, 'w') as f:
-        f.write(config.to_json_best_effort(indent=1))
-
-    # The data sources are opened before anything compiles, so a missing
-    # dataset or an empty folder fails in seconds, not after compilation.
-    views = {k: v.size for k, v in method.views(config).items()}
-    kind = pipeline_kind(batch_shapes)
-    ds = input_pipeline.make_train_dataset(
-        config.input, patch_size=p, seed=config.seed, start_step=start_step,
-        views=views, num_classes=config.model.get('num_classes'), **kind)
-    draws = method.to_pixels is not None
-    if draws:
-      vis_batch = input_pipeline.make_vis_batch(
-          config.input, patch_size=p, seed=config.seed,
-          num_images=config.get('vis_images', 8), views=views)
-      vis_batch = {k: vis_batch[k] for k in batch_shapes}
-
-    # Frozen target weights (e.g. a tokenizer): read before compiling, after
-    # the data check.
-    frozen = steps.frozen_targets(config, mesh)
-
-    if state is None:
-      init = init_ema = init_model_state = None
-      if config.get('init_from'):
-        init, init_model_state = weights.initial_params(config, model)
-        if not weights.is_workdir(config.init_from):
-          init_ema = weights.ema_from_torch(config, model, config.init_from,
-                                            init)
-      state, state_shardings, _, schedule = steps.create_train_state(
-          config, model, mesh, batch_shapes, params=init, ema=init_ema,
-          model_state=init_model_state)
-
-    evaluate = None
-    if method.eval_metrics is not None and config.get('eval'):
-      evaluate = Evaluator(config, method, model, mesh, state_shardings,
-                           workdir)
-    if config.get('eval_only'):
-      row = evaluate(state, start_step, writer)
-      writer.flush()
-      mgr.close()
-      return state, row
-    eval_every = (config.eval.get('every_steps') if evaluate else None) or 0
-    knn_every = 0
-    if (config.get('knn') or {}).get('data'):
-      if method.encoder is None:
-        logging.warning('config.knn is set but %s declares no encoder '
-                        '(Method.encoder): no kNN monitor.', method.name)
-      else:
-        monitor = KnnMonitor(config, mesh)
-        knn_every = config.knn.get('every_steps') or config.log_every_steps
-
-    # Throughput in the logs: the planner's FLOP count, taken once.
-    flops = step_flops(config, mesh)
-    peak = peak_tflops_of(config)
-    logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
-                 'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
-                 peak)
-
-    data_sh = sharding.data_sharding(mesh)
-    train_step = steps.jit_train_step(config, model, loss_fn, schedule, mesh,
-                                      state_shardings)
-    it = iter(ds.as_numpy_iterator())
-    vis_fn = steps.make_forward(model, mesh)
-
-  progress = periodic_actions.ReportProgress(
-      num_train_steps=end_step, writer=tb_writer if is_main else None,
-      every_steps=config.log_every_steps)
-  pending, t_log, n_log, bad_images = [], time.time(), 0, 0
-  logging.info('Training steps %d..%d, host batch %d, mesh %s.', start_step,
-               end_step, host_bs, dict(mesh.shape))
-  nonfinite = guards.NonFiniteMonitor(
-      config.get('nonfinite', 'skip'), config.get('max_consecutive_skips', 10),
-      steps.nonfinite_names(state), mgr.latest_step)
-  step = start_step
-  with guards.StopSignals(enabled=jax.process_count() == 1) as signals:
-    while step < end_step:
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        local = _next_batch(it)
-        batch = sharding.to_global({k: local[k] for k in batch_shapes},
-                                   data_sh)
-        state, m = train_step(state, batch, frozen)
-      bad_images += int(np.sum(local.get(input_pipeline.BAD_KEY, 0)))
-      step += 1
-      nonfinite.observe(step, m)
-      checkpoint.check_saves(mgr)
-      pending.append(m)
-      n_log += 1
-      progress(step)
-      if step % config.log_every_steps == 0 or step == end_step:
-        row = _train_row(jax.device_get(pending))
-        if input_pipeline.BAD_KEY in local:  # sources of files
-          row['train/bad_images'] = float(bad_images)
-        dt = time.time() - t_log
-        row['train/images_per_sec'] = n_log * config.input.batch_size / dt
-        row['train/steps_per_sec'] = n_log / dt
-        tflops = flops * n_log / dt / jax.device_count() / 1e12
-        row['train/tflops_per_device'] = tflops
-        if peak:
-          row['train/mfu'] = tflops / peak
-        writer.write_scalars(step, row)
-        logging.info('step %d: %s', step,
-                     ', '.join(f'{k}={v:.4g}' for k, v in row.items()))
-        pending, t_log, n_log, bad_images = [], time.time(), 0, 0
-      if draws and (step % config.vis_every_steps == 0 or step == end_step):
-        if _vis(config, vis_fn, state.params, vis_batch, workdir, step,
-                writer) is None:
-          logging.info('No reconstruction images: this %s config predicts '
-                       'no pixels.', method.name)
-          draws = False
-      if evaluate and ((eval_every and step % eval_every == 0)
-                       or step == end_step):
-        evaluate(state, step, writer)
-      if knn_every and (step % knn_every == 0 or step == end_step):
-        monitor(state.params, step, writer)
-      stopping = signals.received is not None
-      if stopping or step == end_step or (
-          step % config.ckpt_every_steps == 0):
-        nonfinite.settle()  # never save past a step it would stop at
-        if nonfinite.consecutive and not (stopping or step == end_step):
-          # The state is finite (skipped updates change nothing) but a
-          # periodic save now would rotate out older ones for no progress.
-          logging.warning('Step %d: no checkpoint right after a skipped '
-                          'step; the newest stays step %s.', step,
-                          mgr.latest_step())
-        else:
-          checkpoint.save(mgr, step, state, config.ckpt_every_steps,
-                          force=stopping or step == end_step)
-      if stopping:
-        mgr.wait_until_finished()
-        checkpoint.check_saves(mgr)
-        writer.flush()
-        message = (f'{signals.name} at step {step}: checkpoint saved in '
-                   f'{mgr.directory}; rerun with the same --workdir to '
-                   f'resume (exit status {guards.EXIT_STOPPED}).')
-        logging.warning(message)
-        raise guards.Stopped(message)
-      if mgr.reached_preemption(step):
-        if mgr.latest_step() != step:  # not saved by the line above
-          checkpoint.save(mgr, step, state, 1, force=True)
-        mgr.wait_until_finished()
-        logging.warning('Preempted at step %d; checkpoint saved.', step)
-        break
-  nonfinite.settle()
-  mgr.wait_until_finished()
-  checkpoint.check_saves(mgr)
-  writer.flush()
+  run = setup(config, workdir)
+  try:
+    with signals.StopSignals(enabled=jax.process_count() == 1) as stop:
+      state = loop(run, default_hooks(run, stop))
+  except checkpoint.CheckpointSaveError:
+    run.close(wait=False)
+    raise
+  except BaseException:
+    run.close()
+    raise
+  run.close()
   return state
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The evaluation-only entry point (`config.eval_only`): evaluates the
+  model of `config.init_from` on `config.eval` once, logs eval/* into
+  `workdir` (metrics.jsonl, best.json) and returns the row."""
+  if not config.get('init_from'):
+    raise errors.ConfigError(
+        'eval_only evaluates the model of config.init_from: set '
+        '--config.init_from to a workdir or .pth file.')
+  method = experiment.method_of(config)
+  if method.eval_metrics is None or not config.get('eval'):
+    raise errors.ConfigError(
+        f'eval_only: method {method.name!r} with this config has no '
+        'evaluation (config.eval); use a fine-tuning or probe config.')
+  mesh = _checked_mesh(config)
+  model = method.build_model(config)
+  state, shardings, _ = _initial_state(config, model, mesh,
+                                       experiment.batch_spec(config))
+  evaluator = hooks_lib.Evaluator(config, method, model, mesh, shardings,
+                                  workdir, save_best=False)
+  writer, _ = _open_workdir(config, workdir, 0, [])
+  row = evaluator(state, 0, writer)
+  writer.flush()
+  return row

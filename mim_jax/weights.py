@@ -18,9 +18,10 @@ from flax import traverse_util
 import tensorflow as tf
 
 from mim_jax import checkpoint
+from mim_jax import experiment
 from mim_jax import methods
 from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax.convert import core
 from mim_jax.convert import timm_vit
 
@@ -39,20 +40,20 @@ def from_torch(config, model, path: str, strict: bool = True,
   released encoder-only MAE checkpoints) keep a fresh initialisation.
   `state_dict`: the file's contents when already loaded.
   """
-  shapes = steps.batch_spec(config, 1)
-  init = lambda: steps.init_params(model, shapes, config.seed,
-                                   steps.init_rules_of(config))
+  shapes = experiment.batch_spec(config, 1)
+  init = lambda: state_lib.init_params(model, shapes, config.seed,
+                                   experiment.init_rules_of(config))
   target = jax.eval_shape(init) if strict else init()
   sd = core.load_state_dict(path) if state_dict is None else state_dict
   logging.info('Loading %d tensors from %s.', len(sd), path)
-  return steps.method_of(config).converter.to_flax(
+  return experiment.method_of(config).converter.to_flax(
       sd, model, target, config.input.image_size, strict=strict)
 
 
 def ema_from_torch(config, model, path: str, params):
   """The EMA target of an official file (BootMAE `model_ema.*`), or None
   when the method has none or the file lacks it."""
-  conv = steps.method_of(config).converter
+  conv = experiment.method_of(config).converter
   if conv.ema_to_flax is None:
     return None
   return conv.ema_to_flax(core.load_state_dict(path), model, params,
@@ -63,8 +64,8 @@ def state_from_workdir(config, model, workdir: str,
                        step: Optional[int] = None):
   """(TrainState, step) of a training run's checkpoint (latest default)."""
   mesh = sharding.make_mesh([('data', -1)])
-  abstract = steps.create_train_state(
-      config, model, mesh, steps.batch_spec(config, 1),
+  abstract = state_lib.create_train_state(
+      config, model, mesh, experiment.batch_spec(config, 1),
       materialize=False)[0]
   mgr = checkpoint.make_manager(workdir, keep=10**6, async_save=False)
   state, step = checkpoint.restore_latest(mgr, abstract, step)
@@ -83,7 +84,7 @@ def from_workdir(config, model, workdir: str, step: Optional[int] = None):
 def to_torch(config, model, params, ema=None) -> dict[str, np.ndarray]:
   """params (and the EMA target, for methods that have one) -> state dict
   with the official key names."""
-  conv = steps.method_of(config).converter
+  conv = experiment.method_of(config).converter
   size = config.input.image_size
   sd = conv.to_torch(jax.device_get(params), model, size)
   if ema is not None and conv.ema_to_torch is not None:
@@ -129,7 +130,7 @@ def timm_kwargs(config, pool: str = 'token') -> dict:
 
 
 def _encoder_fields(config) -> dict:
-  method = steps.method_of(config)
+  method = experiment.method_of(config)
   if method.encoder is None:
     raise ValueError(
         f'method {method.name!r} declares no pretraining encoder '
@@ -193,7 +194,7 @@ def initial_params(config, model):
       (conversion errors list the unknown, missing and mis-shaped keys).
   """
   path = config.init_from
-  method = steps.method_of(config)
+  method = experiment.method_of(config)
   strict = config.get('init_strict', True)
   if is_workdir(path):
     src_config = workdir_config(path)
@@ -202,8 +203,8 @@ def initial_params(config, model):
       # from ours), then checked against our model.
       state, step = state_from_workdir(
           src_config, method.build_model(src_config), path)
-      _check_same(jax.eval_shape(lambda: steps.init_params(
-          model, steps.batch_spec(config, 1), config.seed)), state.params,
+      _check_same(jax.eval_shape(lambda: state_lib.init_params(
+          model, experiment.batch_spec(config, 1), config.seed)), state.params,
                   path)
       logging.info('init_from: params of %s at step %d.', path, step)
       return state.params, state.model_state
@@ -250,7 +251,7 @@ def _check_same(expected, got, path: str):
 
 
 def _from_encoder(config, model, method, encoder_sd: dict):
-  init = steps.init_params(model, steps.batch_spec(config, 1), config.seed,
-                           steps.init_rules_of(config))
+  init = state_lib.init_params(model, experiment.batch_spec(config, 1), config.seed,
+                           experiment.init_rules_of(config))
   return method.from_encoder(encoder_sd, model, init,
                              config.input.image_size)

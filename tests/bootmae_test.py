@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
+from mim_jax import experiment
 from mim_jax import method
 from mim_jax import methods
 from mim_jax import optim
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax.methods.bootmae import config as bootmae_config
 from mim_jax.methods.bootmae import convert as convert_bootmae
@@ -98,7 +100,7 @@ def test_decoder_head_dim_quirk():
                         decoder_width=512, decoder_depth=1, taps=(0, 1))
   shapes = {'image': jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
             'mask': jax.ShapeDtypeStruct((1, 16), jnp.float32)}
-  p = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+  p = jax.eval_shape(lambda: state_lib.init_params(model, shapes, 0))
   blk = p['pixel_blocks_0']
   assert blk['attn']['qkv']['kernel'].shape == (512, 3 * 504)
   assert blk['attn']['proj']['kernel'].shape == (504, 512)
@@ -137,7 +139,7 @@ def test_taps_outside_the_encoder_are_rejected():
   shapes = {'image': jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32),
             'mask': jax.ShapeDtypeStruct((1, 16), jnp.float32)}
   with pytest.raises(ValueError, match=r'model.taps=\[0, 5\]'):
-    jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+    jax.eval_shape(lambda: state_lib.init_params(model, shapes, 0))
 
 
 @pytest.mark.parametrize('override, words', [
@@ -174,13 +176,13 @@ def test_bootmae_tiny_steps_checkpoint_and_shard_the_ema_like_the_params(
   c.total_steps, c.warmup_steps = 4, 1
   c.input.batch_size = 16
   c.min_shard_size = 0
-  model = steps.build_model(c)
+  model = experiment.build_model(c)
   mesh = sharding.make_mesh(c.mesh)
-  shapes = steps.batch_spec(c)
+  shapes = experiment.batch_spec(c)
   assert set(shapes) == {'image', 'mask'}
-  state, state_sh, _, schedule = steps.create_train_state(
+  state, state_sh, _, schedule = state_lib.create_train_state(
       c, model, mesh, shapes)
-  train_step = steps.jit_train_step(c, model, steps.build_loss(c), schedule,
+  train_step = steps.jit_train_step(c, model, experiment.build_loss(c), schedule,
                                     mesh, state_sh)
   ds = input_pipeline.make_train_dataset(c.input, patch_size=4, seed=0,
                                          process_index=0, process_count=1)
@@ -203,7 +205,7 @@ def test_bootmae_tiny_steps_checkpoint_and_shard_the_ema_like_the_params(
              for p, e in zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
   assert 0 < diff
 
-  abstract = steps.create_train_state(c, model, mesh, shapes,
+  abstract = state_lib.create_train_state(c, model, mesh, shapes,
                                       materialize=False)[0]
   restored, step = checkpoint.restore_latest(mgr, abstract)
   assert step == 4
@@ -260,7 +262,7 @@ def test_official_recipes():
     assert (m.num_masking_patches, m.min_num_patches, m.max_num_patches,
             m.variant, m.roll) == (120, 16, 60, 'bootmae', 3)
     assert tuple(c.ema.momentum) == ema
-    model = steps.build_model(c)
+    model = experiment.build_model(c)
     assert model.tap_indices() == (0, depth - 1)
     assert (model.decoder_width, model.decoder_depth,
             model.feature_depth) == (512, 2, 2)

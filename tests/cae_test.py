@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, ROOT
+from mim_jax import experiment
 from mim_jax import method
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax.convert import core as convert_core
 from mim_jax.methods.cae import config as cae_config
 from mim_jax.methods.cae import convert as convert_cae
@@ -93,11 +94,11 @@ def test_pixel_targets_train_without_a_tokenizer():
   fx, _, _, batch = _model_and_params()
   config = parity_cae.experiment_config(fx['config'])
   config.model.target = 'pixels'
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   batch = {k: jnp.asarray(v) for k, v in batch.items() if k != 'token_ids'}
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in batch.items()}
-  params = steps.init_params(model, shapes, 0)
+  params = state_lib.init_params(model, shapes, 0)
   assert params['decoder_head']['kernel'].shape == (64, 4 * 4 * 3)
   pred, out = model.apply({'params': params}, batch)
   loss, aux = cae_loss.loss_fn(pred, out, batch, step=0,
@@ -108,7 +109,7 @@ def test_pixel_targets_train_without_a_tokenizer():
                                      patch_size=4), decoder_width=64,
                         decoder_num_heads=4, regressor_depth=1,
                         decoder_depth=1, vocab_size=16)
-    p = steps.init_params(model_t, shapes, 0)
+    p = state_lib.init_params(model_t, shapes, 0)
     pred, out = model_t.apply({'params': p}, batch)
     cae_loss.loss_fn(pred, out, batch, step=0, schedule=method.Schedule())
 
@@ -132,8 +133,8 @@ def test_cae_tiny_checkpoint_round_trips_through_a_pth(tmp_path):
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(os.path.join(ROOT, 'configs',
                                                'cae_tiny.py'))
-  model = steps.build_model(c)
-  params = steps.init_params(model, steps.batch_spec(c, 1), 3)
+  model = experiment.build_model(c)
+  params = state_lib.init_params(model, experiment.batch_spec(c, 1), 3)
   sd = weights.to_torch(c, model, params)
   assert any(k.startswith('alignment_encoder.') for k in sd)
   assert any(k.startswith('regresser.') for k in sd)
@@ -144,7 +145,7 @@ def test_cae_tiny_checkpoint_round_trips_through_a_pth(tmp_path):
     np.testing.assert_array_equal(a, b)
 
   c.model.scan = True
-  scan_model = steps.build_model(c)
+  scan_model = experiment.build_model(c)
   scanned = weights.from_torch(c, scan_model, path)
   assert scanned['decoder_blocks']['norm1']['scale'].shape == (2, 64)
   assert set(weights.to_torch(c, scan_model, scanned)) == set(sd)

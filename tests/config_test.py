@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT
 from mim_jax import config_lib
-from mim_jax import steps
+from mim_jax import experiment
+from mim_jax import state as state_lib
 from mim_jax import train
 from mim_jax.methods.mae import config as mae_config
 
@@ -21,9 +22,9 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 def test_config_builds_model(path):
   config = config_lib.load_config_file(path)
   train.validate_config(config, 8, 8)
-  model = steps.build_model(config)
-  shapes = steps.batch_spec(config, batch_size=2)
-  params = jax.eval_shape(lambda: steps.init_params(model, shapes, 0))
+  model = experiment.build_model(config)
+  shapes = experiment.batch_spec(config, batch_size=2)
+  params = jax.eval_shape(lambda: state_lib.init_params(model, shapes, 0))
   assert 'encoder' in params and len(params) > 1
 
 
@@ -35,7 +36,7 @@ def test_official_recipes():
     assert c.optim.b2 == 0.95 and c.optim.weight_decay == 0.05
     assert c.total_epochs == 800 and c.warmup_epochs == 40
     assert c.mask_ratio == 0.75 and c.loss.norm_pix_loss
-    model = steps.build_model(c)
+    model = experiment.build_model(c)
     assert model.encoder['width'] == width
     assert model.encoder['depth'] == depth
     assert (model.decoder_width, model.decoder_depth,
@@ -75,7 +76,7 @@ def test_unknown_model_field():
   c.model.unlock()
   c.model.decoder_widht = 3
   with pytest.raises(ValueError, match='decoder_widht'):
-    steps.build_model(c)
+    experiment.build_model(c)
 
 
 def test_unknown_mesh_axis_and_size():
@@ -115,7 +116,7 @@ def test_missing_data_fails_before_compiling(tmp_path, monkeypatch, data,
   def no_compile(*a, **k):
     raise AssertionError('state created before the data check')
 
-  monkeypatch.setattr(steps, 'create_train_state', no_compile)
+  monkeypatch.setattr(state_lib, 'create_train_state', no_compile)
   c = _tiny(**{'input.data': data})
   c.input.tfds_data_dir = str(tmp_path / 'tfds')
   with pytest.raises(ValueError) as e:

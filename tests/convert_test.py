@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES
+from mim_jax import experiment
 from mim_jax import methods
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax.convert import core
 from mim_jax.methods.mae import parity as parity_mae
 
@@ -36,11 +37,11 @@ def _state_dict():
 def _model_and_shapes(scan=False):
   config = parity_mae.experiment_config(_fixture_config())
   config.model.scan = scan
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   n = _fixture_config()['batch']
   batch = {'image': jax.ShapeDtypeStruct((n, IMG, IMG, 3), np.float32),
            'noise': jax.ShapeDtypeStruct((n, 64), np.float32)}
-  shapes = jax.eval_shape(lambda: steps.init_params(model, batch, 0))
+  shapes = jax.eval_shape(lambda: state_lib.init_params(model, batch, 0))
   return model, shapes
 
 

@@ -17,8 +17,10 @@ from flax import traverse_util
 from conftest import PipelineCrash
 from conftest import crash_train_pipeline
 from mim_jax import config_lib
+from mim_jax import experiment
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import train
 from mim_jax import weights
@@ -68,8 +70,8 @@ def _task_config(task, steps_=4, **model):
 
 def _tiny_classifier_params(scan=False):
   c = _task_config('finetune', scan=scan)
-  model = steps.build_model(c)
-  return steps.init_params(model, steps.batch_spec(c, 1), 0)
+  model = experiment.build_model(c)
+  return state_lib.init_params(model, experiment.batch_spec(c, 1), 0)
 
 
 # MAE `util/lr_decay.py` with decay d = 0.5 and 4 blocks:
@@ -172,11 +174,11 @@ def _batch(config, n, seed=0):
 
 
 def _one_step(config, mesh, params=None, model_state=None):
-  model = steps.build_model(config)
-  state, shardings, _, schedule = steps.create_train_state(
-      config, model, mesh, steps.batch_spec(config), params=params,
+  model = experiment.build_model(config)
+  state, shardings, _, schedule = state_lib.create_train_state(
+      config, model, mesh, experiment.batch_spec(config), params=params,
       model_state=model_state)
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
                               schedule, mesh, shardings)
   batch = sharding.to_global(_batch(config, config.input.batch_size),
                              sharding.data_sharding(mesh))
@@ -221,7 +223,7 @@ def test_linear_probe_run_keeps_the_pretrained_encoder_exactly(
   state = train.train_and_evaluate(config, str(tmp_path / 'lin'))
   src = weights.workdir_config(pretrained)
   src_params, _ = weights.from_workdir(
-      src, steps.build_model(src), pretrained)
+      src, experiment.build_model(src), pretrained)
   got = jax.device_get(state.params['encoder'])
   want = src_params['encoder']
   assert 'pos_embed' not in want  # pretraining: a fixed table
@@ -337,13 +339,13 @@ def test_init_from_official_pretrain_and_finetuned_files(pretrained,
   classifier its encoder; a fine-tuned file (fc_norm.*, head.*) loads
   whole, exactly."""
   src = weights.workdir_config(pretrained)
-  src_model = steps.build_model(src)
+  src_model = experiment.build_model(src)
   src_params, _ = weights.from_workdir(src, src_model, pretrained)
   pth = str(tmp_path / 'checkpoint-7.pth')
   core.save_state_dict(weights.to_torch(src, src_model, src_params), pth)
   config = _task_config('finetune')
   config.init_from = pth
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   params, model_state = weights.initial_params(config, model)
   assert model_state is None
   for name in ('cls_token', 'patch_embed', 'blocks_0', 'blocks_3'):
@@ -362,7 +364,7 @@ def test_init_from_official_pretrain_and_finetuned_files(pretrained,
       core.load_state_dict(ft))
   ev = recipe.get_config('eval', 'mae', 'tiny')
   ev.init_from = ft
-  again, _ = weights.initial_params(ev, steps.build_model(ev))
+  again, _ = weights.initial_params(ev, experiment.build_model(ev))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
 
@@ -379,13 +381,13 @@ def test_init_from_cae_and_bootmae_pretraining_files(method, tmp_path):
   files give the classifier of their recipe its encoder."""
   from mim_jax import methods  # pylint: disable=g-import-not-at-top
   src = config_lib.load_config_file(f'configs/{method}_tiny.py')
-  src_model = steps.build_model(src)
-  src_params = steps.init_params(src_model, steps.batch_spec(src, 1), 3)
+  src_model = experiment.build_model(src)
+  src_params = state_lib.init_params(src_model, experiment.batch_spec(src, 1), 3)
   pth = str(tmp_path / f'{method}.pth')
   core.save_state_dict(weights.to_torch(src, src_model, src_params), pth)
   config = recipe.get_config('finetune', method, 'tiny')
   config.init_from = pth
-  params, _ = weights.initial_params(config, steps.build_model(config))
+  params, _ = weights.initial_params(config, experiment.build_model(config))
   want = traverse_util.flatten_dict(src_params['encoder'], sep='/')
   got = traverse_util.flatten_dict(params['encoder'], sep='/')
   # Every pretrained encoder param arrives unchanged (the classifier adds

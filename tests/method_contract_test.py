@@ -15,10 +15,12 @@ import tensorflow as tf
 from flax import struct
 
 from mim_jax import checkpoint
+from mim_jax import experiment
 from mim_jax import masking
 from mim_jax import method
 from mim_jax import methods
 from mim_jax import sharding
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import train
 from mim_jax.data import masks
@@ -105,9 +107,9 @@ def test_throwaway_method_trains_through_the_contract(toy_registered,
   resumed = train.train_and_evaluate(config, workdir)
   assert int(resumed.step) == 6
   mgr = checkpoint.make_manager(workdir, keep=5, async_save=False)
-  abstract = steps.create_train_state(
-      config, steps.build_model(config), sharding.make_mesh([('data', -1)]),
-      steps.batch_spec(config, 1), materialize=False)[0]
+  abstract = state_lib.create_train_state(
+      config, experiment.build_model(config), sharding.make_mesh([('data', -1)]),
+      experiment.batch_spec(config, 1), materialize=False)[0]
   at4, _ = checkpoint.restore_latest(mgr, abstract, 4)
   np.testing.assert_array_equal(at4.target_state['pixel_stats'], stats)
 
@@ -118,10 +120,10 @@ def _one_step(config, batch, accum):
     config.grad_accum_steps = accum
     config.input.batch_size = len(batch['image'])
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
-  model = steps.build_model(config)
-  state, shardings, _, schedule = steps.create_train_state(
-      config, model, mesh, steps.batch_spec(config))
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
+  model = experiment.build_model(config)
+  state, shardings, _, schedule = state_lib.create_train_state(
+      config, model, mesh, experiment.batch_spec(config))
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
                               schedule, mesh, shardings)
   return step(state, batch, {})[1]
 
@@ -165,16 +167,16 @@ def test_pre_contract_checkpoint_restores(tmp_path):
   config.model.encoder.depth = 1
   config.model.taps = (0, 0)
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
-  model = steps.build_model(config)
-  state = steps.create_train_state(config, model, mesh,
-                                   steps.batch_spec(config, 2))[0]
+  model = experiment.build_model(config)
+  state = state_lib.create_train_state(config, model, mesh,
+                                   experiment.batch_spec(config, 2))[0]
   old = _PreContractState(**{f.name: getattr(state, f.name) for f in
                              dataclasses.fields(_PreContractState)})
   mgr = checkpoint.make_manager(str(tmp_path), keep=1, async_save=False)
   checkpoint.save(mgr, 3, old, every=1)
   mgr.wait_until_finished()
-  abstract = steps.create_train_state(config, model, mesh,
-                                      steps.batch_spec(config, 2),
+  abstract = state_lib.create_train_state(config, model, mesh,
+                                      experiment.batch_spec(config, 2),
                                       materialize=False)[0]
   restored, at = checkpoint.restore_latest(mgr, abstract)
   assert at == 3 and restored.target_state is None

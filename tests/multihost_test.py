@@ -19,9 +19,10 @@ from jax.sharding import PartitionSpec as P
 from conftest import ROOT
 from mim_jax import checkpoint
 from mim_jax import config_lib
+from mim_jax import experiment
 from mim_jax import main as main_lib
 from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import state as state_lib
 
 ARGS = ['--config=configs/mae_tiny.py', '--config.total_steps=6',
         '--config.warmup_steps=2', '--config.log_every_steps=2',
@@ -83,9 +84,9 @@ def test_two_processes_train_checkpoint_and_restore_in_one(tmp_path):
       os.path.join(ROOT, 'configs', 'mae_tiny.py'))
   config.input.batch_size = 16
   mesh = sharding.make_mesh([('data', 4), ('fsdp', 2)])
-  model = steps.build_model(config)
-  target, _, _, _ = steps.create_train_state(
-      config, model, mesh, steps.batch_spec(config), materialize=False)
+  model = experiment.build_model(config)
+  target, _, _, _ = state_lib.create_train_state(
+      config, model, mesh, experiment.batch_spec(config), materialize=False)
   mgr = checkpoint.make_manager(wd, keep=2, async_save=False)
   state, step = checkpoint.restore_latest(mgr, target)
   assert step == 6 and int(state.step) == 6

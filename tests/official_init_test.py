@@ -13,7 +13,8 @@ import pytest
 from scipy import stats
 
 from conftest import FIXTURES
-from mim_jax import steps
+from mim_jax import experiment
+from mim_jax import state as state_lib
 from mim_jax import weights
 
 pytest.importorskip('torch')
@@ -73,10 +74,10 @@ def _inits(name: str):
   seeds 0-2 (jitted: one compile, far cheaper than eager init here; the
   momentum encoder's keys included), the official at seeds 1000-1002."""
   _, config, torch_init = _fixture(name)
-  model = steps.build_model(config)
-  spec, rules = steps.batch_spec(config, 1), steps.init_rules_of(config)
-  init = jax.jit(lambda s: steps.init_params(model, spec, s, rules))
-  ema = next((p.init for p in steps.method_of(config).providers(config)
+  model = experiment.build_model(config)
+  spec, rules = experiment.batch_spec(config, 1), experiment.init_rules_of(config)
+  init = jax.jit(lambda s: state_lib.init_params(model, spec, s, rules))
+  ema = next((p.init for p in experiment.providers_of(config)
               if p.kind == 'ema'), None)
   ours = []
   for seed in range(3):

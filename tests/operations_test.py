@@ -20,9 +20,14 @@ import pytest
 from conftest import ROOT
 from conftest import tiny_mae_config
 from conftest import wrap_train_pipeline
-from mim_jax import guards
+from mim_jax import checkpoint
+from mim_jax import errors
+from mim_jax import experiment
 from mim_jax import input_pipeline
+from mim_jax import nonfinite
 from mim_jax import sharding
+from mim_jax import signals
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import train
 
@@ -76,13 +81,13 @@ def test_step_guard_keeps_the_state_and_names_the_value():
   clean batch then updates as usual."""
   config = _config()
   mesh = sharding.make_mesh(config.mesh)
-  model = steps.build_model(config)
-  shapes = steps.batch_spec(config)
-  state, shardings, _, schedule = steps.create_train_state(
+  model = experiment.build_model(config)
+  shapes = experiment.batch_spec(config)
+  state, shardings, _, schedule = state_lib.create_train_state(
       config, model, mesh, shapes)
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
                               schedule, mesh, shardings)
-  names = steps.nonfinite_names(state)
+  names = nonfinite.names(state)
   assert names[0] == 'loss'
   assert any(n.startswith('grads/encoder/') for n in names)
   assert any(n.startswith('params/decoder/') for n in names)
@@ -141,7 +146,7 @@ def test_stop_mode_stops_at_the_poisoned_step(tmp_path, monkeypatch):
   the value and the newest (finite) checkpoint in the message."""
   _poison(monkeypatch, {2})
   wd = str(tmp_path / 'stop')
-  with pytest.raises(guards.NonFiniteError,
+  with pytest.raises(nonfinite.NonFiniteError,
                      match=r'non-finite loss at step 3: nonfinite=stop.*'
                      r'newest checkpoint, step 2'):
     train.train_and_evaluate(_config(nonfinite='stop'), wd)
@@ -156,7 +161,7 @@ def test_huge_lr_stops_after_k_skips_and_keeps_finite_checkpoints(tmp_path):
   wd = str(tmp_path / 'lr')
   config = _config(lr=1e4, total_steps=30, ckpt_every_steps=1,
                    log_every_steps=20, max_consecutive_skips=3, keep_ckpts=2)
-  with pytest.raises(guards.NonFiniteError,
+  with pytest.raises(nonfinite.NonFiniteError,
                      match=r'3 steps in a row were skipped '
                      r'\(max_consecutive_skips=3\)') as e:
     train.train_and_evaluate(config, wd)
@@ -216,7 +221,7 @@ def test_sigint_finishes_the_step_and_saves(tmp_path):
   _wait_for(lambda: _logged_steps(wd) >= 2, proc, 'logged steps')
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=TIMEOUT_S)
-  assert proc.returncode == guards.EXIT_STOPPED, err[-3000:]
+  assert proc.returncode == signals.EXIT_STOPPED, err[-3000:]
   saved = _saved_steps(wd)
   assert len(saved) == 1
   assert err.strip().splitlines()[-1].startswith(
@@ -234,7 +239,7 @@ def test_signal_saves_then_resume_is_bit_identical(tmp_path, sig):
   _wait_for(lambda: _logged_steps(wd) >= 3, proc, 'logged steps')
   proc.send_signal(sig)
   _, err = proc.communicate(timeout=TIMEOUT_S)
-  assert proc.returncode == guards.EXIT_STOPPED, err[-3000:]
+  assert proc.returncode == signals.EXIT_STOPPED, err[-3000:]
   last = err.strip().splitlines()[-1]
   saved = _saved_steps(wd)
   assert len(saved) == 1 and 3 <= saved[0] < 24, (saved, last)
@@ -287,7 +292,7 @@ def test_checkpoint_error_names_path_and_errno():
   ts = ValueError('FAILED_PRECONDITION: Error writing local file '
                   '"/w/checkpoints/4.orbax-checkpoint-tmp/x": Not a '
                   "directory [os_error_code='20']")
-  msg = str(guards.checkpoint_error(ts, '/w/checkpoints'))
+  msg = str(checkpoint.checkpoint_error(ts, '/w/checkpoints'))
   assert msg.startswith('checkpoint save failed in /w/checkpoints/4.orbax-'
                         'checkpoint-tmp/x: [Errno 20 ENOTDIR] Not a '
                         'directory.'), msg
@@ -297,14 +302,14 @@ def test_checkpoint_error_names_path_and_errno():
     except OSError as inner:
       raise RuntimeError('async save failed') from inner
   except RuntimeError as outer:
-    msg = str(guards.checkpoint_error(outer, '/w/checkpoints'))
+    msg = str(checkpoint.checkpoint_error(outer, '/w/checkpoints'))
   assert msg.startswith('checkpoint save failed in /w/checkpoints/6: '
                         '[Errno 13 EACCES] Permission denied.'), msg
-  msg = str(guards.checkpoint_error(
+  msg = str(checkpoint.checkpoint_error(
       NotADirectoryError('Path is not a directory: /w/c/4.tmp'), '/w/c'))
   assert msg.startswith('checkpoint save failed in /w/c: [Errno 20 ENOTDIR] '
                         'Not a directory.'), msg
-  msg = str(guards.checkpoint_error(RuntimeError('boom\nmore'), '/w/c'))
+  msg = str(checkpoint.checkpoint_error(RuntimeError('boom\nmore'), '/w/c'))
   assert msg.startswith('checkpoint save failed in /w/c: RuntimeError: '
                         'boom.') and '\n' not in msg
 
@@ -558,7 +563,7 @@ def test_bad_image_error_mode_and_a_folder_of_only_bad_files(tmp_path):
   with pytest.raises(ValueError, match=r'^bad image .*photos/[abce]_\w+'
                      r'\.jpg: .*bad_images=skip') as e:
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
-  assert guards.is_user_error(e.value)
+  assert errors.is_user_error(e.value)
   only_bad = str(tmp_path / 'bad_only')
   os.makedirs(only_bad)
   for name in ('a_truncated.jpg', 'b_empty.jpg', 'c_text.jpg'):

@@ -14,8 +14,10 @@ import torch
 from flax import traverse_util
 
 from conftest import FIXTURES
+from mim_jax import experiment
 from mim_jax import optim
 from mim_jax import sharding
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax.convert import core
 from mim_jax.methods.mae import config as mae_config
@@ -101,10 +103,10 @@ def test_peak_lr_and_steps():
 def _fixture_model_shapes():
   with open(os.path.join(MAE_FIXTURE, 'config.json')) as f:
     fc = json.load(f)
-  model = steps.build_model(parity_mae.experiment_config(fc))
+  model = experiment.build_model(parity_mae.experiment_config(fc))
   batch = {'image': jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
            'noise': jax.ShapeDtypeStruct((2, 64), jnp.float32)}
-  return jax.eval_shape(lambda: steps.init_params(model, batch, 0))
+  return jax.eval_shape(lambda: state_lib.init_params(model, batch, 0))
 
 
 def test_decay_mask():
@@ -250,15 +252,15 @@ def _rel_to_max(a, b):
 
 def test_grad_accumulation_matches_full_batch():
   config = _tiny_config()
-  model = steps.build_model(config)
-  loss_fn = steps.build_loss(config)
+  model = experiment.build_model(config)
+  loss_fn = experiment.build_loss(config)
   rng = np.random.default_rng(0)
   batch = {'image': rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
            'noise': rng.random((8, 64)).astype(np.float32)}
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in batch.items()}
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
-  state0, _, _, schedule = steps.create_train_state(config, model, mesh,
+  state0, _, _, schedule = state_lib.create_train_state(config, model, mesh,
                                                     shapes)
   results = {}
   for accum in (1, 2):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import ROOT
+from mim_jax import experiment
 from mim_jax import sharding
-from mim_jax import steps
 from mim_jax.methods.cae import config as cae_config
 from mim_jax.methods.mae import config as mae_config
 from mim_jax.targets import tokenizer
@@ -57,7 +57,7 @@ def test_plan_counts_the_tokenizer_of_token_targets():
   out = plan.plan(c, 8, mfus=(0.5,))
   assert out['target_providers'] == {'tokenizer': 'frozen'}
   # The tokenizer's view: one token per 4 px patch of the 32 px crops.
-  view = steps.batch_spec(c)[tokenizer.VIEW]
+  view = experiment.batch_spec(c)[tokenizer.VIEW]
   assert view.shape == (32, 64, 64, 3) and view.dtype == jnp.uint8
   # The 32-token dVAE (8-64 wide convs at 64..8 px), replicated: every
   # device holds all of it; it is no part of the train state.

@@ -13,10 +13,11 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import FIXTURES, ROOT
 from mim_jax import config_lib
+from mim_jax import experiment
 from mim_jax import masking
 from mim_jax import methods
 from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax import train
 from mim_jax import weights
 from mim_jax.methods.mae import config as mae_config
@@ -105,7 +106,7 @@ def test_mae_attention_dropout_reaches_encoder_and_decoder_in_training_only():
   batch = {'image': _images(2),
            'noise': jax.random.uniform(jax.random.PRNGKey(1), (2, 64))}
   plain = MAE.build_model(c)
-  params = steps.init_params(plain, steps.batch_spec(c, 2), 0)
+  params = state_lib.init_params(plain, experiment.batch_spec(c, 2), 0)
   rng = {'dropout': jax.random.PRNGKey(2)}
   ref_eval = plain.apply({'params': params}, batch)[0]
   ref_train = plain.apply({'params': params}, batch, train=True, rngs=rng)[0]
@@ -208,7 +209,7 @@ def test_batch_mode_targets_do_not_depend_on_the_mesh():
   c = mae_config.get_config('tiny')
   c.loss.pop_norm = 'batch'
   c.loss.pop_axis = 'pixel'
-  loss_fn = steps.build_loss(c)
+  loss_fn = experiment.build_loss(c)
   images = _images(8)
   x = layers.patchify(images, 4)
   out = {'target': x, 'mask': jnp.ones(x.shape[:2])}
@@ -276,7 +277,7 @@ def test_mae_inserts_the_next_masked_patches_of_the_noise_order():
   model = MAE.build_model(c)
   batch = {'image': _images(3),
            'noise': jax.random.uniform(jax.random.PRNGKey(5), (3, 64))}
-  params = steps.init_params(model, steps.batch_spec(c, 3), 0)
+  params = state_lib.init_params(model, experiment.batch_spec(c, 3), 0)
   assert params['encoder_mask_token'].shape == (1, 1, 64)
   pred, out = model.apply({'params': params}, batch)
   order = np.argsort(np.asarray(batch['noise']), 1)
@@ -288,10 +289,10 @@ def test_mae_inserts_the_next_masked_patches_of_the_noise_order():
   assert pred.shape == (3, 64, 48)
   # The loss counts the inserted patches, or leaves them out.
   c.loss.pop_norm = 'none'    # (the running statistics need the step)
-  loss_fn = steps.build_loss(c)
+  loss_fn = experiment.build_loss(c)
   full, aux = loss_fn(pred, out, batch, 0)
   c.loss.inserted_in_loss = False
-  part, _ = steps.build_loss(c)(pred, out, batch, 0)
+  part, _ = experiment.build_loss(c)(pred, out, batch, 0)
   per = np.asarray(aux['loss_per_patch'])
   mask = np.asarray(out['mask'])
   np.testing.assert_allclose(full, (per * mask).sum() / mask.sum(),
@@ -306,12 +307,12 @@ def test_insertion_with_scan_matches_the_loop():
   batch = {'image': _images(2),
            'noise': jax.random.uniform(jax.random.PRNGKey(6), (2, 64))}
   loop = MAE.build_model(c)
-  params = steps.init_params(loop, steps.batch_spec(c, 2), 0)
+  params = state_lib.init_params(loop, experiment.batch_spec(c, 2), 0)
   c.model.scan = True
   scan = MAE.build_model(c)
   scan_params = vit.loop_to_scan(params)
-  shapes = jax.eval_shape(lambda: steps.init_params(
-      scan, steps.batch_spec(c, 2), 0))
+  shapes = jax.eval_shape(lambda: state_lib.init_params(
+      scan, experiment.batch_spec(c, 2), 0))
   assert jax.tree.structure(shapes) == jax.tree.structure(scan_params)
   assert 'blocks' in scan_params['encoder']   # one stacked tree, as MAE's
   ref, _ = loop.apply({'params': params}, batch)
@@ -329,7 +330,7 @@ def test_insertion_with_scan_matches_the_loop():
 def test_insertion_token_converts_as_an_extra_key():
   c = _robust_tiny()
   model = MAE.build_model(c)
-  params = steps.init_params(model, steps.batch_spec(c, 1), 0)
+  params = state_lib.init_params(model, experiment.batch_spec(c, 1), 0)
   conv = MAE.converter
   sd = conv.to_torch(params, model, 32)
   assert sd['encoder_mask_token'].shape == (1, 1, 64)
@@ -347,7 +348,7 @@ def test_insertion_token_converts_as_an_extra_key():
   plain = mae_config.get_config('tiny')
   pm = MAE.build_model(plain)
   plain_sd = conv.to_torch(
-      steps.init_params(pm, steps.batch_spec(plain, 1), 0), pm, 32)
+      state_lib.init_params(pm, experiment.batch_spec(plain, 1), 0), pm, 32)
   assert set(sd) - set(plain_sd) == {'encoder_mask_token'}
   # The fine-tuning encoder ignores it.
   assert 'encoder_mask_token' not in weights.encoder_state_dict('mae', sd)
@@ -437,8 +438,8 @@ def test_running_statistics_are_replicated_on_the_mesh():
   c = _robust_tiny()
   mesh = sharding.make_mesh([('data', 2), ('fsdp', 4)], jax.devices()[:8])
   model = MAE.build_model(c)
-  state, shardings, _, _ = steps.create_train_state(
-      c, model, mesh, steps.batch_spec(c), materialize=False)
+  state, shardings, _, _ = state_lib.create_train_state(
+      c, model, mesh, experiment.batch_spec(c), materialize=False)
   for leaf in jax.tree.leaves(shardings.target_state):
     assert leaf.spec == P()
   assert state.target_state['population']['mean'].shape == (48,)

@@ -13,7 +13,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from mim_jax import checkpoint
+from mim_jax import experiment
 from mim_jax import sharding
+from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax.methods.bootmae import config as bootmae_config
 from mim_jax.methods.mae import config as mae_config
@@ -53,11 +55,11 @@ def _mesh(spec, n):
 
 
 def _setup(config, mesh, params=None, materialize=True):
-  model = steps.build_model(config)
-  state, shardings, _, schedule = steps.create_train_state(
+  model = experiment.build_model(config)
+  state, shardings, _, schedule = state_lib.create_train_state(
       config, model, mesh, _shapes(_batch()), params=params,
       materialize=materialize)
-  step = steps.jit_train_step(config, model, steps.build_loss(config),
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
                               schedule, mesh, shardings)
   return state, shardings, step
 
@@ -130,8 +132,8 @@ def _golden_for(name):
 def test_golden_partition_specs_tiny_model():
   config = _config()
   mesh = _mesh([('data', 2), ('fsdp', 2), ('tensor', 2)], 8)
-  model = steps.build_model(config)
-  _, shardings = steps.param_shardings(config, model, mesh,
+  model = experiment.build_model(config)
+  _, shardings = state_lib.param_shardings(config, model, mesh,
                                        _shapes(_batch()))
   got = {k: v.spec for k, v in _flat(shardings).items()}
   assert len(got) == 12 + 12 * (2 + 1)   # 12 params per block
@@ -142,8 +144,8 @@ def test_golden_partition_specs_tiny_model():
 def test_golden_partition_specs_scan_layout_adds_layer_axis():
   config = _config(scan=True)
   mesh = _mesh([('data', 2), ('fsdp', 2), ('tensor', 2)], 8)
-  model = steps.build_model(config)
-  _, shardings = steps.param_shardings(config, model, mesh,
+  model = experiment.build_model(config)
+  _, shardings = state_lib.param_shardings(config, model, mesh,
                                        _shapes(_batch()))
   got = {k: v.spec for k, v in _flat(shardings).items()}
   assert got['encoder/blocks/attn/qkv/kernel'] == P(None, 'fsdp', 'tensor')
@@ -156,10 +158,10 @@ def test_fsdp_shards_every_param_above_threshold_vitb():
   config = mae_config.get_config('B/16')
   assert config.model.scan
   mesh = _mesh([('fsdp', 8)], 8)
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   shapes = {'image': jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32),
             'noise': jax.ShapeDtypeStruct((8, 196), jnp.float32)}
-  abstract, shardings = steps.param_shardings(config, model, mesh, shapes)
+  abstract, shardings = state_lib.param_shardings(config, model, mesh, shapes)
   big = small = 0
   for (name, leaf), sh in zip(_flat(abstract).items(),
                               _flat(shardings).values()):
@@ -180,11 +182,11 @@ def test_fsdp_shards_every_param_above_threshold_vitb():
 def test_missing_rule_is_named():
   config = _config()
   mesh = _mesh([('fsdp', 8)], 8)
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   config.sharding_rules = [r for r in sharding.DEFAULT_RULES
                            if r[0] != 'mlp']
   with pytest.raises(ValueError, match=r"\['mlp'\] have no sharding rule"):
-    steps.param_shardings(config, model, mesh, _shapes(_batch()))
+    state_lib.param_shardings(config, model, mesh, _shapes(_batch()))
   config.sharding_rules = [r for r in sharding.DEFAULT_RULES
                            if r[0] not in ('act_len', 'kv')]
   with pytest.raises(ValueError, match=r"\['act_len'\] have no sharding"):
@@ -237,14 +239,14 @@ def test_state_shardings_follow_params_for_opt_state_and_ema_copies():
   config = bootmae_config.get_config('tiny')
   config.min_shard_size = 0
   mesh = _mesh([('data', 2), ('fsdp', 2), ('tensor', 2)], 8)
-  model = steps.build_model(config)
-  shapes = steps.batch_spec(config, 8)
-  state, sh, _, _ = steps.create_train_state(config, model, mesh, shapes,
+  model = experiment.build_model(config)
+  shapes = experiment.batch_spec(config, 8)
+  state, sh, _, _ = state_lib.create_train_state(config, model, mesh, shapes,
                                              materialize=False)
   assert state.target_state is None and sh.target_state is None
   # The params: as param_shardings gives them, and really split (not all
   # replicated), with distinct specs, so following them means something.
-  _, param_sh = steps.param_shardings(config, model, mesh, shapes)
+  _, param_sh = state_lib.param_shardings(config, model, mesh, shapes)
   _same_sharding_leaves(sh.params, param_sh)
   specs = {x.spec for x in jax.tree.leaves(sh.params)}
   assert {P('fsdp'), P('fsdp', 'tensor'), P('tensor', 'fsdp')} <= specs

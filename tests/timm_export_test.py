@@ -21,8 +21,9 @@ import pytest
 
 from conftest import ROOT
 from mim_jax import checkpoint
+from mim_jax import experiment
 from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax import weights
 from mim_jax.convert import core
 from mim_jax.convert import timm_vit
@@ -73,10 +74,10 @@ def _params(name, scan=False):
   method's full model (abstractly: compiling whole models is slower)."""
   c = _config(name, scan)
   _, images = _images()
-  encoder = vit.Encoder(**steps.method_of(c).encoder(c))
+  encoder = vit.Encoder(**experiment.method_of(c).encoder(c))
   params = nn.meta.unbox(jax.jit(encoder.init)(jax.random.key(0), images))
-  model, batch = steps.build_model(c), steps.batch_spec(c, 1)
-  full = jax.eval_shape(lambda: steps.init_params(model, batch, c.seed))
+  model, batch = experiment.build_model(c), experiment.batch_spec(c, 1)
+  full = jax.eval_shape(lambda: state_lib.init_params(model, batch, c.seed))
   shapes = lambda t: jax.tree.map(np.shape, t)
   assert shapes(params['params']) == shapes(full['encoder'])
   return {'encoder': _perturb(params['params'], 1)}
@@ -90,7 +91,7 @@ def _images(n=2, size=32):
 def _ours(config, encoder_params, pool):
   """Our encoder on whole images: after the final norm ('token'), or the
   last block's output ('avg', timm's forward_features with fc_norm)."""
-  fields = dict(steps.method_of(config).encoder(config))
+  fields = dict(experiment.method_of(config).encoder(config))
   if pool == 'avg':
     fields['final_norm'] = False
     encoder_params = {k: v for k, v in encoder_params.items() if k != 'norm'}
@@ -160,7 +161,7 @@ def test_pos_embed_is_the_sincos_table(row_first):
   sd, _ = weights.to_timm(c, _params(name), 'token')
   assert sd['pos_embed'].shape == (1, 1 + 8 * 8, c.model.encoder.width)
   np.testing.assert_array_equal(sd['pos_embed'][0, 0], 0.0)
-  enc = vit.Encoder(**steps.method_of(c).encoder(c))
+  enc = vit.Encoder(**experiment.method_of(c).encoder(c))
   assert enc.posemb_row_first == row_first
   np.testing.assert_array_equal(sd['pos_embed'],
                                 enc.pos_embed(np.zeros((1, 32, 32, 3))))
@@ -248,8 +249,8 @@ def _workdir(config, path):
   config's shapes with random params and a different random EMA (filled in
   on the host: initialising the whole model would compile it)."""
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
-  abstract = steps.create_train_state(
-      config, steps.build_model(config), mesh, steps.batch_spec(config, 1),
+  abstract = state_lib.create_train_state(
+      config, experiment.build_model(config), mesh, experiment.batch_spec(config, 1),
       materialize=False)[0]
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   state = state.replace(params=_perturb(state.params, 1),

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from dalle_torch import TorchEncoder, save_as_official
+from mim_jax import experiment
 from mim_jax import input_pipeline
 from mim_jax import methods
 from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax import train
 from mim_jax.methods.cae import config as cae_config
 from mim_jax.models import dvae
@@ -64,14 +65,14 @@ def test_view_and_token_ids_match_the_torch_tokenizer(encoder_pkl):
   # The frozen provider, as the train step runs it: weights read from the
   # file and replicated, the batch sharded over the data axis.
   mesh = sharding.make_mesh([('data', -1)])
-  frozen = steps.frozen_targets(c, mesh)
+  frozen = experiment.frozen_targets(c, mesh)
   assert set(frozen) == {'tokenizer'}
   assert all(x.sharding.is_fully_replicated
              for x in jax.tree.leaves(frozen['tokenizer']))
   provider, = methods.get('cae').providers(c)
   assert (provider.name, provider.kind) == ('tokenizer', 'frozen')
   global_batch = sharding.to_global(
-      {k: batch[k] for k in steps.batch_spec(c)},
+      {k: batch[k] for k in experiment.batch_spec(c)},
       sharding.data_sharding(mesh))
   out = jax.jit(provider.compute)(frozen['tokenizer'], global_batch)
   assert set(out) == set(provider.outputs) == {tokenizer.TOKENS}
@@ -94,7 +95,7 @@ def test_token_targets_train(encoder_pkl, tmp_path):
   c.input.batch_size = 16
   c.async_ckpt = False
   c.knn.data = None
-  spec = steps.batch_spec(c)
+  spec = experiment.batch_spec(c)
   assert spec[tokenizer.VIEW].shape == (16, 64, 64, 3)
   assert 'token_ids' not in spec  # made inside the step
   provider, = methods.get('cae').providers(c)
@@ -116,7 +117,7 @@ def test_missing_weights_file_fails_before_compiling(tmp_path, monkeypatch):
   def no_compile(*a, **k):
     raise AssertionError('state created before the tokenizer check')
 
-  monkeypatch.setattr(steps, 'create_train_state', no_compile)
+  monkeypatch.setattr(state_lib, 'create_train_state', no_compile)
   c = _config(str(tmp_path / 'nothing' / 'encoder.pkl'))
   with pytest.raises(ValueError) as e:
     train.train_and_evaluate(c, str(tmp_path / 'wd'))
@@ -164,7 +165,7 @@ def test_sizes_left_none_are_read_from_the_file(encoder_pkl):
                           blocks_per_group=None, vocab_size=None))
   assert tokenizer.sizes(c) == dict(hidden=HID, groups=4, blocks_per_group=2,
                                     vocab_size=VOCAB)
-  assert steps.build_model(c).vocab_size == VOCAB
+  assert experiment.build_model(c).vocab_size == VOCAB
   train.validate_config(c, 8, 8)
   params = tokenizer.load_params(c)
   assert params['input']['kernel'].shape == (7, 7, 3, HID)
@@ -186,6 +187,6 @@ def test_pixel_targets_need_no_tokenizer():
   cae = methods.get('cae')
   assert not cae.providers(c) and not cae.views(c)
   train.validate_config(c, 8, 8)
-  assert set(steps.batch_spec(c)) == {'image', 'mask'}
-  assert steps.frozen_targets(c, jax.sharding.Mesh(
+  assert set(experiment.batch_spec(c)) == {'image', 'mask'}
+  assert experiment.frozen_targets(c, jax.sharding.Mesh(
       np.array(jax.devices()), ('data',))) == {}

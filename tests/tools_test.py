@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT
-from mim_jax import steps
+from mim_jax import experiment
 from mim_jax import train
 from mim_jax import weights
 from mim_jax.convert import core
@@ -24,7 +24,7 @@ def test_export_import_and_visualize(tmp_path):
   c.knn.data = None
   wd = str(tmp_path / 'run')
   state = train.train_and_evaluate(c, wd)
-  model = steps.build_model(c)
+  model = experiment.build_model(c)
 
   params, step = weights.from_workdir(c, model, wd)
   assert step == 2

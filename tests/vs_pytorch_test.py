@@ -12,6 +12,7 @@ import pytest
 
 from conftest import FIXTURES
 from conftest import ROOT
+from mim_jax import experiment
 from mim_jax import steps
 from mim_jax.parity import core
 
@@ -48,7 +49,7 @@ def test_norm_pix_loss_equals_mim_jax():
   theirs = model(imgs, noise=noise)[0].item()
   _, _, config, ours_model, batch, params = core.load_converted(MAE)
   config.loss.norm_pix_loss = True
-  compute = steps.make_loss_fn(ours_model, steps.build_loss(config))
+  compute = steps.make_loss_fn(ours_model, experiment.build_loss(config))
   ours = float(jax.jit(compute, static_argnums=3)(
       params, batch, jax.random.PRNGKey(0), False)[0])
   assert abs(ours - theirs) / abs(theirs) <= 1e-5, (ours, theirs)

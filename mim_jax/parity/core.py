@@ -20,9 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mim_jax import experiment
 from mim_jax import methods
 from mim_jax import optim
+from mim_jax import providers as providers_lib
 from mim_jax import sharding
+from mim_jax import state as state_lib
 from mim_jax import steps
 
 # Tolerances of the fixtures README (tighter than the per-folder ones).
@@ -116,7 +119,7 @@ def load_converted(path: str):
   config = adapter.experiment_config(fx['config'])
   model = method.build_model(config)
   batch = adapter.batch_from_inputs(fx['inputs'], fx['config'])
-  shapes = jax.eval_shape(lambda: steps.init_params(
+  shapes = jax.eval_shape(lambda: state_lib.init_params(
       model, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
               for k, v in batch.items()}, 0))
   params = method.converter.to_flax(fx['state_dict'], model, shapes,
@@ -129,7 +132,7 @@ def run(path: str) -> dict[str, Any]:
   fx, method, config, model, batch, params = load_converted(path)
   adapter = method.parity
   jax.config.update('jax_default_matmul_precision', 'highest')
-  loss_fn = steps.build_loss(config)
+  loss_fn = experiment.build_loss(config)
   conv = method.converter
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   report: dict[str, Any] = {'fixture': os.path.abspath(path),
@@ -138,10 +141,10 @@ def run(path: str) -> dict[str, Any]:
 
   # 1. Forward outputs (methods with a momentum target get the fixture's
   # initial EMA weights).
-  providers = method.providers(config)
+  providers = experiment.providers_of(config)
   ema = (None if adapter.initial_ema is None
          else adapter.initial_ema(fx, model, params))
-  targets = {p.name: ema for p in providers if p.kind == 'ema'}
+  targets = providers_lib.states_for(providers, ema_params=ema)
   compute = functools.partial(
       steps.make_loss_fn(model, loss_fn, providers), targets=targets)
   loss, (pred, out, aux, _) = jax.jit(compute, static_argnums=3)(
@@ -210,11 +213,11 @@ def replay_curve(fx, config, model, loss_fn, method, params, zero,
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in batches[0].items()}
-  state, _, _, schedule = steps.create_train_state(cfg, model, mesh, shapes,
+  state, _, _, schedule = state_lib.create_train_state(cfg, model, mesh, shapes,
                                                    params=params, ema=ema)
   train_step = jax.jit(steps.make_train_step(
-      model, loss_fn, schedule, method.providers(cfg), seed=cfg.seed,
-      ema_momentum=steps.ema_schedule(cfg)))
+      model, loss_fn, schedule, experiment.providers_of(cfg), seed=cfg.seed,
+      ema_momentum=experiment.ema_schedule(cfg)))
   terms = adapter.curve_terms
   losses, lrs, term_values = [], [], {k: [] for k in terms}
   for b in batches:

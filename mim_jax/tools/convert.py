@@ -75,7 +75,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mim_jax import guards
+from mim_jax import errors
 
 FLAGS = flags.FLAGS
 
@@ -102,10 +102,10 @@ def _define_flags():
 
 
 def export(config):
-  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
   from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   state, step = weights.state_from_workdir(config, model, FLAGS.workdir,
                                            FLAGS.step)
   # BootMAE: the momentum encoder too (`model_ema.*`).
@@ -134,7 +134,8 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
       `ema` without an EMA encoder (checked before the checkpoint is read,
       where the config tells).
   """
-  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mim_jax import providers  # pylint: disable=g-import-not-at-top
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
   from mim_jax.convert import core  # pylint: disable=g-import-not-at-top
   from mim_jax.convert import timm_vit  # pylint: disable=g-import-not-at-top
@@ -142,9 +143,9 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
   no_ema = (f'--timm_ema: the {config.model_name} run keeps no EMA of its '
             'encoder (TrainState.ema_params); drop --timm_ema to export the '
             'online encoder.')
-  if ema and steps.method_of(config).ema_provider(config) is None:
+  if ema and providers.ema_of(experiment.providers_of(config)) is None:
     raise ValueError(no_ema)
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   state, step = weights.state_from_workdir(config, model, workdir, step)
   params, which = state.params, 'online'
   if ema:
@@ -166,9 +167,9 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
 def import_(config):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from mim_jax import steps  # pylint: disable=g-import-not-at-top
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import weights  # pylint: disable=g-import-not-at-top
-  model = steps.build_model(config)
+  model = experiment.build_model(config)
   params = weights.from_torch(config, model, FLAGS.torch_ckpt,
                               strict=FLAGS.strict)
   out = os.path.abspath(FLAGS.out)
@@ -202,11 +203,8 @@ def main(argv):
     if not FLAGS.torch_ckpt:
       raise app.UsageError('import needs --torch_ckpt.')
     try:  # a missing, empty or damaged file: one line, no traceback
-      with guards.user_errors():
-        import_(FLAGS.config)
-    except Exception as e:  # pylint: disable=broad-except
-      if not guards.is_user_error(e):
-        raise
+      import_(FLAGS.config)
+    except errors.UserError as e:
       sys.exit(f'error: {e}')
 
 

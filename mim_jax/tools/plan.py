@@ -58,9 +58,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mim_jax import experiment
 from mim_jax import optim
 from mim_jax import sharding
-from mim_jax import steps
+from mim_jax import state as state_lib
 from mim_jax import train
 
 GIB = 2 ** 30
@@ -87,10 +88,10 @@ def forward_flops_per_image(config) -> float:
   """XLA's FLOP count of one inference forward (`train=False`) of one
   image: the model-card FLOPs of a classifier (a pretraining model's
   forward includes its masking and decoder)."""
-  model = steps.build_model(config)
-  batch = steps.batch_spec(config, 1)
+  model = experiment.build_model(config)
+  batch = experiment.batch_spec(config, 1)
   variables = jax.eval_shape(
-      lambda: nn.meta.unbox(steps.init_variables(model, batch, 0)))
+      lambda: nn.meta.unbox(state_lib.init_variables(model, batch, 0)))
   fwd = jax.jit(lambda v, b: model.apply(v, b, train=False))
   return float(fwd.lower(variables, batch).cost_analysis()['flops'])
 
@@ -119,7 +120,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
 
-  frozen = steps.frozen_targets(config, mesh, abstract=True)
+  frozen = experiment.frozen_targets(config, mesh, abstract=True)
   frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
   fields = {'params': (state.params, state_sh.params),
             'opt_state': (state.opt_state, state_sh.opt_state),
@@ -178,7 +179,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
                                   else suggestion),
       'target_providers': {
           p.name: p.kind
-          for p in steps.method_of(config).providers(config)},
+          for p in experiment.providers_of(config)},
       'num_params': int(sum(np.prod(x.shape) for x in
                             jax.tree.leaves(state.params))),
       'flops_per_step': flops,

@@ -35,6 +35,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
   from mim_jax import visualize  # pylint: disable=g-import-not-at-top
@@ -44,7 +45,7 @@ def main(argv):
   if not config or bool(FLAGS.workdir) == bool(FLAGS.torch_ckpt):
     raise app.UsageError('Give --config and exactly one of --workdir and '
                          '--torch_ckpt.')
-  method = steps.method_of(config)
+  method = experiment.method_of(config)
   model = method.build_model(config)
   if FLAGS.workdir:
     params, step = weights.from_workdir(config, model, FLAGS.workdir,
@@ -56,7 +57,7 @@ def main(argv):
       config.input, patch_size=vit.patch_size_of(config.model),
       seed=FLAGS.seed, num_images=FLAGS.num_images,
       views={k: v.size for k, v in method.views(config).items()})
-  batch = {k: batch[k] for k in steps.batch_spec(config, 1)}
+  batch = {k: batch[k] for k in experiment.batch_spec(config, 1)}
   grid = visualize.render(method, config, steps.make_forward(model), params,
                           batch)
   if grid is None:
