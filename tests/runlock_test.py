@@ -221,3 +221,17 @@ def test_the_gfile_backend_keeps_the_same_protocol(tmp_path, warnings):
   with runlock.RunLock(wd, **gfile) as lock:
     assert _lock_file(wd)['token'] == lock.token
   assert 'Took over the run lock' in warnings.text
+
+
+def test_wait_s_polls_until_the_lock_goes_stale(tmp_path, monkeypatch):
+  wd = str(tmp_path / 'run')
+  monkeypatch.setattr(runlock, 'POLL_S', 0.1)
+  _write_owner(wd, heartbeat_at=time.time() - 9.0)
+  with pytest.raises(runlock.WorkdirBusyError):
+    runlock.RunLock(wd, stale_after_s=10, heartbeat_every_s=1,
+                    wait_s=0.05).acquire()
+  t = time.time()
+  with runlock.RunLock(wd, stale_after_s=10, heartbeat_every_s=1,
+                       wait_s=5) as lock:
+    assert _lock_file(wd)['token'] == lock.token
+  assert time.time() - t < 3
