@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.knn = dict(data=placeholder(str), train_split='train',
                test_split='test', every_steps=placeholder(int), k=20,
                temperature=0.07, feature='cls', batch_size=256,
-               crop_pct=1.0)
+               crop_pct=1.0, bad_images='error')
   return c
 
 

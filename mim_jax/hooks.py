@@ -3,6 +3,7 @@
 `train.loop` runs the train step and then, after every step, each hook in
 the order `train.default_hooks` gives:
 
+0. `Heartbeat`: keeps the workdir's run lock fresh.
 1. `MetricsLogger`: the train/* means of each log interval, throughput and
    MFU, progress.
 2. `Checkpointer`: the non-finite guard's host half, periodic and final
@@ -39,6 +40,7 @@ from mim_jax import checkpoint
 from mim_jax import input_pipeline
 from mim_jax import knn
 from mim_jax import nonfinite
+from mim_jax import runlock
 from mim_jax import sharding
 from mim_jax import signals
 from mim_jax import steps
@@ -237,6 +239,19 @@ class Figures(Hook):
       self.writer.write_images(step, {'reconstruction': grid[None]})
 
 
+class Heartbeat(Hook):
+  """Refreshes the workdir's run lock (`runlock.RunLock.heartbeat`, which
+  writes at most every few seconds). If another run has taken the lock
+  over, it raises `runlock.WorkdirBusyError` and the run stops without
+  saving: the checkpoints now belong to the other run."""
+
+  def __init__(self, lock: runlock.RunLock):
+    self.lock = lock
+
+  def __call__(self, step, state, info):
+    self.lock.heartbeat(step)
+
+
 class Periodic(Hook):
   """`action(step, state)` every `every` steps (0: only at the end) and at
   the last step."""
@@ -261,17 +276,19 @@ class Evaluator:
   evaluation-only runs).
   """
 
-  def __init__(self, config, method, model, mesh, state_shardings,
-               workdir: str, save_best: bool = True):
+  def __init__(self, config, method, model, mesh, workdir: str,
+               save_best: bool = True):
     ec = config.eval
     self.workdir, self.save_best = workdir, save_best
     self.ds, self.num_batches, self.num_examples = (
         input_pipeline.make_eval_dataset(
             config.input, data=ec.get('data'),
             split=ec.get('split'), batch_size=ec.batch_size,
-            crop_pct=ec.get('crop_pct', 0.875)))
-    self.step_fn = steps.make_eval_step(model, method.eval_metrics, mesh,
-                                        state_shardings)
+            crop_pct=ec.get('crop_pct', 0.875),
+            bad_images=ec.get('bad_images', 'error'),
+            bad_images_field='eval.bad_images'))
+    self.model, self.metrics_fn, self.mesh = model, method.eval_metrics, mesh
+    self.step_fn = None  # jitted at the first pass, for the state's shardings
     self.data_sh = sharding.data_sharding(mesh)
     self.best_metric = ec.get('best_metric', 'top1')
     self.use_ema = ec.get('use_ema', False)
@@ -283,6 +300,12 @@ class Evaluator:
     self.best_mgr = None
 
   def _pass(self, params, model_state) -> dict:
+    if self.step_fn is None:
+      shardings = jax.tree.map(lambda x: x.sharding,
+                               {'params': params, 'model_state': model_state})
+      self.step_fn = steps.make_eval_step(
+          self.model, self.metrics_fn, self.mesh, shardings['params'],
+          shardings['model_state'])
     totals = None
     for local in self.ds.as_numpy_iterator():
       batch = sharding.to_global(local, self.data_sh)
@@ -348,7 +371,9 @@ class KnnMonitor:
     self.sets = [input_pipeline.make_eval_dataset(
         config.input, data=kc.data, split=split,
         batch_size=kc.get('batch_size', 256),
-        crop_pct=kc.get('crop_pct', 1.0))[0]
+        crop_pct=kc.get('crop_pct', 1.0),
+        bad_images=kc.get('bad_images', 'error'),
+        bad_images_field='knn.bad_images')[0]
                  for split in (kc.get('train_split', 'train'),
                                kc.get('test_split', 'test'))]
 

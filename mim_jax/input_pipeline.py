@@ -392,7 +392,9 @@ def make_eval_dataset(input_config: Any,
                       batch_size: int,
                       crop_pct: float = 0.875,
                       process_index: int | None = None,
-                      process_count: int | None = None
+                      process_count: int | None = None,
+                      bad_images: str = 'error',
+                      bad_images_field: str = 'eval.bad_images'
                       ) -> tuple[tf.data.Dataset, int, int]:
   """The finite, ordered evaluation pipeline of one host.
 
@@ -400,6 +402,11 @@ def make_eval_dataset(input_config: Any,
   center-cropped to image_size (timm's eval transform, bicubic), and
   normalised. The last batches are padded with `valid` = 0 so every host
   yields the same number of full batches.
+
+  A folder is checked whole first (every file read and decoded, split
+  between the JAX processes: `image_check.scan`), so a bad file fails here,
+  before anything compiles, in one line naming every bad file; or, with
+  bad_images='drop', is left out (counts exclude it, on every host).
 
   Args:
     input_config: `config.input` (image_size, mean, std, tfds fields).
@@ -410,13 +417,17 @@ def make_eval_dataset(input_config: Any,
     crop_pct: center-crop fraction of the shorter side.
     process_index: this host (default jax.process_index()).
     process_count: hosts (default jax.process_count()).
+    bad_images: bad files of a folder: 'error' (stop) or 'drop'.
+    bad_images_field: the config field of `bad_images`, for the messages
+      (the kNN monitor's: 'knn.bad_images').
 
   Returns:
     (dataset of {'image', 'label', 'valid'}, batches per host, number of
     real examples over all hosts).
 
   Raises:
-    ValueError: unknown split or data set, unlabelled data, bad sizes.
+    ValueError: unknown split or data set, unlabelled data, bad sizes, bad
+      image files (bad_images='error').
   """
   image_size = int(input_config.image_size)
   if not 0 < crop_pct <= 1:
@@ -424,9 +435,21 @@ def make_eval_dataset(input_config: Any,
   process_index, process_count = _process_info(process_index, process_count)
   host_batch = _host_batch_size(int(batch_size), process_count)
   mean, std = _mean_std(input_config)
+  if bad_images not in image_check.EVAL_BAD_IMAGE_MODES:
+    raise ValueError(f'{bad_images_field}={bad_images!r}: use one of '
+                     f'{image_check.EVAL_BAD_IMAGE_MODES}.')
+  max_pixels = image_checker(input_config, mode='error').max_pixels
+
+  def screen(files):
+    where = (data or input_config.get('data')).split(':', 1)[1]
+    return image_check.screen_eval_files(
+        files, _scan_on_all_processes(files, max_pixels), mode=bad_images,
+        field=bad_images_field, where=where)
+
   source = sources.open_source(input_config, seed=0, data=data, split=split,
                                process_index=process_index,
-                               process_count=process_count, labeled=True)
+                               process_count=process_count, labeled=True,
+                               screen=screen)
   num_batches = eval_batches(source.total_records, host_batch,
                              process_count)
 
@@ -445,6 +468,35 @@ def make_eval_dataset(input_config: Any,
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
   ds = ds.batch(host_batch, drop_remainder=True)
   return _finish(ds, input_config), num_batches, source.total_records
+
+
+def _scan_on_all_processes(paths: list[str],
+                           max_pixels: int) -> dict[int, str]:
+  """`image_check.scan` of `paths`, each JAX process scanning every
+  process_count-th file; every process gets the whole {index: why}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  count, index = jax.process_count(), jax.process_index()
+  local = {index + count * i: why for i, why in
+           image_check.scan(paths[index::count], max_pixels).items()}
+  if count == 1:
+    return local
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  width = 200  # bytes of each reason
+  most = int(multihost_utils.process_allgather(
+      np.array([len(local)], np.int32)).max())
+  if not most:
+    return {}
+  indices = np.full([most], -1, np.int32)
+  whys = np.zeros([most, width], np.uint8)
+  for row, (i, why) in enumerate(sorted(local.items())):
+    indices[row] = i
+    text = why.encode('utf-8')[:width]
+    whys[row, :len(text)] = np.frombuffer(text, np.uint8)
+  indices = multihost_utils.process_allgather(indices).reshape(-1)
+  whys = multihost_utils.process_allgather(whys).reshape(-1, width)
+  return {int(i): bytes(w).rstrip(b'\0').decode('utf-8', 'replace')
+          for i, w in zip(indices, whys) if i >= 0}
 
 
 def _check_views(views: dict[str, int] | None) -> dict[str, int]:

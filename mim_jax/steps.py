@@ -193,7 +193,8 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
       donate_argnums=(0,))
 
 
-def make_eval_step(model, metrics_fn: Callable, mesh: Mesh, state_shardings):
+def make_eval_step(model, metrics_fn: Callable, mesh: Mesh, param_shardings,
+                   model_state_shardings=None):
   """Jitted `(params, model_state, batch) -> {name: sum over the valid
   examples}, plus 'count'`: one batch of an evaluation pass.
 
@@ -213,8 +214,7 @@ def make_eval_step(model, metrics_fn: Callable, mesh: Mesh, state_shardings):
       sums['count'] = jnp.sum(valid)
       return sums
 
-  return jax.jit(step, in_shardings=(state_shardings.params,
-                                     state_shardings.model_state,
+  return jax.jit(step, in_shardings=(param_shardings, model_state_shardings,
                                      sharding.data_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 

@@ -22,6 +22,7 @@ import os
 from typing import Any, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from absl import logging
@@ -37,6 +38,7 @@ from mim_jax import input_pipeline
 from mim_jax import metrics as metrics_lib
 from mim_jax import nonfinite
 from mim_jax import optim
+from mim_jax import runlock
 from mim_jax import sharding
 from mim_jax import signals
 from mim_jax import state as state_lib
@@ -228,16 +230,18 @@ class Run:
   progress_writer: Any
   flops: float
   peak: Optional[float]
+  lock: runlock.RunLock
   evaluator: Optional[hooks_lib.Evaluator] = None
   knn_monitor: Optional[hooks_lib.KnnMonitor] = None
   vis: Optional[tuple] = None
 
   def close(self, wait: bool = True) -> None:
-    """Flushes the writers and, with `wait`, waits for pending saves (not
-    after a failed save, whose threads may never finish)."""
+    """Flushes the writers, with `wait` waits for pending saves (not after
+    a failed save, whose threads may never finish), releases the lock."""
     if wait:
       self.mgr.wait_until_finished()
     self.writer.flush()
+    self.lock.release()
 
 
 def _checked_mesh(config):
@@ -351,48 +355,97 @@ def _open_workdir(config, workdir: str, start_step: int, changed: list):
   return writer, progress_writer
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Checks and builds everything a training run needs.
+def _take_lock(workdir: str) -> runlock.RunLock:
+  """The workdir's run lock, taken by process 0; every process raises
+  `runlock.WorkdirBusyError` when it is refused."""
+  lock = runlock.RunLock(workdir, enabled=jax.process_index() == 0)
+  refused = None
+  try:
+    lock.acquire()
+  except runlock.WorkdirBusyError as e:
+    refused = e
+  if jax.process_count() > 1:
+    ok = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
+    if not ok and refused is None:
+      refused = runlock.WorkdirBusyError(
+          f'{workdir} is in use by another run (process 0 could not take '
+          'its run lock; its log names the owner).')
+  if refused is not None:
+    raise refused
+  return lock
 
-  In order: the config; the workdir's newest checkpoint (resume); the data
-  sources, frozen target weights and `init_from` weights; the state; only
-  then the workdir's files (checkpoints/, config.json, events, metrics);
-  then the FLOP count and the jitted step. The schedule spans total_steps;
-  stop_after_steps ends this run earlier (rerun without it to continue the
-  same schedule).
+
+def _remove_if_empty(workdir: str) -> None:
+  """Removes `workdir` if it holds nothing (a setup that failed after the
+  lock made it)."""
+  if jax.process_index() == 0 and tf.io.gfile.isdir(workdir) and (
+      not tf.io.gfile.listdir(workdir)):
+    tf.io.gfile.rmtree(workdir)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Checks and builds everything a training run needs, holding the
+  workdir's run lock (`mim_jax.runlock`: a second run on the workdir stops
+  at once, naming the owner).
+
+  In order: the config; the lock; the workdir's newest checkpoint
+  (resume); the data sources (evaluation and kNN sets included), frozen
+  target weights and `init_from` weights; the state; only then the
+  workdir's files (checkpoints/, config.json, events, metrics); then the
+  FLOP count and the jitted step. A setup that fails releases the lock and
+  leaves the workdir as it found it.
 
   Raises:
-    errors.UserError subclasses for bad input (config, data, files), before
-    anything is written.
+    errors.UserError subclasses for bad input (config, data, files, a busy
+    workdir), before anything is written.
   """
   if config.get('eval_only'):
     raise errors.ConfigError('config.eval_only is set: use '
                              'train.evaluate (the CLI does).')
   mesh = _checked_mesh(config)
+  existed = tf.io.gfile.exists(workdir)
+  lock = _take_lock(workdir)
+  try:
+    return _build(config, workdir, mesh, lock)
+  except BaseException:
+    lock.release()
+    if not existed:
+      _remove_if_empty(workdir)
+    raise
+
+
+def _evaluator(config, method, model, mesh, workdir, save_best=True):
+  """The evaluation passes when the method has eval metrics and the config
+  an eval set (its data opened and checked now), else None."""
+  if method.eval_metrics is None or not config.get('eval'):
+    return None
+  return hooks_lib.Evaluator(config, method, model, mesh, workdir,
+                             save_best=save_best)
+
+
+def _build(config, workdir: str, mesh, lock) -> Run:
+  """`setup` after the config check, under the lock."""
+  # The schedule spans total_steps; stop_after_steps ends this run earlier
+  # (rerun without it to continue the same schedule).
   total_steps = optim.steps_from(config, 'total')
   end_step = min(total_steps, config.get('stop_after_steps') or total_steps)
   method = experiment.method_of(config)
   model = method.build_model(config)
   batch_shapes = experiment.batch_spec(config)
   resumed = _resume(config, workdir, model, mesh, batch_shapes)
-  start_step, mgr = resumed.step, resumed.mgr
-  batches, vis_batch = _train_data(config, method, batch_shapes, start_step)
+  batches, vis_batch = _train_data(config, method, batch_shapes,
+                                   resumed.step)
+  evaluator = _evaluator(config, method, model, mesh, workdir)
+  knn_monitor = _knn_monitor(config, method, mesh)
   frozen = experiment.frozen_targets(config, mesh)
   if resumed.state is None:
     state, shardings, schedule = _initial_state(config, model, mesh,
                                                 batch_shapes)
   else:
     state, (shardings, schedule) = resumed.state, resumed.made
-  evaluator = None
-  if method.eval_metrics is not None and config.get('eval'):
-    evaluator = hooks_lib.Evaluator(config, method, model, mesh, shardings,
-                                    workdir)
-  knn_monitor = _knn_monitor(config, method, mesh)
   # Everything is checked: from here on the workdir is written.
-  writer, progress_writer = _open_workdir(config, workdir, start_step,
+  writer, progress_writer = _open_workdir(config, workdir, resumed.step,
                                           resumed.changed)
-  if mgr is None:
-    mgr = _manager(config, workdir)
   flops = step_flops(config, mesh)
   peak = peak_tflops_of(config)
   logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
@@ -406,17 +459,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(config=config, workdir=workdir, mesh=mesh, method=method,
              model=model, state=state, state_shardings=shardings,
              frozen=frozen, train_step=train_step, batches=batches,
-             batch_keys=tuple(batch_shapes), start_step=start_step,
-             end_step=end_step, mgr=mgr, writer=writer,
-             progress_writer=progress_writer, flops=flops, peak=peak,
-             evaluator=evaluator, knn_monitor=knn_monitor, vis=vis)
+             batch_keys=tuple(batch_shapes), start_step=resumed.step,
+             end_step=end_step, mgr=resumed.mgr or _manager(config, workdir),
+             writer=writer, progress_writer=progress_writer, flops=flops,
+             peak=peak, lock=lock, evaluator=evaluator,
+             knn_monitor=knn_monitor, vis=vis)
 
 
 def default_hooks(run: Run, stop: signals.StopSignals) -> list:
   """The hooks of a training run, in their order (see `mim_jax.hooks`):
   the checkpoint of a step is written before anything else reads it."""
   config, end = run.config, run.end_step
-  out = [hooks_lib.MetricsLogger(
+  out = [hooks_lib.Heartbeat(run.lock), hooks_lib.MetricsLogger(
       config, run.writer,
       run.progress_writer if jax.process_index() == 0 else None,
       end_step=end, flops=run.flops, peak=run.peak),
@@ -451,9 +505,10 @@ def _next_batch(it):
 
 
 # Errors that end a run on purpose: no rescue save (a stop has saved; a
-# non-finite state or a failing save must not be saved).
+# non-finite state or a failing save must not be saved; a run whose lock
+# was taken over no longer owns the checkpoints).
 _NO_RESCUE = (signals.Stopped, nonfinite.NonFiniteError,
-              checkpoint.CheckpointSaveError)
+              checkpoint.CheckpointSaveError, runlock.WorkdirBusyError)
 
 
 def _run_hooks(hooks: Sequence[hooks_lib.Hook], step: int, state,
@@ -541,11 +596,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'evaluation (config.eval); use a fine-tuning or probe config.')
   mesh = _checked_mesh(config)
   model = method.build_model(config)
-  state, shardings, _ = _initial_state(config, model, mesh,
-                                       experiment.batch_spec(config))
-  evaluator = hooks_lib.Evaluator(config, method, model, mesh, shardings,
-                                  workdir, save_best=False)
-  writer, _ = _open_workdir(config, workdir, 0, [])
-  row = evaluator(state, 0, writer)
-  writer.flush()
+  evaluator = _evaluator(config, method, model, mesh, workdir,
+                         save_best=False)
+  state, _, _ = _initial_state(config, model, mesh,
+                               experiment.batch_spec(config))
+  lock = _take_lock(workdir)
+  try:
+    writer, _ = _open_workdir(config, workdir, 0, [])
+    row = evaluator(state, 0, writer)
+    writer.flush()
+  finally:
+    lock.release()
   return row

@@ -96,6 +96,13 @@ def test_input_pipeline_bench_jpeg():
       _positive(r['images_per_sec'], r['images_per_cpu_sec'])
 
 
+def test_eval_check_bench():
+  out = run_smoke('eval_check_bench.py')
+  assert out['benchmark'] == 'eval_check' and out['files'] == 64
+  _positive(out['mean_kb'], *out['scan'].values(),
+            *out['byte_check_only'].values())
+
+
 def test_compile_bench():
   out = run_smoke('compile_bench.py')
   assert out['benchmark'] == 'train_step_compile'

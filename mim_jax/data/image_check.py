@@ -13,12 +13,20 @@ fine: the decoder goes by content.
 (`fill_gaps` keeps every position of the stream filled, so the step ->
 example mapping, and with it resume, stay exact); with 'error' it stops the
 run naming the file.
+
+Evaluation folders are checked whole before the run starts (`scan`, then
+`screen_eval_files`): every file is read and decoded by TensorFlow's own
+decoders (the byte check misses a JPEG whose data is damaged inside, which
+`decode_jpeg` refuses), in a parallel tf.data pass. Evaluation counts every
+image, so a bad file stops the run naming every bad file
+(`eval.bad_images='error'`), or is left out of the evaluation, logged
+('drop').
 """
 
 import re
 import struct
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -26,6 +34,10 @@ import tensorflow as tf
 # PIL's Image.MAX_IMAGE_PIXELS: a 20000 x 20000 image is over it.
 DEFAULT_MAX_PIXELS = 89_478_485
 BAD_IMAGE_MODES = ('skip', 'error')
+# Bad files of an evaluation folder: stop the run, or evaluate without them.
+EVAL_BAD_IMAGE_MODES = ('error', 'drop')
+# Bad files named in full in an error message (all of them are logged).
+_LISTED = 50
 # The end of the error of input.bad_images='error'; `ERROR` finds the whole
 # line in the message of the TensorFlow error that carries it.
 _ERROR_FIX = ('. Fix or remove it, or set --config.input.bad_images=skip to '
@@ -174,3 +186,114 @@ def fill_gaps(ds: tf.data.Dataset) -> tf.data.Dataset:
     return tf.data.Dataset.from_tensor_slices((positions, *tiled, filled))
 
   return ds.scan(tf.constant(0, tf.int64), step).flat_map(expand)
+
+
+def _decode_error(data: bytes) -> Optional[str]:
+  """TensorFlow's error decoding `data` (as the pipelines do), or None."""
+  try:
+    if tf.io.is_jpeg(data):
+      tf.io.decode_jpeg(data, channels=3)
+    else:
+      tf.io.decode_image(data, channels=3, expand_animations=False)
+  except tf.errors.OpError as e:
+    # '{{function_node ...}} jpeg::Uncompress failed. ... [Op:DecodeJpeg]'
+    message = re.sub(r'^\{\{[^}]*\}\}\s*|\s*\[Op:\w+\]$', '',
+                     e.message.strip().splitlines()[0])
+    return f'does not decode ({message})'
+  return None
+
+
+def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
+  """Every file of `paths` that would not decode: {index: why}.
+
+  Each file is read, checked from its bytes (`problem`), then decoded by
+  TensorFlow's decoders, JPEGs at 1/8 scale (`ratio=8`: the whole entropy-
+  coded data is read, as in a full decode, which fails on the same files,
+  at a fraction of the IDCT cost), in a parallel tf.data pass. The few
+  files that fail are decoded again alone to tell why.
+  """
+  if not paths:
+    return {}
+  table = tf.constant(list(paths), tf.string)
+
+  def bytes_problem(data):
+    return problem(data.numpy(), max_pixels) or ''
+
+  def check(index):
+    data = tf.io.read_file(tf.gather(table, index))
+    why = tf.py_function(bytes_problem, [data], tf.string)
+    why.set_shape([])
+
+    def decode():
+      image = tf.cond(
+          tf.io.is_jpeg(data),
+          lambda: tf.io.decode_jpeg(data, channels=3, ratio=8),
+          lambda: tf.io.decode_image(data, channels=3,
+                                     expand_animations=False))
+      return tf.shape(image)[0]  # an output, so the decode runs
+
+    # Returned, or tf.data would prune the decode away.
+    height = tf.cond(tf.equal(why, ''), decode, lambda: tf.constant(0))
+    return index, why, height
+
+  ds = tf.data.Dataset.range(len(paths)).map(
+      check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  bad, seen = {}, set()
+  for index, why, _ in ds.ignore_errors().as_numpy_iterator():
+    seen.add(int(index))
+    if why:
+      bad[int(index)] = why.decode('utf-8', 'replace')
+  for index in sorted(set(range(len(paths))) - seen):
+    try:
+      with tf.io.gfile.GFile(paths[index], 'rb') as f:
+        data = f.read()
+    except (OSError, tf.errors.OpError) as e:
+      bad[index] = f'cannot be read ({type(e).__name__}: {e})'
+      continue
+    bad[index] = (problem(data, max_pixels) or _decode_error(data)
+                  or 'does not decode')
+  return bad
+
+
+def screen_eval_files(paths: Sequence[str], bad: dict[int, str], *,
+                      mode: str, field: str, where: str) -> set[str]:
+  """What to do with the bad files of an evaluation folder.
+
+  Args:
+    paths: every file of the folder (all hosts), as `scan` saw them.
+    bad: `scan`'s {index: why}.
+    mode: 'error' or 'drop' (EVAL_BAD_IMAGE_MODES).
+    field: the config field of `mode`, named in the messages (e.g.
+      'eval.bad_images').
+    where: the folder, for the messages.
+
+  Returns:
+    The paths to leave out ('drop'; logged in one line).
+
+  Raises:
+    ValueError, one line naming every bad file (up to 50; all are logged)
+    and the fix: mode 'error' with a bad file, or no good file at all.
+  """
+  if mode not in EVAL_BAD_IMAGE_MODES:
+    raise ValueError(f'{field}={mode!r}: use one of {EVAL_BAD_IMAGE_MODES}.')
+  if not bad:
+    return set()
+  named = [f'{paths[i]} ({why})' for i, why in sorted(bad.items())]
+  head = (f'Evaluation folder {where}: {len(bad)} of {len(paths)} images '
+          'cannot be decoded')
+  if mode == 'drop' and len(bad) < len(paths):
+    logging.warning('%s; leaving them out of the evaluation (%s=drop), '
+                    'which runs on the other %d: %s.', head, field,
+                    len(paths) - len(bad), '; '.join(named))
+    return {paths[i] for i in bad}
+  listed = '; '.join(named[:_LISTED])
+  if len(named) > _LISTED:
+    logging.error('%s: %s.', head, '; '.join(named))
+    listed += f'; and {len(named) - _LISTED} more (all in the log above)'
+  if len(bad) == len(paths):
+    raise ValueError(f'{head} (none can): {listed}. Fix the files or point '
+                     f'{field.rsplit(".", 1)[0]}.data at another folder.')
+  raise ValueError(
+      f'{head}: {listed}. Evaluation counts every image, so the run stops '
+      f'before it starts: fix or remove the files, or set '
+      f'--config.{field}=drop to evaluate without them.')

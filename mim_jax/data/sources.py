@@ -18,7 +18,7 @@ record's class: `label(record)`, an int32 in [0, num_classes).
 
 import abc
 import os
-from typing import Any
+from typing import Any, Callable, Collection
 
 from absl import logging
 import tensorflow as tf
@@ -331,7 +331,8 @@ def check_data_spec(data: str) -> tuple[str, str]:
 
 def open_source(input_config: Any, *, seed: int, process_index: int,
                 process_count: int, split: str | None = None,
-                labeled: bool = False, data: str | None = None
+                labeled: bool = False, data: str | None = None,
+                screen: Callable[[list[str]], Collection[str]] | None = None
                 ) -> RecordSource:
   """Opens the source named by `input_config.data` for one host.
 
@@ -344,6 +345,9 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
       embedded sets; a folder source has no splits).
     labeled: also give each record's class (`label`, `num_classes`).
     data: the data spec (default `input_config.data`).
+    screen: folder sources: called with every file of the folder (all
+      hosts, sorted) before it is split between hosts; returns the files to
+      leave out (class numbers still count their folders), or raises.
 
   Returns:
     The host's RecordSource.
@@ -361,6 +365,12 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     files = _list_image_files(value)
     labels, classes = (_folder_labels(value, files) if labeled
                        else (None, 0))
+    out = set(screen(files)) if screen is not None else set()
+    if out:
+      keep = [i for i, f in enumerate(files) if f not in out]
+      files = [files[i] for i in keep]
+      if labels is not None:
+        labels = [labels[i] for i in keep]
     source = ArraySource(f'folder:{value} ({len(files)} images)', files,
                          are_paths=True, labels=labels, num_classes=classes,
                          **shard)

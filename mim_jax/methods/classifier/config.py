@@ -125,9 +125,11 @@ def get_config(task: str, method: str, size: str = 'B'):
   c.mixup = dict(mixup_alpha=0.0, cutmix_alpha=0.0, switch_prob=0.5,
                  prob=1.0)
   c.loss = dict(label_smoothing=0.0)
+  # bad_images: an undecodable file of an eval folder stops the run before
+  # it starts ('error') or is left out of the counts ('drop').
   c.eval = dict(data=placeholder(str), split='validation', batch_size=1024,
                 every_steps=placeholder(int), crop_pct=0.875,
-                best_metric='top1', use_ema=False)
+                best_metric='top1', use_ema=False, bad_images='error')
   c.eval_only = task == 'eval'
   c.input.batch_size = r.get('batch', 1024)
   c.total_epochs = float(r.get('epochs', 100))
