@@ -270,7 +270,7 @@ def test_finetune_resume_is_exact_and_eval_only_reproduces(
   ev = recipe.get_config('eval', 'mae', 'tiny')
   ev.init_from = str(tmp_path / 'full')
   ev.eval.batch_size = 64
-  row = train.evaluate(ev, str(tmp_path / "eval"))
+  row = train.evaluate(ev, str(tmp_path / 'eval'))
   last = [json.loads(line) for line in open(tmp_path / 'full' /
                                             'metrics.jsonl')
           if 'eval/top1' in line][-1]
