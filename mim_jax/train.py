@@ -355,6 +355,26 @@ def _open_workdir(config, workdir: str, start_step: int, changed: list):
   return writer, progress_writer
 
 
+def _compiled_step(config, model, mesh, shardings, schedule, state,
+                   batch_shapes, frozen):
+  """(the train step compiled ahead of time, FLOPs per step). A config
+  that is already unrolled (`unrolled_config`: no scan, remat or
+  accumulation) takes its FLOP count from the very lowering it compiles;
+  others lower the unrolled step once more, for the count only."""
+  step = steps.jit_train_step(config, model, experiment.build_loss(config),
+                              schedule, mesh, shardings)
+  data_sh = sharding.data_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data_sh)
+           for k, v in batch_shapes.items()}
+  lowered = step.lower(state, batch, frozen)
+  if config_lib.flat_json(unrolled_config(config)) == config_lib.flat_json(
+      config):
+    flops = float(lowered.cost_analysis()['flops'])
+  else:
+    flops = step_flops(config, mesh)
+  return lowered.compile(), flops
+
+
 def _take_lock(workdir: str) -> runlock.RunLock:
   """The workdir's run lock, taken by process 0; every process raises
   `runlock.WorkdirBusyError` when it is refused."""
@@ -446,14 +466,12 @@ def _build(config, workdir: str, mesh, lock) -> Run:
   # Everything is checked: from here on the workdir is written.
   writer, progress_writer = _open_workdir(config, workdir, resumed.step,
                                           resumed.changed)
-  flops = step_flops(config, mesh)
+  train_step, flops = _compiled_step(config, model, mesh, shardings,
+                                     schedule, state, batch_shapes, frozen)
   peak = peak_tflops_of(config)
   logging.info('%.4g GFLOPs per step (%.4g per image); chip peak %s '
                'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
                peak)
-  train_step = steps.jit_train_step(config, model,
-                                    experiment.build_loss(config), schedule,
-                                    mesh, shardings)
   vis = (None if vis_batch is None
          else (steps.make_forward(model, mesh), vis_batch))
   return Run(config=config, workdir=workdir, mesh=mesh, method=method,
