@@ -28,7 +28,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 
 def peak_lr(config) -> float:
@@ -329,16 +328,18 @@ def _not_an_optimizer(name: str) -> Optional[str]:
   """
   fn = getattr(optax, name, None)
   if name.startswith('_') or not inspect.isfunction(fn):
-    return 'optax has no such function'
+    return 'optax has no function of that name'
   params = inspect.signature(fn).parameters
   if _LR_ARG not in params or name.startswith('scale_by'):
-    return 'it is not an optimizer (one with a learning_rate argument)'
+    return (f'optax.{name} is no optimizer (an optimizer function takes a '
+            'learning_rate)')
   if name in _UNSUPPORTED:
-    return _UNSUPPORTED[name]
+    return f'optax.{name} cannot run in the train step: {_UNSUPPORTED[name]}'
   # rprop, sm3 and optimistic_adam take a number, not a schedule.
   if not any(t in str(params[_LR_ARG].annotation)
              for t in ('Callable', 'Schedule')):
-    return 'its learning_rate is a constant, and the lr here is a schedule'
+    return (f'optax.{name} takes a constant learning_rate, and the lr here '
+            'is a schedule')
   return None
 
 
@@ -346,6 +347,12 @@ def optax_optimizers() -> tuple[str, ...]:
   """The names of the optax optimizer functions optim.name can take."""
   return tuple(sorted(n for n in dir(optax) if not n.startswith('_')
                       and _not_an_optimizer(n) is None))
+
+
+def _wd_exclude(optim_config) -> tuple[str, ...]:
+  """optim.wd_exclude, NO_DECAY when unset."""
+  exclude = optim_config.get('wd_exclude')
+  return NO_DECAY if exclude is None else tuple(exclude)
 
 
 def optimizer_spec(optim_config) -> OptimizerSpec:
@@ -369,15 +376,16 @@ def optimizer_spec(optim_config) -> OptimizerSpec:
     where, accepted, required = f'our {name!r}', _OWN_ARGS[name], ()
     wd_arg = mask_arg = None
   else:
-    why = _not_an_optimizer(name) if isinstance(name, str) else 'not a name'
+    why = (_not_an_optimizer(name) if isinstance(name, str)
+           else 'not a string')
     if why:
       close = difflib.get_close_matches(
           str(name), OWN_OPTIMIZERS + optax_optimizers(), n=3)
       raise ValueError(
-          f'config.optim.name={name!r} is not an optimizer ({why}). Use '
-          f'one of ours, {OWN_OPTIMIZERS}, or any optax optimizer function '
-          "by name: 'lion', 'adafactor', 'lamb', 'adam', 'rmsprop', ... "
-          f'(all: {", ".join(optax_optimizers())}).'
+          f'config.optim.name={name!r}: {why}. Use one of ours, '
+          f'{OWN_OPTIMIZERS}, or any optax optimizer function by name: '
+          "'lion', 'adafactor', 'lamb', 'adam', 'rmsprop', ... (all of "
+          f'optax {optax.__version__}: {", ".join(optax_optimizers())}).'
           + (f' Did you mean {" or ".join(map(repr, close))}?' if close
              else ''))
     where = f'optax.{name}'
@@ -428,16 +436,16 @@ def optimizer_spec(optim_config) -> OptimizerSpec:
     except TypeError as e:
       raise ValueError(f'config.optim.mu_dtype={mu_dtype!r} is not a dtype '
                        "(e.g. 'bfloat16', 'float32').") from e
-  if (oc.get('weight_decay') and wd_arg and not mask_arg
-      and tuple(oc.get('wd_exclude', NO_DECAY) or ())):
+  if oc.get('weight_decay') and wd_arg and not mask_arg and _wd_exclude(oc):
     raise ValueError(
         f'config.optim.name={name!r}: {where} decays every param (it has '
         f'no mask argument), so optim.wd_exclude='
-        f'{list(oc.get("wd_exclude", NO_DECAY))} cannot apply: set '
+        f'{list(_wd_exclude(oc))} cannot apply: set '
         'optim.wd_exclude=() to decay biases and norms too, or '
         'optim.weight_decay=0.')
-  if oc.get('layer_decay') and not oc.get('num_layers'):
-    raise ValueError(f'config.optim.layer_decay={oc.layer_decay} needs '
+  layer_decay = oc.get('layer_decay')
+  if layer_decay and not oc.get('num_layers'):
+    raise ValueError(f'config.optim.layer_decay={layer_decay} needs '
                      'config.optim.num_layers (the encoder depth).')
   return OptimizerSpec(name, kwargs, wd_arg, mask_arg)
 
@@ -562,9 +570,7 @@ def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
     raise ValueError(f'optim.freeze={list(freeze)} freezes every param: '
                      'nothing would train.')
   trainable = _masked(params, labels) if labels is not None else params
-  exclude = oc.get('wd_exclude')
-  exclude = NO_DECAY if exclude is None else tuple(exclude)
-  mask = lambda: decay_mask(trainable, exclude)
+  mask = lambda: decay_mask(trainable, _wd_exclude(oc))
   wd = oc.get('weight_decay') or 0.0
   chain = []
   if oc.get('grad_clip_norm'):
