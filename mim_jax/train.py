@@ -58,6 +58,7 @@ def validate_config(config, num_devices: int, data_parallel: int):
   input_pipeline.validate_config(config.input,
                                  patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)
+  optim.validate_config(config)
   method = experiment.method_of(config)
   method.validate_config(config)
   spec = method.batch_spec(config, 1)

@@ -1,5 +1,7 @@
-"""The optax chain against the official recipe and torch, and grad accum."""
+"""The optax chain against the official recipe and torch, grad accum, and
+any optax optimizer by name."""
 
+import glob
 import json
 import math
 import os
@@ -14,11 +16,15 @@ import torch
 from flax import traverse_util
 
 from conftest import FIXTURES
+from conftest import ROOT
+from conftest import tiny_mae_config
+from mim_jax import config_lib
 from mim_jax import experiment
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import state as state_lib
 from mim_jax import steps
+from mim_jax import train
 from mim_jax.convert import core
 from mim_jax.methods.mae import config as mae_config
 from mim_jax.methods.mae import convert as convert_mae
@@ -287,3 +293,202 @@ def test_grad_accumulation_matches_full_batch():
       # Zero-initialised biases hold just the first step, about
       # lr * g / (|g| + eps): compare it relative to lr (observed 1e-6 lr).
       assert np.abs(a - b).max() <= 1e-5 * config.lr, k
+
+
+# ---------------------------------------------------------------------------
+# Any optax optimizer by name.
+
+
+def _named_config(name, **fields):
+  """A tiny schedule (constant lr 0.01 from step 0) and `optim.name`, the
+  other optim fields given (None: unset)."""
+  c = ml_collections.ConfigDict(dict(
+      lr=0.01, total_steps=10, warmup_steps=0, schedule=dict(min_lr=0.01),
+      input=dict(batch_size=8),
+      optim=dict(name=name, weight_decay=0.1, wd_exclude=('bias', 'scale'),
+                 grad_clip_norm=None, mu_dtype=None)))
+  c.optim.update(fields)
+  return c
+
+
+def _small_params():
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: jnp.asarray(rng.standard_normal(s).astype(np.float32))
+  return {'encoder': {'cls_token': f32(1, 1, 6),
+                      'blocks_0': {'fc': {'kernel': f32(6, 4),
+                                          'bias': f32(4)}},
+                      'norm': {'scale': 1 + 0.1 * f32(6), 'bias': f32(6)}},
+          'head': {'kernel': f32(6, 3), 'bias': f32(3)}}
+
+
+def _updates(tx, params, grads_list):
+  state = tx.init(params)
+  out = []
+  for grads in grads_list:
+    u, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, u)
+    out.append(u)
+  return out, state
+
+
+def _random_like(params, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(
+      rng.standard_normal(x.shape).astype(np.float32)), params)
+
+
+def test_optax_optimizer_is_plain_optax_inside_the_generic_pieces():
+  """lion by name = optax.lion(schedule, weight_decay, mask) bit for bit;
+  layer decay multiplies its updates by the per-layer scales."""
+  params = _small_params()
+  grads = [_random_like(params, s) for s in (1, 2, 3)]
+  config = _named_config('lion', b1=0.9, b2=0.99)
+  tx, schedule = optim.make_tx(config, params)
+  ref = optax.lion(schedule, b1=0.9, b2=0.99, weight_decay=0.1,
+                   mask=optim.decay_mask(params, ('bias', 'scale')))
+  ours, state = _updates(tx, params, grads)
+  want, _ = _updates(ref, params, grads)
+  for o, w in zip(ours, want):
+    jax.tree.map(np.testing.assert_array_equal, o, w)
+  assert any(isinstance(s, optax.ScaleByLionState)
+             for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
+                 x, optax.ScaleByLionState)))
+  config.optim.update(layer_decay=0.5, num_layers=1)
+  tx, _ = optim.make_tx(config, params)
+  scales = optim.layer_decay_scales(params, 0.5, 1)
+  decayed, _ = _updates(tx, params, grads[:1])
+  jax.tree.map(lambda o, w, c: np.testing.assert_allclose(o, w * c,
+                                                          rtol=1e-6),
+               decayed[0], want[0], scales)
+  assert scales['encoder']['cls_token'] == 0.25   # layer 0 of 1
+
+
+def test_weight_decay_rule():
+  """With zero gradients the update is the weight decay alone: through the
+  optimizer's own argument where it has one (lion: lr * wd * p; adafactor:
+  wd * p, optax does not multiply it by the lr), else added to the
+  gradient (adam: L2, so Adam's first step lr * sign(wd * p)); never on
+  the params wd_exclude names."""
+  params = _small_params()
+  zeros = [jax.tree.map(jnp.zeros_like, params)]
+  lr, wd = 0.01, 0.1
+  kernel = params['encoder']['blocks_0']['fc']['kernel']
+  cases = {   # name: (update of the kernel, rtol)
+      'lion': (lr * wd * kernel, 1e-6),
+      'adafactor': (wd * kernel, 1e-6),
+      # g / (|g| + eps) with eps 1e-8 and |g| >= 1e-5 here.
+      'adam': (lr * jnp.sign(kernel), 1e-3),
+  }
+  assert float(jnp.abs(wd * kernel).min()) > 1e-5
+  for name, (want, rtol) in cases.items():
+    (u,), _ = _updates(optim.make_tx(_named_config(name), params)[0],
+                       params, zeros)
+    np.testing.assert_allclose(u['encoder']['blocks_0']['fc']['kernel'],
+                               -want, rtol=rtol, err_msg=name)
+    for excluded in (u['encoder']['blocks_0']['fc']['bias'],
+                     u['encoder']['norm']['scale'], u['head']['bias']):
+      assert float(jnp.abs(excluded).max()) == 0.0, name
+    assert float(jnp.abs(u['encoder']['cls_token']).max()) > 0, name
+  # weight_decay 0 turns off optax's own default (lion: 1e-3).
+  (u,), _ = _updates(optim.make_tx(_named_config('lion', weight_decay=0.0),
+                                   params)[0], params, zeros)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(u))
+
+
+def test_mu_dtype_goes_to_the_optimizers_moment():
+  params = _small_params()
+  dtypes = {}
+  for name, state_type, field in [
+      ('lion', optax.ScaleByLionState, 'mu'),
+      ('adafactor', optax.EmaState, 'ema'),   # adafactor's momentum
+      ('sgd', optax.TraceState, 'trace')]:
+    config = _named_config(name, mu_dtype='bfloat16')
+    if name == 'adafactor':
+      config.optim.momentum = 0.9
+    state = optim.make_tx(config, params)[0].init(params)
+    found = [s for s in jax.tree.leaves(
+        state, is_leaf=lambda x: isinstance(x, state_type))
+             if isinstance(s, state_type)]
+    assert len(found) == 1, name
+    dtypes[name] = {x.dtype for x in jax.tree.leaves(
+        getattr(found[0], field))}
+  assert all(d == {jnp.dtype('bfloat16')} for d in dtypes.values()), dtypes
+
+
+@pytest.mark.parametrize('name, fields, match', [
+    ('lino', {}, r"'lino': optax has no function.*any optax optimizer "
+                 r"function by name.*Did you mean 'lion'"),
+    ('chain', {}, r'optax.chain is no optimizer'),
+    ('lbfgs', {}, r'line search'),
+    ('rprop', {}, r'constant learning_rate'),
+    ('lion', dict(eps=1e-8), r"optax.lion takes no \['eps'\] "
+                             r'\(config.optim.eps=1e-08\)'),
+    ('sgd', dict(b1=0.9, b2=0.95), r"our 'sgd' takes no \['b1', 'b2'\]"),
+    ('adam', dict(learning_rate=1.0),
+     r'config.optim.learning_rate=1.0 is set by make_tx'),
+    ('adafactor', dict(weight_decay_rate=0.1),
+     r'config.optim.weight_decay_rate=0.1 is set by make_tx'),
+    ('lars', dict(mu_dtype='bfloat16'),
+     r"config.optim.mu_dtype='bfloat16': our 'lars' keeps no moment"),
+    ('adamw', dict(mu_dtype='bfloat17'), r"mu_dtype='bfloat17' is not a"),
+    ('novograd', {}, r'novograd decays every param.*wd_exclude'),
+    ('adamw', dict(layer_decay=0.75), r'needs config.optim.num_layers'),
+])
+def test_config_errors_name_the_field(name, fields, match):
+  config = _named_config(name, **fields)
+  with pytest.raises(ValueError, match=match):
+    optim.validate_config(config)
+  with pytest.raises(ValueError, match=match):   # before anything is built
+    optim.make_tx(config, _small_params())
+
+
+def test_none_fields_are_unset():
+  """A field set to None takes optax's default (how a config drops
+  adamw's eps to switch to lion)."""
+  spec = optim.optimizer_spec(_named_config('lion', b1=None, eps=None).optim)
+  assert spec.kwargs == {} and spec.wd_arg == 'weight_decay'
+  assert spec.mask_arg == 'mask'
+  assert {'lion', 'adafactor', 'lamb', 'adam', 'sgd'} <= set(
+      optim.optax_optimizers())
+
+
+def test_every_shipped_config_names_a_valid_optimizer():
+  paths = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+  assert len(paths) > 20
+  for path in paths:
+    optim.validate_config(config_lib.load_config_file(path))
+
+
+@pytest.mark.parametrize('name, fields, state_type', [
+    ('lion', dict(eps=None, b2=0.99), optax.ScaleByLionState),
+    # min_dim_size_to_factor 16: the tiny model's matrices are factored.
+    ('adafactor', dict(b1=None, b2=None, eps=1e-30, momentum=0.9,
+                       min_dim_size_to_factor=16, mu_dtype='bfloat16'),
+     optax.FactoredState),
+])
+def test_tiny_mae_trains_with_an_optax_optimizer(tmp_path, name, fields,
+                                                 state_type):
+  config = tiny_mae_config(total_steps=4, warmup_steps=1,
+                           ckpt_every_steps=4)
+  config.optim.name = name
+  config.optim.update(fields)
+  if name == 'lion':
+    config.lr = 3e-4   # Lion's updates are sign(.) * lr: a smaller lr
+  state = train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    losses = [json.loads(l)['train/loss'] for l in f]
+  assert len(losses) == 4 and all(np.isfinite(losses)), losses
+  assert losses[-1] < losses[0] - 0.1, losses
+  found = [s for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, state_type))
+           if isinstance(s, state_type)]
+  assert len(found) == 1, jax.tree.structure(state.opt_state)
+  if name == 'adafactor':
+    kernel = state.params['encoder']['blocks_0']['mlp']['fc1']['kernel']
+    v_row = found[0].v_row['encoder']['blocks_0']['mlp']['fc1']['kernel']
+    assert v_row.size < kernel.size   # factored second moments
+    ema = [s for s in jax.tree.leaves(
+        state.opt_state, is_leaf=lambda x: isinstance(x, optax.EmaState))
+           if isinstance(s, optax.EmaState)]
+    assert {x.dtype for x in jax.tree.leaves(ema[0].ema)} == {
+        jnp.dtype('bfloat16')}

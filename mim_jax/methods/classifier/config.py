@@ -185,11 +185,13 @@ def _probe(c, task: str, r: dict):
   c.model.freeze_encoder = True
   c.model.encoder.drop_path_rate = 0.0
   c.optim = dict(name='lars' if task == 'linprobe' else 'sgd',
-                 momentum=0.9, trust_coefficient=0.001, weight_decay=0.0,
+                 momentum=0.9, weight_decay=0.0,
                  # fc_norm too: MAE / BootMAE probes train the head only
                  # (a global-pool probe's fc_norm stays at its init).
                  freeze=('^encoder/', '^fc_norm/'),
                  grad_clip_norm=placeholder(float))
+  if task == 'linprobe':
+    c.optim.trust_coefficient = 0.001   # LARS's; SGD takes no such field
   c.model.head_init_std = 0.01
   if task == 'linprobe':
     if c.model.encoder.get('rel_pos_bias'):
