@@ -34,7 +34,7 @@ def test_official_recipes():
     assert c.input.batch_size == 4096 and c.base_lr == 1.5e-4
     assert c.optim.b2 == 0.95 and c.optim.weight_decay == 0.05
     assert c.total_epochs == 800 and c.warmup_epochs == 40
-    assert c.mask_ratio == 0.75 and c.loss.norm_pix_loss
+    assert c.input.mask.ratio == 0.75 and c.loss.norm_pix_loss
     model = steps.build_model(c)
     assert model.encoder['width'] == width
     assert model.encoder['depth'] == depth
@@ -55,9 +55,9 @@ def _tiny(**kw):
 
 @pytest.mark.parametrize('overrides, words', [
     ({'input.image_size': 30}, ['image_size=30', 'patch_size=4']),
-    ({'mask_ratio': 0.0}, ['input.mask.ratio=0.0', 'between 0 and 1']),
-    ({'mask_ratio': 1.0}, ['input.mask.ratio=1.0']),
-    ({'mask_ratio': 1.5}, ['input.mask.ratio=1.5']),
+    ({'input.mask.ratio': 0.0}, ['input.mask.ratio=0.0', 'between 0 and 1']),
+    ({'input.mask.ratio': 1.0}, ['input.mask.ratio=1.0']),
+    ({'input.mask.ratio': 1.5}, ['input.mask.ratio=1.5']),
     ({'input.batch_size': 12}, ['batch size 12', '8 data-parallel']),
     ({'grad_accum_steps': 4, 'input.batch_size': 16},
      ['batch size 16', 'x 4 accumulation']),
