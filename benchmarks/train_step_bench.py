@@ -30,6 +30,7 @@ def compile_step(config):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
   from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import masking  # pylint: disable=g-import-not-at-top
   from mim_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -45,7 +46,7 @@ def compile_step(config):
   # noise's ascending order lists the visible patches first.
   n = (size // vit.patch_size_of(config.model)) ** 2
   noise = rng.random((bs, n), np.float32)
-  keep = masking.num_visible(n, config.mask_ratio)
+  keep = masking.num_visible(n, config_lib.mask_ratio(config))
   rank = np.argsort(np.argsort(noise, axis=1), axis=1)
   made = {'image': rng.standard_normal((bs, size, size, 3), np.float32),
           'noise': noise, 'mask': (rank >= keep).astype(np.float32)}

@@ -130,7 +130,7 @@ def official_args(config) -> dict:
               decoder_num_heads=m.decoder_num_heads, mlp_ratio=mlp_ratio,
               norm_pix_loss=bool(config.loss.norm_pix_loss),
               layernorm_eps=enc.get('layernorm_eps', 1e-6),
-              mask_ratio=float(config.mask_ratio))
+              mask_ratio=float(config.input.mask.ratio))
 
 
 def write_spec(config, path: str) -> dict:

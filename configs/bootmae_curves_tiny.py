@@ -38,8 +38,8 @@ def get_config(arg=None):
                                   os.path.normpath(FOLDER))
   c.input.crop_scale = (0.2, 1.0)
   c.input.mask.update(dict(num_masking_patches=39, min_num_patches=5,
-                           max_num_patches=20, extra_random=True, roll=3))
-  c.mask_ratio = 0.75
+                           max_num_patches=20, extra_random=True, roll=3,
+                           ratio=0.75))
   c.lr = 1.5e-3
   c.optim.weight_decay = 0.05
   c.schedule.min_lr = 6.25e-5

@@ -5,6 +5,7 @@ A method's whole recipe lives in `mim_jax/methods/<m>/config.py`; the files
 in `configs/` pick a variant of it.
 """
 
+import copy
 import json
 import os
 
@@ -12,6 +13,7 @@ import ml_collections
 from flax import traverse_util
 from ml_collections.config_dict import placeholder
 
+from mim_jax import errors
 from mim_jax import sharding
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,11 +32,13 @@ def base_config() -> ml_collections.ConfigDict:
   lr = blr x batch / 256 = 2.4e-3 at batch 4096, 40 warmup epochs then
   half-cycle cosine to 0 over 800 epochs, per-iteration; random 75% masks,
   RandomResizedCrop(224, scale 0.2-1, bicubic) + flip.
+
+  The mask ratio is one field, `input.mask.ratio`: the pipeline's masks and
+  the model's token counts both come from it (see `mask_ratio`).
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model_name = placeholder(str)
-  c.mask_ratio = 0.75
   c.model = dict()
   c.loss = dict()
   c.input = dict(
@@ -43,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=4096, image_size=224, crop_scale=(0.2, 1.0),
       crop_ratio=(3 / 4, 4 / 3), hflip=True, mean=IMAGENET_MEAN,
       std=IMAGENET_STD, shuffle_buffer=50_000, cache=False, prefetch=2,
-      mask=dict(kind='random', ratio=c.get_ref('mask_ratio')),
+      mask=dict(kind='random', ratio=0.75),
       # Folder sources: undecodable, empty or over-large files are 'skip'ped
       # (logged once by path, counted in train/bad_images) or stop the run
       # ('error'); see mim_jax/data/image_check.py.
@@ -182,14 +186,115 @@ def none_for_off(config: ml_collections.ConfigDict):
   return config
 
 
+# Fields configs no longer have -> (the field that replaced them, why). A
+# config that still sets one (an old config file, a --config. flag) is
+# refused with the fix (`check_removed`); the config.json of an older
+# workdir is read without them (`upgrade_saved`).
+_MASK_RATIO_WHY = (
+    'The mask ratio is one field, config.input.mask.ratio: the input '
+    "pipeline makes its masks from it, and the method's build_model passes "
+    'it to the model, which sizes its visible and masked tokens by it')
+REMOVED_FIELDS = {
+    'mask_ratio': ('input.mask.ratio', _MASK_RATIO_WHY),
+    'model.mask_ratio': ('input.mask.ratio', _MASK_RATIO_WHY),
+}
+
+_MISSING = object()
+
+
+def _lookup(tree, key: str):
+  """tree['a']['b'] for key 'a.b' (dicts or ConfigDicts), or _MISSING."""
+  node = tree
+  for part in key.split('.'):
+    if not isinstance(node, (dict, ml_collections.ConfigDict)) or (
+        part not in node):
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def removed_field_error(key: str) -> errors.ConfigError:
+  """The error for a config that sets `key`, a REMOVED_FIELDS entry."""
+  new, why = REMOVED_FIELDS[key]
+  return errors.ConfigError(
+      f'config.{key} was removed. {why}. Delete {key!r} from the config '
+      f'file and any --config.{key}=... flag, and set {new} instead (e.g. '
+      f'`c.{new} = 0.75` in the file or --config.{new}=0.75).')
+
+
+def check_removed(config) -> None:
+  """Refuses a config that still sets a field of REMOVED_FIELDS.
+
+  Raises:
+    errors.ConfigError: naming the first such field and its replacement.
+  """
+  for key in REMOVED_FIELDS:
+    if _lookup(config, key) is not _MISSING:
+      raise removed_field_error(key)
+
+
+def mask_ratio(config) -> float:
+  """The mask ratio of `config`: `input.mask.ratio`, the one field that
+  both the input pipeline (its masks) and the model (build_model passes it
+  on; the visible and masked counts follow with `masking.num_visible` /
+  `num_masked`) read.
+
+  Raises:
+    errors.ConfigError: the config still sets a removed mask field, or has no
+      input.mask.ratio.
+  """
+  check_removed(config)
+  ratio = _lookup(config, 'input.mask.ratio')
+  if ratio is _MISSING or ratio is None:
+    raise errors.ConfigError(
+        'config.input.mask.ratio is unset: the model sizes its visible and '
+        'masked tokens by it and the pipeline masks with it. Set it (e.g. '
+        '0.75), next to block masks with a fixed count too (it must give '
+        'the same number of masked patches).')
+  return float(ratio)
+
+
+def upgrade_saved(saved: dict) -> dict:
+  """A saved config.json (a dict) in today's layout: the removed fields of
+  an older workdir (REMOVED_FIELDS) are dropped, their values kept in the
+  field that replaced them.
+
+  Raises:
+    errors.ConfigError: a removed field disagrees with its replacement (they were
+      references to one value, so a run's config.json never has that).
+  """
+  out = copy.deepcopy(saved)
+  for key, (new, _) in REMOVED_FIELDS.items():
+    *parents, last = key.split('.')
+    node = _lookup(out, '.'.join(parents)) if parents else out
+    if not isinstance(node, dict) or last not in node:
+      continue
+    old = node.pop(last)
+    current = _lookup(out, new)
+    if current is _MISSING:
+      *parents, last = new.split('.')
+      node = out
+      for part in parents:
+        node = node.setdefault(part, {})
+      node[last] = old
+    elif current != old:
+      raise errors.ConfigError(
+          f'the saved config.json has {key}={old!r} but {new}={current!r}; '
+          f'{key} was removed and {new} alone holds the value now: set '
+          f'{new} in that config.json to the value the run used.')
+  return out
+
+
 def check_overrides(argv: list[str]):
   """Rejects `--config.a.b=v` overrides of keys the config does not have.
 
   ml_collections would fail deep inside flag parsing with a bare
-  AttributeError; this names the key, the known keys there, and the fix.
+  AttributeError; this names the key, the known keys there, and the fix
+  (for a removed field: the field that replaced it).
 
   Raises:
-    ValueError: for the first unknown key.
+    ValueError: for the first unknown or removed key, or a config file
+      that sets a removed field.
   """
   config_path = None
   keys = []
@@ -200,9 +305,13 @@ def check_overrides(argv: list[str]):
       config_path = argv[i + 1]
     elif a.startswith('--config.'):
       keys.append(a[len('--config.'):].split('=', 1)[0])
+  for key in keys:
+    if key in REMOVED_FIELDS:
+      raise removed_field_error(key)
   if not config_path or not keys:
     return
   config = load_config_file(config_path)
+  check_removed(config)
   for key in keys:
     node = config
     parts = key.split('.')
@@ -233,14 +342,15 @@ def flat_json(config) -> dict:
 
 def resume_changes(saved: dict, config) -> tuple[list, list]:
   """Compares a workdir's saved config.json (`saved`, a dict) with the
-  config of a resumed run.
+  config of a resumed run. Fields removed since the run started
+  (REMOVED_FIELDS) are no change: `upgrade_saved` moves their values.
 
   Returns:
     (refused, allowed): 'field: old -> new' lines; refused are the
     LAYOUT_FIELDS, allowed everything else (schedules, intervals, total
     steps, data paths, ...).
   """
-  old, new = flat_json(saved), flat_json(config)
+  old, new = flat_json(upgrade_saved(saved)), flat_json(config)
   refused, allowed = [], []
   for key in sorted(set(old) | set(new)):
     a, b = old.get(key, '<unset>'), new.get(key, '<unset>')

@@ -226,7 +226,9 @@ class Method:
 
   Attributes:
     name: the registry name (`config.model_name`).
-    build_model: config -> the flax Module (from `config.model`).
+    build_model: config -> the flax Module (from `config.model`, and the
+      mask ratio from `config_lib.mask_ratio(config)` for models that
+      mask).
     batch_spec: (config, batch_size) -> {key: ShapeDtypeStruct} of the
       arrays the model and loss take from the pipeline: keys from
       PIPELINE_KEYS or from `views`. Only these go to the devices.
@@ -328,10 +330,24 @@ def image_batch(config: Config, batch_size: int, patch_size: int,
   return out
 
 
-def model_from_config(factory: Callable[..., Any], config: Config):
-  """`factory(**config.model)` with the dtype string made a jnp dtype, and
-  a message naming the bad key when config.model does not fit."""
+def model_from_config(factory: Callable[..., Any], config: Config,
+                      **fields):
+  """`factory(**config.model, **fields)` with the dtype string made a jnp
+  dtype, and a message naming the bad key when config.model does not fit.
+
+  `fields` are model fields the method takes from elsewhere in the config
+  (e.g. `mask_ratio=config_lib.mask_ratio(config)`, from
+  input.mask.ratio); config.model must not set them too.
+  """
   kw = config.model.to_dict()
+  twice = sorted(set(kw) & set(fields))
+  if twice:
+    raise ValueError(
+        f'config.model.{twice[0]} is not a config.model field: '
+        f'{config.model_name}\'s build_model sets the model\'s {twice[0]} '
+        'from another field of the config (config_lib.REMOVED_FIELDS names '
+        'it). Remove it from config.model.')
+  kw.update(fields)
   if 'dtype' in kw:
     kw['dtype'] = jnp.dtype(kw['dtype'])
   try:

@@ -55,6 +55,7 @@ def validate_config(config, num_devices: int, data_parallel: int):
   Raises:
     errors.ConfigError naming the bad value and the fix.
   """
+  config_lib.check_removed(config)  # e.g. an old config's mask_ratio
   input_pipeline.validate_config(config.input,
                                  patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)

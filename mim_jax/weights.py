@@ -18,6 +18,7 @@ from flax import traverse_util
 import tensorflow as tf
 
 from mim_jax import checkpoint
+from mim_jax import config_lib
 from mim_jax import experiment
 from mim_jax import methods
 from mim_jax import sharding
@@ -146,9 +147,11 @@ def is_workdir(path: str) -> bool:
 
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote into its workdir."""
+  """The resolved config a training run wrote into its workdir (fields
+  removed since, as an older run's `mask_ratio`, moved to today's: see
+  config_lib.upgrade_saved)."""
   with tf.io.gfile.GFile(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(config_lib.upgrade_saved(json.load(f)))
 
 
 def encoder_state_dict(method_name: str, state_dict: dict) -> dict:

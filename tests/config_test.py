@@ -35,7 +35,7 @@ def test_official_recipes():
     assert c.input.batch_size == 4096 and c.base_lr == 1.5e-4
     assert c.optim.b2 == 0.95 and c.optim.weight_decay == 0.05
     assert c.total_epochs == 800 and c.warmup_epochs == 40
-    assert c.mask_ratio == 0.75 and c.loss.norm_pix_loss
+    assert c.input.mask.ratio == 0.75 and c.loss.norm_pix_loss
     model = experiment.build_model(c)
     assert model.encoder['width'] == width
     assert model.encoder['depth'] == depth
@@ -56,9 +56,9 @@ def _tiny(**kw):
 
 @pytest.mark.parametrize('overrides, words', [
     ({'input.image_size': 30}, ['image_size=30', 'patch_size=4']),
-    ({'mask_ratio': 0.0}, ['input.mask.ratio=0.0', 'between 0 and 1']),
-    ({'mask_ratio': 1.0}, ['input.mask.ratio=1.0']),
-    ({'mask_ratio': 1.5}, ['input.mask.ratio=1.5']),
+    ({'input.mask.ratio': 0.0}, ['input.mask.ratio=0.0', 'between 0 and 1']),
+    ({'input.mask.ratio': 1.0}, ['input.mask.ratio=1.0']),
+    ({'input.mask.ratio': 1.5}, ['input.mask.ratio=1.5']),
     ({'input.batch_size': 12}, ['batch size 12', '8 data-parallel']),
     ({'grad_accum_steps': 4, 'input.batch_size': 16},
      ['batch size 16', 'x 4 accumulation']),
@@ -140,3 +140,74 @@ def test_cae_vitl_without_imagenet_fails_early(tmp_path):
   assert 'ILSVRC2012_img_train.tar' in last and 'tfds build' in last
   ckpts = tmp_path / 'wd' / 'checkpoints'
   assert not ckpts.exists() or not any(ckpts.iterdir())
+
+
+# ---------------------------------------------------------------------------
+# One mask ratio: input.mask.ratio. The fields that once also held it
+# (top-level mask_ratio, model.mask_ratio) are refused in configs and read
+# away from the config.json of older workdirs.
+
+OLD_CONFIG = '''
+from mim_jax.methods.mae import config
+
+
+def get_config():
+  c = config.get_config('tiny')
+  c.mask_ratio = 0.6
+  c.input.mask.ratio = c.get_ref('mask_ratio')
+  return c
+'''
+
+
+def test_removed_mask_fields_in_a_config_fail_before_the_workdir(tmp_path):
+  old = tmp_path / 'old_config.py'
+  old.write_text(OLD_CONFIG)
+  c = config_lib.load_config_file(str(old))
+  with pytest.raises(ValueError, match=r'config\.mask_ratio was removed') as e:
+    train.train_and_evaluate(c, str(tmp_path / 'wd'))
+  assert '--config.input.mask.ratio=0.75' in str(e.value)
+  assert not (tmp_path / 'wd').exists()
+  c = _tiny()
+  c.model.mask_ratio = 0.75
+  with pytest.raises(ValueError, match=r'config\.model\.mask_ratio was '
+                     r'removed.*set input\.mask\.ratio instead'):
+    experiment.build_model(c)
+
+
+@pytest.mark.parametrize('key', ['mask_ratio', 'model.mask_ratio'])
+def test_removed_mask_fields_on_the_command_line(key):
+  with pytest.raises(ValueError, match=rf'config\.{key} was removed'):
+    config_lib.check_overrides(['--config=configs/mae_tiny.py',
+                                f'--config.{key}=0.6'])
+
+
+def test_the_model_masks_the_pipeline_ratio():
+  c = _tiny(**{'input.mask.ratio': 0.5})
+  assert experiment.build_model(c).mask_ratio == 0.5
+  del c.input.mask['ratio']
+  with pytest.raises(ValueError, match='input.mask.ratio is unset'):
+    experiment.build_model(c)
+
+
+def test_config_json_of_an_older_workdir():
+  """An older run's config.json also has mask_ratio and model.mask_ratio:
+  resuming it refuses nothing (model.* is a layout field) and changes
+  nothing; its config builds the model without them."""
+  c = _tiny()
+  saved = config_lib.flat_json(c)
+  saved.update({'mask_ratio': 0.75, 'model.mask_ratio': 0.75})
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  saved = traverse_util.unflatten_dict(saved, sep='.')
+  assert config_lib.resume_changes(saved, c) == ([], [])
+  up = config_lib.upgrade_saved(saved)
+  assert 'mask_ratio' not in up and 'mask_ratio' not in up['model']
+  assert up['input']['mask']['ratio'] == 0.75 and saved['mask_ratio'] == 0.75
+  # A run of ratio 0.6 resumed with 0.75: a change like any other.
+  saved['input']['mask']['ratio'] = saved['mask_ratio'] = 0.6
+  saved['model']['mask_ratio'] = 0.6
+  assert config_lib.resume_changes(saved, c) == (
+      [], ['input.mask.ratio: 0.6 -> 0.75'])
+  saved['model']['mask_ratio'] = 0.5
+  with pytest.raises(ValueError, match='model.mask_ratio=0.5 but '
+                     'input.mask.ratio=0.6'):
+    config_lib.upgrade_saved(saved)

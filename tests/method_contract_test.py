@@ -138,7 +138,7 @@ def test_accumulation_keeps_every_loss_term(recipe):
   config.warmup_steps = 2
   rng = np.random.default_rng(0)
   n, num_patches = 8, 64
-  count = masking.num_masked(num_patches, config.mask_ratio)
+  count = masking.num_masked(num_patches, config.input.mask.ratio)
   mask = np.zeros((n, num_patches), np.float32)
   for row in mask:
     row[rng.permutation(num_patches)[:count]] = 1

@@ -30,6 +30,7 @@ from mim_jax import signals
 from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import train
+from mim_jax import weights
 
 TIMEOUT_S = 300
 
@@ -411,6 +412,26 @@ def test_safe_change_on_resume_is_logged_and_kept_in_history(
   assert 'log_every_steps: 1 -> 2' in caplog.text
   assert json.load(open(os.path.join(wd, 'config.6.json'))) == old
   assert json.load(open(os.path.join(wd, 'config.json')))['total_steps'] == 8
+
+
+def test_workdir_of_an_older_version_resumes(tmp_path, trained, caplog):
+  """config.json of runs before the one mask field (input.mask.ratio) also
+  holds mask_ratio and model.mask_ratio: the run resumes from its
+  checkpoint, and its params load as an init_from workdir."""
+  wd = _copy(trained, tmp_path)
+  path = os.path.join(wd, 'config.json')
+  old = json.load(open(path))
+  old['mask_ratio'] = old['model']['mask_ratio'] = old['input']['mask'][
+      'ratio']
+  json.dump(old, open(path, 'w'))
+  src = weights.workdir_config(wd)
+  assert 'mask_ratio' not in src and 'mask_ratio' not in src.model
+  weights.state_from_workdir(src, experiment.build_model(src), wd)
+  caplog.set_level('INFO')
+  state = train.train_and_evaluate(_config(total_steps=8), wd)
+  assert int(state.step) == 8
+  assert 'Resumed from step 6' in caplog.text
+  assert 'mask_ratio' not in caplog.text
 
 
 def test_warmup_not_shorter_than_the_run_is_refused_before_the_workdir(

@@ -234,8 +234,7 @@ def _tiny_config():
       model_name='mae',
       model=dict(encoder=dict(width=32, depth=1, num_heads=2, mlp_dim=64,
                               patch_size=4),
-                 decoder_width=32, decoder_depth=1, decoder_num_heads=2,
-                 mask_ratio=0.75),
+                 decoder_width=32, decoder_depth=1, decoder_num_heads=2),
       loss=dict(norm_pix_loss=True),
       # eps 1e-3 instead of 1e-8: the first Adam step is then not just
       # lr * sign(g), so the params see the gradients' scale, and entries
@@ -247,7 +246,7 @@ def _tiny_config():
       lr=1e-3,
       total_steps=10,
       warmup_steps=0,
-      input=dict(batch_size=8),
+      input=dict(batch_size=8, mask=dict(kind='random', ratio=0.75)),
   ))
 
 

@@ -382,7 +382,8 @@ def test_planner_counts_the_inserted_tokens():
      'give 3 .* or 48'),
     (lambda c: c.loss.update(pop_norm='running', pop_momentum=1.0),
      'pop_momentum'),
-    (lambda c: c.update(mask_ratio=0.2), 'asks for 16 .* only 13 of the 64'),
+    (lambda c: c.input.mask.update(ratio=0.2),
+     'asks for 16 .* only 13 of the 64'),
 ])
 def test_bad_robust_config_fails_before_compiling(edit, match):
   c = _robust_tiny()

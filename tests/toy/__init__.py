@@ -69,7 +69,7 @@ RULES = [('encoder.', 'encoder/'), ('pos', 'pos'), ('head.', 'head/')]
 METHOD = method.Method(
     name='toy',
     build_model=lambda c: Toy(encoder=dict(c.model.encoder),
-                              mask_ratio=c.model.mask_ratio),
+                              mask_ratio=config_lib.mask_ratio(c)),
     batch_spec=lambda c, bs: method.image_batch(
         c, bs, vit.patch_size_of(c.model), ('image', 'mask')),
     loss=loss,
@@ -87,8 +87,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   del arg
   c = config_lib.tiny_overrides(config_lib.base_config())
   c.model_name = 'toy'
-  c.model = dict(encoder=dict(config_lib.TINY_ENCODER, depth=1),
-                 mask_ratio=c.get_ref('mask_ratio'))
+  c.model = dict(encoder=dict(config_lib.TINY_ENCODER, depth=1))
   c.input.batch_size = 8
   c.total_steps = 4
   c.warmup_steps = 1

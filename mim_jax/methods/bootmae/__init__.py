@@ -10,6 +10,7 @@ momentum encoder is the method's 'ema' target provider: its weights are
 
 import functools
 
+from mim_jax import config_lib
 from mim_jax import method
 from mim_jax import optim
 from mim_jax.methods.bootmae import convert
@@ -21,7 +22,10 @@ from mim_jax.targets import pixels
 
 
 def build_model(config):
-  return method.model_from_config(model.Model, config)
+  """The model of `config.model`, masking `config_lib.mask_ratio(config)`
+  (input.mask.ratio) of the patches."""
+  return method.model_from_config(model.Model, config,
+                                  mask_ratio=config_lib.mask_ratio(config))
 
 
 def batch_spec(config, batch_size: int) -> dict:

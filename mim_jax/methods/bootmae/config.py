@@ -47,8 +47,7 @@ def get_config(variant: str = 'B/16'):
   c.model = dict(
       variant=variant, encoder=dict(), decoder_width=512, decoder_depth=2,
       # The first and the last block: [0, 11] (B), [0, 23] (L).
-      feature_depth=2, taps=(0, -1),
-      mask_ratio=c.get_ref('mask_ratio'), dtype='float32')
+      feature_depth=2, taps=(0, -1), dtype='float32')
   c.loss = dict(feature_weight=1.0, feature_ramp_fraction=0.25,
                 weighted_mask=True)
   c.input.mean = (0.5, 0.5, 0.5)
@@ -56,15 +55,14 @@ def get_config(variant: str = 'B/16'):
   c.input.mask = dict(kind='block', variant='bootmae',
                       num_masking_patches=120, min_num_patches=16,
                       max_num_patches=60, extra_random=True, roll=3,
-                      ratio=c.get_ref('mask_ratio'))
+                      ratio=0.75)
   c.schedule = dict(min_lr=v['min_lr'], warmup='linspace')
   c.optim.wd_exclude = optim.NO_DECAY + ('cls_token',)
   c.ema = dict(momentum=v['momentum'], boundary_epochs=v['boundary_epochs'],
                boundary_steps=placeholder(tuple))
   if 'tiny_model' in v:
     c = config_lib.tiny_overrides(c)
-    c.model = dict(v['tiny_model'], mask_ratio=c.get_ref('mask_ratio'),
-                   dtype='float32')
+    c.model = dict(v['tiny_model'], dtype='float32')
     c.input.mask.update(v['tiny_mask'])
     c.ema = dict(v['tiny_ema'], boundary_epochs=placeholder(tuple))
   return c

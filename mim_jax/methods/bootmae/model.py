@@ -102,6 +102,7 @@ class BootMAE(nn.Module):
   decoder_depth: int = 2
   feature_depth: Optional[int] = None   # default: decoder_depth
   taps: Sequence[int] = (0, -1)         # (low, high) encoder blocks
+  # Not a config.model field: build_model passes config.input.mask.ratio.
   mask_ratio: float = 0.75
   in_chans: int = 3
   dtype: Any = jnp.float32

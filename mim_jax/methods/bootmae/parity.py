@@ -31,12 +31,15 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
           feature_depth=fc.get('feature_predictor_depth',
                                a['decoder_depth']),
           taps=tuple(a['fea_list']),
-          mask_ratio=masking.ratio_for(m['mask_len'], m['num_patches']),
           in_chans=a.get('in_chans', 3)),
       # The fixtures hold the feature weight constant (no ramp).
       loss=dict(feature_weight=fw, feature_ramp_fraction=0.0,
                 weighted_mask=bool(m.get('weight_mask', True))),
-      input=dict(image_size=a['img_size']),
+      # The fixtures give the masks; the ratio gives their count.
+      input=dict(image_size=a['img_size'],
+                 mask=dict(kind='block', variant='bootmae',
+                           ratio=masking.ratio_for(m['mask_len'],
+                                                   m['num_patches']))),
   ))
 
 

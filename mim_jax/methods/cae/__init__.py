@@ -6,6 +6,7 @@ pixel MSE + alignment), convert.py (official keys, teacher copy), parity.py
 the shared frozen tokenizer provider (mim_jax/targets/tokenizer.py).
 """
 
+from mim_jax import config_lib
 from mim_jax import method
 from mim_jax.methods.cae import convert
 from mim_jax.methods.cae import loss
@@ -17,9 +18,11 @@ from mim_jax.targets import tokenizer
 
 
 def build_model(config):
-  """The model of `config.model`; with token targets and no
+  """The model of `config.model`, masking `config_lib.mask_ratio(config)`
+  (input.mask.ratio) of the patches; with token targets and no
   `model.vocab_size`, the vocabulary of the tokenizer file."""
-  net = method.model_from_config(model.Model, config)
+  net = method.model_from_config(model.Model, config,
+                                 mask_ratio=config_lib.mask_ratio(config))
   if _tokenizer(config) and config.model.get('vocab_size') is None:
     net = net.clone(vocab_size=tokenizer.sizes(config)['vocab_size'])
   return net

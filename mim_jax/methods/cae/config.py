@@ -52,7 +52,6 @@ def get_config(variant: str = 'B/16'):
   v = config_lib.pick(VARIANTS, variant)
   c = config_lib.base_config()
   c.model_name = 'cae'
-  c.mask_ratio = 0.5
   # The frozen DALL-E dVAE: 8192 tokens of a 112 px Lanczos view. The file
   # is not downloaded for you; see the README.
   c.tokenizer = dict(weights=convert_dvae.DEFAULT_PATH, hidden=256, groups=4,
@@ -65,13 +64,13 @@ def get_config(variant: str = 'B/16'):
       regressor_depth=4, decoder_depth=4,
       decoder_layer_scale=v['layer_scale'],
       vocab_size=c.tokenizer.get_ref('vocab_size'),
-      target='tokens', mask_ratio=c.get_ref('mask_ratio'), scan=False,
+      target='tokens', scan=False,
       remat_policy='none', dtype='float32')
   c.loss = dict(align_weight=2.0, norm_pix_loss=True)
   c.input.batch_size = 2048
   c.input.crop_scale = (0.08, 1.0)
-  c.input.mask = dict(kind='block', ratio=c.get_ref('mask_ratio'),
-                      min_num_patches=16, variant='cae')
+  c.input.mask = dict(kind='block', ratio=0.5, min_num_patches=16,
+                      variant='cae')
   c.lr = 1.5e-3
   c.base_lr = placeholder(float)
   c.total_epochs = v['epochs']

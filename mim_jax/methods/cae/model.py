@@ -84,6 +84,7 @@ class CAE(nn.Module):
   decoder_drop_path_rate: Optional[float] = None
   vocab_size: int = 8192
   target: str = 'tokens'                  # or 'pixels' (CAE paper Table 8)
+  # Not a config.model field: build_model passes config.input.mask.ratio.
   mask_ratio: float = 0.5
   in_chans: int = 3
   scan: bool = False

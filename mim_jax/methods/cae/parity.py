@@ -32,11 +32,14 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
           decoder_depth=a['decoder_depth'],
           decoder_layer_scale=a['decoder_layer_scale_init_value'],
           vocab_size=a['decoder_num_classes'],
-          mask_ratio=masking.ratio_for(num_masked, num_patches),
           in_chans=a.get('in_chans', 3)),
       # The fixtures give the token ids: no tokenizer.
       loss=dict(align_weight=r.get('align_loss_weight', 2.0)),
-      input=dict(image_size=a['img_size']),
+      # The fixtures give the masks too; the ratio gives their count.
+      input=dict(image_size=a['img_size'],
+                 mask=dict(kind='block', variant='cae',
+                           ratio=masking.ratio_for(num_masked,
+                                                   num_patches))),
   ))
 
 

@@ -5,10 +5,9 @@ Files: model.py (encoder on visible patches + light decoder), loss.py
 parity.py (fixture adapter), config.py (the recipe, every variant).
 """
 
-import functools
-
 import jax.numpy as jnp
 
+from mim_jax import config_lib
 from mim_jax import masking
 from mim_jax import method
 from mim_jax.methods.mae import convert
@@ -27,7 +26,11 @@ def batch_spec(config, batch_size: int) -> dict:
                             ('image', 'noise'))
 
 
-build_model = functools.partial(method.model_from_config, model.Model)
+def build_model(config):
+  """The model of `config.model`, masking `config_lib.mask_ratio(config)`
+  (input.mask.ratio) of the patches."""
+  return method.model_from_config(model.Model, config,
+                                  mask_ratio=config_lib.mask_ratio(config))
 
 _CHANNELS = 3
 
@@ -103,8 +106,9 @@ def validate_config(config) -> None:
     num_patches = (int(config.input.image_size) //
                    vit.patch_size_of(m)) ** 2
     ratio = m.get('insert_ratio', 0.25)
-    count = masking.num_inserted(num_patches, m.mask_ratio, ratio)
-    if (count == masking.num_masked(num_patches, m.mask_ratio) and
+    mask_ratio = config_lib.mask_ratio(config)
+    count = masking.num_inserted(num_patches, mask_ratio, ratio)
+    if (count == masking.num_masked(num_patches, mask_ratio) and
         not config.loss.get('inserted_in_loss', True)):
       raise ValueError(
           f'config.model.insert_ratio={ratio} gives every masked patch an '

@@ -33,7 +33,7 @@ def get_config(variant: str = 'B/16'):
       variant=None, encoder=dict(), decoder_width=512, decoder_depth=8,
       decoder_num_heads=16, decoder_attn_drop=0.0, encoder_attn_drop=0.0,
       insert_block=config_lib.placeholder(int), insert_ratio=0.25,
-      mask_ratio=c.get_ref('mask_ratio'), scan=True,
+      scan=True,
       # Recompute LayerNorms, softmax and GELU in the backward pass, keep
       # the linear layers' outputs (layers.REMAT_POLICIES): 1.2x faster on
       # CPU than no remat, and less activation memory (README, "Speed").

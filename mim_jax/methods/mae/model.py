@@ -119,6 +119,7 @@ class MAE(nn.Module):
   encoder_attn_drop: float = 0.0
   insert_block: Optional[int] = None
   insert_ratio: float = 0.25
+  # Not a config.model field: build_model passes config.input.mask.ratio.
   mask_ratio: float = 0.75
   in_chans: int = 3
   scan: bool = False

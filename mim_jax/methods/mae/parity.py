@@ -23,10 +23,10 @@ def experiment_config(fc: dict) -> ml_collections.ConfigDict:
           decoder_depth=a['decoder_depth'],
           decoder_num_heads=a['decoder_num_heads'],
           decoder_mlp_dim=int(a['decoder_embed_dim'] * a['mlp_ratio']),
-          in_chans=a.get('in_chans', 3),
-          mask_ratio=fc['mask_ratio']),
+          in_chans=a.get('in_chans', 3)),
       loss=dict(norm_pix_loss=bool(a.get('norm_pix_loss', False))),
-      input=dict(image_size=a['img_size']),
+      input=dict(image_size=a['img_size'],
+                 mask=dict(kind='random', ratio=fc['mask_ratio'])),
   ))
 
 
