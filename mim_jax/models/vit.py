@@ -174,6 +174,24 @@ class Encoder(nn.Module):
         `norm_taps` without `final_norm`, or `rel_pos_bias` with
         `ids_keep`.
     """
+    self._check(ids_keep)
+    x, tokens, pos = self._embed(images, ids_keep)
+    tapped_blocks = tuple(sorted(set(self.taps)))  # block_stack's order
+    x = self._blocks(x, self.grid(images), tapped_blocks, insert, pos, train)
+    out = {'tokens': tokens}
+    if self.taps:
+      x, tapped = x
+      by_index = dict(zip(tapped_blocks, tapped))
+      out['taps'] = [by_index[i] for i in self.taps]
+    if self.final_norm:
+      norm = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')
+      x = norm(x)
+      if self.norm_taps and self.taps:
+        out['taps'] = [norm(t) for t in out['taps']]
+    return x, out
+
+  def _check(self, ids_keep) -> None:
+    """The field combinations `__call__` refuses (see its Raises)."""
     if self.posemb not in ('sincos', 'learned'):
       raise ValueError(f"encoder posemb={self.posemb!r}: use 'sincos' "
                        "(fixed table) or 'learned'.")
@@ -185,6 +203,16 @@ class Encoder(nn.Module):
       # per-sample gather of the index, which no recipe uses.
       raise ValueError('encoder rel_pos_bias=True needs every patch '
                        '(ids_keep=None); it is a fine-tuning option.')
+    bad = [i for i in self.taps if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f'encoder taps {sorted(set(bad))} are outside the '
+                       f'{self.depth} blocks: use indices 0..'
+                       f'{self.depth - 1}.')
+
+  def _embed(self, images, ids_keep):
+    """(cls + kept tokens (N, 1 + K, width), all L position-added patch
+    tokens, the (1, 1 + L, width) position table): the patch embedding,
+    cls token and position embedding (params created in this order)."""
     gh, gw = self.grid(images)
     p = self.patch_size
     # xavier_uniform on the (D, C*p*p) view of the torch conv weight.
@@ -216,13 +244,13 @@ class Encoder(nn.Module):
     x = tokens if ids_keep is None else gather_tokens(tokens, ids_keep)
     cls = (cls + pos[:, :1]).astype(self.dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], 1)
+    return x, tokens, pos
+
+  def _blocks(self, x, grid, tapped_blocks, insert, pos, train: bool):
+    """The transformer blocks (drop path rising linearly to
+    drop_path_rate), with the taps and the insertion split."""
     dpr = tuple(float(r) for r in
                 np.linspace(0, self.drop_path_rate, self.depth))
-    tapped_blocks = tuple(sorted(set(self.taps)))  # block_stack's order
-    bad = [i for i in tapped_blocks if not 0 <= i < self.depth]
-    if bad:
-      raise ValueError(f'encoder taps {bad} are outside the {self.depth} '
-                       f'blocks: use indices 0..{self.depth - 1}.')
     block_kwargs = dict(num_heads=self.num_heads,
                         mlp_dim=self.mlp_dim or 4 * self.width,
                         qkv_bias=self.qkv_bias,
@@ -230,23 +258,12 @@ class Encoder(nn.Module):
                         layernorm_eps=self.layernorm_eps, dtype=self.dtype)
     if self.rel_pos_bias:
       # The blocks see only tokens: the grid comes from the image size.
-      block_kwargs.update(rel_pos_bias=True, rel_pos_grid=(gh, gw))
-    x = layers.block_stack(
+      block_kwargs.update(rel_pos_bias=True, rel_pos_grid=tuple(grid))
+    return layers.block_stack(
         x, depth=self.depth, block_kwargs=block_kwargs,
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, drop_path_rates=dpr, name='blocks',
         taps=tapped_blocks, split=self._insertion(insert, pos))
-    out = {'tokens': tokens}
-    if self.taps:
-      x, tapped = x
-      by_index = dict(zip(tapped_blocks, tapped))
-      out['taps'] = [by_index[i] for i in self.taps]
-    if self.final_norm:
-      norm = layers.layer_norm(self.layernorm_eps, self.dtype, 'norm')
-      x = norm(x)
-      if self.norm_taps and self.taps:
-        out['taps'] = [norm(t) for t in out['taps']]
-    return x, out
 
   def _insertion(self, insert, pos):
     """`block_stack`'s split that appends the inserted tokens, or None."""
