@@ -49,23 +49,20 @@ from mim_jax.models import torch_draws as common
 from mim_jax.targets import tokenizer
 
 
-def _modules(torch, eps: float, std: float):
-  """Minimal modules with upstream's attribute names, registration order and
-  own init passes (no forward passes)."""
+def _rescale(torch, pairs):
+  """Upstream's `fix_init_weight`: block i's output projections divided
+  by sqrt(2 (i + 1))."""
+  with torch.no_grad():
+    for i, weights in enumerate(pairs):
+      for w in weights:
+        w.div_(math.sqrt(2.0 * (i + 1)))
+
+
+def _blocks(torch, eps: float):
+  """(Block, RegressorBlock, PatchEmbed): upstream's layers, attribute
+  names and registration order, without forward passes."""
   nn = torch.nn
   norm = lambda n: nn.LayerNorm(n, eps=eps)
-
-  def trunc_normal(t):
-    common.trunc_normal_(torch, t, std)
-
-  init_weights = common.beit_init_weights(torch, std)  # the submodules'
-
-  def rescale(pairs):
-    with torch.no_grad():
-      for i, weights in enumerate(pairs):
-        for w in weights:
-          w.div_(math.sqrt(2.0 * (i + 1)))
-
   Attention, Mlp = common.beit_layers(torch)
 
   class CrossAttention(nn.Module):
@@ -110,6 +107,22 @@ def _modules(torch, eps: float, std: float):
     def __init__(self, chans, dim, p):
       super().__init__()
       self.proj = nn.Conv2d(chans, dim, p, p)
+
+  return Block, RegressorBlock, PatchEmbed
+
+
+def _modules(torch, eps: float, std: float):
+  """Minimal modules with upstream's attribute names, registration order and
+  own init passes (no forward passes)."""
+  nn = torch.nn
+  norm = lambda n: nn.LayerNorm(n, eps=eps)
+  Block, RegressorBlock, PatchEmbed = _blocks(torch, eps)
+
+  def trunc_normal(t):
+    common.trunc_normal_(torch, t, std)
+
+  init_weights = common.beit_init_weights(torch, std)  # the submodules'
+  rescale = lambda pairs: _rescale(torch, pairs)
 
   class Encoder(nn.Module):
 
