@@ -260,8 +260,8 @@ def upgrade_saved(saved: dict) -> dict:
   field that replaced them.
 
   Raises:
-    errors.ConfigError: a removed field disagrees with its replacement (they were
-      references to one value, so a run's config.json never has that).
+    errors.ConfigError: a removed field disagrees with its replacement (they
+      were references to one value, so a run's config.json never has that).
   """
   out = copy.deepcopy(saved)
   for key, (new, _) in REMOVED_FIELDS.items():

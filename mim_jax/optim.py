@@ -43,15 +43,17 @@ def steps_from(config, key: str) -> int:
   """Reads `{key}_steps` or `{key}_epochs` (x steps per epoch)."""
   steps, epochs = config.get(f'{key}_steps'), config.get(f'{key}_epochs')
   if (steps is None) == (epochs is None):
-    raise errors.ConfigError(f'Set exactly one of config.{key}_steps and '
-                     f'config.{key}_epochs (got {steps} and {epochs}).')
+    raise errors.ConfigError(
+        f'Set exactly one of config.{key}_steps and '
+        f'config.{key}_epochs (got {steps} and {epochs}).')
   if steps is not None:
     return int(steps)
   n = config.input.get('num_train_examples')
   if not n:
-    raise errors.ConfigError(f'config.{key}_epochs needs '
-                     'config.input.num_train_examples (e.g. 1281167 for '
-                     'ImageNet-1k).')
+    raise errors.ConfigError(
+        f'config.{key}_epochs needs '
+        'config.input.num_train_examples (e.g. 1281167 for '
+        'ImageNet-1k).')
   return int(round(epochs * (n // config.input.batch_size)))
 
 
@@ -68,11 +70,13 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int,
   linspace(0, peak, W), which reaches the peak at t = W - 1.
   """
   if warmup not in WARMUPS:
-    raise errors.ConfigError(f'schedule.warmup={warmup!r}; use one of {WARMUPS}.')
+    raise errors.ConfigError(
+        f'schedule.warmup={warmup!r}; use one of {WARMUPS}.')
   span = max(warmup_steps - (warmup == 'linspace'), 1)
   if total_steps <= warmup_steps:
-    raise errors.ConfigError(f'total steps ({total_steps}) must exceed warmup steps '
-                     f'({warmup_steps}).')
+    raise errors.ConfigError(
+        f'total steps ({total_steps}) must exceed '
+        f'warmup steps ({warmup_steps}).')
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -106,8 +110,8 @@ def ema_momentum_schedule(config):
   (0, 100, 400).
 
   Raises:
-    errors.ConfigError: a momentum outside [0, 1), boundaries that do not increase,
-      or lists of different lengths.
+    errors.ConfigError: a momentum outside [0, 1), boundaries that do not
+      increase, or lists of different lengths.
   """
   ema = config.get('ema') or {}
   values = [float(m) for m in ema.get('momentum') or ()]
@@ -115,12 +119,14 @@ def ema_momentum_schedule(config):
   bounds = ema.get('boundary_epochs' if by_epoch else 'boundary_steps')
   bounds = [float(b) for b in (bounds if bounds is not None else [0])]
   if not values:
-    raise errors.ConfigError('config.ema.momentum is not set: give the EMA momentum, '
-                     'e.g. [0.999, 0.9999] with boundary_epochs [0, 100].')
+    raise errors.ConfigError(
+        'config.ema.momentum is not set: give the EMA momentum, e.g. '
+        '[0.999, 0.9999] with boundary_epochs [0, 100].')
   bad = [m for m in values if not 0.0 <= m < 1.0]
   if bad:
-    raise errors.ConfigError(f'config.ema.momentum={values}: {bad} outside [0, 1); '
-                     'an EMA momentum m keeps m of the old weights per step.')
+    raise errors.ConfigError(
+        f'config.ema.momentum={values}: {bad} outside [0, 1); an EMA '
+        'momentum m keeps m of the old weights per step.')
   if len(bounds) != len(values) or any(
       b >= a for b, a in zip(bounds, bounds[1:])):
     raise errors.ConfigError(
@@ -130,8 +136,9 @@ def ema_momentum_schedule(config):
   if by_epoch:
     n = config.input.get('num_train_examples')
     if not n:
-      raise errors.ConfigError('config.ema.boundary_epochs needs '
-                       'config.input.num_train_examples.')
+      raise errors.ConfigError(
+          'config.ema.boundary_epochs needs '
+          'config.input.num_train_examples.')
     spe = max(n // config.input.batch_size, 1)
   xs = jnp.asarray(bounds, jnp.float32)
   rates = jnp.asarray([1.0 - m for m in values], jnp.float32)
@@ -357,6 +364,52 @@ def _wd_exclude(optim_config) -> tuple[str, ...]:
   return NO_DECAY if exclude is None else tuple(exclude)
 
 
+def _arguments(name) -> tuple:
+  """(where, accepted, required, wd_arg, mask_arg) of optimizer `name`:
+  how messages name it, the config.optim fields it takes and needs, and
+  the optax arguments of the weight decay and its mask (None: none)."""
+  if name in OWN_OPTIMIZERS:
+    return f'our {name!r}', _OWN_ARGS[name], (), None, None
+  why = _not_an_optimizer(name) if isinstance(name, str) else 'not a string'
+  if why:
+    close = difflib.get_close_matches(
+        str(name), OWN_OPTIMIZERS + optax_optimizers(), n=3)
+    raise errors.ConfigError(
+        f'config.optim.name={name!r}: {why}. Use one of ours, '
+        f'{OWN_OPTIMIZERS}, or any optax optimizer function by name: '
+        "'lion', 'adafactor', 'lamb', 'adam', 'rmsprop', ... (all of "
+        f'optax {optax.__version__}: {", ".join(optax_optimizers())}).'
+        + (f' Did you mean {" or ".join(map(repr, close))}?' if close
+           else ''))
+  params = inspect.signature(getattr(optax, name)).parameters
+  wd_arg = next((a for a in _WD_ARGS if a in params), None)
+  mask_arg = next((a for a in _MASK_ARGS if a in params), None)
+  accepted = tuple(a for a, p in params.items()
+                   if a not in (_LR_ARG, wd_arg, mask_arg)
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+  required = tuple(a for a in accepted
+                   if params[a].default is inspect.Parameter.empty)
+  return f'optax.{name}', accepted, required, wd_arg, mask_arg
+
+
+def _mu_dtype_kwarg(mu_dtype, where: str, accepted) -> dict:
+  """{the optimizer's moment-dtype argument: the jnp dtype} ({} unset)."""
+  if not mu_dtype:
+    return {}
+  mu_arg = next((a for a in _MU_DTYPE_ARGS if a in accepted), None)
+  if mu_arg is None:
+    raise errors.ConfigError(
+        f'config.optim.mu_dtype={mu_dtype!r}: {where} keeps no moment '
+        f'whose dtype can be set (no argument {list(_MU_DTYPE_ARGS)}); '
+        'unset optim.mu_dtype.')
+  try:
+    return {mu_arg: jnp.dtype(mu_dtype)}
+  except TypeError as e:
+    raise errors.ConfigError(
+        f'config.optim.mu_dtype={mu_dtype!r} is not a dtype (e.g. '
+        "'bfloat16', 'float32').") from e
+
+
 def optimizer_spec(optim_config) -> OptimizerSpec:
   """Checks config.optim against the optimizer it names, before anything is
   built or compiled.
@@ -368,37 +421,13 @@ def optimizer_spec(optim_config) -> OptimizerSpec:
     The optimizer and its keyword arguments.
 
   Raises:
-    errors.ConfigError naming the field: an unknown optimizer name, a field the
-    optimizer does not take (or that make_tx sets itself), a missing
+    errors.ConfigError naming the field: an unknown optimizer name, a field
+    the optimizer does not take (or that make_tx sets itself), a missing
     required argument, a mu_dtype the optimizer has no moment for.
   """
   oc = optim_config
   name = oc.get('name') or 'adamw'
-  if name in OWN_OPTIMIZERS:
-    where, accepted, required = f'our {name!r}', _OWN_ARGS[name], ()
-    wd_arg = mask_arg = None
-  else:
-    why = (_not_an_optimizer(name) if isinstance(name, str)
-           else 'not a string')
-    if why:
-      close = difflib.get_close_matches(
-          str(name), OWN_OPTIMIZERS + optax_optimizers(), n=3)
-      raise errors.ConfigError(
-          f'config.optim.name={name!r}: {why}. Use one of ours, '
-          f'{OWN_OPTIMIZERS}, or any optax optimizer function by name: '
-          "'lion', 'adafactor', 'lamb', 'adam', 'rmsprop', ... (all of "
-          f'optax {optax.__version__}: {", ".join(optax_optimizers())}).'
-          + (f' Did you mean {" or ".join(map(repr, close))}?' if close
-             else ''))
-    where = f'optax.{name}'
-    params = inspect.signature(getattr(optax, name)).parameters
-    wd_arg = next((a for a in _WD_ARGS if a in params), None)
-    mask_arg = next((a for a in _MASK_ARGS if a in params), None)
-    accepted = tuple(a for a, p in params.items()
-                     if a not in (_LR_ARG, wd_arg, mask_arg)
-                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-    required = tuple(a for a in accepted
-                     if params[a].default is inspect.Parameter.empty)
+  where, accepted, required, wd_arg, mask_arg = _arguments(name)
   fields = {k: v for k, v in oc.items()
             if k not in GENERIC_FIELDS and v is not None}
   reserved = sorted(set(fields) & set(
@@ -422,22 +451,11 @@ def optimizer_spec(optim_config) -> OptimizerSpec:
         'number).')
   missing = [a for a in required if a not in fields]
   if missing:
-    raise errors.ConfigError(f'config.optim.name={name!r}: {where} needs '
-                     f'config.optim.{missing[0]} (required: {missing}).')
-  kwargs = dict(fields)
-  mu_dtype = oc.get('mu_dtype')
-  if mu_dtype:
-    mu_arg = next((a for a in _MU_DTYPE_ARGS if a in accepted), None)
-    if mu_arg is None:
-      raise errors.ConfigError(
-          f'config.optim.mu_dtype={mu_dtype!r}: {where} keeps no moment '
-          f'whose dtype can be set (no argument {list(_MU_DTYPE_ARGS)}); '
-          'unset optim.mu_dtype.')
-    try:
-      kwargs[mu_arg] = jnp.dtype(mu_dtype)
-    except TypeError as e:
-      raise errors.ConfigError(f'config.optim.mu_dtype={mu_dtype!r} is not a dtype '
-                       "(e.g. 'bfloat16', 'float32').") from e
+    raise errors.ConfigError(
+        f'config.optim.name={name!r}: {where} needs config.optim.'
+        f'{missing[0]} (required: {missing}).')
+  kwargs = dict(fields, **_mu_dtype_kwarg(oc.get('mu_dtype'), where,
+                                          accepted))
   if oc.get('weight_decay') and wd_arg and not mask_arg and _wd_exclude(oc):
     raise errors.ConfigError(
         f'config.optim.name={name!r}: {where} decays every param (it has '
@@ -447,14 +465,16 @@ def optimizer_spec(optim_config) -> OptimizerSpec:
         'optim.weight_decay=0.')
   layer_decay = oc.get('layer_decay')
   if layer_decay and not oc.get('num_layers'):
-    raise errors.ConfigError(f'config.optim.layer_decay={layer_decay} needs '
-                     'config.optim.num_layers (the encoder depth).')
+    raise errors.ConfigError(
+        f'config.optim.layer_decay={layer_decay} needs '
+        'config.optim.num_layers (the encoder depth).')
   return OptimizerSpec(name, kwargs, wd_arg, mask_arg)
 
 
 def validate_config(config) -> None:
-  """Raises errors.ConfigError, naming the field, for a config.optim that make_tx
-  would refuse (`optimizer_spec`); no params needed, nothing compiled."""
+  """Raises errors.ConfigError, naming the field, for a config.optim that
+  make_tx would refuse (`optimizer_spec`); no params needed, nothing
+  compiled."""
   optimizer_spec(config.optim)
 
 
@@ -508,6 +528,23 @@ def _own_optimizer(spec: OptimizerSpec, weight_decay, decay_mask_fn,
   chain.append(optax.trace(decay=float(kw.get('momentum', 0.9)),
                            nesterov=bool(kw.get('nesterov', False)),
                            accumulator_dtype=kw.get('accumulator_dtype')))
+  return chain
+
+
+def _optax_optimizer(spec: OptimizerSpec, weight_decay, decay_mask_fn,
+                     schedule) -> list[optax.GradientTransformation]:
+  """`optax.<name>` with the lr schedule and the weight decay (its own
+  argument, or added to the gradient before it; see `make_tx`)."""
+  kwargs, chain = dict(spec.kwargs), []
+  if spec.wd_arg is not None:
+    # Always given: 0 must override optax's non-zero defaults.
+    kwargs[spec.wd_arg] = float(weight_decay)
+    if weight_decay and spec.mask_arg is not None:
+      kwargs[spec.mask_arg] = decay_mask_fn()
+  elif weight_decay:
+    chain.append(optax.add_decayed_weights(float(weight_decay),
+                                           decay_mask_fn()))
+  chain.append(getattr(optax, spec.name)(learning_rate=schedule, **kwargs))
   return chain
 
 
@@ -569,8 +606,9 @@ def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
   freeze = tuple(oc.get('freeze', None) or ())
   labels = freeze_labels(params, freeze) if freeze else None
   if labels is not None and 'train' not in jax.tree.leaves(labels):
-    raise errors.ConfigError(f'optim.freeze={list(freeze)} freezes every param: '
-                     'nothing would train.')
+    raise errors.ConfigError(
+        f'optim.freeze={list(freeze)} freezes every '
+        'param: nothing would train.')
   trainable = _masked(params, labels) if labels is not None else params
   mask = lambda: decay_mask(trainable, _wd_exclude(oc))
   wd = oc.get('weight_decay') or 0.0
@@ -585,15 +623,7 @@ def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
     chain += layer_decay
     chain.append(optax.scale_by_learning_rate(schedule))
   else:
-    kwargs = dict(spec.kwargs)
-    if spec.wd_arg is not None:
-      # Always given: 0 must override optax's non-zero defaults.
-      kwargs[spec.wd_arg] = float(wd)
-      if wd and spec.mask_arg is not None:
-        kwargs[spec.mask_arg] = mask()
-    elif wd:
-      chain.append(optax.add_decayed_weights(float(wd), mask()))
-    chain.append(getattr(optax, spec.name)(learning_rate=schedule, **kwargs))
+    chain += _optax_optimizer(spec, wd, mask, schedule)
     chain += layer_decay
   tx = optax.chain(*chain)
   if labels is not None:

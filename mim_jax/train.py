@@ -80,19 +80,22 @@ def validate_config(config, num_devices: int, data_parallel: int):
         f'{num_devices} devices); use a multiple of {data_parallel * accum}.')
   peak = config.get('peak_tflops')
   if peak is not None and not peak > 0:
-    raise errors.ConfigError(f'peak_tflops={peak} must be > 0: the chip\'s peak '
-                     'TFLOP/s for train/mfu (e.g. 275 for TPU v4, bf16), or '
-                     'unset it.')
+    raise errors.ConfigError(
+        f'peak_tflops={peak} must be > 0: the chip\'s peak '
+        'TFLOP/s for train/mfu (e.g. 275 for TPU v4, bf16), or '
+        'unset it.')
   action = config.get('nonfinite', 'skip')
   if action not in nonfinite.ACTIONS:
-    raise errors.ConfigError(f'nonfinite={action!r}: use one of '
-                     f'{nonfinite.ACTIONS} (skip the update of a '
-                     'step with non-finite values, or stop at once).')
+    raise errors.ConfigError(
+        f'nonfinite={action!r}: use one of '
+        f'{nonfinite.ACTIONS} (skip the update of a '
+        'step with non-finite values, or stop at once).')
   k = config.get('max_consecutive_skips', 10)
   if not (isinstance(k, int) and k >= 1):
-    raise errors.ConfigError(f'max_consecutive_skips={k!r} must be an integer >= 1 '
-                     '(the run stops after that many skipped steps in a '
-                     'row).')
+    raise errors.ConfigError(
+        f'max_consecutive_skips={k!r} must be an integer >= 1 '
+        '(the run stops after that many skipped steps in a '
+        'row).')
   init_from = config.get('init_from')
   if init_from and os.path.isfile(init_from):
     core.check_weights_file(init_from)  # before anything is created
@@ -106,8 +109,9 @@ def validate_config(config, num_devices: int, data_parallel: int):
           '--config.warmup_epochs).')
   stop = config.get('stop_after_steps')
   if stop is not None and stop < 1:
-    raise errors.ConfigError(f'stop_after_steps={stop} must be >= 1 (or unset to '
-                     'train to the end of the schedule).')
+    raise errors.ConfigError(
+        f'stop_after_steps={stop} must be >= 1 (or unset to '
+        'train to the end of the schedule).')
 
 
 def lower_train_step(config, mesh):
@@ -177,8 +181,8 @@ def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
     The allowed changes ('field: old -> new'), also logged.
 
   Raises:
-    errors.WorkdirError listing every refused field (config_lib.LAYOUT_FIELDS) and
-    every array that does not fit.
+    errors.WorkdirError listing every refused field
+    (config_lib.LAYOUT_FIELDS) and every array that does not fit.
   """
   path = os.path.join(workdir, 'config.json')
   refused, allowed = [], []
@@ -422,8 +426,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     workdir), before anything is written.
   """
   if config.get('eval_only'):
-    raise errors.ConfigError('config.eval_only is set: use '
-                             'train.evaluate (the CLI does).')
+    raise errors.ConfigError('config.eval_only is set: use train.evaluate '
+                             '(the CLI does).')
   mesh = _checked_mesh(config)
   existed = tf.io.gfile.exists(workdir)
   lock = _take_lock(workdir)

@@ -254,7 +254,7 @@ def _check_same(expected, got, path: str):
 
 
 def _from_encoder(config, model, method, encoder_sd: dict):
-  init = state_lib.init_params(model, experiment.batch_spec(config, 1), config.seed,
-                           experiment.init_rules_of(config))
+  init = state_lib.init_params(model, experiment.batch_spec(config, 1),
+                               config.seed, experiment.init_rules_of(config))
   return method.from_encoder(encoder_sd, model, init,
                              config.input.image_size)

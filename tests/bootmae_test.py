@@ -182,8 +182,8 @@ def test_bootmae_tiny_steps_checkpoint_and_shard_the_ema_like_the_params(
   assert set(shapes) == {'image', 'mask'}
   state, state_sh, _, schedule = state_lib.create_train_state(
       c, model, mesh, shapes)
-  train_step = steps.jit_train_step(c, model, experiment.build_loss(c), schedule,
-                                    mesh, state_sh)
+  train_step = steps.jit_train_step(c, model, experiment.build_loss(c),
+                                    schedule, mesh, state_sh)
   ds = input_pipeline.make_train_dataset(c.input, patch_size=4, seed=0,
                                          process_index=0, process_count=1)
   for _, local in zip(range(4), ds.as_numpy_iterator()):

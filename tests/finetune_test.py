@@ -382,7 +382,8 @@ def test_init_from_cae_and_bootmae_pretraining_files(method, tmp_path):
   from mim_jax import methods  # pylint: disable=g-import-not-at-top
   src = config_lib.load_config_file(f'configs/{method}_tiny.py')
   src_model = experiment.build_model(src)
-  src_params = state_lib.init_params(src_model, experiment.batch_spec(src, 1), 3)
+  src_params = state_lib.init_params(src_model,
+                                     experiment.batch_spec(src, 1), 3)
   pth = str(tmp_path / f'{method}.pth')
   core.save_state_dict(weights.to_torch(src, src_model, src_params), pth)
   config = recipe.get_config('finetune', method, 'tiny')

@@ -108,8 +108,9 @@ def test_throwaway_method_trains_through_the_contract(toy_registered,
   assert int(resumed.step) == 6
   mgr = checkpoint.make_manager(workdir, keep=5, async_save=False)
   abstract = state_lib.create_train_state(
-      config, experiment.build_model(config), sharding.make_mesh([('data', -1)]),
-      experiment.batch_spec(config, 1), materialize=False)[0]
+      config, experiment.build_model(config),
+      sharding.make_mesh([('data', -1)]), experiment.batch_spec(config, 1),
+      materialize=False)[0]
   at4, _ = checkpoint.restore_latest(mgr, abstract, 4)
   np.testing.assert_array_equal(at4.target_state['pixel_stats'], stats)
 

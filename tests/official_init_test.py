@@ -75,7 +75,8 @@ def _inits(name: str):
   momentum encoder's keys included), the official at seeds 1000-1002."""
   _, config, torch_init = _fixture(name)
   model = experiment.build_model(config)
-  spec, rules = experiment.batch_spec(config, 1), experiment.init_rules_of(config)
+  spec = experiment.batch_spec(config, 1)
+  rules = experiment.init_rules_of(config)
   init = jax.jit(lambda s: state_lib.init_params(model, spec, s, rules))
   ema = next((p.init for p in experiment.providers_of(config)
               if p.kind == 'ema'), None)

@@ -250,8 +250,8 @@ def _workdir(config, path):
   on the host: initialising the whole model would compile it)."""
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   abstract = state_lib.create_train_state(
-      config, experiment.build_model(config), mesh, experiment.batch_spec(config, 1),
-      materialize=False)[0]
+      config, experiment.build_model(config), mesh,
+      experiment.batch_spec(config, 1), materialize=False)[0]
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   state = state.replace(params=_perturb(state.params, 1),
                         ema_params=_perturb(state.ema_params, 2))
