@@ -20,6 +20,8 @@ VIOLATIONS = {
         'mim_jax/data/augment.py', 'from mim_jax.models import vit'),
     'Generic modules never import a method': (
         'mim_jax/visualize.py', 'from mim_jax.methods.bootmae import loss'),
+    'Concern modules never import': (
+        'mim_jax/nonfinite.py', 'from mim_jax import hooks'),
     'Layers: tools on top': (
         'mim_jax/checkpoint.py', 'from mim_jax.tools import plan'),
 }
