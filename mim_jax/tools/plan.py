@@ -96,6 +96,40 @@ def forward_flops_per_image(config) -> float:
   return float(fwd.lower(variables, batch).cost_analysis()['flops'])
 
 
+def _state_sizes(config, mesh, state, state_sh) -> tuple[dict, dict]:
+  """(bytes per device, bytes on one device) of each part of the state
+  (params, optimizer state, EMA, target state, frozen target weights),
+  with the sums 'params_opt_ema' and 'total'."""
+  frozen = experiment.frozen_targets(config, mesh, abstract=True)
+  frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
+  fields = {'params': (state.params, state_sh.params),
+            'opt_state': (state.opt_state, state_sh.opt_state),
+            'ema': (state.ema_params, state_sh.ema_params),
+            'target_state': (state.target_state, state_sh.target_state),
+            'frozen_targets': (frozen or None, frozen_sh or None)}
+  out = []
+  for sized in (lambda tree, sh: _state_bytes(tree, sh),
+                lambda tree, _: _state_bytes(tree)):
+    sizes = {k: sized(tree, sh) for k, (tree, sh) in fields.items()}
+    sizes['params_opt_ema'] = sum(sizes[k] for k in
+                                  ('params', 'opt_state', 'ema'))
+    sizes['total'] = sum(sizes[k] for k in fields)
+    out.append(sizes)
+  return tuple(out)
+
+
+def _config_summary(config) -> dict:
+  """The config fields that decide a plan's memory and speed."""
+  return {'model': config.model_name,
+          'variant': config.model.get('variant'),
+          'scan': bool(config.model.get('scan')),
+          'remat_policy': config.model.get('remat_policy'),
+          'dtype': config.model.get('dtype'),
+          'mu_dtype': config.optim.get('mu_dtype'),
+          'grad_accum_steps': config.get('grad_accum_steps', 1),
+          'image_size': config.input.image_size}
+
+
 def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
          hbm_gib: float = 32.0, mfus=(0.3, 0.4, 0.5)) -> dict:
   """Compiles the train step for `num_devices` and returns the plan dict."""
@@ -120,21 +154,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
 
-  frozen = experiment.frozen_targets(config, mesh, abstract=True)
-  frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
-  fields = {'params': (state.params, state_sh.params),
-            'opt_state': (state.opt_state, state_sh.opt_state),
-            'ema': (state.ema_params, state_sh.ema_params),
-            'target_state': (state.target_state, state_sh.target_state),
-            'frozen_targets': (frozen or None, frozen_sh or None)}
-  per_dev = {k: _state_bytes(tree, sh) for k, (tree, sh) in fields.items()}
-  per_dev['params_opt_ema'] = sum(per_dev[k] for k in
-                                  ('params', 'opt_state', 'ema'))
-  per_dev['total'] = sum(per_dev[k] for k in fields)
-  single = {k: _state_bytes(tree) for k, (tree, _) in fields.items()}
-  single['params_opt_ema'] = sum(single[k] for k in
-                                 ('params', 'opt_state', 'ema'))
-  single['total'] = sum(single[k] for k in fields)
+  per_dev, single = _state_sizes(config, mesh, state, state_sh)
   xla = {
       'arguments': int(mem.argument_size_in_bytes),
       'outputs': int(mem.output_size_in_bytes),
@@ -155,14 +175,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   peak_flops = peak_tflops * 1e12
   ideal = flops / (num_devices * peak_flops)
   return {
-      'config': {'model': config.model_name,
-                 'variant': config.model.get('variant'),
-                 'scan': bool(config.model.get('scan')),
-                 'remat_policy': config.model.get('remat_policy'),
-                 'dtype': config.model.get('dtype'),
-                 'mu_dtype': config.optim.get('mu_dtype'),
-                 'grad_accum_steps': config.get('grad_accum_steps', 1),
-                 'image_size': config.input.image_size},
+      'config': _config_summary(config),
       'devices': num_devices,
       'mesh': {k: int(v) for k, v in mesh.shape.items()},
       'batch_size': bs,
