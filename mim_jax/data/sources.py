@@ -91,11 +91,12 @@ class ArraySource(RecordSource):
 
   def __init__(self, description: str, rows: list[Any], *, are_paths: bool,
                seed: int, process_index: int, process_count: int,
-               labels: list[int] | None = None, num_classes: int = 0):
+               labels: list[int] | None = None, num_classes: int = 0,
+               field: str = 'input.data'):
     shard = rows[process_index::process_count]
     if not shard:
       raise errors.DataError(
-          f'{description} has {len(rows)} images, fewer than '
+          f'{description} ({field}) has {len(rows)} images, fewer than '
           f'process_count={process_count}: host {process_index} gets none.')
     self.description = description
     self.num_records = len(shard)
@@ -399,7 +400,7 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
         labels = [labels[i] for i in keep]
     source = ArraySource(f'folder:{value} ({len(files)} images)', files,
                          are_paths=True, labels=labels, num_classes=classes,
-                         **shard)
+                         field=data_field, **shard)
   else:
     split = split or input_config.get('split', 'train')
     try:
@@ -410,7 +411,8 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     source = ArraySource(
         f'embedded:{value} split={split} ({len(images)} images)',
         [d for _, d in images], are_paths=False, labels=labels,
-        num_classes=embedded.num_classes(value) if labeled else 0, **shard)
+        num_classes=embedded.num_classes(value) if labeled else 0,
+        field=data_field, **shard)
   logging.info('Input source %s: %d records for host %d/%d.',
                source.description, source.num_records, process_index,
                process_count)
