@@ -154,8 +154,8 @@ def curves_overrides(c: ml_collections.ConfigDict,
 def pick(table: dict, variant: str) -> dict:
   """`table[variant]`, or an error listing the recipe's variants."""
   if variant not in table:
-    raise ValueError(f'Unknown variant {variant!r}; this recipe has '
-                     f'{sorted(table)}.')
+    raise errors.ConfigError(f'Unknown variant {variant!r}; this recipe '
+                             f'has {sorted(table)}.')
   return table[variant]
 
 
@@ -164,7 +164,7 @@ def load_config_file(path: str):
   import importlib.util  # pylint: disable=g-import-not-at-top
   file, _, arg = path.partition(':')
   if not os.path.exists(file):
-    raise ValueError(f'config file {file!r} does not exist.')
+    raise errors.ConfigError(f'config file {file!r} does not exist.')
   spec = importlib.util.spec_from_file_location('_mim_jax_config', file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -320,7 +320,7 @@ def check_overrides(argv: list[str]):
         where = '.'.join(parts[:j]) or '<top level>'
         known = sorted(node.keys()) if isinstance(
             node, ml_collections.ConfigDict) else []
-        raise ValueError(
+        raise errors.ConfigError(
             f'Unknown config key {key!r} (in --config.{key}): {where} has no '
             f'field {part!r}. Known fields there: {known}. Fix the spelling, '
             f'or add the field to {config_path.partition(":")[0]}.')

@@ -286,7 +286,7 @@ class Evaluator:
             split=ec.get('split'), batch_size=ec.batch_size,
             crop_pct=ec.get('crop_pct', 0.875),
             bad_images=ec.get('bad_images', 'error'),
-            bad_images_field='eval.bad_images'))
+            bad_images_field='eval.bad_images', data_field='eval.data'))
     self.model, self.metrics_fn, self.mesh = model, method.eval_metrics, mesh
     self.step_fn = None  # jitted at the first pass, for the state's shardings
     self.data_sh = sharding.data_sharding(mesh)
@@ -373,7 +373,7 @@ class KnnMonitor:
         batch_size=kc.get('batch_size', 256),
         crop_pct=kc.get('crop_pct', 1.0),
         bad_images=kc.get('bad_images', 'error'),
-        bad_images_field='knn.bad_images')[0]
+        bad_images_field='knn.bad_images', data_field='knn.data')[0]
                  for split in (kc.get('train_split', 'train'),
                                kc.get('test_split', 'test'))]
 

@@ -61,6 +61,7 @@ def _hide_accelerators_from_tf():
 
 _hide_accelerators_from_tf()
 
+from mim_jax import errors
 from mim_jax.data import augment
 from mim_jax.data import image_check
 from mim_jax.data import masks
@@ -93,12 +94,12 @@ def _image_size(input_config: Any, patch_size: int) -> int:
   """Validates image_size / patch_size and returns image_size."""
   image_size = int(input_config.image_size)
   if patch_size < 1 or image_size < 1:
-    raise ValueError(
+    raise errors.ConfigError(
         f'input.image_size={image_size} and patch_size={patch_size} must be '
         'positive.')
   if image_size % patch_size:
     suggestion = max(patch_size, image_size // patch_size * patch_size)
-    raise ValueError(
+    raise errors.ConfigError(
         f'input.image_size={image_size} is not divisible by '
         f'patch_size={patch_size}; choose an image_size that is a multiple '
         f'of {patch_size} (e.g. {suggestion}).')
@@ -120,10 +121,11 @@ def _process_info(process_index: int | None,
   return process_index, process_count
 
 
-def _host_batch_size(global_batch: int, process_count: int) -> int:
+def _host_batch_size(global_batch: int, process_count: int,
+                     field: str = 'input.batch_size') -> int:
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(
-        f'input.batch_size={global_batch} (the global batch) must be a '
+    raise errors.ConfigError(
+        f'{field}={global_batch} (the global batch) must be a '
         f'positive multiple of process_count={process_count}.')
   return global_batch // process_count
 
@@ -131,8 +133,8 @@ def _host_batch_size(global_batch: int, process_count: int) -> int:
 def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
   lo, hi = (float(v) for v in value)
   if not 0 < lo <= hi:
-    raise ValueError(f'input.{name}={tuple(value)} must satisfy 0 < min <= '
-                     'max.')
+    raise errors.ConfigError(f'input.{name}={tuple(value)} must satisfy '
+                             '0 < min <= max.')
   return lo, hi
 
 
@@ -207,7 +209,8 @@ def make_train_dataset(input_config: Any,
     input.batch_size // process_count).
 
   Raises:
-    ValueError: on invalid configuration or an unusable data source.
+    errors.ConfigError on invalid configuration; errors.DataError or
+    errors.MissingFileError on an unusable data source.
   """
   # Validate everything cheap before touching any data.
   image_size, mask_fn, host_batch = validate_config(
@@ -228,7 +231,7 @@ def make_train_dataset(input_config: Any,
                                process_count=process_count, labeled=labeled)
   if labeled and num_classes is not None and (
       int(num_classes) != source.num_classes):
-    raise ValueError(
+    raise errors.ConfigError(
         f'model.num_classes={num_classes} but {source.description} has '
         f'{source.num_classes} classes; set --config.model.num_classes='
         f'{source.num_classes}.')
@@ -353,16 +356,16 @@ def _augment_config(input_config: Any, labeled: bool):
   pipeline; pretraining pipelines take neither.
 
   Raises:
-    ValueError: a bad RandAugment string or erasing setting, or either set
-      for a pipeline without labels.
+    errors.ConfigError: a bad RandAugment string or erasing setting, or
+      either set for a pipeline without labels.
   """
   spec = input_config.get('randaugment', None)
   erasing = dict(input_config.get('random_erasing', None) or {})
   if not labeled:
     if spec or erasing.get('prob'):
-      raise ValueError('input.randaugment / input.random_erasing are '
-                       'fine-tuning augmentations; pretraining pipelines '
-                       'do not apply them. Unset them.')
+      raise errors.ConfigError('input.randaugment / input.random_erasing '
+                               'are fine-tuning augmentations; pretraining '
+                               'pipelines do not apply them. Unset them.')
     return None, {}
   ra = randaugment.parse(spec) if spec else None
   if erasing and not erasing.get('prob'):
@@ -394,7 +397,8 @@ def make_eval_dataset(input_config: Any,
                       process_index: int | None = None,
                       process_count: int | None = None,
                       bad_images: str = 'error',
-                      bad_images_field: str = 'eval.bad_images'
+                      bad_images_field: str = 'eval.bad_images',
+                      data_field: str = 'eval.data'
                       ) -> tuple[tf.data.Dataset, int, int]:
   """The finite, ordered evaluation pipeline of one host.
 
@@ -411,7 +415,7 @@ def make_eval_dataset(input_config: Any,
   Args:
     input_config: `config.input` (image_size, mean, std, tfds fields).
     data: the data spec ('tfds:..', 'folder:..', 'embedded:..'), default
-      input_config.data.
+      input_config.data (then named input.data in the messages).
     split: the split (TFDS / embedded).
     batch_size: global evaluation batch.
     crop_pct: center-crop fraction of the shorter side.
@@ -420,24 +424,32 @@ def make_eval_dataset(input_config: Any,
     bad_images: bad files of a folder: 'error' (stop) or 'drop'.
     bad_images_field: the config field of `bad_images`, for the messages
       (the kNN monitor's: 'knn.bad_images').
+    data_field: the config field of `data` ('eval.data', the kNN monitor's
+      'knn.data'), named in the messages (its section's batch_size and
+      crop_pct too).
 
   Returns:
     (dataset of {'image', 'label', 'valid'}, batches per host, number of
     real examples over all hosts).
 
   Raises:
-    ValueError: unknown split or data set, unlabelled data, bad sizes, bad
+    errors.DataError: unknown split or data set, unlabelled data, bad
       image files (bad_images='error').
+    errors.MissingFileError: a folder that does not exist.
+    errors.ConfigError: bad sizes or modes.
   """
   image_size = int(input_config.image_size)
+  section = data_field.rsplit('.', 1)[0]
   if not 0 < crop_pct <= 1:
-    raise ValueError(f'eval crop_pct={crop_pct} must be in (0, 1].')
+    raise errors.ConfigError(f'{section}.crop_pct={crop_pct} must be in '
+                             '(0, 1].')
   process_index, process_count = _process_info(process_index, process_count)
-  host_batch = _host_batch_size(int(batch_size), process_count)
+  host_batch = _host_batch_size(int(batch_size), process_count,
+                                f'{section}.batch_size')
   mean, std = _mean_std(input_config)
   if bad_images not in image_check.EVAL_BAD_IMAGE_MODES:
-    raise ValueError(f'{bad_images_field}={bad_images!r}: use one of '
-                     f'{image_check.EVAL_BAD_IMAGE_MODES}.')
+    raise errors.ConfigError(f'{bad_images_field}={bad_images!r}: use one '
+                             f'of {image_check.EVAL_BAD_IMAGE_MODES}.')
   max_pixels = image_checker(input_config, mode='error').max_pixels
 
   def screen(files):
@@ -449,7 +461,8 @@ def make_eval_dataset(input_config: Any,
   source = sources.open_source(input_config, seed=0, data=data, split=split,
                                process_index=process_index,
                                process_count=process_count, labeled=True,
-                               screen=screen)
+                               screen=screen,
+                               data_field=data_field if data else 'input.data')
   num_batches = eval_batches(source.total_records, host_batch,
                              process_count)
 
@@ -536,7 +549,7 @@ def make_vis_batch(input_config: Any,
   """
   image_size = _image_size(input_config, patch_size)
   if num_images < 1:
-    raise ValueError(f'num_images={num_images} must be >= 1.')
+    raise errors.ConfigError(f'num_images={num_images} must be >= 1.')
   mask_fn = masks.make_mask_fn(_mask_config(input_config),
                                image_size // patch_size)
   mean, std = _mean_std(input_config)

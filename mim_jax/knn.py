@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import errors
+
 
 def _normalize(x: jax.Array) -> jax.Array:
   """x / max(||x||, 1e-12) in float32, as torch's F.normalize."""
@@ -73,8 +75,9 @@ def knn_predict(train_feats, train_labels, test_feats, *, num_classes: int,
     int32 predictions of shape (N_test,).
 
   Raises:
+    errors.ConfigError: non-positive k or temperature (config.knn).
     ValueError: arrays of the wrong rank or mismatched sizes, an empty
-      training set, or non-positive k, temperature, chunk or num_classes.
+      training set, or non-positive chunk or num_classes.
   """
   train_feats = jnp.asarray(train_feats)
   train_labels = jnp.asarray(train_labels, jnp.int32)
@@ -90,8 +93,10 @@ def knn_predict(train_feats, train_labels, test_feats, *, num_classes: int,
                      f'({train_feats.shape[0]},), one per train feature.')
   if not train_feats.shape[0]:
     raise ValueError('the training set is empty: kNN needs neighbours.')
-  for name, value in (('k', k), ('temperature', temperature),
-                      ('chunk', chunk), ('num_classes', num_classes)):
+  for name, value in (('k', k), ('temperature', temperature)):
+    if not value > 0:  # set by config.knn
+      raise errors.ConfigError(f'knn.{name}={value} must be positive.')
+  for name, value in (('chunk', chunk), ('num_classes', num_classes)):
     if not value > 0:
       raise ValueError(f'{name}={value} must be positive.')
   n_test = test_feats.shape[0]

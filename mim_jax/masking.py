@@ -18,17 +18,19 @@ reads.
 
 import numpy as np
 
+from mim_jax import errors
+
 
 def num_visible(num_patches: int, ratio: float) -> int:
   """Kept patches per image: int(L * (1 - ratio)), as official MAE.
 
   Raises:
-    ValueError: a ratio outside (0, 1).
+    errors.ConfigError: a ratio outside (0, 1).
   """
   ratio = float(ratio)
   if not 0.0 < ratio < 1.0:
-    raise ValueError(f'mask ratio {ratio} must be in (0, 1) (the fraction of '
-                     'patches removed; MAE uses 0.75).')
+    raise errors.ConfigError(f'mask ratio {ratio} must be in (0, 1) (the '
+                             'fraction of patches removed; MAE uses 0.75).')
   return int(num_patches * (1 - ratio))
 
 
@@ -43,17 +45,18 @@ def num_inserted(num_patches: int, mask_ratio: float,
   L patches (the same truncation rule), taken from the masked ones.
 
   Raises:
-    ValueError: a ratio outside (0, 1), or more tokens than masked patches.
+    errors.ConfigError: a ratio outside (0, 1), or more tokens than masked
+      patches.
   """
   insert_ratio = float(insert_ratio)
   if not 0.0 < insert_ratio < 1.0:
-    raise ValueError(f'insert ratio {insert_ratio} must be in (0, 1) (the '
-                     'fraction of all patches given an encoder mask token; '
-                     'robust MAE uses 0.25).')
+    raise errors.ConfigError(
+        f'insert ratio {insert_ratio} must be in (0, 1) (the fraction of all '
+        'patches given an encoder mask token; robust MAE uses 0.25).')
   count = int(num_patches * insert_ratio)
   masked = num_masked(num_patches, mask_ratio)
   if count > masked:
-    raise ValueError(
+    raise errors.ConfigError(
         f'insert ratio {insert_ratio} asks for {count} encoder mask tokens '
         f'but only {masked} of the {num_patches} patches are masked (mask '
         f'ratio {mask_ratio}): the tokens go at masked positions, so use an '

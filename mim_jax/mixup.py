@@ -37,6 +37,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mim_jax import errors
+
 
 class MixParams(NamedTuple):
   """One batch's draw.
@@ -127,19 +129,25 @@ def bbox_lam(box, height: int, width: int) -> jax.Array:
 
 
 def _check_args(mixup_alpha, cutmix_alpha, switch_prob, prob, smoothing):
-  """Raises ValueError naming the first argument out of range."""
+  """Raises errors.ConfigError naming the first argument out of range (as
+  the config field that sets it: config.mixup.<name>,
+  config.loss.label_smoothing)."""
   for name, value in (('mixup_alpha', mixup_alpha),
                       ('cutmix_alpha', cutmix_alpha)):
     if not value >= 0.0:  # Also rejects NaN.
-      raise ValueError(f'{name}={value} must be >= 0 (0 turns it off).')
+      raise errors.ConfigError(f'mixup.{name}={value} must be >= 0 (0 turns '
+                               'it off).')
   if mixup_alpha == 0.0 and cutmix_alpha == 0.0:
-    raise ValueError('mixup_alpha and cutmix_alpha are both 0: nothing to '
-                     'mix; pass no mixup config instead.')
+    raise errors.ConfigError('mixup.mixup_alpha and mixup.cutmix_alpha are '
+                             'both 0: nothing to mix; pass no mixup config '
+                             'instead.')
   for name, value in (('switch_prob', switch_prob), ('prob', prob)):
     if not 0.0 <= value <= 1.0:
-      raise ValueError(f'{name}={value} must be a probability in [0, 1].')
+      raise errors.ConfigError(f'mixup.{name}={value} must be a probability '
+                               'in [0, 1].')
   if not 0.0 <= smoothing < 1.0:
-    raise ValueError(f'smoothing={smoothing} must be in [0, 1).')
+    raise errors.ConfigError(f'loss.label_smoothing={smoothing} must be in '
+                             '[0, 1).')
 
 
 def sample_params(rng: jax.Array, height: int, width: int, *,
@@ -162,8 +170,8 @@ def sample_params(rng: jax.Array, height: int, width: int, *,
     A `MixParams`, lam already corrected to the box area for CutMix.
 
   Raises:
-    ValueError: a negative alpha, both alphas 0, or a probability outside
-      [0, 1].
+    errors.ConfigError: a negative alpha, both alphas 0, or a probability
+      outside [0, 1].
   """
   _check_args(mixup_alpha, cutmix_alpha, switch_prob, prob, 0.0)
   rng_apply, rng_switch, rng_mix, rng_cut, rng_box = jax.random.split(rng, 5)
@@ -249,9 +257,10 @@ def mix(rng: jax.Array, images: jax.Array, labels: jax.Array, *,
     the batch was not mixed).
 
   Raises:
-    ValueError: a negative alpha, both alphas 0 (pass no mixup config
-      instead), a probability outside [0, 1], smoothing outside [0, 1), or
-      images/labels of the wrong rank or batch size.
+    errors.ConfigError: a negative alpha, both alphas 0 (pass no mixup
+      config instead), a probability outside [0, 1], smoothing outside
+      [0, 1).
+    ValueError: images/labels of the wrong rank or batch size.
   """
   _check_args(mixup_alpha, cutmix_alpha, switch_prob, prob, smoothing)
   if images.ndim != 4:

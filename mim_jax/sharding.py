@@ -24,6 +24,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mim_jax import errors
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 PARAM_AXES = ('embed', 'mlp', 'heads', 'kv', 'layers')
@@ -50,33 +52,38 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices=None) -> Mesh:
   """Builds a Mesh from [(axis, size), ...]; one size may be -1 (inferred).
 
   Raises:
-    ValueError: unknown axis names, several -1, or sizes whose product is
-      not the device count.
+    errors.ConfigError (config.mesh): unknown axis names, several -1, or
+      sizes whose product is not the device count.
   """
   devices = jax.devices() if devices is None else devices
   names = [a for a, _ in mesh_config]
   sizes = [int(s) for _, s in mesh_config]
   bad = [a for a in names if a not in MESH_AXES]
   if bad:
-    raise ValueError(f'Unknown mesh axes {bad}; use names from {MESH_AXES}.')
+    raise errors.ConfigError(f'Unknown mesh axes {bad} in config.mesh; use '
+                             f'names from {MESH_AXES}.')
   if len(set(names)) != len(names):
-    raise ValueError(f'Mesh axes repeat in {mesh_config}.')
+    raise errors.ConfigError(f'Mesh axes repeat in config.mesh='
+                             f'{mesh_config}.')
   if sizes.count(-1) > 1:
-    raise ValueError(f'At most one mesh axis may be -1, got {mesh_config}.')
+    raise errors.ConfigError(f'At most one mesh axis may be -1, got '
+                             f'config.mesh={mesh_config}.')
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'Mesh sizes must be positive or -1, got {mesh_config}.')
+    raise errors.ConfigError(f'Mesh sizes must be positive or -1, got '
+                             f'config.mesh={mesh_config}.')
   known = int(np.prod([s for s in sizes if s != -1]))
   n = len(devices)
   if -1 in sizes:
     if n % known:
-      raise ValueError(f'Mesh {mesh_config}: {n} devices are not divisible '
-                       f'by the fixed axis sizes (product {known}).')
+      raise errors.ConfigError(
+          f'config.mesh={mesh_config}: {n} devices are not divisible by the '
+          f'fixed axis sizes (product {known}).')
     sizes[sizes.index(-1)] = n // known
   if int(np.prod(sizes)) != n:
-    raise ValueError(
-        f'Mesh {dict(zip(names, sizes))} has {int(np.prod(sizes))} slots but '
-        f'there are {n} devices; make the sizes multiply to {n} or set one '
-        'to -1.')
+    raise errors.ConfigError(
+        f'config.mesh {dict(zip(names, sizes))} has {int(np.prod(sizes))} '
+        f'slots but there are {n} devices; make the sizes multiply to {n} '
+        'or set one to -1.')
   if len(devices) == jax.device_count() and n > 1:
     # Topology-aware order (ICI rings on TPU); on CPU it is the plain order.
     dev = mesh_utils.create_device_mesh(
@@ -125,9 +132,10 @@ def rules_from_config(config) -> tuple:
   for name, target in rules:
     for axis in (target if isinstance(target, tuple) else (target,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(
-            f'sharding rule ({name!r}, {target!r}) names mesh axis {axis!r}; '
-            f'mesh axes are {MESH_AXES} (or None for replicated).')
+        raise errors.ConfigError(
+            f'config.sharding_rules: rule ({name!r}, {target!r}) names mesh '
+            f'axis {axis!r}; mesh axes are {MESH_AXES} (or None for '
+            'replicated).')
   # Param axes are checked against the model's params (`param_shardings`);
   # the activation axes are used by every model.
   check_rules(rules, ACT_AXES)
@@ -141,11 +149,12 @@ def _mesh_target(v):
 
 
 def check_rules(rules: Sequence, names) -> None:
-  """Raises if a logical axis in `names` has no rule."""
+  """Raises errors.ConfigError if a logical axis in `names` has no rule
+  (config.sharding_rules)."""
   have = {k for k, _ in rules}
   missing = sorted({n for n in names if n is not None and n not in have})
   if missing:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Logical axes {missing} have no sharding rule; add e.g. '
         f"('{missing[0]}', None) (replicated) or ('{missing[0]}', 'fsdp') to "
         f'config.sharding_rules. Rules now: {[k for k, _ in rules]}.')

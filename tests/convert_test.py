@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import methods
 from mim_jax import state as state_lib
@@ -107,6 +108,32 @@ def test_npz_round_trip(tmp_path):
   _assert_same_state_dict(core.load_state_dict(out), sd)
   with pytest.raises(FileNotFoundError, match='nope.pth'):
     core.load_state_dict(str(tmp_path / 'nope.pth'))
+
+
+@pytest.mark.parametrize('content, error, match', [
+    (None, errors.MissingFileError, 'does not exist'),
+    (b'', errors.WeightsFileError, r'is empty \(0 bytes\)'),
+    (b'<html>404</html>', errors.WeightsFileError,
+     'is not a PyTorch checkpoint'),
+    (b'PK\x03\x04' + b'\x00' * 60, errors.WeightsFileError,
+     'cannot be read'),
+    ('tensor', errors.WeightsFileError, 'it holds Tensor'),
+    ('mixed', errors.WeightsFileError, r"not tensors: \['epoch'\]"),
+])
+def test_bad_empty_or_missing_weights_files_are_typed(tmp_path, content,
+                                                      error, match):
+  """Every way a weights file can be wrong is a user error (one line in
+  the CLI) naming the file."""
+  path = tmp_path / 'w.pth'
+  if content == 'tensor':
+    torch.save(torch.zeros(3), path)
+  elif content == 'mixed':
+    torch.save({'w': torch.zeros(3), 'epoch': 4}, path)
+  elif content is not None:
+    path.write_bytes(content)
+  with pytest.raises(error, match=match) as e:
+    core.load_state_dict(str(path))
+  assert errors.is_user_error(e.value) and str(path) in str(e.value)
 
 
 def test_scan_layout_round_trip():

@@ -17,6 +17,7 @@ from conftest import CURVES
 from conftest import CURVES_SHORT_EPOCHS
 from conftest import FIXTURES
 from conftest import ROOT
+from mim_jax import errors
 from mim_jax.methods.mae import parity
 from mim_jax.methods.mae import torch_init
 from mim_jax.tools import compare_curves as cc
@@ -170,8 +171,19 @@ def test_bad_input(tmp_path, ref):
   unknown.write_text('{"accuracy": 0.5}\n')
   with pytest.raises(ValueError, match='unknown log format. Known formats'):
     cc.run([ours], [str(unknown)])
-  with pytest.raises(ValueError, match='does not exist'):
+  with pytest.raises(errors.MissingFileError, match='does not exist'):
     cc.run([ours], [str(tmp_path / 'missing.txt')])
+  with pytest.raises(errors.MissingFileError, match='--ours .* does not'):
+    cc.run([str(tmp_path / 'nowhere')], [REFERENCE])
+  # The CLI: one line, exit status 2 (1 means the curves differ).
+  res = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.tools.compare_curves', f'--ours={ours}',
+       f'--reference={tmp_path / "missing.txt"}'], capture_output=True,
+      text=True, cwd=ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines()[-1].startswith(
+      'compare_curves: error: --reference')
+  assert 'Traceback' not in res.stderr
   nocfg = _workdir(tmp_path / 'b', ref['per_step']['mean'], _lr(),
                    config=False)
   with pytest.raises(ValueError, match='needs the steps per epoch'):

@@ -174,6 +174,22 @@ def test_a_failed_setup_leaves_no_workdir(tmp_path):
   assert not wd.exists()
 
 
+def test_a_bad_knn_data_spec_names_knn_data(tmp_path):
+  """The kNN monitor's sets are opened with config.input's fields, but a
+  bad spec is named as the field the user set, knn.data (not input.data),
+  before the workdir is made."""
+  wd = tmp_path / 'wd'
+  config = tiny_mae_config()
+  config.knn.data = 'digits'
+  with pytest.raises(errors.DataError, match="Unknown knn.data='digits'"):
+    train.train_and_evaluate(config, str(wd))
+  config.knn.data = 'embedded:skimage'
+  with pytest.raises(errors.DataError,
+                     match="knn.data='embedded:skimage'.*no labels"):
+    train.train_and_evaluate(config, str(wd))
+  assert not wd.exists()
+
+
 def test_none_turns_an_optional_field_off():
   """`--config.knn.data=None` reaches the config as the text 'None': the
   CLI reads it as off."""

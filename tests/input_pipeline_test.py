@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mim_jax import errors
 from mim_jax import input_pipeline
 from mim_jax.data import augment
 from mim_jax.data import masks
@@ -221,7 +222,8 @@ def test_empty_folder_error(tmp_path):
 
 def test_missing_folder_error(tmp_path):
   missing = tmp_path / 'does_not_exist'
-  with pytest.raises(ValueError, match='does not exist') as info:
+  with pytest.raises(errors.MissingFileError,
+                     match='input.data folder .*does not exist') as info:
     _batches(_config(data=f'folder:{missing}'), 1)
   assert str(missing) in str(info.value)
 
@@ -251,10 +253,45 @@ def test_batch_not_divisible_by_process_count():
 
 
 def test_unknown_data_specs():
-  with pytest.raises(ValueError, match=r'embedded:skimage'):
+  with pytest.raises(errors.DataError,
+                     match=r"input.data='embedded:nope'.*embedded:skimage"):
     _batches(_config(data='embedded:nope'), 1)
-  with pytest.raises(ValueError, match=r'tfds:NAME'):
+  with pytest.raises(errors.DataError,
+                     match=r"Unknown input.data='s3:.*tfds:NAME"):
     _batches(_config(data='s3://bucket/images'), 1)
+
+
+@pytest.mark.parametrize('field', ['eval.data', 'knn.data'])
+def test_evaluation_data_errors_name_their_own_field(field, tmp_path):
+  """The evaluation and kNN sets are opened with the input's fields but
+  their own data spec: each message names the field the user set."""
+  config = _config(tfds_data_dir=str(tmp_path))
+
+  def open_eval(data):
+    return input_pipeline.make_eval_dataset(
+        config, data=data, split='train', batch_size=4, process_index=0,
+        process_count=1, data_field=field)
+
+  with pytest.raises(errors.DataError, match=f"Unknown {field}='nope:x'"):
+    open_eval('nope:x')
+  with pytest.raises(errors.MissingFileError, match=f'{field} folder'):
+    open_eval(f'folder:{tmp_path}/none')
+  with pytest.raises(errors.DataError,
+                     match=f"{field}='embedded:skimage'.*has no labels"):
+    open_eval('embedded:skimage')
+  with pytest.raises(errors.DataError,
+                     match=f"not prepared.*{field}='tfds:mnist'"):
+    open_eval('tfds:mnist')
+  with pytest.raises(errors.ConfigError,
+                     match=field.split('.')[0] + r'\.batch_size=3'):
+    input_pipeline.make_eval_dataset(
+        config, data='embedded:digits', split='test', batch_size=3,
+        process_index=0, process_count=2, data_field=field)
+  # Without its own spec, the set is input.data's, named so.
+  with pytest.raises(errors.DataError, match="input.data='embedded:skimage'"):
+    input_pipeline.make_eval_dataset(
+        config, data=None, split='train', batch_size=4, process_index=0,
+        process_count=1, data_field=field)
 
 
 # --------------------------------------------------------------------- tfds
@@ -324,9 +361,10 @@ def test_tfds_epochs_shuffle_deterministically(tfds_dir):
 
 def test_tfds_not_prepared(tmp_path):
   config = _config(data='tfds:mnist', tfds_data_dir=str(tmp_path))
-  with pytest.raises(ValueError, match='tfds build mnist') as info:
+  with pytest.raises(errors.DataError, match='tfds build mnist') as info:
     _batches(config, 1)
   assert str(tmp_path) in str(info.value)
+  assert "input.data='tfds:mnist'" in str(info.value)
 
 
 def test_tfds_imagenet_not_prepared(tmp_path):

@@ -493,7 +493,7 @@ def test_convert_import_of_an_empty_file_is_one_line(tmp_path):
   path.write_bytes(b'')
   res = _run('mim_jax.tools.convert', 'import', '--config=configs/mae_tiny.py',
              f'--torch_ckpt={path}', f'--out={tmp_path / "out"}')
-  assert res.returncode == 1, res.stderr[-2000:]
+  assert res.returncode == 2, res.stderr[-2000:]
   last = res.stderr.strip().splitlines()[-1]
   assert last == (f"error: checkpoint '{path}' is empty (0 bytes): its "
                   'download or copy did not finish; fetch it again.'), last

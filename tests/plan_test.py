@@ -112,6 +112,21 @@ def test_plan_cli_prints_json_and_sets_fake_devices():
   assert out['devices'] == 4 and out['mesh'] == {'data': 2, 'fsdp': 2}
 
 
+def test_plan_cli_prints_a_bad_mesh_as_one_line():
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  r = subprocess.run(
+      [sys.executable, '-m', 'mim_jax.tools.plan',
+       '--config=configs/mae_tiny.py', '--devices=4',
+       "--config.mesh=(('data', 3),)"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: config.mesh') and '3 slots' in last, last
+  assert 'Traceback' not in r.stderr
+
+
 def test_plan_rejects_bad_mesh_and_batch_before_compiling():
   c = mae_config.get_config('tiny')
   c.mesh = (('data', 3), ('fsdp', 2))

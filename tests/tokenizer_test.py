@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dalle_torch import TorchEncoder, save_as_official
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import input_pipeline
 from mim_jax import methods
@@ -119,7 +120,7 @@ def test_missing_weights_file_fails_before_compiling(tmp_path, monkeypatch):
 
   monkeypatch.setattr(state_lib, 'create_train_state', no_compile)
   c = _config(str(tmp_path / 'nothing' / 'encoder.pkl'))
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(errors.MissingFileError) as e:
     train.train_and_evaluate(c, str(tmp_path / 'wd'))
   msg = str(e.value)
   assert 'nothing/encoder.pkl not found' in msg
@@ -142,13 +143,27 @@ def test_bad_tokenizer_config(change, words):
     assert w in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize('content', [b'', b'<html>404</html>',
+                                     b'\x80\x02}q\x00(X'])
+def test_a_bad_weights_file_is_a_weights_file_error(tmp_path, content):
+  """An empty, foreign or truncated encoder.pkl: one line naming the
+  file and where to fetch it again, no traceback from the unpickler."""
+  path = tmp_path / 'encoder.pkl'
+  path.write_bytes(content)
+  c = _config(str(path))
+  c.tokenizer.hidden = None  # the sizes are read from the file
+  with pytest.raises(errors.WeightsFileError,
+                     match='cannot be read.*fetch it again from https'):
+    tokenizer.sizes(c)
+
+
 def test_wrong_architecture_file(encoder_pkl):
   """A config whose sizes disagree with the file: the field and the file's
   value are named, before any conversion."""
   _, path = encoder_pkl
   c = _config(path)
   c.tokenizer.hidden = 16
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(errors.WeightsFileError) as e:
     tokenizer.load_params(c)
   assert 'with hidden=8' in str(e.value)
   assert 'config.tokenizer.hidden=16' in str(e.value)
@@ -177,7 +192,8 @@ def test_a_file_that_is_not_a_dalle_encoder(tmp_path):
   c = cae_config.get_config('tiny')
   c.model.target = 'tokens'
   c.tokenizer.update(dict(weights=path, vocab_size=None))
-  with pytest.raises(ValueError, match='not a DALL-E dVAE encoder'):
+  with pytest.raises(errors.WeightsFileError,
+                     match='not a DALL-E dVAE encoder'):
     tokenizer.sizes(c)
 
 

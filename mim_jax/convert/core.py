@@ -20,13 +20,16 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from mim_jax import errors
 from mim_jax.models import vit
 
 Rules = list[tuple[str, str]]
 
 
-class ConversionError(ValueError):
-  """Raised with the full list of unknown, missing and mis-shaped keys."""
+class ConversionError(errors.WeightsFileError):
+  """Raised with the full list of unknown, missing and mis-shaped keys: a
+  weights file that does not fit the model the config builds (a user
+  error, and a ValueError)."""
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -64,27 +67,29 @@ def check_weights_file(path: str) -> None:
   an .npz (a zip) does.
 
   Raises:
-    FileNotFoundError / ValueError naming the file and the fix.
+    errors.MissingFileError / errors.WeightsFileError naming the file and
+    the fix.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint {path!r} does not exist: check the '
-                            'path.')
+    raise errors.MissingFileError(f'checkpoint {path!r} does not exist: '
+                                  'check the path.')
   if os.path.isdir(path):
-    raise ValueError(f'checkpoint {path!r} is a folder, not a .pth/.pt/.npz '
-                     'file.')
+    raise errors.WeightsFileError(f'checkpoint {path!r} is a folder, not a '
+                                  '.pth/.pt/.npz file.')
   if os.path.getsize(path) == 0:
-    raise ValueError(f'checkpoint {path!r} is empty (0 bytes): its download '
-                     'or copy did not finish; fetch it again.')
+    raise errors.WeightsFileError(
+        f'checkpoint {path!r} is empty (0 bytes): its download or copy did '
+        'not finish; fetch it again.')
   with open(path, 'rb') as f:
     head = f.read(4)
   if not (head.startswith(b'PK') or head[:1] == b'\x80'):
-    raise ValueError(
+    raise errors.WeightsFileError(
         f'checkpoint {path!r} is not a PyTorch checkpoint or .npz (it starts '
         f'with {head!r}; torch.save writes a zip archive): fetch it again, '
         'or give a state dict saved with torch.save or numpy.savez.')
 
 
-def _unreadable(path: str, e: Exception) -> str:
+def unreadable(path: str, e: Exception) -> str:
   """One line for a weights file torch / numpy cannot read."""
   text = str(e)
   if 'Weights only load failed' in text:
@@ -102,7 +107,13 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   or a state dict saved as .npz. Unwraps {'model': ...} / {'state_dict': ...}
   as written by the official training scripts; their {'model_ema': ...}
   (a timm ModelEma state dict, e.g. BootMAE's momentum encoder) comes back
-  as `model_ema.`-prefixed keys."""
+  as `model_ema.`-prefixed keys.
+
+  Raises:
+    errors.MissingFileError: no such file.
+    errors.WeightsFileError: an empty, damaged or unreadable file, or one
+      that holds no state dict.
+  """
   check_weights_file(path)
   try:
     if path.endswith('.npz'):
@@ -111,7 +122,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch  # pylint: disable=g-import-not-at-top
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(_unreadable(path, e)) from e
+    raise errors.WeightsFileError(unreadable(path, e)) from e
   ema = obj.get('model_ema') if isinstance(obj, dict) else None
   for wrapper in ('model', 'state_dict', 'module'):
     if isinstance(obj, dict) and wrapper in obj and isinstance(
@@ -119,6 +130,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       obj = obj[wrapper]
   if isinstance(ema, dict) and obj is not ema:
     obj = dict(obj, **{f'model_ema.{k}': v for k, v in ema.items()})
+  others = (sorted(str(k) for k, v in obj.items()
+                   if not hasattr(v, 'is_floating_point'))
+            if isinstance(obj, dict) else None)
+  if others is None or others:
+    what = (type(obj).__name__ if others is None
+            else f'entries that are not tensors: {others[:8]}')
+    raise errors.WeightsFileError(
+        f'checkpoint {path!r} is not a state dict (a dict of tensors, or '
+        f"one under 'model' / 'state_dict' / 'module'): it holds {what}. "
+        'Give torch.save(model.state_dict(), path).')
   return {k: v.detach().float().numpy() if v.is_floating_point()
           else v.numpy() for k, v in obj.items()}
 
@@ -283,8 +304,8 @@ def flax_to_torch(params, rules: Rules,
       continue
     leaf_t, arr = _to_torch_leaf(leaf, np.asarray(value))
     out[f'{tmod}.{leaf_t}'] = arr
-  if unmapped:
-    raise ConversionError(f'No torch name for params: {unmapped}')
+  if unmapped:  # the method's rules miss a param of its own model: a bug
+    raise ValueError(f'No torch name for params: {unmapped}')
   return out
 
 

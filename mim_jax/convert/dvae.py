@@ -12,6 +12,7 @@ import types
 
 import numpy as np
 
+from mim_jax import errors
 from mim_jax.convert import core
 
 # Where the official weights are published (BEiT/CAE download them from
@@ -73,16 +74,31 @@ def load_encoder_pkl(path: str) -> dict[str, np.ndarray]:
   replaced by empty stand-ins, so the `dall_e` package is not needed; a
   full pickle can run code, so only load files from a source you trust.
   Local paths and gs:// (tf.io.gfile) both work.
+
+  Raises:
+    errors.MissingFileError: no such file.
+    errors.WeightsFileError: an empty or damaged file, or one that holds
+      no module or state dict.
   """
   if not path.endswith('.pkl'):
     return core.load_state_dict(path)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  with tf.io.gfile.GFile(path, 'rb') as f:
-    module = torch.load(f, map_location='cpu', weights_only=False,
-                        pickle_module=_PICKLE)
-  sd = module.state_dict() if hasattr(module, 'state_dict') else module
-  return {k: v.detach().float().numpy() for k, v in sd.items()}
+  if not tf.io.gfile.exists(path):
+    raise errors.MissingFileError(f'tokenizer weights {path!r} do not '
+                                  f'exist; the official file is '
+                                  f'{ENCODER_URL}.')
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f:
+      module = torch.load(f, map_location='cpu', weights_only=False,
+                          pickle_module=_PICKLE)
+    sd = module.state_dict() if hasattr(module, 'state_dict') else module
+    return {k: v.detach().float().numpy() for k, v in sd.items()}
+  except Exception as e:  # pylint: disable=broad-except
+    # Any failure here is the file's: truncated, not a pickle, a pickle of
+    # something else.
+    message = core.unreadable(path, e).rstrip('.')
+    raise errors.WeightsFileError(f'{message} from {ENCODER_URL}.') from e
 
 
 def sizes_of(state_dict) -> dict[str, int]:

@@ -46,6 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mim_jax import errors
 from mim_jax.convert import core
 from mim_jax.models import layers
 from mim_jax.models import vit
@@ -79,13 +80,14 @@ def timm_kwargs(fields: Mapping[str, Any], image_size: int, pool: str,
     kwargs for timm.models.vision_transformer.VisionTransformer, JSON-able.
 
   Raises:
-    ValueError: an unknown pool, or an encoder that timm's VisionTransformer
-      cannot represent (every reason listed, each with its fix).
+    errors.ConfigError: an unknown pool, or an encoder that timm's
+      VisionTransformer cannot represent (every reason listed, each with its
+      fix).
   """
   if pool not in POOLS:
-    raise ValueError(f'timm pool {pool!r}: use one of {POOLS} (token: cls '
-                     'token after the final norm; avg: mean of the patch '
-                     'tokens after fc_norm).')
+    raise errors.ConfigError(
+        f'timm pool {pool!r}: use one of {POOLS} (token: cls token after '
+        'the final norm; avg: mean of the patch tokens after fc_norm).')
   enc = vit.Encoder(**fields)
   mlp_dim = enc.mlp_dim or 4 * enc.width
   mlp_ratio = mlp_dim / enc.width
@@ -118,8 +120,8 @@ def timm_kwargs(fields: Mapping[str, Any], image_size: int, pool: str,
     problems.append('no final norm (final_norm=False), which '
                     "global_pool='token' needs: use pool 'avg'")
   if problems:
-    raise ValueError('timm\'s VisionTransformer cannot represent this '
-                     'encoder:\n  ' + '\n  '.join(problems))
+    raise errors.ConfigError('timm\'s VisionTransformer cannot represent '
+                             'this encoder:\n  ' + '\n  '.join(problems))
   # timm builds the layer-scale gammas only for a truthy init_values; the
   # value is their init, which the file overwrites.
   init_values = None
@@ -198,7 +200,8 @@ def encoder_to_timm(
     `timm_kwargs`).
 
   Raises:
-    ValueError: an unknown pool or an encoder timm cannot represent.
+    errors.ConfigError: an unknown pool or an encoder timm cannot
+      represent.
     core.ConversionError: the params do not fit the fields (e.g. another
       depth or width), listing the keys whose shapes differ.
   """

@@ -24,6 +24,8 @@ from typing import Optional
 
 import numpy as np
 
+from mim_jax import errors
+
 VARIANTS = ('beit', 'cae', 'bootmae')
 # A run that needs this many rectangles for one mask is stuck (the checks in
 # `check_params` keep reachable targets far below it).
@@ -37,36 +39,41 @@ def check_params(grid_h: int, grid_w: int, num_masking_patches: int,
   """Validates the parameters; returns (max_num, log_lo, log_hi).
 
   Raises:
-    ValueError naming the impossible value and the grid.
+    errors.ConfigError naming the impossible value (its input.mask field)
+    and the grid.
   """
   n = grid_h * grid_w
   if variant not in VARIANTS:
-    raise ValueError(f'block mask variant {variant!r} is unknown; use one of '
-                     f'{VARIANTS}.')
+    raise errors.ConfigError(f'input.mask.variant={variant!r} is unknown; '
+                             f'use one of {VARIANTS}.')
   if grid_h < 2 or grid_w < 2:
-    raise ValueError(f'block masks need a grid of at least 2x2 patches, got '
-                     f'{grid_h}x{grid_w}.')
+    raise errors.ConfigError(f'block masks need a grid of at least 2x2 '
+                             f'patches, got {grid_h}x{grid_w}.')
   if not 1 <= num_masking_patches <= n:
-    raise ValueError(
-        f'num_masking_patches={num_masking_patches} is impossible for a '
-        f'{grid_h}x{grid_w} grid ({n} patches); use 1..{n} (CAE: 98 of 196).')
+    raise errors.ConfigError(
+        f'input.mask.num_masking_patches={num_masking_patches} is '
+        f'impossible for a {grid_h}x{grid_w} grid ({n} patches); use '
+        f'1..{n} (CAE: 98 of 196).')
   # Rectangles must be smaller than the grid on both sides (upstream rule),
   # and the cells they can cover are the whole grid.
   max_num = num_masking_patches if max_num_patches is None else int(
       max_num_patches)
   if max_num < 1:
-    raise ValueError(f'max_num_patches={max_num_patches} must be >= 1.')
+    raise errors.ConfigError(f'input.mask.max_num_patches={max_num_patches} '
+                             'must be >= 1.')
   if min_num_patches < 1:
-    raise ValueError(f'min_num_patches={min_num_patches} must be >= 1.')
+    raise errors.ConfigError(f'input.mask.min_num_patches={min_num_patches} '
+                             'must be >= 1.')
   if min_num_patches > (grid_h - 1) * (grid_w - 1):
-    raise ValueError(
-        f'min_num_patches={min_num_patches} is larger than the biggest '
-        f'rectangle that fits a {grid_h}x{grid_w} grid '
+    raise errors.ConfigError(
+        f'input.mask.min_num_patches={min_num_patches} is larger than the '
+        f'biggest rectangle that fits a {grid_h}x{grid_w} grid '
         f'({(grid_h - 1) * (grid_w - 1)} patches).')
   max_aspect = max_aspect or 1.0 / min_aspect
   if not 0 < min_aspect <= max_aspect:
-    raise ValueError(f'aspect range ({min_aspect}, {max_aspect}) must satisfy '
-                     '0 < min <= max.')
+    raise errors.ConfigError(
+        f'aspect range (input.mask.min_aspect, max_aspect) = ({min_aspect}, '
+        f'{max_aspect}) must satisfy 0 < min <= max.')
   return max_num, math.log(min_aspect), math.log(max_aspect)
 
 
@@ -201,18 +208,20 @@ def check_extra(num_patches: int, num_masking_patches: int,
   """Validates BootMAE's effective-mask parameters.
 
   Raises:
-    ValueError naming the impossible count.
+    errors.ConfigError naming the impossible count.
   """
   if not num_masking_patches <= total_masked <= num_patches:
-    raise ValueError(
-        f'total_masked={total_masked} must lie between the block count '
-        f'num_masking_patches={num_masking_patches} and the {num_patches} '
-        'patches (BootMAE: 120 block patches, 147 of 196 masked).')
+    raise errors.ConfigError(
+        f'input.mask.total_masked={total_masked} must lie between the block '
+        f'count num_masking_patches={num_masking_patches} and the '
+        f'{num_patches} patches (BootMAE: 120 block patches, 147 of 196 '
+        'masked).')
   if max_roll < 0 or total_masked + max_roll > num_patches:
-    raise ValueError(
-        f'roll={max_roll} must be in 0..{num_patches - total_masked}: '
-        f'the roll turns up to `roll` more visible patches into masked ones '
-        f'and there are {num_patches - total_masked} left.')
+    raise errors.ConfigError(
+        f'input.mask.roll={max_roll} must be in '
+        f'0..{num_patches - total_masked}: the roll turns up to `roll` more '
+        'visible patches into masked ones and there are '
+        f'{num_patches - total_masked} left.')
 
 
 def add_random_patches(block: np.ndarray, uniform: np.ndarray,

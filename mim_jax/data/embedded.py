@@ -13,6 +13,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from mim_jax import errors
+
 # Longest side, in pixels, of an embedded image. Every training example
 # decodes (part of) a JPEG, and some bundled photos are ~1.4k pixels wide; 512
 # keeps decoding cheap while RandomResizedCrop to 32-224 px still sees plenty
@@ -112,7 +114,7 @@ def _skimage_jpegs() -> tuple[tuple[str, bytes], ...]:
     image = _shrink(_to_rgb_uint8(image), MAX_SIDE)
     images.append((name, _encode_jpeg(image)))
   if not images:
-    raise ValueError(
+    raise errors.DataError(
         'None of the scikit-image bundled photos could be loaded '
         f'({", ".join(SKIMAGE_IMAGES)}). Reinstall scikit-image '
         '(pip install scikit-image) or use another input.data source.')
@@ -169,13 +171,14 @@ def available() -> list[str]:
 
 def _check(name: str, split: str):
   if name not in _DATASETS:
-    raise ValueError(
+    raise errors.DataError(
         f'Unknown embedded data set {name!r}. Available: '
         f'{", ".join("embedded:" + n for n in available())}.')
   splits = _DATASETS[name][0]
   if split not in splits:
-    raise ValueError(f'embedded:{name} has no split {split!r}; its splits '
-                     f'are {list(splits)} (input.split / eval split).')
+    raise errors.DataError(f'embedded:{name} has no split {split!r}; its '
+                           f'splits are {list(splits)} (input.split / eval '
+                           'split).')
 
 
 def num_classes(name: str) -> int:
@@ -195,8 +198,8 @@ def load(name: str, split: str = 'train') -> list[tuple[str, bytes]]:
     List of (image name, encoded uint8 RGB bytes), in a fixed order.
 
   Raises:
-    ValueError: if `name` or `split` is unknown, or none of its images can
-      be loaded.
+    errors.DataError: if `name` or `split` is unknown, or none of its
+      images can be loaded.
   """
   _check(name, split)
   return [(r[0], r[1]) for r in _DATASETS[name][1](split)]
@@ -206,10 +209,11 @@ def labels(name: str, split: str = 'train') -> list[int]:
   """The class labels of `load(name, split)`, in the same order.
 
   Raises:
-    ValueError: the set has no labels.
+    errors.DataError: the set has no labels.
   """
   _check(name, split)
   if not _DATASETS[name][2]:
-    raise ValueError(f'embedded:{name} has no labels; use a labelled set '
-                     f'({[n for n in available() if _DATASETS[n][2]]}).')
+    raise errors.DataError(
+        f'embedded:{name} has no labels; use a labelled set '
+        f'({[n for n in available() if _DATASETS[n][2]]}).')
   return [r[2] for r in _DATASETS[name][1](split)]

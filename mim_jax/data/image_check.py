@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 from absl import logging
 import tensorflow as tf
 
+from mim_jax import errors
+
 # PIL's Image.MAX_IMAGE_PIXELS: a 20000 x 20000 image is over it.
 DEFAULT_MAX_PIXELS = 89_478_485
 BAD_IMAGE_MODES = ('skip', 'error')
@@ -113,11 +115,11 @@ class ImageChecker:
   def __init__(self, mode: str = 'skip',
                max_pixels: int = DEFAULT_MAX_PIXELS):
     if mode not in BAD_IMAGE_MODES:
-      raise ValueError(f'input.bad_images={mode!r}: use one of '
-                       f'{BAD_IMAGE_MODES}.')
+      raise errors.ConfigError(f'input.bad_images={mode!r}: use one of '
+                               f'{BAD_IMAGE_MODES}.')
     if not (isinstance(max_pixels, int) and max_pixels > 0):
-      raise ValueError(f'input.max_image_pixels={max_pixels!r} must be a '
-                       'positive integer.')
+      raise errors.ConfigError(f'input.max_image_pixels={max_pixels!r} must '
+                               'be a positive integer.')
     self.mode, self.max_pixels = mode, max_pixels
     self._lock = threading.Lock()
 
@@ -127,7 +129,7 @@ class ImageChecker:
     if why is None:
       return True
     if self.mode == 'error':
-      raise ValueError(f'bad image {path}: {why}{_ERROR_FIX}')
+      raise errors.DataError(f'bad image {path}: {why}{_ERROR_FIX}')
     with self._lock:
       first = path not in ImageChecker._logged
       ImageChecker._logged.add(path)
@@ -145,7 +147,7 @@ class ImageChecker:
     """Reads `paths` in order until one is good, before anything compiles.
 
     Raises:
-      ValueError naming up to `limit` bad files, when none is good.
+      errors.DataError naming up to `limit` bad files, when none is good.
     """
     seen = []
     for path in paths:
@@ -155,7 +157,7 @@ class ImageChecker:
         return
       seen.append(f'{path} ({why})')
     more = f' and {len(seen) - limit} more' if len(seen) > limit else ''
-    raise ValueError(
+    raise errors.DataError(
         f'none of the {len(seen)} images can be decoded: '
         + '; '.join(seen[:limit]) + more + '. Fix the files or point '
         'input.data at another folder.')
@@ -271,11 +273,14 @@ def screen_eval_files(paths: Sequence[str], bad: dict[int, str], *,
     The paths to leave out ('drop'; logged in one line).
 
   Raises:
-    ValueError, one line naming every bad file (up to 50; all are logged)
-    and the fix: mode 'error' with a bad file, or no good file at all.
+    errors.ConfigError: an unknown mode.
+    errors.DataError, one line naming every bad file (up to 50; all are
+    logged) and the fix: mode 'error' with a bad file, or no good file at
+    all.
   """
   if mode not in EVAL_BAD_IMAGE_MODES:
-    raise ValueError(f'{field}={mode!r}: use one of {EVAL_BAD_IMAGE_MODES}.')
+    raise errors.ConfigError(f'{field}={mode!r}: use one of '
+                             f'{EVAL_BAD_IMAGE_MODES}.')
   if not bad:
     return set()
   named = [f'{paths[i]} ({why})' for i, why in sorted(bad.items())]
@@ -291,9 +296,10 @@ def screen_eval_files(paths: Sequence[str], bad: dict[int, str], *,
     logging.error('%s: %s.', head, '; '.join(named))
     listed += f'; and {len(named) - _LISTED} more (all in the log above)'
   if len(bad) == len(paths):
-    raise ValueError(f'{head} (none can): {listed}. Fix the files or point '
-                     f'{field.rsplit(".", 1)[0]}.data at another folder.')
-  raise ValueError(
+    raise errors.DataError(
+        f'{head} (none can): {listed}. Fix the files or point '
+        f'{field.rsplit(".", 1)[0]}.data at another folder.')
+  raise errors.DataError(
       f'{head}: {listed}. Evaluation counts every image, so the run stops '
       f'before it starts: fix or remove the files, or set '
       f'--config.{field}=drop to evaluate without them.')

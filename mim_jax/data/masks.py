@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Union
 import numpy as np
 import tensorflow as tf
 
+from mim_jax import errors
 from mim_jax.data import block_masks
 from mim_jax.data import seeds
 from mim_jax import masking
@@ -129,7 +130,8 @@ def get_ratio(mask_config: Any) -> float:
     The ratio as a float in (0, 1).
 
   Raises:
-    ValueError: if the ratio is missing or not strictly between 0 and 1.
+    errors.ConfigError: if the ratio is missing or not strictly between 0
+      and 1.
   """
   ratio = _get(mask_config, 'ratio')
   try:
@@ -138,7 +140,7 @@ def get_ratio(mask_config: Any) -> float:
     value = float('nan')
   # `not (0 < value < 1)` also rejects NaN.
   if not 0.0 < value < 1.0:
-    raise ValueError(
+    raise errors.ConfigError(
         f'input.mask.ratio={ratio!r} is invalid: the mask ratio is the '
         'fraction of patches removed and must be strictly between 0 and 1 '
         '(MAE uses 0.75). Set e.g. input.mask.ratio=0.75.')
@@ -169,7 +171,7 @@ def _make_random(mask_config: Any, grid_height: int,
   ratio = get_ratio(mask_config)
   len_keep = masking.num_visible(num_patches, ratio)
   if len_keep < 1:
-    raise ValueError(
+    raise errors.ConfigError(
         f'input.mask.ratio={ratio} leaves no visible patch out of '
         f'{num_patches} ({grid_height}x{grid_width}); lower the ratio or use '
         'a smaller patch_size.')
@@ -196,7 +198,7 @@ def _check_count(mask_config: Any, num_masked: int, num_patches: int,
     return
   expected = masking.num_masked(num_patches, get_ratio(mask_config))
   if expected != num_masked:
-    raise ValueError(
+    raise errors.ConfigError(
         f'input.mask.kind={kind!r} masks {num_masked} of {num_patches} '
         f'patches but input.mask.ratio={_get(mask_config, "ratio")} (the '
         f'model\'s mask ratio) means {expected}; make them agree.')
@@ -292,7 +294,7 @@ def _make_grid(mask_config: Any, grid_height: int,
   stride = int(_get(mask_config, 'stride', 2))
   side = min(grid_height, grid_width)
   if stride < 2 or stride > side:
-    raise ValueError(
+    raise errors.ConfigError(
         f'input.mask.stride={stride} must be in 2..{side} for a '
         f'{grid_height}x{grid_width} grid.')
   rows, cols = np.meshgrid(np.arange(grid_height), np.arange(grid_width),
@@ -324,13 +326,13 @@ def make_mask_fn(mask_config: Any,
     per batch, a `BatchedMaskFn` (see `stages`).
 
   Raises:
-    ValueError: on an unknown kind or invalid parameters.
+    errors.ConfigError: on an unknown kind or invalid parameters.
   """
   if mask_config is None:
     mask_config = {}
   kind = _get(mask_config, 'kind', 'random')
   if kind not in _BUILDERS:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Unknown input.mask.kind={kind!r}. Known kinds: '
         f'{", ".join(known_kinds())}.')
   if isinstance(grid_size, int):

@@ -35,6 +35,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import tensorflow as tf
 
+from mim_jax import errors
+
 # timm's `img_mean` for ImageNet: round(255 * IMAGENET_DEFAULT_MEAN).
 DEFAULT_FILL = (124, 116, 104)
 
@@ -48,7 +50,7 @@ _INTERPOLATIONS = ('bilinear', 'bicubic')
 _FORM = ("'rand' then '-'-separated pieces m<int> (magnitude), n<int> "
          "(layers), mstd<float> (magnitude std), mmax<int> (magnitude "
          "bound), inc<0|1> (increasing ops), p<float> (probability per op), "
-         "e.g. 'rand-m9-mstd0.5-inc1'")
+         "e.g. input.randaugment='rand-m9-mstd0.5-inc1'")
 
 # A float or bool that may be a Python value or a scalar tensor.
 Scalar = Union[float, bool, tf.Tensor]
@@ -84,8 +86,9 @@ class RandAugmentSpec:
 
 def _parse_int(piece: str, value: str, minimum: int) -> int:
   if not re.fullmatch(r'\d+', value) or int(value) < minimum:
-    raise ValueError(f'RandAugment piece {piece!r}: expected an integer >= '
-                     f'{minimum}; the valid form is {_FORM}.')
+    raise errors.ConfigError(f'RandAugment piece {piece!r}: expected an '
+                             f'integer >= {minimum}; the valid form is '
+                             f'{_FORM}.')
   return int(value)
 
 
@@ -95,8 +98,9 @@ def _parse_float(piece: str, value: str, maximum: float) -> float:
   except ValueError:
     number = math.nan
   if not 0 <= number <= maximum:
-    raise ValueError(f'RandAugment piece {piece!r}: expected a number in '
-                     f'[0, {maximum}]; the valid form is {_FORM}.')
+    raise errors.ConfigError(f'RandAugment piece {piece!r}: expected a '
+                             f'number in [0, {maximum}]; the valid form is '
+                             f'{_FORM}.')
   return number
 
 
@@ -114,14 +118,14 @@ def parse(spec: Optional[str]) -> Optional[RandAugmentSpec]:
     The parsed spec, or None for an empty spec.
 
   Raises:
-    ValueError: naming the bad piece and the valid form.
+    errors.ConfigError: naming the bad piece and the valid form.
   """
   if not spec:
     return None
   pieces = spec.split('-')
   if pieces[0] != 'rand':
-    raise ValueError(f'RandAugment spec {spec!r} must start with '
-                     f"'rand'; the valid form is {_FORM}.")
+    raise errors.ConfigError(f'RandAugment spec {spec!r} must start with '
+                             f"'rand'; the valid form is {_FORM}.")
   fields = {}
   for piece in pieces[1:]:
     # As in timm: the key is what precedes the first digit.
@@ -135,8 +139,8 @@ def parse(spec: Optional[str]) -> Optional[RandAugmentSpec]:
       name, number = 'magnitude_max', _parse_int(piece, value, 1)
     elif key == 'inc':
       if value not in ('0', '1'):
-        raise ValueError(f'RandAugment piece {piece!r}: expected inc0 or '
-                         f'inc1; the valid form is {_FORM}.')
+        raise errors.ConfigError(f'RandAugment piece {piece!r}: expected '
+                                 f'inc0 or inc1; the valid form is {_FORM}.')
       name, number = 'increasing', value == '1'
     elif key == 'mstd':
       name, number = 'magnitude_std', _parse_float(piece, value, math.inf)
@@ -146,11 +150,11 @@ def parse(spec: Optional[str]) -> Optional[RandAugmentSpec]:
     elif key == 'p':
       name, number = 'prob_per_op', _parse_float(piece, value, 1.0)
     else:
-      raise ValueError(f'Unknown RandAugment piece {piece!r} in {spec!r}; '
-                       f'the valid form is {_FORM}.')
+      raise errors.ConfigError(f'Unknown RandAugment piece {piece!r} in '
+                               f'{spec!r}; the valid form is {_FORM}.')
     if name in fields:
-      raise ValueError(f'RandAugment piece {piece!r} repeats {key!r} in '
-                       f'{spec!r}; the valid form is {_FORM}.')
+      raise errors.ConfigError(f'RandAugment piece {piece!r} repeats {key!r} '
+                               f'in {spec!r}; the valid form is {_FORM}.')
     fields[name] = number
   return RandAugmentSpec(**fields)
 

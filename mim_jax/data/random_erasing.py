@@ -17,25 +17,35 @@ import math
 
 import tensorflow as tf
 
+from mim_jax import errors
+
 # Placement attempts per rectangle, as in timm.
 _NUM_TRIES = 10
 
 MODES = ('pixel', 'rand', 'const')
+# Where a config sets the arguments, for the messages.
+_FIELD = 'input.random_erasing'
 
 
 def _check_args(prob, mode, max_count, min_area, max_area, min_aspect):
+  """Raises errors.ConfigError naming the first bad argument (its field of
+  input.random_erasing)."""
   if not 0 <= prob <= 1:
-    raise ValueError(f'prob must be in [0, 1], got {prob}.')
+    raise errors.ConfigError(f'{_FIELD}.prob must be in [0, 1], got {prob}.')
   if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+    raise errors.ConfigError(f'{_FIELD}.mode must be one of {MODES}, got '
+                             f'{mode!r}.')
   if isinstance(max_count, bool) or not isinstance(max_count, int) or (
       max_count < 1):
-    raise ValueError(f'max_count must be an integer >= 1, got {max_count!r}.')
+    raise errors.ConfigError(f'{_FIELD}.max_count must be an integer >= 1, '
+                             f'got {max_count!r}.')
   if not 0 < min_area <= max_area <= 1:
-    raise ValueError('min_area and max_area must satisfy 0 < min_area <= '
-                     f'max_area <= 1, got {min_area} and {max_area}.')
+    raise errors.ConfigError(
+        f'{_FIELD}.min_area and max_area must satisfy 0 < min_area <= '
+        f'max_area <= 1, got {min_area} and {max_area}.')
   if not 0 < min_aspect <= 1:
-    raise ValueError(f'min_aspect must be in (0, 1], got {min_aspect}.')
+    raise errors.ConfigError(f'{_FIELD}.min_aspect must be in (0, 1], got '
+                             f'{min_aspect}.')
 
 
 def _sample_rectangle(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
@@ -98,7 +108,7 @@ def apply(image: tf.Tensor, seed: tf.Tensor, *, prob: float = 0.25,
     Tensor of the shape and dtype of `image`.
 
   Raises:
-    ValueError: naming a bad argument.
+    errors.ConfigError: naming a bad argument.
   """
   _check_args(prob, mode, max_count, min_area, max_area, min_aspect)
   image = tf.convert_to_tensor(image)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Collection
 from absl import logging
 import tensorflow as tf
 
+from mim_jax import errors
 from mim_jax.data import embedded
 from mim_jax.data import seeds
 
@@ -90,11 +91,12 @@ class ArraySource(RecordSource):
 
   def __init__(self, description: str, rows: list[Any], *, are_paths: bool,
                seed: int, process_index: int, process_count: int,
-               labels: list[int] | None = None, num_classes: int = 0):
+               labels: list[int] | None = None, num_classes: int = 0,
+               field: str = 'input.data'):
     shard = rows[process_index::process_count]
     if not shard:
-      raise ValueError(
-          f'{description} has {len(rows)} images, fewer than '
+      raise errors.DataError(
+          f'{description} ({field}) has {len(rows)} images, fewer than '
           f'process_count={process_count}: host {process_index} gets none.')
     self.description = description
     self.num_records = len(shard)
@@ -147,26 +149,30 @@ class TfdsSource(RecordSource):
 
   def __init__(self, name: str, input_config: Any, *, seed: int,
                process_index: int, process_count: int,
-               split: str | None = None, labeled: bool = False):
+               split: str | None = None, labeled: bool = False,
+               field: str = 'input.data'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     data_dir = input_config.get('tfds_data_dir', None)
     manual_dir = input_config.get('tfds_manual_dir', None)
-    builder = _tfds_builder(name, data_dir, manual_dir)
+    builder = _tfds_builder(name, data_dir, manual_dir, field)
+    split_name = 'input.split' if split is None else 'the split'
     split = split or input_config.get('split', 'train')
     image_key = input_config.get('tfds_image_key', 'image')
     label_key = input_config.get('tfds_label_key', 'label')
+    where = f'{field}={"tfds:" + name!r}'
     if image_key not in builder.info.features:
-      raise ValueError(
-          f'TFDS data set {name!r} has no feature {image_key!r} (features: '
-          f'{", ".join(builder.info.features)}); set input.tfds_image_key.')
+      raise errors.DataError(
+          f'TFDS data set {name!r} ({where}) has no feature {image_key!r} '
+          f'(features: {", ".join(builder.info.features)}); set '
+          'input.tfds_image_key.')
     self._labeled = labeled
     if labeled:
       features = builder.info.features
       feature = features[label_key] if label_key in features else None
       if feature is None or not hasattr(feature, 'num_classes'):
-        raise ValueError(
-            f'TFDS data set {name!r} has no class-label feature '
+        raise errors.DataError(
+            f'TFDS data set {name!r} ({where}) has no class-label feature '
             f'{label_key!r} (features: {", ".join(builder.info.features)}); '
             'set input.tfds_label_key.')
       self.num_classes = int(feature.num_classes)
@@ -176,14 +182,14 @@ class TfdsSource(RecordSource):
     try:
       self.num_records = builder.info.splits[host_split].num_examples
     except (KeyError, ValueError) as e:
-      raise ValueError(
-          f'Bad input.split={split!r} for TFDS data set {name!r} '
-          f'(available splits: {", ".join(builder.info.splits)}): {e}'
+      raise errors.DataError(
+          f'Bad {split_name} {split!r} for TFDS data set {name!r} ({where}; '
+          f'available splits: {", ".join(builder.info.splits)}): {e}'
       ) from None
     if self.num_records < 1:
-      raise ValueError(
-          f'TFDS {name!r} split {split!r} gives host {process_index} of '
-          f'{process_count} no examples.')
+      raise errors.DataError(
+          f'TFDS {name!r} ({where}) split {split!r} gives host '
+          f'{process_index} of {process_count} no examples.')
     self.description = f'tfds:{name} split={split} shard={host_split}'
     self.total_records = builder.info.splits[split].num_examples
 
@@ -233,16 +239,18 @@ def _default_tfds_data_dir() -> str:
   return os.environ.get('TFDS_DATA_DIR') or tfds.core.constants.DATA_DIR
 
 
-def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
+def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None,
+                  field: str = 'input.data'):
   """Returns the TFDS builder of `name`, checking that it is prepared.
 
   Args:
     name: 'NAME[/CONFIG][:VERSION]'.
     data_dir: input.tfds_data_dir (None: TFDS default).
     manual_dir: input.tfds_manual_dir, only used in the error message.
+    field: the config field that names the data set, for the messages.
 
   Raises:
-    ValueError: unknown name, or files not prepared in `data_dir`.
+    errors.DataError: unknown name, or files not prepared in `data_dir`.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -250,9 +258,9 @@ def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
     first_line = str(e).splitlines()[0] if str(e) else ''
-    raise ValueError(
+    raise errors.DataError(
         f'{name!r} is not a registered TFDS data set ({first_line}). Check '
-        'input.data="tfds:NAME[/CONFIG]" against `tfds.list_builders()`.'
+        f'{field}="tfds:NAME[/CONFIG]" against `tfds.list_builders()`.'
     ) from None
   if builder.is_prepared():
     return builder
@@ -271,16 +279,24 @@ def _tfds_builder(name: str, data_dir: str | None, manual_dir: str | None):
     how = (f'Run `tfds build {name} --data_dir={root}` on a machine with '
            'internet access and copy the result there, or set '
            'input.tfds_data_dir to where it is prepared.')
-  raise ValueError(
+  raise errors.DataError(
       f'TFDS data set {name!r} is not prepared in data_dir {root!r} '
-      f'(expected files under {builder.data_dir}). {how}')
+      f'(expected files under {builder.data_dir}), so '
+      f'{field}={"tfds:" + name!r} cannot be read. {how}')
 
 
-def _list_image_files(path: str) -> list[str]:
-  """Sorted image files under `path`, recursively (class folders optional)."""
+def _list_image_files(path: str, field: str = 'input.data') -> list[str]:
+  """Sorted image files under `path`, recursively (class folders optional).
+
+  Raises:
+    errors.MissingFileError: `path` does not exist.
+    errors.DataError: `path` is a file, or holds no image.
+  """
   if not tf.io.gfile.isdir(path):
-    raise ValueError(
-        f'input.data folder {path!r} does not exist or is not a directory. '
+    error = (errors.DataError if tf.io.gfile.exists(path)
+             else errors.MissingFileError)
+    raise error(
+        f'{field} folder {path!r} does not exist or is not a directory. '
         'Expected a folder of images (extensions: '
         f'{", ".join(IMAGE_EXTENSIONS)}, any case), optionally in class '
         'subfolders.')
@@ -290,25 +306,26 @@ def _list_image_files(path: str) -> list[str]:
       if name.lower().endswith(IMAGE_EXTENSIONS):
         files.append(os.path.join(root, name))
   if not files:
-    raise ValueError(
-        f'No images found under {path!r}: looked recursively for files with '
-        f'extensions {", ".join(IMAGE_EXTENSIONS)} (any case).')
+    raise errors.DataError(
+        f'No images found under {path!r} ({field}): looked recursively for '
+        f'files with extensions {", ".join(IMAGE_EXTENSIONS)} (any case).')
   # Sorted so that order, shuffling and host shards are reproducible.
   return sorted(files)
 
 
-def _folder_labels(path: str, files: list[str]) -> tuple[list[int], int]:
+def _folder_labels(path: str, files: list[str],
+                   field: str = 'input.data') -> tuple[list[int], int]:
   """Labels from class subfolders: the top-level folder of each file under
   `path`, classes numbered in sorted name order (torchvision ImageFolder).
 
   Raises:
-    ValueError: some images are not inside a class folder.
+    errors.DataError: some images are not inside a class folder.
   """
   tops = [os.path.relpath(f, path).split(os.sep) for f in files]
   loose = [os.path.join(path, *t) for t in tops if len(t) < 2]
   if loose:
-    raise ValueError(
-        f'input.data folder {path!r} needs one subfolder per class for '
+    raise errors.DataError(
+        f'{field} folder {path!r} needs one subfolder per class for '
         f'labels, but {len(loose)} images lie directly in it (e.g. '
         f'{loose[0]!r}); move them into class folders.')
   classes = sorted({t[0] for t in tops})
@@ -316,24 +333,29 @@ def _folder_labels(path: str, files: list[str]) -> tuple[list[int], int]:
   return [index[t[0]] for t in tops], len(classes)
 
 
-def check_data_spec(data: str) -> tuple[str, str]:
-  """Splits 'kind:value' and validates the kind. Returns (kind, value)."""
+def check_data_spec(data: str, field: str = 'input.data') -> tuple[str, str]:
+  """Splits 'kind:value' and validates the kind. Returns (kind, value).
+
+  Raises:
+    errors.DataError naming `field` (the config field of `data`).
+  """
   if not isinstance(data, str) or not data.startswith(KNOWN_PREFIXES):
-    raise ValueError(
-        f'Unknown input.data={data!r}; expected one of '
+    raise errors.DataError(
+        f'Unknown {field}={data!r}; expected one of '
         '"tfds:NAME[/CONFIG]", "folder:/path/to/images", "embedded:NAME" '
         f'(embedded: {", ".join(embedded.available())}).')
   kind, value = data.split(':', 1)
   if not value:
-    raise ValueError(f'input.data={data!r} is missing the part after ":".')
+    raise errors.DataError(f'{field}={data!r} is missing the part after '
+                           '":".')
   return kind, value
 
 
 def open_source(input_config: Any, *, seed: int, process_index: int,
                 process_count: int, split: str | None = None,
                 labeled: bool = False, data: str | None = None,
-                screen: Callable[[list[str]], Collection[str]] | None = None
-                ) -> RecordSource:
+                screen: Callable[[list[str]], Collection[str]] | None = None,
+                data_field: str = 'input.data') -> RecordSource:
   """Opens the source named by `input_config.data` for one host.
 
   Args:
@@ -348,22 +370,27 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     screen: folder sources: called with every file of the folder (all
       hosts, sorted) before it is split between hosts; returns the files to
       leave out (class numbers still count their folders), or raises.
+    data_field: the config field that holds the data spec, named in every
+      message ('input.data', 'eval.data', 'knn.data').
 
   Returns:
     The host's RecordSource.
 
   Raises:
-    ValueError: unknown/unprepared data set, missing or empty folder.
+    errors.DataError: unknown/unprepared data set, empty folder, a split
+      or labels the data set lacks.
+    errors.MissingFileError: the folder does not exist.
   """
-  kind, value = check_data_spec(data or input_config.get('data', None))
+  spec = data or input_config.get('data', None)
+  kind, value = check_data_spec(spec, data_field)
   shard = dict(seed=seed, process_index=process_index,
                process_count=process_count)
   if kind == 'tfds':
     source = TfdsSource(value, input_config, split=split, labeled=labeled,
-                        **shard)
+                        field=data_field, **shard)
   elif kind == 'folder':
-    files = _list_image_files(value)
-    labels, classes = (_folder_labels(value, files) if labeled
+    files = _list_image_files(value, data_field)
+    labels, classes = (_folder_labels(value, files, data_field) if labeled
                        else (None, 0))
     out = set(screen(files)) if screen is not None else set()
     if out:
@@ -373,15 +400,19 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
         labels = [labels[i] for i in keep]
     source = ArraySource(f'folder:{value} ({len(files)} images)', files,
                          are_paths=True, labels=labels, num_classes=classes,
-                         **shard)
+                         field=data_field, **shard)
   else:
     split = split or input_config.get('split', 'train')
-    images = embedded.load(value, split)
-    labels = embedded.labels(value, split) if labeled else None
+    try:
+      images = embedded.load(value, split)
+      labels = embedded.labels(value, split) if labeled else None
+    except errors.DataError as e:
+      raise errors.DataError(f'{data_field}={spec!r}: {e}') from None
     source = ArraySource(
         f'embedded:{value} split={split} ({len(images)} images)',
         [d for _, d in images], are_paths=False, labels=labels,
-        num_classes=embedded.num_classes(value) if labeled else 0, **shard)
+        num_classes=embedded.num_classes(value) if labeled else 0,
+        field=data_field, **shard)
   logging.info('Input source %s: %d records for host %d/%d.',
                source.description, source.num_records, process_index,
                process_count)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import methods
 from mim_jax import optim
@@ -113,8 +114,9 @@ def load_converted(path: str):
   fx = load_fixture(path)
   method = methods.get(fx['config']['method'])
   if method.parity is None:
-    raise ValueError(f'Method {method.name!r} has no parity adapter '
-                     '(Method.parity).')
+    raise errors.ConfigError(
+        f'{path}/config.json names method {method.name!r}, which has no '
+        'parity adapter (Method.parity).')
   adapter = method.parity
   config = adapter.experiment_config(fx['config'])
   model = method.build_model(config)

@@ -18,6 +18,7 @@ like noise").
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import errors
 from mim_jax.models import layers
 
 
@@ -92,14 +93,20 @@ def population_moments(patches, axis: str, channels: int = 3):
 
 
 def expand_channels(values, dim: int, channels: int = 3):
-  """Per-channel values (C,) -> (P,) in patchify order, or (P,) as is."""
+  """Per-channel values (C,) -> (P,) in patchify order, or (P,) as is.
+
+  Raises:
+    errors.ConfigError: another number of values (config.loss.pop_mean /
+      pop_std).
+  """
   values = jnp.asarray(values, jnp.float32)
   if values.shape == (channels,):
     return jnp.tile(values, dim // channels)
   if values.shape != (dim,):
-    raise ValueError(f'population statistics of shape {values.shape}: give '
-                     f'{channels} (per channel) or {dim} (per pixel '
-                     'position) values.')
+    raise errors.ConfigError(
+        f'population statistics of shape {values.shape} (config.loss.'
+        f'pop_mean / pop_std): give {channels} (per channel) or {dim} (per '
+        'pixel position) values.')
   return values
 
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mim_jax import errors
 from mim_jax import method
 from mim_jax.convert import dvae as convert_dvae
 from mim_jax.models import dvae
@@ -41,12 +42,13 @@ def _path(config) -> str:
   """`config.tokenizer.weights`, expanded, checked to exist.
 
   Raises:
-    ValueError: the file does not exist (with where to get it).
+    errors.MissingFileError: the file does not exist (with where to get
+      it).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   path = os.path.expanduser(config.tokenizer.weights)
   if not tf.io.gfile.exists(path):
-    raise ValueError(
+    raise errors.MissingFileError(
         f'Tokenizer weights {path} not found (config.tokenizer.weights). '
         f'Download the DALL-E encoder: `mkdir -p {os.path.dirname(path)} && '
         f'wget {convert_dvae.ENCODER_URL} -O {path}` (copy it to every '
@@ -69,8 +71,10 @@ def sizes(config) -> dict[str, int]:
   ones must agree with it.
 
   Raises:
-    ValueError: the file is needed and missing, or disagrees with a set
-      field (named, with the file's value).
+    errors.MissingFileError: the file is needed and missing.
+    errors.WeightsFileError: the file is unreadable, holds no DALL-E
+      encoder, or disagrees with a set field (named, with the file's
+      value).
   """
   given = _given(config)
   if len(given) == len(_ARCH_KEYS):
@@ -89,7 +93,7 @@ def _given(config) -> dict[str, int]:
 def _check_sizes(given: dict, found: dict, path: str) -> None:
   bad = {k: (v, found[k]) for k, v in given.items() if found[k] != v}
   if bad:
-    raise ValueError(
+    raise errors.WeightsFileError(
         f'{path} is a DALL-E encoder with '
         + ', '.join(f'{k}={f}' for k, (_, f) in bad.items())
         + ' but the config says '
@@ -114,12 +118,13 @@ def validate_config(config) -> None:
   the config leaves None).
 
   Raises:
-    ValueError: no weights path, or a vocabulary that differs from the
-      model's output size.
+    errors.ConfigError: no weights path, or a vocabulary that differs from
+      the model's output size.
+    errors.MissingFileError / errors.WeightsFileError: as `sizes`.
   """
   tok = config.get('tokenizer') or {}
   if not tok.get('weights'):
-    raise ValueError(
+    raise errors.ConfigError(
         f'{config.model_name} with token targets needs the DALL-E tokenizer:'
         f' download {convert_dvae.ENCODER_URL} and set '
         '--config.tokenizer.weights=/path/to/encoder.pkl, or train on '
@@ -127,7 +132,7 @@ def validate_config(config) -> None:
   vocab = encoder_of(config).vocab_size
   model_vocab = config.model.get('vocab_size')
   if model_vocab is not None and int(model_vocab) != vocab:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.model.vocab_size={model_vocab} but the tokenizer has '
         f'{vocab} tokens (config.tokenizer.vocab_size); make them equal.')
 
@@ -142,8 +147,10 @@ def load_params(config) -> Any:
   """The tokenizer params (host numpy) from `config.tokenizer.weights`.
 
   Raises:
-    ValueError: the file does not exist (with where to get it).
-    ConversionError: the file holds another architecture (names the keys).
+    errors.MissingFileError: the file does not exist (with where to get
+      it).
+    errors.WeightsFileError (ConversionError): the file is unreadable or
+      holds another architecture (names the keys).
   """
   path = _path(config)
   sd = _read(path)

@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  from mim_jax import errors  # pylint: disable=g-import-not-at-top
   from mim_jax.parity import core  # pylint: disable=g-import-not-at-top
   dirs = argv[1:]
   if not dirs:
@@ -30,7 +31,10 @@ def main(argv):
   for d in dirs:
     if not os.path.exists(os.path.join(d, 'config.json')):
       raise app.UsageError(f'{d} is not a fixture folder (no config.json).')
-    report = core.run(d)
+    try:
+      report = core.run(d)
+    except errors.UserError as e:  # bad input: one line; a bug: traceback
+      sys.exit(f'error: {e}')
     if not FLAGS.verbose and 'curve' in report:
       report['curve'].pop('losses', None)
     print(json.dumps(report, indent=1, default=float))

@@ -49,16 +49,20 @@ the usual cause of a mismatched curve), and one JSON object on the last line
 of stdout: every point's deviation (relative and in sigma), their max and
 mean over the points from epoch 1 on, the final point, the lr mismatch and
 the first point outside tolerance. Exit status 1 when any point from epoch 1
-on is outside tolerance, 0 otherwise.
+on is outside tolerance, 0 otherwise; 2 for bad input (a missing or unknown
+log, a flag that does not fit it), printed as one line.
 """
 
 import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
+from mim_jax import errors
 
 FORMATS = ('mim_jax metrics.jsonl (a workdir)', 'official MAE log.txt',
            'mmpretrain/mmengine scalars.json', 'mmselfsup/mmcv *.log.json',
@@ -99,7 +103,7 @@ def _read_jsonl(path: str) -> list[dict]:
       try:
         rows.append(json.loads(line))
       except json.JSONDecodeError as e:
-        raise ValueError(
+        raise errors.DataError(
             f'{path}: line {i + 1} is not JSON ({e}). Known formats: '
             f'{", ".join(FORMATS)}.') from None
   return rows
@@ -113,11 +117,11 @@ def _epoch_means(steps: Sequence[int], values: Sequence[float],
   for end, v in zip(steps, values):
     span = end - prev
     if span <= 0:
-      raise ValueError(f'{name}: logged steps do not increase ({prev} then '
-                       f'{end}).')
+      raise errors.DataError(f'{name}: logged steps do not increase '
+                             f'({prev} then {end}).')
     epoch = prev // spe
     if (end - 1) // spe != epoch:
-      raise ValueError(
+      raise errors.DataError(
           f'{name}: the logging interval of steps {prev}..{end - 1} spans '
           f'epochs {epoch} and {(end - 1) // spe} ({spe} steps per epoch), '
           'so its epoch means cannot be recovered. Log every k steps with k '
@@ -139,9 +143,9 @@ def steps_per_epoch_of(config: dict) -> Optional[int]:
   return int(n) // int(b)
 
 
-def _no_term(path: str, term: str, found) -> ValueError:
+def _no_term(path: str, term: str, found) -> errors.DataError:
   found = sorted(found)
-  return ValueError(
+  return errors.DataError(
       f'{path} has no term {term!r}; it has: '
       f'{", ".join(found) if found else "(none)"}. Pass one of these as '
       '--term.')
@@ -153,12 +157,15 @@ def read_ours(workdir: str, steps_per_epoch: Optional[int] = None,
   `term` (`train/<term>`: the total 'loss' or a logged loss term).
 
   Raises:
-    ValueError: no metrics.jsonl, or no train/<term> rows (the message
-      lists the terms the workdir logs).
+    errors.MissingFileError: no such workdir.
+    errors.DataError: no metrics.jsonl, or no train/<term> rows (the
+      message lists the terms the workdir logs).
   """
   path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(workdir):
+    raise errors.MissingFileError(f'--ours {workdir!r} does not exist.')
   if not os.path.exists(path):
-    raise ValueError(
+    raise errors.DataError(
         f'--ours {workdir!r} has no metrics.jsonl: give a mim_jax training '
         'workdir (python -m mim_jax.main --workdir=...); for a PyTorch log '
         'use --reference.')
@@ -206,7 +213,8 @@ def _mm(path: str, rows: list[dict], steps_per_epoch: Optional[int],
     if term != 'loss' and any('loss' in r for r in rows):
       raise _no_term(path, term, {k for r in rows for k in r
                                   if k.startswith('loss')})
-    raise ValueError(f'{path}: no training rows with "loss" and "epoch".')
+    raise errors.DataError(f'{path}: no training rows with "loss" and '
+                           '"epoch".')
   spe = steps_per_epoch
   if spe is None:
     # mmengine rows carry the global step and the iter within the epoch.
@@ -272,17 +280,18 @@ def read_reference(path: str, steps_per_epoch: Optional[int] = None,
   curve of `term` (the total 'loss' or a loss term).
 
   Raises:
-    ValueError: unknown format (the message lists the known ones), or no
-      such term (the message lists the reference's terms).
+    errors.MissingFileError: no such file.
+    errors.DataError: unknown format (the message lists the known ones), or
+      no such term (the message lists the reference's terms).
   """
   if not os.path.exists(path):
-    raise ValueError(f'--reference {path!r} does not exist.')
+    raise errors.MissingFileError(f'--reference {path!r} does not exist.')
   if os.path.isdir(path):
     if os.path.exists(os.path.join(path, 'metrics.jsonl')):
       return Reference(path, [read_ours(path, steps_per_epoch, term)])
-    raise ValueError(f'--reference {path!r} is a folder without '
-                     'metrics.jsonl; give a log file. Known formats: '
-                     f'{", ".join(FORMATS)}.')
+    raise errors.DataError(f'--reference {path!r} is a folder without '
+                           'metrics.jsonl; give a log file. Known formats: '
+                           f'{", ".join(FORMATS)}.')
   with open(path) as f:
     text = f.read()
   try:
@@ -300,9 +309,10 @@ def read_reference(path: str, steps_per_epoch: Optional[int] = None,
                                                or 'step' in keys):
       return _mm(path, rows, steps_per_epoch, term)
     if 'train/loss' in keys and 'step' in keys:
-      raise ValueError(f'{path} is a mim_jax metrics.jsonl: pass its '
-                       'workdir (the folder), which also holds config.json.')
-  raise ValueError(
+      raise errors.ConfigError(f'{path} is a mim_jax metrics.jsonl: pass '
+                               'its workdir (the folder), which also holds '
+                               'config.json.')
+  raise errors.DataError(
       f'--reference {path!r}: unknown log format. Known formats: '
       f'{", ".join(FORMATS)}. The official MAE log.txt has one JSON object '
       'per line with "epoch", "train_loss" and "train_lr".')
@@ -343,9 +353,9 @@ def _window_mean(run: Run, start: int, end: int, lr: bool = False):
 
 def _points_step(ours: list[Run], ref: list[Run], spe: Optional[int]):
   if any(not r.steps for r in ref):
-    raise ValueError('--align=step needs per-step reference values; this '
-                     'reference has epoch means only (the official log.txt). '
-                     'Use --align=epoch.')
+    raise errors.ConfigError('--align=step needs per-step reference values; '
+                             'this reference has epoch means only (the '
+                             'official log.txt). Use --align=epoch.')
   # Windows between the logging boundaries every run shares: each run's
   # intervals tile them (e.g. ours every step, mmpretrain's every 50).
   ends = sorted(set.intersection(*(set(r.steps) for r in ours + ref)))
@@ -374,19 +384,21 @@ def compare(ours: list[Run], refs: list[Reference], *, align: str = 'epoch',
     point from epoch 1 on is outside tolerance.
 
   Raises:
-    ValueError: bad alignment, no steps per epoch where one is needed, or no
-      common points.
+    errors.ConfigError: bad alignment, no steps per epoch where one is
+      needed.
+    errors.DataError: no common points.
   """
   if align not in ('epoch', 'step'):
-    raise ValueError(f'--align={align!r}: use epoch or step.')
+    raise errors.ConfigError(f'--align={align!r}: use epoch or step.')
   if sigma_floor not in ('median', 'none'):
-    raise ValueError(f'--sigma_floor={sigma_floor!r}: use median or none.')
+    raise errors.ConfigError(f'--sigma_floor={sigma_floor!r}: use median or '
+                             'none.')
   seeds = [s for ref in refs for s in ref.seeds]
   spe = next((r.steps_per_epoch for r in ours if r.steps_per_epoch), None)
   if align == 'epoch':
     missing = [r.name for r in ours if not r.epoch_loss]
     if missing:
-      raise ValueError(
+      raise errors.ConfigError(
           f'--align=epoch needs the steps per epoch of {missing}: their '
           'config.json has no input.num_train_examples. Pass '
           '--steps_per_epoch=N (images // global batch) or use --align=step.')
@@ -394,8 +406,8 @@ def compare(ours: list[Run], refs: list[Reference], *, align: str = 'epoch',
   else:
     pts = _points_step(ours, seeds, spe)
   if not pts:
-    raise ValueError('no common points between --ours and --reference '
-                     f'(align={align}); are they the same recipe?')
+    raise errors.DataError('no common points between --ours and --reference '
+                           f'(align={align}); are they the same recipe?')
   for p in pts:
     p['ours'], _ = _stats(p['ours_runs'])
     p['reference'], p['ref_std'] = _stats(p['ref_seeds'])
@@ -525,8 +537,8 @@ def run(ours: Sequence[str], references: Sequence[str], *,
         steps_per_epoch: Optional[int] = None, term: str = 'loss') -> dict:
   """Reads, compares and (with `out`) plots `term`; returns the report."""
   if not ours or not references:
-    raise ValueError('give at least one --ours workdir and one --reference '
-                     'log.')
+    raise errors.ConfigError('give at least one --ours workdir and one '
+                             '--reference log.')
   refs = [read_reference(p, steps_per_epoch, term) for p in references]
   runs = [read_ours(w, steps_per_epoch, term) for w in ours]
   report = compare(runs, refs, align=align, tolerance_sigma=tolerance_sigma,
@@ -547,8 +559,9 @@ def main(argv):
                  tolerance_sigma=f.tolerance_sigma,
                  tolerance_rel=f.tolerance_rel, sigma_floor=f.sigma_floor,
                  steps_per_epoch=f.steps_per_epoch, term=f.term)
-  except ValueError as e:
-    raise SystemExit(f'compare_curves: {e}') from None
+  except errors.UserError as e:  # bad input: one line, exit status 2
+    print(f'compare_curves: error: {e}', file=sys.stderr)
+    return 2
   print(json.dumps(report))
   return 0 if report['pass'] else 1
 

@@ -62,8 +62,12 @@ Import an official checkpoint into an orbax params checkpoint (and check it):
 The released `mae_pretrain_vit_*.pth` hold the encoder only: use --nostrict
 to keep a freshly initialised decoder (it is listed in the log). PyTorch
 files are read with torch.load(weights_only=True).
+
+Bad input (a missing, empty or damaged file, a config that does not fit the
+checkpoint) prints one line, `error: ...`, with exit status 2.
 """
 
+import functools
 import os
 import sys
 from typing import Optional
@@ -130,9 +134,9 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
     The VisionTransformer kwargs that the file loads into (strict=True).
 
   Raises:
-    ValueError: the method has no encoder, timm cannot represent it, or
-      `ema` without an EMA encoder (checked before the checkpoint is read,
-      where the config tells).
+    errors.ConfigError: the method has no encoder, timm cannot represent
+      it, or `ema` without an EMA encoder (checked before the checkpoint is
+      read, where the config tells).
   """
   from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import providers  # pylint: disable=g-import-not-at-top
@@ -144,13 +148,13 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
             'encoder (TrainState.ema_params); drop --timm_ema to export the '
             'online encoder.')
   if ema and providers.ema_of(experiment.providers_of(config)) is None:
-    raise ValueError(no_ema)
+    raise errors.ConfigError(no_ema)
   model = experiment.build_model(config)
   state, step = weights.state_from_workdir(config, model, workdir, step)
   params, which = state.params, 'online'
   if ema:
     if not state.ema_params or 'encoder' not in state.ema_params:
-      raise ValueError(no_ema)
+      raise errors.ConfigError(no_ema)
     params, which = state.ema_params, 'momentum (EMA)'
   sd, kwargs = weights.to_timm(config, params, pool)
   core.save_state_dict(sd, out)
@@ -192,20 +196,23 @@ def main(argv):
     if not FLAGS.workdir:
       raise app.UsageError('export needs --workdir.')
     if FLAGS.format == 'timm':
-      export_timm(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.step,
-                  FLAGS.timm_pool, FLAGS.timm_ema)
+      run = functools.partial(export_timm, FLAGS.config, FLAGS.workdir,
+                              FLAGS.out, FLAGS.step, FLAGS.timm_pool,
+                              FLAGS.timm_ema)
     else:
-      export(FLAGS.config)
+      run = functools.partial(export, FLAGS.config)
   else:
     if FLAGS.format != 'official':
       raise app.UsageError(f'--format={FLAGS.format} is an export format; '
                            'import reads official files (drop --format).')
     if not FLAGS.torch_ckpt:
       raise app.UsageError('import needs --torch_ckpt.')
-    try:  # a missing, empty or damaged file: one line, no traceback
-      import_(FLAGS.config)
-    except errors.UserError as e:
-      sys.exit(f'error: {e}')
+    run = functools.partial(import_, FLAGS.config)
+  try:  # a missing, empty or damaged file, a bad config: one line
+    run()
+  except errors.UserError as e:  # (anything else is a bug: traceback)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,8 @@ and prints JSON:
 
 The memory figures come from the CPU compiler: TPU fusion and layouts
 differ, so treat temporaries as an estimate (params and optimizer state are
-exact).
+exact). A config that cannot run on N devices (its mesh, batch size, any
+check of the trainer) prints one line, `error: ...`, with exit status 2.
 """
 
 import os
@@ -58,6 +59,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import optim
 from mim_jax import sharding
@@ -135,7 +137,7 @@ def plan(config, num_devices: int, *, peak_tflops: float = 275.0,
   """Compiles the train step for `num_devices` and returns the plan dict."""
   devices = jax.devices()
   if len(devices) < num_devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{num_devices} devices requested but jax has {len(devices)}; run '
         'as `python -m mim_jax.tools.plan --devices=N` (it creates N fake '
         'CPU devices) or set XLA_FLAGS=--xla_force_host_platform_device_'
@@ -215,8 +217,12 @@ def main(argv):
   f = flags.FLAGS
   if not f.config or not f.devices:
     raise app.UsageError('--config and --devices are required.')
-  result = plan(f.config, f.devices, peak_tflops=f.peak_tflops,
-                hbm_gib=f.hbm_gib, mfus=[float(m) for m in f.mfu])
+  try:
+    result = plan(f.config, f.devices, peak_tflops=f.peak_tflops,
+                  hbm_gib=f.hbm_gib, mfus=[float(m) for m in f.mfu])
+  except errors.UserError as e:  # a config that cannot run: one line
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   print(json.dumps(result, indent=1))
 
 

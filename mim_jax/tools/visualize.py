@@ -11,10 +11,13 @@ un-normalised pixels (norm-pix predictions are mapped back with each patch's
 own statistics, as in the official MAE demo). A PyTorch checkpoint must hold
 the decoder: it is loaded strictly, so the encoder-only releases
 (`mae_pretrain_vit_*.pth`) fail with the list of missing decoder params
-rather than being drawn through a random decoder.
+rather than being drawn through a random decoder. Bad input (a missing or
+damaged checkpoint, data or config) prints one line, `error: ...`, with exit
+status 2.
 """
 
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -34,6 +37,15 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  from mim_jax import errors  # pylint: disable=g-import-not-at-top
+  try:
+    _draw(argv)
+  except errors.UserError as e:  # anything else is a bug: traceback
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _draw(argv):
   del argv
   from mim_jax import experiment  # pylint: disable=g-import-not-at-top
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
