@@ -37,6 +37,7 @@ from absl import logging
 from clu import periodic_actions
 
 from mim_jax import checkpoint
+from mim_jax import errors
 from mim_jax import input_pipeline
 from mim_jax import knn
 from mim_jax import nonfinite
@@ -328,8 +329,9 @@ class Evaluator:
     row['eval/seconds'] = time.time() - t0
     key = f'eval/{self.best_metric}'
     if key not in row:
-      raise ValueError(f'eval.best_metric={self.best_metric!r} is not an '
-                       f'evaluation metric ({sorted(row)}).')
+      raise errors.ConfigError(
+          f'eval.best_metric={self.best_metric!r} is not an evaluation '
+          f'metric ({sorted(row)}).')
     writer.write_scalars(step, row)
     logging.info('eval at step %d on %d examples: %s', step,
                  self.num_examples,

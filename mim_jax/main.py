@@ -107,10 +107,13 @@ def _exit(code: int, message: str, hard: bool = False):
 
 
 def run():
-  from mim_jax import config_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mim_jax import config_lib
+  from mim_jax import errors
+  # pylint: enable=g-import-not-at-top
   try:
     config_lib.check_overrides(sys.argv[1:])
-  except ValueError as e:
+  except errors.UserError as e:
     sys.exit(f'error: {e}')
   app.run(main)
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 
+from mim_jax import errors
 from mim_jax import method as method_lib
 from mim_jax import optim
 
@@ -107,8 +108,8 @@ def compute(providers: Providers, states: dict, batch: dict) -> dict:
 def check_schedule(providers: Providers, ema_momentum) -> None:
   """An 'ema' provider needs a momentum schedule."""
   if ema_of(providers) is not None and ema_momentum is None:
-    raise ValueError('the method has an EMA target but no EMA momentum '
-                     'schedule was given (config.ema).')
+    raise errors.ConfigError('the method has an EMA target but no EMA '
+                             'momentum schedule was given (config.ema).')
 
 
 def update(providers: Providers, state, new_state, batch,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import nonfinite
 from mim_jax import optim
@@ -238,7 +239,8 @@ def make_features(config, mesh: Mesh, feature: str = 'cls'):
     raise ValueError(f'method {method.name!r} declares no encoder '
                      '(Method.encoder): it has no features to monitor.')
   if feature not in FEATURES:
-    raise ValueError(f'feature={feature!r}; use one of {FEATURES}.')
+    raise errors.ConfigError(f'knn.feature={feature!r}; use one of '
+                             f'{FEATURES}.')
   encoder = vit.Encoder(**method.encoder(config))
 
   def features(params, batch):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import errors
 from mim_jax import masking
 from mim_jax.models import layers
 
@@ -36,7 +37,7 @@ def decode_variant(variant: Optional[str]) -> dict[str, Any]:
     return {}
   m = re.fullmatch(r'(\w+)/(\d+)', variant)
   if not m or m.group(1) not in VARIANTS:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Unknown ViT variant {variant!r}: use "<size>/<patch>" with size in '
         f'{list(VARIANTS)}, e.g. "B/16".')
   width, depth, heads, mlp = VARIANTS[m.group(1)]
@@ -64,7 +65,7 @@ def patch_size_of(model_config) -> int:
     return int(encoder['patch_size'])
   if model_config.get('variant'):
     return decode_variant(model_config['variant'])['patch_size']
-  raise ValueError('Set config.model.variant ("B/16") or '
+  raise errors.ConfigError('Set config.model.variant ("B/16") or '
                    'config.model.encoder.patch_size.')
 
 
