@@ -190,6 +190,31 @@ def is_scanned(params, stacked: tuple[str, ...] = vit.STACKED) -> bool:
              for name in stacked)
 
 
+def _raise_problems(expected: dict, unknown: list, missing: list,
+                    mismatched: list, bad_frozen: list, strict: bool):
+  """Raises ConversionError listing every problem of a conversion (none:
+  returns)."""
+  problems = []
+  if unknown:
+    problems.append(f'unknown keys ({len(unknown)}): {unknown}')
+  if missing and strict:
+    problems.append(f'missing params ({len(missing)}): {missing}')
+  elif any(isinstance(expected[k], jax.ShapeDtypeStruct) for k in missing):
+    problems.append(f'missing params ({len(missing)}): {missing}; with '
+                    'strict=False, target_params must hold initialised '
+                    'values to keep, not shapes')
+  if mismatched:
+    problems.append(f'shape mismatches ({len(mismatched)}): {mismatched}')
+  if bad_frozen:
+    problems.append(f'fixed buffers ({len(bad_frozen)}): {bad_frozen}')
+  if problems:
+    raise ConversionError(
+        'Cannot load the state dict into this model:\n  ' +
+        '\n  '.join(problems) + '\nCheck that the config (variant, patch '
+        'size, image size, decoder) matches the checkpoint; pass strict=False'
+        ' to keep freshly initialised values for missing params.')
+
+
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
                   rules: Rules, frozen: Mapping[str, np.ndarray] = (),
                   ignore: Iterable[str] = (), strict: bool = True,
@@ -260,25 +285,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], target_params,
     out[path] = arr.astype(np.float32)
   # A mis-shaped param is reported as such, not again as missing.
   missing = sorted(set(expected) - set(out) - mismatched_paths)
-  problems = []
-  if unknown:
-    problems.append(f'unknown keys ({len(unknown)}): {unknown}')
-  if missing and strict:
-    problems.append(f'missing params ({len(missing)}): {missing}')
-  elif any(isinstance(expected[k], jax.ShapeDtypeStruct) for k in missing):
-    problems.append(f'missing params ({len(missing)}): {missing}; with '
-                    'strict=False, target_params must hold initialised '
-                    'values to keep, not shapes')
-  if mismatched:
-    problems.append(f'shape mismatches ({len(mismatched)}): {mismatched}')
-  if bad_frozen:
-    problems.append(f'fixed buffers ({len(bad_frozen)}): {bad_frozen}')
-  if problems:
-    raise ConversionError(
-        'Cannot load the state dict into this model:\n  ' +
-        '\n  '.join(problems) + '\nCheck that the config (variant, patch '
-        'size, image size, decoder) matches the checkpoint; pass strict=False'
-        ' to keep freshly initialised values for missing params.')
+  _raise_problems(expected, unknown, missing, mismatched, bad_frozen, strict)
   for k in missing:
     out[k] = np.asarray(expected[k])
   tree = traverse_util.unflatten_dict(out, sep='/')

@@ -374,6 +374,39 @@ def _points_step(ours: list[Run], ref: list[Run], spe: Optional[int]):
   return pts
 
 
+def _judged(p: dict) -> bool:
+  """The points that count: from epoch 1 on (epoch 0 is warmup from
+  init)."""
+  return p['epoch'] is None or p['epoch'] >= 1
+
+
+def _judge(pts: list[dict], sigma_floor: str, tolerance_sigma: float,
+           tolerance_rel: float):
+  """Fills each point's means, sigma, rel, z, lr_rel and ok; returns (the
+  sigma floor, the first judged point outside tolerance or None)."""
+  for p in pts:
+    p['ours'], _ = _stats(p['ours_runs'])
+    p['reference'], p['ref_std'] = _stats(p['ref_seeds'])
+  stds = [p['ref_std'] for p in pts
+          if _judged(p) and p['ref_std'] is not None]
+  floor = float(np.median(stds)) if stds and sigma_floor == 'median' else 0.0
+  first_bad = None
+  for p in pts:
+    p['sigma'] = (max(p['ref_std'], floor) if p['ref_std'] is not None
+                  else None)
+    dev = p['ours'] - p['reference']
+    p['rel'] = dev / abs(p['reference'])
+    p['z'] = dev / p['sigma'] if p['sigma'] else None
+    p['lr_rel'] = ((p['lr_ours'] - p['lr_reference']) / p['lr_reference']
+                   if p['lr_reference'] else None)
+    p['ok'] = bool(abs(p['z']) <= tolerance_sigma if p['z'] is not None
+                   else abs(p['rel']) <= tolerance_rel)
+    if first_bad is None and not p['ok'] and _judged(p):
+      first_bad = {k: p[k] for k in ('x', 'epoch', 'ours', 'reference',
+                                     'sigma', 'rel', 'z')}
+  return floor, first_bad
+
+
 def compare(ours: list[Run], refs: list[Reference], *, align: str = 'epoch',
             tolerance_sigma: float = 3.0, tolerance_rel: float = 0.02,
             sigma_floor: str = 'median') -> dict:
@@ -408,28 +441,9 @@ def compare(ours: list[Run], refs: list[Reference], *, align: str = 'epoch',
   if not pts:
     raise errors.DataError('no common points between --ours and --reference '
                            f'(align={align}); are they the same recipe?')
-  for p in pts:
-    p['ours'], _ = _stats(p['ours_runs'])
-    p['reference'], p['ref_std'] = _stats(p['ref_seeds'])
-  # The points that count: from epoch 1 on (epoch 0 is warmup from init).
-  judged = lambda p: p['epoch'] is None or p['epoch'] >= 1
-  late = [p for p in pts if judged(p)]
-  stds = [p['ref_std'] for p in late if p['ref_std'] is not None]
-  floor = float(np.median(stds)) if stds and sigma_floor == 'median' else 0.0
-  first_bad = None
-  for p in pts:
-    p['sigma'] = (max(p['ref_std'], floor) if p['ref_std'] is not None
-                  else None)
-    dev = p['ours'] - p['reference']
-    p['rel'] = dev / abs(p['reference'])
-    p['z'] = dev / p['sigma'] if p['sigma'] else None
-    p['lr_rel'] = ((p['lr_ours'] - p['lr_reference']) / p['lr_reference']
-                   if p['lr_reference'] else None)
-    p['ok'] = bool(abs(p['z']) <= tolerance_sigma if p['z'] is not None
-                   else abs(p['rel']) <= tolerance_rel)
-    if first_bad is None and not p['ok'] and judged(p):
-      first_bad = {k: p[k] for k in ('x', 'epoch', 'ours', 'reference',
-                                     'sigma', 'rel', 'z')}
+  floor, first_bad = _judge(pts, sigma_floor, tolerance_sigma,
+                            tolerance_rel)
+  late = [p for p in pts if _judged(p)]
   zs = [p['z'] for p in late if p['z'] is not None]
   rels = [p['rel'] for p in late]
   lr_rels = [abs(p['lr_rel']) for p in pts if p['lr_rel'] is not None
