@@ -153,11 +153,11 @@ def peak_tflops_of(config) -> float | None:
   return PEAK_TFLOPS.get(jax.devices()[0].device_kind)
 
 
-def pipeline_kind(spec: dict) -> dict:
-  """What the method's batch spec asks of the pipeline: labels (fine-tuning,
-  probes) and/or masks (pretraining)."""
-  return dict(labeled='label' in spec,
-              with_masks=bool({'noise', 'mask'} & set(spec)))
+def pipeline_kind(method) -> dict:
+  """The input pipeline's switches for the method's declared
+  `Method.pipeline`: masks (pretraining) or labels (fine-tuning, probes)."""
+  return dict(labeled=method.pipeline == 'labelled',
+              with_masks=method.pipeline == 'masked')
 
 
 class Evaluator:
@@ -411,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     # The data sources are opened before anything compiles, so a missing
     # dataset or an empty folder fails in seconds, not after compilation.
     views = {k: v.size for k, v in method.views(config).items()}
-    kind = pipeline_kind(batch_shapes)
+    kind = pipeline_kind(method)
     ds = input_pipeline.make_train_dataset(
         config.input, patch_size=p, seed=config.seed, start_step=start_step,
         views=views, num_classes=config.model.get('num_classes'), **kind)

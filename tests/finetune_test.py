@@ -393,4 +393,4 @@ def test_init_from_cae_and_bootmae_pretraining_files(method, tmp_path):
   assert set(want) - {'norm/scale', 'norm/bias'} <= set(got)
   for k in set(want) & set(got):
     np.testing.assert_array_equal(want[k], got[k], err_msg=k)
-  assert methods.get(method).converter.encoder_prefix is not None
+  assert methods.get(method).classifier.key_prefix is not None

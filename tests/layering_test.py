@@ -20,6 +20,9 @@ VIOLATIONS = {
         'mim_jax/data/augment.py', 'from mim_jax.models import vit'),
     'Generic modules never import a method': (
         'mim_jax/visualize.py', 'from mim_jax.methods.bootmae import loss'),
+    'Method packages never import each other': (
+        'mim_jax/methods/classifier/config.py',
+        'from mim_jax.methods.cae import finetune'),
     'Layers: tools on top': (
         'mim_jax/checkpoint.py', 'from mim_jax.tools import plan'),
 }

@@ -1,7 +1,7 @@
 """The method contract: the registry, the record's checks, a throwaway
-method trained through the contract alone, one mask count everywhere,
-gradient accumulation that keeps the loss terms, and pre-contract
-checkpoints that still restore."""
+method trained through the contract alone (and given classifier configs by
+its card), one mask count everywhere, gradient accumulation that keeps the
+loss terms, and pre-contract checkpoints that still restore."""
 
 import dataclasses
 import json
@@ -24,6 +24,7 @@ from mim_jax import train
 from mim_jax.data import masks
 from mim_jax.methods.bootmae import config as bootmae_config
 from mim_jax.methods.cae import config as cae_config
+from mim_jax.methods.classifier import config as classifier_config
 from mim_jax.models import vit
 from tests import toy
 
@@ -33,6 +34,11 @@ def test_registry_names_every_method_and_rejects_unknown_names():
     record = methods.get(name)
     assert isinstance(record, method.Method) and record.name == name
     assert record.parity is not None
+    assert record.pipeline == 'masked' and record.labelled is None
+    assert isinstance(record.classifier, method.EncoderCard)
+  task = methods.get('classifier')
+  assert task.pipeline == 'labelled' and task.classifier is None
+  assert isinstance(task.labelled, method.LabelledTask)
   with pytest.raises(ValueError, match=r"Unknown method 'maee'.*'mae'"):
     methods.get('maee')
 
@@ -52,6 +58,23 @@ def test_record_rejects_a_malformed_method():
   with pytest.raises(TypeError, match='kind'):
     method.TargetProvider(name='s', kind='teacher', compute=len,
                           outputs=('s',), init=len)
+  # The pipeline is declared, and a labelled task needs the labelled one.
+  with pytest.raises(TypeError, match="pipeline='labeled' is not one of"):
+    method.Method(**dict(ok, pipeline='labeled'))
+  task = method.LabelledTask(eval_metrics=len, from_encoder=len)
+  method.Method(**dict(ok, pipeline='labelled', labelled=task))
+  with pytest.raises(TypeError, match="needs pipeline='labelled'"):
+    method.Method(**dict(ok, labelled=task))
+  with pytest.raises(TypeError, match='classifier must be a '
+                     'mim_jax.method.EncoderCard'):
+    method.Method(**dict(ok, classifier=dict(key_prefix='')))
+  card = dict(encoder={}, key_prefix='', mean=(0.5,) * 3, std=(0.5,) * 3)
+  with pytest.raises(TypeError, match=r"recipe key \('fine-tune', 'B'\)"):
+    method.EncoderCard(**card, recipes={('fine-tune', 'B'): method.Recipe()})
+  with pytest.raises(TypeError, match='must be a mim_jax.method.Recipe'):
+    method.EncoderCard(**card, recipes={('finetune', 'B'): dict(lr=1.0)})
+  with pytest.raises(TypeError, match='unexpected keyword'):
+    method.Recipe(learning_rate=1.0)   # a misspelt recipe value fails
 
 
 def test_mask_count_agrees_everywhere():
@@ -110,6 +133,23 @@ def test_throwaway_method_trains_through_the_contract(toy_registered,
       steps.batch_spec(config, 1), materialize=False)[0]
   at4, _ = checkpoint.restore_latest(mgr, abstract, 4)
   np.testing.assert_array_equal(at4.target_state['pixel_stats'], stats)
+
+
+def test_throwaway_method_has_classifier_configs_from_its_card(
+    toy_registered):
+  """The toy's `classifier` card alone gives it classifier configs; a
+  method without a card is refused by name."""
+  del toy_registered
+  for task in classifier_config.TASKS:
+    config = classifier_config.get_config(task, 'toy', 'tiny')
+    assert config.init_method == 'toy'
+    assert config.model.encoder.posemb == 'learned'
+  with pytest.raises(ValueError, match=r"'classifier' declares no "
+                     r'classifier card \(Method.classifier'):
+    classifier_config.get_config('finetune', 'classifier', 'tiny')
+  with pytest.raises(ValueError, match=r"No official finetune recipe for toy "
+                     r'ViT-B; known \(task, size\): \[\]'):
+    classifier_config.get_config('finetune', 'toy', 'B')
 
 
 def _one_step(config, batch, accum):

@@ -1,15 +1,16 @@
-"""The evaluation task as one `Method` record: a ViT classifier for
-fine-tuning, linear and attentive probes and evaluation-only runs, on the
-encoder of any pretraining method.
+"""The evaluation task as one `Method` record with a labelled pipeline: a
+ViT classifier for fine-tuning, linear and attentive probes and
+evaluation-only runs, on the encoder of any pretraining method.
 
 Files: model.py (encoder + pooling + head), loss.py (soft-target
 cross-entropy, top-1/top-5), convert.py (timm / MAE / BEiT fine-tuned and
-probe layouts), config.py (the official recipes of every method).
+probe layouts), config.py (the recipes, from each method's
+`Method.classifier` card).
 
-It starts from a pretrained encoder (`from_encoder`): a pretraining
-method's workdir or official file gives its encoder in timm key names
-(`Converter.encoder_prefix`), loaded here; the pretraining method itself is
-never named.
+It starts from a pretrained encoder (`LabelledTask.from_encoder`): a
+pretraining method's workdir or official file gives its encoder in timm key
+names (`EncoderCard.key_prefix`), loaded here; the pretraining method itself
+is never named.
 """
 
 import functools
@@ -142,10 +143,11 @@ METHOD = method.Method(
     to_pixels=None,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys,
-                               encoder_prefix=''),
+                               to_torch_keys=convert.to_torch_keys),
     targets=targets,
     validate_config=validate_config,
-    batch_transform=batch_transform,
-    eval_metrics=loss.eval_metrics,
-    from_encoder=from_encoder)
+    pipeline='labelled',
+    labelled=method.LabelledTask(
+        eval_metrics=loss.eval_metrics,
+        from_encoder=from_encoder,
+        batch_transform=batch_transform))

@@ -2,7 +2,8 @@
 
 Files: model.py (encoder on visible patches + light decoder), loss.py
 (masked-patch MSE, norm-pix option), convert.py (official key names),
-parity.py (fixture adapter), config.py (the recipe, every variant).
+parity.py (fixture adapter), config.py (the recipe, every variant),
+finetune.py (its encoder's classifier card: fine-tuning and probe recipes).
 """
 
 import functools
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from mim_jax import masking
 from mim_jax import method
 from mim_jax.methods.mae import convert
+from mim_jax.methods.mae import finetune
 from mim_jax.methods.mae import loss
 from mim_jax.methods.mae import model
 from mim_jax.methods.mae import parity
@@ -166,9 +168,9 @@ METHOD = method.Method(
     to_pixels=to_pixels,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys,
-                               encoder_prefix=''),
+                               to_torch_keys=convert.to_torch_keys),
     parity=parity.ADAPTER,
     targets=targets,
     validate_config=validate_config,
+    classifier=finetune.CARD,
     encoder=encoder)
