@@ -36,7 +36,8 @@ Two kinds of records share this contract, told apart by two fields:
   probes, evaluation only): `pipeline='labelled'` (images and class
   labels) and `labelled=LabelledTask(...)`: the evaluation metrics, the
   on-device batch transform (mixup / cutmix), and how a pretrained encoder
-  (in timm key names) is loaded.
+  is loaded, from an official file (timm key names) or from a pretraining
+  workdir (its `params['encoder']`, copied as is).
 """
 
 import dataclasses
@@ -319,13 +320,17 @@ class LabelledTask:
       the metrics of an evaluation pass (averaged over the valid examples).
     from_encoder: (encoder state dict in timm key names, model, params,
       image_size) -> params with the encoder loaded: a pretraining method's
-      workdir or official file, its `EncoderCard.key_prefix` stripped.
+      official file, its `EncoderCard.key_prefix` stripped.
+    from_encoder_params: (encoder params, their vit.Encoder fields, model,
+      params) -> params with the encoder loaded: a pretraining workdir's
+      `params['encoder']`, copied as is (no key names on the way).
     batch_transform: config -> None, or `(batch, rng) -> batch` run on the
       devices inside the jitted train step before the model (e.g. mixup /
       cutmix of fine-tuning); not run in evaluation.
   """
   eval_metrics: Callable[..., dict]
   from_encoder: Callable[..., Any]
+  from_encoder_params: Callable[..., Any]
   batch_transform: Callable[[Config], Optional[Callable]] = _no_transform
 
   def __post_init__(self):

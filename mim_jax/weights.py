@@ -185,11 +185,12 @@ def initial_params(config, model):
   init_from may be:
   - a mim_jax workdir of the same method (its latest params, e.g. a
     fine-tuned classifier for evaluation), or of a pretraining method when
-    the config's method is a labelled task (`Method.labelled`): the
-    encoder is taken through the pretraining method's official key names;
+    the config's method is a labelled task (`Method.labelled`): its
+    `params['encoder']` is copied as is, checked against the task's;
   - an official PyTorch file (.pth/.pt/.npz) of the config's method (a
     fine-tuned classifier, or a pretraining checkpoint), or, for labelled
-    tasks, a pretraining file of `config.init_method`.
+    tasks, a pretraining file of `config.init_method` (converted through
+    its official key names).
 
   Raises:
     ValueError: a missing path, or a checkpoint of another architecture
@@ -215,14 +216,22 @@ def initial_params(config, model):
           f'init_from={path!r} is a {src_config.model_name} workdir, but '
           f'{method.name} loads only its own params; use a '
           f'{method.name} workdir or file.')
-    src_model = methods.get(src_config.model_name).build_model(src_config)
-    src_params, step = from_workdir(src_config, src_model, path)
-    sd = to_torch(src_config, src_model, src_params)
+    src_method = methods.get(src_config.model_name)
+    if src_method.encoder is None:
+      raise ValueError(
+          f'init_from={path!r} is a {src_config.model_name} workdir, whose '
+          'method declares no encoder (Method.encoder) to start from.')
+    src_params, step = from_workdir(
+        src_config, src_method.build_model(src_config), path)
+    if 'encoder' not in src_params:
+      raise ValueError(
+          f'init_from={path!r}: its params hold no encoder (their entries: '
+          f'{sorted(src_params)}).')
     logging.info('init_from: the %s encoder of %s at step %d.',
                  src_config.model_name, path, step)
-    return method.labelled.from_encoder(
-        encoder_state_dict(src_config.model_name, sd), model,
-        _fresh_params(config, model), config.input.image_size), None
+    return method.labelled.from_encoder_params(
+        src_params['encoder'], src_method.encoder(src_config), model,
+        _fresh_params(config, model)), None
   if not tf.io.gfile.exists(path):
     raise ValueError(
         f'init_from={path!r} does not exist: give a mim_jax workdir (with '

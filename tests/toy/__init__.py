@@ -91,7 +91,8 @@ METHOD = method.Method(
                                                                 RULES),
         to_torch_keys=functools.partial(core.flax_to_torch, rules=RULES)),
     targets=targets,
-    classifier=CARD)
+    classifier=CARD,
+    encoder=lambda c: dict(c.model.encoder))
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

@@ -7,10 +7,11 @@ cross-entropy, top-1/top-5), convert.py (timm / MAE / BEiT fine-tuned and
 probe layouts), config.py (the recipes, from each method's
 `Method.classifier` card).
 
-It starts from a pretrained encoder (`LabelledTask.from_encoder`): a
-pretraining method's workdir or official file gives its encoder in timm key
-names (`EncoderCard.key_prefix`), loaded here; the pretraining method itself
-is never named.
+It starts from a pretrained encoder (`LabelledTask`): a pretraining
+workdir gives its `params['encoder']`, copied as is
+(`from_encoder_params`); an official file gives its encoder in timm key
+names (`EncoderCard.key_prefix` stripped), converted (`from_encoder`). The
+pretraining method itself is never named.
 """
 
 import functools
@@ -80,6 +81,10 @@ def targets(config):
 # without one).
 _FRESH = re.compile(
     r'^pos_embed$|\.gamma_[12]$|\.attn\.relative_position_bias_table$')
+# The same as paths in a workdir's params['encoder']; a learned pos_embed
+# needs no entry: `vit.load_encoder` starts it from the pretraining table.
+_FRESH_PARAMS = re.compile(
+    r'/gamma_[12]$|/attn/relative_position_bias_table$')
 
 
 def from_encoder(encoder_sd, flax_model, params, image_size: int):
@@ -106,6 +111,22 @@ def from_encoder(encoder_sd, flax_model, params, image_size: int):
         'differs from config.model; match the variant / encoder fields to '
         'the pretraining run.')
   return loaded
+
+
+def from_encoder_params(encoder, fields, flax_model, params):
+  """Loads a pretraining run's `params['encoder']` (of vit.Encoder
+  `fields`) into the classifier's `params`, as is: only the params in
+  `_FRESH_PARAMS` that it lacks keep their fresh values (a learned position
+  embedding starts from the pretraining sin-cos table), and a global-pool
+  classifier drops its final norm (fc_norm replaces it).
+
+  Raises:
+    ValueError: naming the params that are missing, extra or mis-shaped.
+  """
+  loaded = vit.load_encoder(encoder, fields, params['encoder'],
+                            flax_model.encoder_fields(),
+                            fresh=_FRESH_PARAMS)
+  return dict(params, encoder=loaded)
 
 
 def validate_config(config):
@@ -150,4 +171,5 @@ METHOD = method.Method(
     labelled=method.LabelledTask(
         eval_metrics=loss.eval_metrics,
         from_encoder=from_encoder,
+        from_encoder_params=from_encoder_params,
         batch_transform=batch_transform))
