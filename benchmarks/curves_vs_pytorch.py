@@ -126,12 +126,12 @@ def first_batches(config, n: int) -> list[dict]:
   method's extra views)."""
   from mim_jax import train  # pylint: disable=g-import-not-at-top
   spec = experiment.batch_spec(config)
-  views = {k: v.size for k, v in
-           experiment.method_of(config).views(config).items()}
+  method = experiment.method_of(config)
+  views = {k: v.size for k, v in method.views(config).items()}
   ds = input_pipeline.make_train_dataset(
       config.input, patch_size=vit.patch_size_of(config.model), seed=0,
       process_index=0, process_count=1, views=views,
-      **train.pipeline_kind(spec))
+      **train.pipeline_kind(method))
   it = ds.as_numpy_iterator()
   return [{k: b[k] for k in spec} for b in (next(it) for _ in range(n))]
 

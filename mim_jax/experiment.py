@@ -62,6 +62,13 @@ def init_rules_of(config) -> tuple:
   return tuple(method_of(config).init_rules(config))
 
 
+def batch_transform(config) -> Optional[Callable]:
+  """The labelled task's on-device batch transform (mixup / cutmix), None
+  for pretraining methods."""
+  labelled = method_of(config).labelled
+  return None if labelled is None else labelled.batch_transform(config)
+
+
 def providers_of(config) -> tuple:
   """The config's target providers, checked (`providers.check`)."""
   method = method_of(config)

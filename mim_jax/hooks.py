@@ -270,7 +270,8 @@ class Evaluator:
   """Evaluation passes over a labelled split, and the best checkpoint.
 
   Opens the split when built (a missing split or data set fails before
-  anything compiles), runs the method's `eval_metrics` over every example
+  anything compiles), runs the task's `LabelledTask.eval_metrics` over
+  every example
   once (padding excluded), and keeps the state of the best
   `config.eval.best_metric` in workdir/best/ (its value in best.json, so a
   resumed run goes on comparing with it; `save_best=False` for
@@ -288,7 +289,8 @@ class Evaluator:
             crop_pct=ec.get('crop_pct', 0.875),
             bad_images=ec.get('bad_images', 'error'),
             bad_images_field='eval.bad_images', data_field='eval.data'))
-    self.model, self.metrics_fn, self.mesh = model, method.eval_metrics, mesh
+    self.model, self.mesh = model, mesh
+    self.metrics_fn = method.labelled.eval_metrics
     self.step_fn = None  # jitted at the first pass, for the state's shardings
     self.data_sh = sharding.data_sharding(mesh)
     self.best_metric = ec.get('best_metric', 'top1')

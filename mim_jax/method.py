@@ -23,11 +23,21 @@ Variables of the model other than 'params' (e.g. BatchNorm's 'batch_stats')
 live in `TrainState.model_state`; the step applies the model with them
 mutable in training and reads them in evaluation.
 
-Besides the MIM methods, the registry holds the evaluation task
-('classifier': fine-tuning and probes), which starts from any method's
-encoder: a method's official state dict holds its encoder's timm-layout keys
-under `Converter.encoder_prefix`, and `Method.from_encoder` of the task loads
-them.
+Two kinds of records share this contract, told apart by two fields:
+
+* pretraining methods (MAE, CAE, BootMAE): `pipeline='masked'` (images and
+  masking noise / masks); a method whose encoder can be fine-tuned and
+  probed also declares `classifier=EncoderCard(...)`: its fine-tuning
+  encoder fields, the key prefix of its encoder in official files, its
+  input normalisation and the official recipes. That record alone makes
+  `classifier` configs for it (mim_jax/methods/classifier/config.py reads it
+  through the registry); nothing in the classifier names the method.
+* labelled tasks (the 'classifier': fine-tuning, linear and attentive
+  probes, evaluation only): `pipeline='labelled'` (images and class
+  labels) and `labelled=LabelledTask(...)`: the evaluation metrics, the
+  on-device batch transform (mixup / cutmix), and how a pretrained encoder
+  is loaded, from an official file (timm key names) or from a pretraining
+  workdir (its `params['encoder']`, copied as is).
 """
 
 import dataclasses
@@ -38,6 +48,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mim_jax import errors
+
 Config = ml_collections.ConfigDict
 
 # Keys the input pipeline makes (see input_pipeline.py): normalised images,
@@ -46,6 +58,13 @@ Config = ml_collections.ConfigDict
 PIPELINE_KEYS = ('image', 'noise', 'mask', 'label')
 # Kinds of target providers (see TargetProvider).
 PROVIDER_KINDS = ('ema', 'frozen', 'running')
+# What the input pipeline makes for a method (`Method.pipeline`): 'masked',
+# images with the masking noise and masks of pretraining; 'labelled', images
+# with their class labels (fine-tuning, probes).
+PIPELINES = ('masked', 'labelled')
+# The tasks an `EncoderCard` holds official recipes for (the classifier's
+# 'eval' runs the fine-tuned model with the 'finetune' recipe).
+RECIPE_TASKS = ('finetune', 'linprobe', 'attnprobe')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,17 +155,12 @@ class Converter:
       image_size) -> the EMA state from the file, or None when it has none.
     ema_to_torch: (ema, model, image_size) -> the official keys of the EMA
       (e.g. `model_ema.*`); `model` may be None (keys only, no buffers).
-    encoder_prefix: where the official state dict keeps its ViT encoder in
-      timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
-      `blocks.{i}.*`, `norm.*`): '' for MAE and BootMAE, 'encoder.' for
-      CAE; None when it has no transferable encoder.
   """
   to_flax: Callable[..., Any]
   to_torch: Callable[..., dict]
   to_torch_keys: Callable[[Any], dict]
   ema_to_flax: Optional[Callable[..., Any]] = None
   ema_to_torch: Optional[Callable[..., dict]] = None
-  encoder_prefix: Optional[str] = None
 
   def __post_init__(self):
     if (self.ema_to_flax is None) != (self.ema_to_torch is None):
@@ -221,6 +235,118 @@ def _no_rules(config: Config) -> tuple:
 
 
 @dataclasses.dataclass(frozen=True)
+class Recipe:
+  """One official fine-tuning or probe recipe of an encoder (the official
+  script's values; the classifier's defaults where the script is silent).
+
+  Attributes:
+    epochs: training epochs.
+    batch: the global batch size.
+    blr: base learning rate; the peak is blr * batch / 256 (MAE's rule)
+      unless `lr` is set.
+    lr: the absolute peak learning rate (CAE, BootMAE scripts), or None.
+    layer_decay: layer-wise learning-rate decay (fine-tuning).
+    drop_path: the encoder's stochastic depth rate (fine-tuning).
+    warmup: warmup epochs; None: 5 for fine-tuning, 10 for probes.
+    feature_block: linear probe on the average-pooled output of this
+      0-based block (BootMAE) instead of the final cls token; None: the cls
+      token.
+  """
+  epochs: float = 100.0
+  batch: int = 1024
+  blr: float = 1e-3
+  lr: Optional[float] = None
+  layer_decay: float = 0.75
+  drop_path: float = 0.0
+  warmup: Optional[float] = None
+  feature_block: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderCard:
+  """What the evaluation task ('classifier': fine-tuning, linear and
+  attentive probes) needs from a pretraining method's encoder; declared by
+  the method (`Method.classifier`), read by the classifier's recipes
+  through the registry.
+
+  Attributes:
+    encoder: the vit.Encoder fields of the encoder as the method's official
+      fine-tuning code builds it, over those of the size variant (e.g.
+      posemb='learned', qkv_bias='qv', layer_scale, rel_pos_bias); the
+      pretraining params['encoder'] must load into it, params it adds
+      (layer scale, relative position bias) starting fresh.
+    key_prefix: where the method's official state dicts keep the encoder
+      in timm key names (`cls_token`, `pos_embed`, `patch_embed.proj.*`,
+      `blocks.{i}.*`, `norm.*`): '' for MAE and BootMAE, 'encoder.' for
+      CAE.
+    mean, std: the input normalisation of its pretraining, kept in
+      fine-tuning and probes.
+    recipes: {(task, size): Recipe}, task one of RECIPE_TASKS, size 'B',
+      'L' or 'H' (ViT-B/16, L/16, H/14): the official recipes; the 'tiny'
+      size (the digits run) needs none.
+    randaugment: the fine-tuning RandAugment policy (timm's string), or
+      None for none.
+    finetune_ema: momentum of a weights EMA that fine-tuning keeps and
+      evaluates (timm ModelEma), or None for none.
+  """
+  encoder: Mapping[str, Any]
+  key_prefix: str
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  recipes: Mapping[tuple[str, str], Recipe] = dataclasses.field(
+      default_factory=dict)
+  randaugment: Optional[str] = 'rand-m9-mstd0.5-inc1'
+  finetune_ema: Optional[float] = None
+
+  def __post_init__(self):
+    if len(self.mean) != 3 or len(self.std) != 3:
+      raise TypeError('EncoderCard: mean and std take one value per RGB '
+                      f'channel, got {self.mean} and {self.std}.')
+    for key, recipe in self.recipes.items():
+      if (not isinstance(key, tuple) or len(key) != 2 or
+          key[0] not in RECIPE_TASKS):
+        raise TypeError(f'EncoderCard: recipe key {key!r} is not a (task, '
+                        f'size) with task one of {RECIPE_TASKS}.')
+      if not isinstance(recipe, Recipe):
+        raise TypeError(f'EncoderCard: recipe {key!r} must be a '
+                        f'mim_jax.method.Recipe, got {recipe!r:.80}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledTask:
+  """What a task on labelled images adds to the contract (the classifier:
+  fine-tuning, probes, evaluation). Its method's pipeline is 'labelled'.
+
+  Attributes:
+    eval_metrics: (pred, out, batch) -> {name: (B,) per-example values},
+      the metrics of an evaluation pass (averaged over the valid examples).
+    from_encoder: (encoder state dict in timm key names, model, params,
+      image_size) -> params with the encoder loaded: a pretraining method's
+      official file, its `EncoderCard.key_prefix` stripped.
+    from_encoder_params: (encoder params, their vit.Encoder fields, model,
+      params) -> params with the encoder loaded: a pretraining workdir's
+      `params['encoder']`, copied as is (no key names on the way).
+    batch_transform: config -> None, or `(batch, rng) -> batch` run on the
+      devices inside the jitted train step before the model (e.g. mixup /
+      cutmix of fine-tuning); not run in evaluation.
+  """
+  eval_metrics: Callable[..., dict]
+  from_encoder: Callable[..., Any]
+  from_encoder_params: Callable[..., Any]
+  batch_transform: Callable[[Config], Optional[Callable]] = _no_transform
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      if not callable(getattr(self, field.name)):
+        raise TypeError(f'LabelledTask: {field.name} must be callable.')
+
+
+# Method fields that hold values or records, not functions.
+_RECORD_FIELDS = ('name', 'converter', 'parity', 'pipeline', 'labelled',
+                  'classifier')
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """One MIM method, as the generic code sees it.
 
@@ -244,15 +370,12 @@ class Method:
     views: config -> {batch key: View}, extra views the pipeline makes.
     validate_config: config -> None; raises ValueError naming the bad value
       and the fix, before anything is built.
-    batch_transform: config -> None, or `(batch, rng) -> batch` run on the
-      devices inside the jitted train step before the model (e.g. mixup /
-      cutmix of fine-tuning); not run in evaluation.
-    eval_metrics: (pred, out, batch) -> {name: (B,) per-example values}, the
-      metrics of an evaluation pass (averaged over the valid examples);
-      None when the method has no evaluation split.
-    from_encoder: tasks that start from a pretrained encoder: (encoder
-      state dict in timm keys, model, params, image_size) -> params with
-      the encoder loaded; None for methods that only load their own files.
+    pipeline: what the input pipeline makes, one of PIPELINES: 'masked'
+      (pretraining) or 'labelled' (tasks on labelled images).
+    labelled: the evaluation side of a labelled task (see LabelledTask);
+      None for pretraining methods.
+    classifier: pretraining methods whose encoder the classifier can
+      fine-tune and probe: its card (see EncoderCard); None otherwise.
     encoder: config -> the vit.Encoder fields of `params['encoder']`, the
       encoder that feature monitoring and the timm export
       (`convert export --format=timm`) rebuild; None when the method has
@@ -271,16 +394,16 @@ class Method:
   targets: Callable[[Config], tuple] = _no_targets
   views: Callable[[Config], dict] = _no_views
   validate_config: Callable[[Config], None] = _no_check
-  batch_transform: Callable[[Config], Optional[Callable]] = _no_transform
-  eval_metrics: Optional[Callable[..., dict]] = None
-  from_encoder: Optional[Callable[..., Any]] = None
+  pipeline: str = 'masked'
+  labelled: Optional[LabelledTask] = None
+  classifier: Optional[EncoderCard] = None
   encoder: Optional[Callable[[Config], dict]] = None
   init_rules: Callable[[Config], tuple] = _no_rules
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name in ('name', 'converter', 'parity'):
+      if field.name in _RECORD_FIELDS:
         continue
       if value is not None and not callable(value):
         raise TypeError(f'Method {self.name!r}: {field.name} must be '
@@ -288,26 +411,22 @@ class Method:
     if not isinstance(self.converter, Converter):
       raise TypeError(f'Method {self.name!r}: converter must be a '
                       'mim_jax.method.Converter.')
-    if self.parity is not None and not isinstance(self.parity,
-                                                  ParityAdapter):
-      raise TypeError(f'Method {self.name!r}: parity must be a '
-                      'mim_jax.method.ParityAdapter or None.')
+    for field, record in (('parity', ParityAdapter),
+                          ('labelled', LabelledTask),
+                          ('classifier', EncoderCard)):
+      value = getattr(self, field)
+      if value is not None and not isinstance(value, record):
+        raise TypeError(f'Method {self.name!r}: {field} must be a '
+                        f'mim_jax.method.{record.__name__} or None.')
+    if self.pipeline not in PIPELINES:
+      raise TypeError(f'Method {self.name!r}: pipeline={self.pipeline!r} '
+                      f'is not one of {PIPELINES}.')
+    if self.labelled is not None and self.pipeline != 'labelled':
+      raise TypeError(f'Method {self.name!r}: a labelled task needs '
+                      "pipeline='labelled'.")
 
-  def providers(self, config: Config) -> tuple[TargetProvider, ...]:
-    """The config's target providers, checked: unique names, one EMA."""
-    providers = tuple(self.targets(config))
-    names = [p.name for p in providers]
-    if len(set(names)) != len(names):
-      raise TypeError(f'Method {self.name!r}: target provider names repeat: '
-                      f'{names}.')
-    if sum(p.kind == 'ema' for p in providers) > 1:
-      raise TypeError(f'Method {self.name!r}: at most one ema provider (its '
-                      'state is TrainState.ema_params).')
-    return providers
-
-  def ema_provider(self, config: Config) -> Optional[TargetProvider]:
-    return next((p for p in self.providers(config) if p.kind == 'ema'),
-                None)
+  # The trainer's shorthands for the labelled task (train.py, steps.py),
+  # derived from `labelled`, not declared.
 
 
 def image_batch(config: Config, batch_size: int, patch_size: int,
@@ -342,7 +461,7 @@ def model_from_config(factory: Callable[..., Any], config: Config,
   kw = config.model.to_dict()
   twice = sorted(set(kw) & set(fields))
   if twice:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.model.{twice[0]} is not a config.model field: '
         f'{config.model_name}\'s build_model sets the model\'s {twice[0]} '
         'from another field of the config (config_lib.REMOVED_FIELDS names '
@@ -353,7 +472,7 @@ def model_from_config(factory: Callable[..., Any], config: Config,
   try:
     return factory(**kw)
   except TypeError as e:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.model does not fit model {config.model_name!r}: {e}. Remove '
         'or rename the key; the fields are those of the model in '
         f'mim_jax/methods/{config.model_name}/model.py.') from e

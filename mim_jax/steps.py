@@ -178,7 +178,7 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
       model, loss_fn, schedule, experiment.providers_of(config),
       seed=config.seed, accum_steps=config.get('grad_accum_steps', 1),
       ema_momentum=experiment.ema_schedule(config),
-      batch_transform=experiment.method_of(config).batch_transform(config))
+      batch_transform=experiment.batch_transform(config))
   rules = sharding.activation_rules(sharding.rules_from_config(config), mesh)
 
   def sharded_step(state, batch, frozen):

@@ -202,11 +202,11 @@ def check_resume(config, workdir: str, mgr, abstract_state) -> list[str]:
   return allowed
 
 
-def pipeline_kind(spec: dict) -> dict:
-  """What the method's batch spec asks of the pipeline: labels (fine-tuning,
-  probes) and/or masks (pretraining)."""
-  return dict(labeled='label' in spec,
-              with_masks=bool({'noise', 'mask'} & set(spec)))
+def pipeline_kind(method) -> dict:
+  """The input pipeline's switches for the method's declared
+  `Method.pipeline`: masks (pretraining) or labels (fine-tuning, probes)."""
+  return dict(labeled=method.pipeline == 'labelled',
+              with_masks=method.pipeline == 'masked')
 
 
 @dataclasses.dataclass
@@ -317,7 +317,7 @@ def _train_data(config, method, batch_shapes, start_step: int):
   ds = input_pipeline.make_train_dataset(
       config.input, patch_size=p, seed=config.seed, start_step=start_step,
       views=views, num_classes=config.model.get('num_classes'),
-      **pipeline_kind(batch_shapes))
+      **pipeline_kind(method))
   vis_batch = None
   if method.to_pixels is not None:
     vis_batch = input_pipeline.make_vis_batch(
@@ -443,7 +443,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def _evaluator(config, method, model, mesh, workdir, save_best=True):
   """The evaluation passes when the method has eval metrics and the config
   an eval set (its data opened and checked now), else None."""
-  if method.eval_metrics is None or not config.get('eval'):
+  if method.labelled is None or not config.get('eval'):
     return None
   return hooks_lib.Evaluator(config, method, model, mesh, workdir,
                              save_best=save_best)
@@ -614,7 +614,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'eval_only evaluates the model of config.init_from: set '
         '--config.init_from to a workdir or .pth file.')
   method = experiment.method_of(config)
-  if method.eval_metrics is None or not config.get('eval'):
+  if method.labelled is None or not config.get('eval'):
     raise errors.ConfigError(
         f'eval_only: method {method.name!r} with this config has no '
         'evaluation (config.eval); use a fine-tuning or probe config.')

@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from mim_jax import checkpoint
 from mim_jax import config_lib
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import methods
 from mim_jax import sharding
@@ -26,7 +27,7 @@ from mim_jax import state as state_lib
 from mim_jax.convert import core
 from mim_jax.convert import timm_vit
 
-# The timm key names of a ViT encoder (what `Converter.encoder_prefix`
+# The timm key names of a ViT encoder (what `EncoderCard.key_prefix`
 # points at): everything else in a pretraining file (decoders, mask
 # tokens, momentum copies) is not part of the encoder.
 _ENCODER_KEY = re.compile(r'(cls_token|pos_embed|patch_embed\.|blocks\.\d+\.'
@@ -71,8 +72,9 @@ def state_from_workdir(config, model, workdir: str,
   mgr = checkpoint.make_manager(workdir, keep=10**6, async_save=False)
   state, step = checkpoint.restore_latest(mgr, abstract, step)
   if state is None:
-    raise ValueError(f'No checkpoint in {workdir}/checkpoints: train first, '
-                     'or pass a PyTorch checkpoint instead.')
+    raise errors.WorkdirError(
+        f'No checkpoint in {workdir}/checkpoints: train first, '
+        'or pass a PyTorch checkpoint instead.')
   return jax.device_get(state), step
 
 
@@ -133,7 +135,7 @@ def timm_kwargs(config, pool: str = 'token') -> dict:
 def _encoder_fields(config) -> dict:
   method = experiment.method_of(config)
   if method.encoder is None:
-    raise ValueError(
+    raise errors.ConfigError(
         f'method {method.name!r} declares no pretraining encoder '
         '(Method.encoder), so it has none to export for timm; use '
         '--format=official.')
@@ -154,27 +156,31 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(config_lib.upgrade_saved(json.load(f)))
 
 
-def encoder_state_dict(method_name: str, state_dict: dict) -> dict:
+def encoder_state_dict(method_name: Optional[str], state_dict: dict) -> dict:
   """The encoder of a pretraining state dict of `method_name`, in timm key
-  names (its `Converter.encoder_prefix` stripped, decoders dropped).
+  names (its `EncoderCard.key_prefix` stripped, decoders dropped); None:
+  a file whose encoder already has timm key names at the top level.
 
   Raises:
-    ValueError: the method has no transferable encoder, or the file holds
-      none under the prefix.
+    ValueError: the method declares no classifier card, or the file holds
+      no encoder under its prefix.
   """
-  conv = methods.get(method_name).converter
-  prefix = conv.encoder_prefix
-  if prefix is None:
-    raise ValueError(f'method {method_name!r} declares no encoder in its '
-                     'state dicts (Converter.encoder_prefix).')
+  prefix = ''
+  if method_name is not None:
+    card = methods.get(method_name).classifier
+    if card is None:
+      raise errors.ConfigError(
+          f'method {method_name!r} declares no encoder to '
+          'fine-tune (Method.classifier).')
+    prefix = card.key_prefix
   out = {k[len(prefix):]: v for k, v in state_dict.items()
          if k.startswith(prefix) and _ENCODER_KEY.match(k[len(prefix):])}
   if not out:
-    raise ValueError(
-        f'no {method_name} encoder keys (prefix {prefix!r}: cls_token, '
-        f'patch_embed.*, blocks.*) in the state dict; its first keys are '
-        f'{sorted(state_dict)[:8]}. Set config.init_method to the method '
-        'that wrote the file.')
+    raise errors.WeightsFileError(
+        f'no {method_name or "timm"} encoder keys (prefix {prefix!r}: '
+        'cls_token, patch_embed.*, blocks.*) in the state dict; its first '
+        f'keys are {sorted(state_dict)[:8]}. Set config.init_method to the '
+        'method that wrote the file.')
   return out
 
 
@@ -186,15 +192,16 @@ def initial_params(config, model):
   init_from may be:
   - a mim_jax workdir of the same method (its latest params, e.g. a
     fine-tuned classifier for evaluation), or of a pretraining method when
-    the config's method starts from an encoder (`Method.from_encoder`): the
-    encoder is taken through the pretraining method's official key names;
+    the config's method is a labelled task (`Method.labelled`): its
+    `params['encoder']` is copied as is, checked against the task's;
   - an official PyTorch file (.pth/.pt/.npz) of the config's method (a
-    fine-tuned classifier, or a pretraining checkpoint), or, for
-    `from_encoder` methods, a pretraining file of `config.init_method`.
+    fine-tuned classifier, or a pretraining checkpoint), or, for labelled
+    tasks, a pretraining file of `config.init_method` (converted through
+    its official key names).
 
   Raises:
     ValueError: a missing path, or a checkpoint of another architecture
-      (conversion errors list the unknown, missing and mis-shaped keys).
+      (naming the unknown, missing and mis-shaped params or keys).
   """
   path = config.init_from
   method = experiment.method_of(config)
@@ -211,31 +218,41 @@ def initial_params(config, model):
                   path)
       logging.info('init_from: params of %s at step %d.', path, step)
       return state.params, state.model_state
-    if method.from_encoder is None:
-      raise ValueError(
+    if method.labelled is None:
+      raise errors.ConfigError(
           f'init_from={path!r} is a {src_config.model_name} workdir, but '
           f'{method.name} loads only its own params; use a '
           f'{method.name} workdir or file.')
-    src_model = methods.get(src_config.model_name).build_model(src_config)
-    src_params, step = from_workdir(src_config, src_model, path)
-    sd = to_torch(src_config, src_model, src_params)
+    src_method = methods.get(src_config.model_name)
+    if src_method.encoder is None:
+      raise errors.ConfigError(
+          f'init_from={path!r} is a {src_config.model_name} workdir, whose '
+          'method declares no encoder (Method.encoder) to start from.')
+    src_params, step = from_workdir(
+        src_config, src_method.build_model(src_config), path)
+    if 'encoder' not in src_params:
+      raise errors.WeightsFileError(
+          f'init_from={path!r}: its params hold no encoder (their entries: '
+          f'{sorted(src_params)}).')
     logging.info('init_from: the %s encoder of %s at step %d.',
                  src_config.model_name, path, step)
-    return _from_encoder(config, model, method,
-                         encoder_state_dict(src_config.model_name, sd)), None
+    return method.labelled.from_encoder_params(
+        src_params['encoder'], src_method.encoder(src_config), model,
+        _fresh_params(config, model)), None
   if not tf.io.gfile.exists(path):
-    raise ValueError(
+    raise errors.MissingFileError(
         f'init_from={path!r} does not exist: give a mim_jax workdir (with '
         'config.json and checkpoints/) or a PyTorch .pth/.pt/.npz file.')
   sd = core.load_state_dict(path)
   # A classifier file (fine-tuned: 'head.*' keys) loads whole; any other
-  # file gives a from_encoder task its encoder.
-  if method.from_encoder is not None and not any(
+  # file gives a labelled task its encoder.
+  if method.labelled is not None and not any(
       k.startswith('head.') for k in sd):
-    src = config.get('init_method') or method.name
-    logging.info('init_from: the %s encoder of %s.', src, path)
-    return _from_encoder(config, model, method,
-                         encoder_state_dict(src, sd)), None
+    src = config.get('init_method') or None
+    logging.info('init_from: the %s encoder of %s.', src or 'timm', path)
+    return method.labelled.from_encoder(
+        encoder_state_dict(src, sd), model, _fresh_params(config, model),
+        config.input.image_size), None
   return from_torch(config, model, path, strict=strict, state_dict=sd), None
 
 
@@ -248,13 +265,12 @@ def _check_same(expected, got, path: str):
   bad = [f'{k}: {have.get(k)} in {path}, {want.get(k)} in this model'
          for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
   if bad:
-    raise ValueError(
+    raise errors.WeightsFileError(
         f'init_from={path!r} holds another architecture ({len(bad)} params '
         f'differ): {bad[:12]}. Match config.model to that run.')
 
 
-def _from_encoder(config, model, method, encoder_sd: dict):
-  init = state_lib.init_params(model, experiment.batch_spec(config, 1),
+def _fresh_params(config, model):
+  """The model's initial params (what a loaded encoder leaves fresh)."""
+  return state_lib.init_params(model, experiment.batch_spec(config, 1),
                                config.seed, experiment.init_rules_of(config))
-  return method.from_encoder(encoder_sd, model, init,
-                             config.input.image_size)

@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from mim_jax.convert import core
+from mim_jax.convert import timm_vit
 from mim_jax.methods import classifier as classifier_lib
 from mim_jax.methods.classifier import convert
 from mim_jax.methods.classifier import model as model_lib
@@ -249,6 +250,84 @@ def test_pretrained_encoder_without_tables_starts_them_at_zeros():
     assert not np.any(attn['relative_position_bias_table'])
     np.testing.assert_array_equal(attn['proj']['kernel'],
                                   sd[f'blocks.{i}.attn.proj.weight'].T)
+
+
+def _pretrained_encoder(scan=False, seed=1, **fields):
+  """(params, fields) of a pretraining-style 'mu' encoder (fixed sin-cos
+  table, final norm), its params perturbed so no init value is special."""
+  fields = dict(MU, scan=scan, **fields)
+  enc = vit.Encoder(**fields)
+  params = _init(enc, jnp.zeros((1, IMG, IMG, 3)), seed)['params']
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda a: np.asarray(a) + 0.01 * rng.standard_normal(
+      a.shape).astype(np.float32), params), fields
+
+
+@pytest.mark.parametrize('src_scan,dst_scan', [(False, False), (True, False),
+                                               (False, True)])
+def test_workdir_encoder_loads_as_is_like_its_official_file(src_scan,
+                                                           dst_scan):
+  """A pretraining run's params['encoder'] (either layout) lands in the
+  classifier unchanged, exactly as the same encoder's timm-named file does;
+  the global-pool classifier drops the final norm and its learned position
+  embedding starts from the pretraining sin-cos table."""
+  src, fields = _pretrained_encoder(src_scan)
+  model = _mu_model(scan=dst_scan)
+  _, batch = _images()
+  params = _init(model, batch, 0)['params']
+  loaded = classifier_lib.from_encoder_params(src, fields, model, params)
+  sd, _ = timm_vit.encoder_to_timm(src, fields, IMG, 'token')
+  via_file = classifier_lib.from_encoder(sd, model, params, IMG)
+  flat = lambda t: traverse_util.flatten_dict(t, sep='/')
+  assert sorted(flat(loaded)) == sorted(flat(via_file))
+  for k, v in flat(via_file).items():
+    np.testing.assert_array_equal(np.asarray(flat(loaded)[k]), v, err_msg=k)
+  loop = lambda t: vit.scan_to_loop(t) if 'blocks' in t else t
+  want, got = flat(loop(src)), flat(loop(loaded['encoder']))
+  assert set(want) - {'norm/scale', 'norm/bias'} == set(got) - {'pos_embed'}
+  for k in set(want) & set(got):
+    np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+  np.testing.assert_array_equal(
+      got['pos_embed'], layers.posemb_sincos_2d(IMG // 8, IMG // 8, 32))
+  for k in ('head', 'fc_norm'):
+    for a, b in zip(jax.tree.leaves(params[k]),
+                    jax.tree.leaves(loaded[k])):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_workdir_encoder_keeps_fresh_tables_and_names_what_does_not_fit():
+  """Layer scale and relative position bias that the pretraining encoder
+  lacks start fresh; anything else that does not fit is named by its path
+  (missing, extra, mis-shaped, another fixed table)."""
+  src, fields = _pretrained_encoder(qkv_bias='qv', posemb_row_first=True)
+  model = _mu_model(encoder=dict(qkv_bias='qv', layer_scale=0.1,
+                                 posemb='sincos', posemb_row_first=True,
+                                 rel_pos_bias=True))
+  _, batch = _images()
+  params = _init(model, batch, 0)['params']
+  loaded = classifier_lib.from_encoder_params(src, fields, model, params)
+  block = loaded['encoder']['blocks_1']
+  assert not np.any(block['attn']['relative_position_bias_table'])
+  np.testing.assert_array_equal(block['gamma_1'],
+                                np.full(32, 0.1, np.float32))
+  np.testing.assert_array_equal(block['attn']['q_bias'],
+                                src['blocks_1']['attn']['q_bias'])
+
+  src, fields = _pretrained_encoder()
+
+  def refused(match, **encoder):
+    model = _mu_model(encoder=encoder)
+    params = _init(model, batch, 0)['params']
+    with pytest.raises(ValueError, match=match):
+      classifier_lib.from_encoder_params(src, fields, model, params)
+
+  refused(r'lacks 12 params: \[.blocks_2/attn/proj/bias', depth=3)
+  refused(r"shape mismatches \(\d+\): \['blocks_0/attn/proj/bias: "
+          r'\(32,\) pretrained, \(64,\) in this model', width=64)
+  refused(r"lacks 4 params: \['blocks_0/attn/q_bias'.*does not have: "
+          r"\['blocks_0/attn/qkv/bias'", qkv_bias='qv')
+  refused(r'fixed sin-cos position tables differ: posemb_row_first=False '
+          r'pretrained, True here', posemb='sincos', posemb_row_first=True)
 
 
 # ---------------------------------------------------------------------------

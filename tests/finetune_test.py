@@ -294,12 +294,12 @@ def test_init_from_another_architecture_names_the_keys(pretrained,
   config.init_from = pretrained
   config.model.encoder.width = 32
   config.model.encoder.num_heads = 2
-  with pytest.raises(ValueError, match=r'shape mismatches.*blocks\.0'):
+  with pytest.raises(ValueError, match=r'shape mismatches.*blocks_0/'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
   deeper = _task_config('finetune')
   deeper.init_from = pretrained
   deeper.model.encoder.depth = 6
-  with pytest.raises(ValueError, match=r'lacks .*blocks\.4'):
+  with pytest.raises(ValueError, match=r'lacks .*blocks_4/'):
     train.train_and_evaluate(deeper, str(tmp_path / 'wd2'))
 
 
@@ -396,4 +396,4 @@ def test_init_from_cae_and_bootmae_pretraining_files(method, tmp_path):
   assert set(want) - {'norm/scale', 'norm/bias'} <= set(got)
   for k in set(want) & set(got):
     np.testing.assert_array_equal(want[k], got[k], err_msg=k)
-  assert methods.get(method).converter.encoder_prefix is not None
+  assert methods.get(method).classifier.key_prefix is not None

@@ -22,6 +22,9 @@ VIOLATIONS = {
         'mim_jax/visualize.py', 'from mim_jax.methods.bootmae import loss'),
     'Concern modules never import': (
         'mim_jax/nonfinite.py', 'from mim_jax import hooks'),
+    'Method packages never import each other': (
+        'mim_jax/methods/classifier/config.py',
+        'from mim_jax.methods.cae import finetune'),
     'Layers: tools on top': (
         'mim_jax/checkpoint.py', 'from mim_jax.tools import plan'),
 }

@@ -1,7 +1,7 @@
 """The method contract: the registry, the record's checks, a throwaway
-method trained through the contract alone, one mask count everywhere,
-gradient accumulation that keeps the loss terms, and pre-contract
-checkpoints that still restore."""
+method trained and fine-tuned through the contract alone, one mask count
+everywhere, gradient accumulation that keeps the loss terms, and
+pre-contract checkpoints that still restore."""
 
 import dataclasses
 import json
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from flax import struct
+from flax import traverse_util
 
 from mim_jax import checkpoint
 from mim_jax import experiment
@@ -23,9 +24,11 @@ from mim_jax import sharding
 from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import train
+from mim_jax import weights
 from mim_jax.data import masks
 from mim_jax.methods.bootmae import config as bootmae_config
 from mim_jax.methods.cae import config as cae_config
+from mim_jax.methods.classifier import config as classifier_config
 from mim_jax.models import vit
 from tests import toy
 
@@ -35,6 +38,11 @@ def test_registry_names_every_method_and_rejects_unknown_names():
     record = methods.get(name)
     assert isinstance(record, method.Method) and record.name == name
     assert record.parity is not None
+    assert record.pipeline == 'masked' and record.labelled is None
+    assert isinstance(record.classifier, method.EncoderCard)
+  task = methods.get('classifier')
+  assert task.pipeline == 'labelled' and task.classifier is None
+  assert isinstance(task.labelled, method.LabelledTask)
   with pytest.raises(ValueError, match=r"Unknown method 'maee'.*'mae'"):
     methods.get('maee')
 
@@ -54,6 +62,24 @@ def test_record_rejects_a_malformed_method():
   with pytest.raises(TypeError, match='kind'):
     method.TargetProvider(name='s', kind='teacher', compute=len,
                           outputs=('s',), init=len)
+  # The pipeline is declared, and a labelled task needs the labelled one.
+  with pytest.raises(TypeError, match="pipeline='labeled' is not one of"):
+    method.Method(**dict(ok, pipeline='labeled'))
+  task = method.LabelledTask(eval_metrics=len, from_encoder=len,
+                             from_encoder_params=len)
+  method.Method(**dict(ok, pipeline='labelled', labelled=task))
+  with pytest.raises(TypeError, match="needs pipeline='labelled'"):
+    method.Method(**dict(ok, labelled=task))
+  with pytest.raises(TypeError, match='classifier must be a '
+                     'mim_jax.method.EncoderCard'):
+    method.Method(**dict(ok, classifier=dict(key_prefix='')))
+  card = dict(encoder={}, key_prefix='', mean=(0.5,) * 3, std=(0.5,) * 3)
+  with pytest.raises(TypeError, match=r"recipe key \('fine-tune', 'B'\)"):
+    method.EncoderCard(**card, recipes={('fine-tune', 'B'): method.Recipe()})
+  with pytest.raises(TypeError, match='must be a mim_jax.method.Recipe'):
+    method.EncoderCard(**card, recipes={('finetune', 'B'): dict(lr=1.0)})
+  with pytest.raises(TypeError, match='unexpected keyword'):
+    method.Recipe(learning_rate=1.0)   # a misspelt recipe value fails
 
 
 def test_mask_count_agrees_everywhere():
@@ -113,6 +139,51 @@ def test_throwaway_method_trains_through_the_contract(toy_registered,
       materialize=False)[0]
   at4, _ = checkpoint.restore_latest(mgr, abstract, 4)
   np.testing.assert_array_equal(at4.target_state['pixel_stats'], stats)
+
+
+def test_throwaway_method_is_fine_tuned_through_its_card(toy_registered,
+                                                         tmp_path):
+  """The toy's `classifier` card alone gives it classifier configs: its
+  pretraining workdir's encoder is fine-tuned and evaluated; a method
+  without a card is refused by name."""
+  del toy_registered
+  pre = toy.get_config()
+  pre.total_steps = 2
+  pre.ckpt_every_steps = 2
+  train.train_and_evaluate(pre, str(tmp_path / 'pre'))
+  for task in classifier_config.TASKS:
+    config = classifier_config.get_config(task, 'toy', 'tiny')
+    assert config.init_method == 'toy'
+    assert config.model.encoder.posemb == 'learned'
+  config = classifier_config.get_config('finetune', 'toy', 'tiny')
+  config.model.encoder.depth = pre.model.encoder.depth
+  config.init_from = str(tmp_path / 'pre')
+  config.total_steps = 2
+  config.warmup_steps = 1
+  config.log_every_steps = 1
+  config.eval.every_steps = 2
+  config.input.batch_size = 16
+  # The workdir's params['encoder'] arrive as they are; the global-pool
+  # classifier drops the final norm and learns the position embedding.
+  params, _ = weights.initial_params(config, experiment.build_model(config))
+  src, _ = weights.from_workdir(pre, experiment.build_model(pre),
+                                str(tmp_path / 'pre'))
+  want = traverse_util.flatten_dict(src['encoder'], sep='/')
+  got = traverse_util.flatten_dict(params['encoder'], sep='/')
+  assert set(want) - {'norm/scale', 'norm/bias'} == set(got) - {'pos_embed'}
+  for k in set(want) & set(got):
+    np.testing.assert_array_equal(want[k], got[k], err_msg=k)
+  state = train.train_and_evaluate(config, str(tmp_path / 'ft'))
+  rows = [json.loads(l) for l in open(tmp_path / 'ft' / 'metrics.jsonl')]
+  assert all(np.isfinite(r['train/loss']) for r in rows if 'train/loss' in r)
+  assert 0.0 <= [r for r in rows if 'eval/top1' in r][-1]['eval/top1'] <= 1
+  assert int(state.step) == 2
+  with pytest.raises(ValueError, match=r"'classifier' declares no "
+                     r'classifier card \(Method.classifier'):
+    classifier_config.get_config('finetune', 'classifier', 'tiny')
+  with pytest.raises(ValueError, match=r"No official finetune recipe for toy "
+                     r'ViT-B; known \(task, size\): \[\]'):
+    classifier_config.get_config('finetune', 'toy', 'B')
 
 
 def _one_step(config, batch, accum):

@@ -191,7 +191,7 @@ def test_population_running_mode_is_the_debiased_ema(axis):
 def test_running_provider_folds_the_batch_it_normalises():
   c = mae_config.get_config('tiny')
   c.loss.pop_norm = 'running'
-  (prov,) = MAE.providers(c)
+  (prov,) = MAE.targets(c)
   assert prov.kind == 'running' and prov.name == 'population'
   state = prov.init(None)
   batch = {'image': _images(4)}

@@ -70,7 +70,7 @@ def test_view_and_token_ids_match_the_torch_tokenizer(encoder_pkl):
   assert set(frozen) == {'tokenizer'}
   assert all(x.sharding.is_fully_replicated
              for x in jax.tree.leaves(frozen['tokenizer']))
-  provider, = methods.get('cae').providers(c)
+  provider, = methods.get('cae').targets(c)
   assert (provider.name, provider.kind) == ('tokenizer', 'frozen')
   global_batch = sharding.to_global(
       {k: batch[k] for k in experiment.batch_spec(c)},
@@ -99,7 +99,7 @@ def test_token_targets_train(encoder_pkl, tmp_path):
   spec = experiment.batch_spec(c)
   assert spec[tokenizer.VIEW].shape == (16, 64, 64, 3)
   assert 'token_ids' not in spec  # made inside the step
-  provider, = methods.get('cae').providers(c)
+  provider, = methods.get('cae').targets(c)
   ids = jax.eval_shape(provider.compute, provider.abstract(c), spec)
   assert ids['token_ids'].shape == (16, 64)
   state = train.train_and_evaluate(c, str(tmp_path))
@@ -201,7 +201,7 @@ def test_pixel_targets_need_no_tokenizer():
   c = cae_config.get_config('tiny')
   c.tokenizer.weights = None
   cae = methods.get('cae')
-  assert not cae.providers(c) and not cae.views(c)
+  assert not cae.targets(c) and not cae.views(c)
   train.validate_config(c, 8, 8)
   assert set(experiment.batch_spec(c)) == {'image', 'mask'}
   assert experiment.frozen_targets(c, jax.sharding.Mesh(

@@ -8,6 +8,7 @@ line here.
 
 import importlib
 
+from mim_jax import errors
 from mim_jax import method as method_lib
 
 REGISTRY = {
@@ -27,9 +28,10 @@ def get(name: str) -> method_lib.Method:
       METHOD is not a `mim_jax.method.Method` named `name`.
   """
   if name not in REGISTRY:
-    raise ValueError(f'Unknown method {name!r} (config.model_name); known: '
-                     f'{sorted(REGISTRY)}. A new method is registered in '
-                     'mim_jax/methods/__init__.py.')
+    raise errors.ConfigError(
+        f'Unknown method {name!r} (config.model_name); known: '
+        f'{sorted(REGISTRY)}. A new method is registered in '
+        'mim_jax/methods/__init__.py.')
   return load(REGISTRY[name], name)
 
 

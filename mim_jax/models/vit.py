@@ -7,6 +7,7 @@ tokens, a cls token (whose position row is zero), pre-norm blocks and a
 final LayerNorm (optional: global-pool classifiers use their own).
 """
 
+import dataclasses
 import re
 from typing import Any, Optional
 
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from mim_jax import errors
 from mim_jax import masking
@@ -65,8 +67,9 @@ def patch_size_of(model_config) -> int:
     return int(encoder['patch_size'])
   if model_config.get('variant'):
     return decode_variant(model_config['variant'])['patch_size']
-  raise errors.ConfigError('Set config.model.variant ("B/16") or '
-                   'config.model.encoder.patch_size.')
+  raise errors.ConfigError(
+      'Set config.model.variant ("B/16") or '
+      'config.model.encoder.patch_size.')
 
 
 def gather_tokens(x: jax.Array, ids: jax.Array) -> jax.Array:
@@ -328,3 +331,99 @@ def scan_to_loop(tree: dict, names: tuple[str, ...] = STACKED) -> dict:
     else:
       out[k] = scan_to_loop(v, names)
   return out
+
+
+def _is_stacked(tree: dict, names: tuple[str, ...] = STACKED) -> bool:
+  return any(isinstance(tree.get(name), dict) for name in names)
+
+
+def _flat(tree: dict) -> dict:
+  return {'/'.join(k): v for k, v in
+          traverse_util.flatten_dict(tree).items()}
+
+
+def load_encoder(source: dict, source_fields: dict, target: dict,
+                 target_fields: dict, fresh: Optional[re.Pattern] = None
+                 ) -> dict:
+  """Copies the params of one `Encoder` (e.g. a pretraining run's
+  `params['encoder']`) into those of another (a fine-tuning model's), as
+  they are; either may use the scan layout.
+
+  Params of `target` that `source` lacks keep their values in `target`
+  when their path matches `fresh` (e.g. layer scale or a relative position
+  bias added for fine-tuning); a learned `pos_embed` that the source lacks
+  (its table is fixed) starts from the source's sin-cos table, as the
+  official fine-tuning code loads it. The source's final norm is dropped
+  when the target has none (`final_norm=False`).
+
+  Args:
+    source: the params tree of the source encoder (host arrays).
+    source_fields: its Encoder fields (unset ones take the defaults).
+    target: the params tree of the target encoder (initialised arrays).
+    target_fields: its Encoder fields.
+    fresh: paths ('/'-joined, loop layout: `blocks_0/...`) that may start
+      fresh.
+
+  Returns:
+    The target's params tree with the source's values.
+
+  Raises:
+    ValueError: naming the params that the source lacks, has beyond the
+      target, or holds in another shape, and fixed position tables that
+      differ.
+  """
+  defaults = {f.name: f.default for f in dataclasses.fields(Encoder)}
+  field = lambda fields, name: fields.get(name, defaults[name])
+  scanned = _is_stacked(target)
+  src = _flat(scan_to_loop(source) if _is_stacked(source) else source)
+  tgt = _flat(scan_to_loop(target) if scanned else target)
+  if not field(target_fields, 'final_norm'):
+    src = {k: v for k, v in src.items() if not k.startswith('norm/')}
+  learned_from_table = ('pos_embed' in tgt and 'pos_embed' not in src and
+                        field(source_fields, 'posemb') == 'sincos')
+  extra = sorted(set(src) - set(tgt))
+  missing = sorted(k for k in set(tgt) - set(src)
+                   if not (fresh and fresh.search(k)) and
+                   not (k == 'pos_embed' and learned_from_table))
+  mismatched = [f'{k}: {tuple(np.shape(src[k]))} pretrained, '
+                f'{tuple(np.shape(tgt[k]))} in this model'
+                for k in sorted(set(src) & set(tgt))
+                if tuple(np.shape(src[k])) != tuple(np.shape(tgt[k]))]
+  problems = []
+  if missing:
+    problems.append(f'the pretrained encoder lacks {len(missing)} params: '
+                    f'{missing[:12]}')
+  if extra:
+    problems.append(f'it holds {len(extra)} params this model does not '
+                    f'have: {extra[:12]}')
+  if mismatched:
+    problems.append(f'shape mismatches ({len(mismatched)}): '
+                    f'{mismatched[:12]}')
+  fixed = lambda f: field(f, 'posemb') == 'sincos'
+  if (fixed(source_fields) and fixed(target_fields) and
+      field(source_fields, 'posemb_row_first') !=
+      field(target_fields, 'posemb_row_first')):
+    problems.append('the fixed sin-cos position tables differ: '
+                    f'posemb_row_first='
+                    f'{field(source_fields, "posemb_row_first")} pretrained, '
+                    f'{field(target_fields, "posemb_row_first")} here')
+  if problems:
+    raise errors.WeightsFileError(
+        'Cannot load the pretrained encoder into this model: ' +
+        '; '.join(problems) + '. Its depth, width or block type differs '
+        'from config.model: match the variant / encoder fields to the '
+        'pretraining run.')
+  out = {k: src.get(k, tgt[k]) for k in tgt}
+  if learned_from_table:
+    _, length, width = np.shape(tgt['pos_embed'])
+    grid = int(round((length - 1) ** 0.5))
+    if grid * grid != length - 1:
+      raise ValueError(f'pos_embed of {length - 1} patches: only square '
+                       'patch grids start from the sin-cos table.')
+    table = layers.posemb_sincos_2d(
+        grid, grid, width, row_first=field(source_fields,
+                                           'posemb_row_first'))
+    out['pos_embed'] = np.asarray(table, np.asarray(tgt['pos_embed']).dtype)
+  tree = traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in out.items()})
+  return loop_to_scan(tree) if scanned else tree

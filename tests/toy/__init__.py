@@ -3,6 +3,8 @@ method"): nothing in mim_jax/ names it. It predicts every masked patch from
 the visible tokens' mean latent plus a learned per-position embedding, and
 regresses the patch pixels centred by a running per-channel mean (a
 'running' target provider, whose state lives in TrainState.target_state).
+Its classifier card (`CARD`) alone makes `classifier` configs for it:
+fine-tuning and probes of its encoder.
 """
 
 import functools
@@ -66,6 +68,14 @@ def targets(config):
 # (torch prefix, flax prefix) for `convert.core`.
 RULES = [('encoder.', 'encoder/'), ('pos', 'pos'), ('head.', 'head/')]
 
+# What the classifier needs: the encoder as fine-tuned (here: as
+# pretrained, with a learned position embedding), where official files keep
+# it, the input normalisation and (none here) official recipes.
+CARD = method.EncoderCard(encoder=dict(posemb='learned'),
+                          key_prefix='encoder.',
+                          mean=config_lib.IMAGENET_MEAN,
+                          std=config_lib.IMAGENET_STD)
+
 METHOD = method.Method(
     name='toy',
     build_model=lambda c: Toy(encoder=dict(c.model.encoder),
@@ -80,7 +90,9 @@ METHOD = method.Method(
         to_torch=lambda params, model, size: core.flax_to_torch(params,
                                                                 RULES),
         to_torch_keys=functools.partial(core.flax_to_torch, rules=RULES)),
-    targets=targets)
+    targets=targets,
+    classifier=CARD,
+    encoder=lambda c: dict(c.model.encoder))
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

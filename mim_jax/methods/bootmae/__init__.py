@@ -3,8 +3,9 @@
 Files: model.py (encoder taps, pixel regressor and feature predictor with
 feature injection; the momentum encoder's targets), loss.py (weighted
 pixels + ramped features), convert.py (official keys incl. `model_ema.*`),
-parity.py (fixture adapter), config.py (the recipe, every variant). The
-momentum encoder is the method's 'ema' target provider: its weights are
+parity.py (fixture adapter), config.py (the recipe, every variant),
+finetune.py (its encoder's classifier card: fine-tuning and probe recipes).
+The momentum encoder is the method's 'ema' target provider: its weights are
 `TrainState.ema_params`.
 """
 
@@ -14,6 +15,7 @@ from mim_jax import config_lib
 from mim_jax import method
 from mim_jax import optim
 from mim_jax.methods.bootmae import convert
+from mim_jax.methods.bootmae import finetune
 from mim_jax.methods.bootmae import loss
 from mim_jax.methods.bootmae import model
 from mim_jax.methods.bootmae import parity
@@ -82,9 +84,10 @@ METHOD = method.Method(
         to_flax=convert.to_flax, to_torch=convert.to_torch,
         to_torch_keys=convert.to_torch_keys,
         ema_to_flax=convert.ema_to_flax,
-        ema_to_torch=convert.ema_to_torch_keys, encoder_prefix=''),
+        ema_to_torch=convert.ema_to_torch_keys),
     parity=parity.ADAPTER,
     targets=targets,
     validate_config=validate_config,
+    classifier=finetune.CARD,
     encoder=encoder,
     init_rules=init_rules)

@@ -2,13 +2,15 @@
 
 Files: model.py (encoder, latent regressor, decoder), loss.py (token CE or
 pixel MSE + alignment), convert.py (official keys, teacher copy), parity.py
-(fixture adapter), config.py (the recipe, every variant). Token targets use
+(fixture adapter), config.py (the recipe, every variant), finetune.py (its
+encoder's classifier card: fine-tuning and probe recipes). Token targets use
 the shared frozen tokenizer provider (mim_jax/targets/tokenizer.py).
 """
 
 from mim_jax import config_lib
 from mim_jax import method
 from mim_jax.methods.cae import convert
+from mim_jax.methods.cae import finetune
 from mim_jax.methods.cae import loss
 from mim_jax.methods.cae import model
 from mim_jax.methods.cae import parity
@@ -93,11 +95,11 @@ METHOD = method.Method(
     to_pixels=to_pixels,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys,
-                               encoder_prefix='encoder.'),
+                               to_torch_keys=convert.to_torch_keys),
     parity=parity.ADAPTER,
     targets=targets,
     views=views,
     validate_config=validate_config,
+    classifier=finetune.CARD,
     encoder=encoder,
     init_rules=init_rules)

@@ -1,20 +1,23 @@
-"""The evaluation task as one `Method` record: a ViT classifier for
-fine-tuning, linear and attentive probes and evaluation-only runs, on the
-encoder of any pretraining method.
+"""The evaluation task as one `Method` record with a labelled pipeline: a
+ViT classifier for fine-tuning, linear and attentive probes and
+evaluation-only runs, on the encoder of any pretraining method.
 
 Files: model.py (encoder + pooling + head), loss.py (soft-target
 cross-entropy, top-1/top-5), convert.py (timm / MAE / BEiT fine-tuned and
-probe layouts), config.py (the official recipes of every method).
+probe layouts), config.py (the recipes, from each method's
+`Method.classifier` card).
 
-It starts from a pretrained encoder (`from_encoder`): a pretraining
-method's workdir or official file gives its encoder in timm key names
-(`Converter.encoder_prefix`), loaded here; the pretraining method itself is
-never named.
+It starts from a pretrained encoder (`LabelledTask`): a pretraining
+workdir gives its `params['encoder']`, copied as is
+(`from_encoder_params`); an official file gives its encoder in timm key
+names (`EncoderCard.key_prefix` stripped), converted (`from_encoder`). The
+pretraining method itself is never named.
 """
 
 import functools
 import re
 
+from mim_jax import errors
 from mim_jax import method
 from mim_jax import mixup
 from mim_jax.convert import core
@@ -79,6 +82,10 @@ def targets(config):
 # without one).
 _FRESH = re.compile(
     r'^pos_embed$|\.gamma_[12]$|\.attn\.relative_position_bias_table$')
+# The same as paths in a workdir's params['encoder']; a learned pos_embed
+# needs no entry: `vit.load_encoder` starts it from the pretraining table.
+_FRESH_PARAMS = re.compile(
+    r'/gamma_[12]$|/attn/relative_position_bias_table$')
 
 
 def from_encoder(encoder_sd, flax_model, params, image_size: int):
@@ -107,6 +114,22 @@ def from_encoder(encoder_sd, flax_model, params, image_size: int):
   return loaded
 
 
+def from_encoder_params(encoder, fields, flax_model, params):
+  """Loads a pretraining run's `params['encoder']` (of vit.Encoder
+  `fields`) into the classifier's `params`, as is: only the params in
+  `_FRESH_PARAMS` that it lacks keep their fresh values (a learned position
+  embedding starts from the pretraining sin-cos table), and a global-pool
+  classifier drops its final norm (fc_norm replaces it).
+
+  Raises:
+    ValueError: naming the params that are missing, extra or mis-shaped.
+  """
+  loaded = vit.load_encoder(encoder, fields, params['encoder'],
+                            flax_model.encoder_fields(),
+                            fresh=_FRESH_PARAMS)
+  return dict(params, encoder=loaded)
+
+
 def validate_config(config):
   """Checks pooling, head, feature block and class count before building.
 
@@ -115,20 +138,22 @@ def validate_config(config):
   """
   mc = config.model
   if mc.get('pool', 'avg') not in POOLS:
-    raise ValueError(f'model.pool={mc.pool!r}; use one of {POOLS}.')
+    raise errors.ConfigError(f'model.pool={mc.pool!r}; use one of {POOLS}.')
   if mc.get('head', 'linear') not in HEADS:
-    raise ValueError(f'model.head={mc.head!r}; use one of {HEADS}.')
+    raise errors.ConfigError(f'model.head={mc.head!r}; use one of {HEADS}.')
   if int(mc.get('num_classes') or 0) < 1:
-    raise ValueError('model.num_classes must be set to the data set\'s '
-                     'number of classes.')
+    raise errors.ConfigError(
+        'model.num_classes must be set to the data set\'s '
+        'number of classes.')
   best = (config.get('eval') or {}).get('best_metric', 'top1')
   if best not in BEST_METRICS:
-    raise ValueError(f'eval.best_metric={best!r}; use one of {BEST_METRICS} '
-                     '(accuracies: the best checkpoint is the highest).')
+    raise errors.ConfigError(
+        f'eval.best_metric={best!r}; use one of {BEST_METRICS} '
+        '(accuracies: the best checkpoint is the highest).')
   depth = vit.encoder_fields(mc.get('variant'), mc.get('encoder'))['depth']
   block = mc.get('feature_block')
   if block is not None and not 0 <= int(block) < depth:
-    raise ValueError(
+    raise errors.ConfigError(
         f'model.feature_block={block} is beyond the encoder\'s {depth} '
         f'blocks: use a 0-based index in 0..{depth - 1} (BootMAE\'s '
         '`--depth 10` is feature_block=9).')
@@ -142,10 +167,12 @@ METHOD = method.Method(
     to_pixels=None,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys,
-                               encoder_prefix=''),
+                               to_torch_keys=convert.to_torch_keys),
     targets=targets,
     validate_config=validate_config,
-    batch_transform=batch_transform,
-    eval_metrics=loss.eval_metrics,
-    from_encoder=from_encoder)
+    pipeline='labelled',
+    labelled=method.LabelledTask(
+        eval_metrics=loss.eval_metrics,
+        from_encoder=from_encoder,
+        from_encoder_params=from_encoder_params,
+        batch_transform=batch_transform))

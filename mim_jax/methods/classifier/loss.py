@@ -39,7 +39,7 @@ def loss_fn(pred, out, batch, *, step, schedule, label_smoothing=0.0):
 
 def eval_metrics(pred, out, batch) -> dict:
   """Per-example top-1 / top-5 correctness and cross-entropy (no
-  smoothing), for `Method.eval_metrics`."""
+  smoothing), for `LabelledTask.eval_metrics`."""
   del out
   logits = pred.astype(jnp.float32)
   label = batch['label']

@@ -2,15 +2,18 @@
 
 Files: model.py (encoder on visible patches + light decoder), loss.py
 (masked-patch MSE, norm-pix option), convert.py (official key names),
-parity.py (fixture adapter), config.py (the recipe, every variant).
+parity.py (fixture adapter), config.py (the recipe, every variant),
+finetune.py (its encoder's classifier card: fine-tuning and probe recipes).
 """
 
 import jax.numpy as jnp
 
 from mim_jax import config_lib
+from mim_jax import errors
 from mim_jax import masking
 from mim_jax import method
 from mim_jax.methods.mae import convert
+from mim_jax.methods.mae import finetune
 from mim_jax.methods.mae import loss
 from mim_jax.methods.mae import model
 from mim_jax.methods.mae import parity
@@ -92,14 +95,15 @@ def validate_config(config) -> None:
   for key in ('decoder_attn_drop', 'encoder_attn_drop'):
     rate = float(m.get(key, 0.0))
     if not 0.0 <= rate < 1.0:
-      raise ValueError(f'config.model.{key}={rate}: a dropout rate must be '
-                       'in [0, 1) (robust MAE uses 0.3 on the decoder).')
+      raise errors.ConfigError(
+          f'config.model.{key}={rate}: a dropout rate must be '
+          'in [0, 1) (robust MAE uses 0.3 on the decoder).')
   if m.get('insert_block') is not None:
     depth = vit.encoder_fields(m.get('variant'), m.get('encoder')).get(
         'depth', vit.Encoder.depth)
     block = int(m.insert_block)
     if not 0 <= block < depth:
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.model.insert_block={block} is outside the encoder\'s '
           f'{depth} blocks: use 0..{depth - 1} (0-based; the paper\'s "8th '
           'layer" is 7), or None for no encoder mask tokens.')
@@ -110,28 +114,32 @@ def validate_config(config) -> None:
     count = masking.num_inserted(num_patches, mask_ratio, ratio)
     if (count == masking.num_masked(num_patches, mask_ratio) and
         not config.loss.get('inserted_in_loss', True)):
-      raise ValueError(
+      raise errors.ConfigError(
           f'config.model.insert_ratio={ratio} gives every masked patch an '
           'encoder mask token and loss.inserted_in_loss=False leaves them '
           'all out of the loss: lower the ratio or count them.')
   opts = _population_options(config)
   if opts['pop_norm'] not in pixels.POPULATION_MODES:
-    raise ValueError(f'config.loss.pop_norm={opts["pop_norm"]!r} is not a '
-                     f'population-statistics mode: use one of '
-                     f'{pixels.POPULATION_MODES}.')
+    raise errors.ConfigError(
+        f'config.loss.pop_norm={opts["pop_norm"]!r} is not a '
+        f'population-statistics mode: use one of '
+        f'{pixels.POPULATION_MODES}.')
   if opts['pop_axis'] not in pixels.POPULATION_AXES:
-    raise ValueError(f'config.loss.pop_axis={opts["pop_axis"]!r}: use one '
-                     f'of {pixels.POPULATION_AXES}.')
+    raise errors.ConfigError(
+        f'config.loss.pop_axis={opts["pop_axis"]!r}: use one '
+        f'of {pixels.POPULATION_AXES}.')
   if opts['pop_norm'] == 'fixed':
     for key in ('pop_mean', 'pop_std'):
       pixels.expand_channels(opts[key], _patch_dim(config), _CHANNELS)
     if min(opts['pop_std']) <= 0:
-      raise ValueError(f'config.loss.pop_std={opts["pop_std"]}: the fixed '
-                       'standard deviations must be positive.')
+      raise errors.ConfigError(
+          f'config.loss.pop_std={opts["pop_std"]}: the fixed '
+          'standard deviations must be positive.')
   if opts['pop_norm'] == 'running' and not 0.0 <= float(
       opts['pop_momentum']) < 1.0:
-    raise ValueError(f'config.loss.pop_momentum={opts["pop_momentum"]}: '
-                     'use a momentum in [0, 1) (0.99 by default).')
+    raise errors.ConfigError(
+        f'config.loss.pop_momentum={opts["pop_momentum"]}: '
+        'use a momentum in [0, 1) (0.99 by default).')
 
 
 def to_pixels(config, pred, out, batch):
@@ -170,9 +178,9 @@ METHOD = method.Method(
     to_pixels=to_pixels,
     converter=method.Converter(to_flax=convert.to_flax,
                                to_torch=convert.to_torch,
-                               to_torch_keys=convert.to_torch_keys,
-                               encoder_prefix=''),
+                               to_torch_keys=convert.to_torch_keys),
     parity=parity.ADAPTER,
     targets=targets,
     validate_config=validate_config,
+    classifier=finetune.CARD,
     encoder=encoder)
