@@ -591,16 +591,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Returns:
     The final TrainState.
   """
-  run = setup(config, workdir)
-  try:
-    with signals.StopSignals(enabled=jax.process_count() == 1) as stop:
+  # A stop signal during setup (compiling can take minutes) is kept: the
+  # first step then saves and stops.
+  with signals.StopSignals(enabled=jax.process_count() == 1) as stop:
+    run = setup(config, workdir)
+    try:
       state = loop(run, default_hooks(run, stop))
-  except checkpoint.CheckpointSaveError:
-    run.close(wait=False)
-    raise
-  except BaseException:
-    run.close()
-    raise
+    except checkpoint.CheckpointSaveError:
+      run.close(wait=False)
+      raise
+    except BaseException:
+      run.close()
+      raise
   run.close()
   return state
 

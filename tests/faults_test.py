@@ -48,7 +48,8 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_owner(
                        text=True)
   try:
     deadline = time.time() + TIMEOUT_S
-    while not os.path.exists(wd / 'metrics.jsonl'):  # A is training
+    rows = wd / 'metrics.jsonl'
+    while not (rows.exists() and rows.read_text()):  # A is training
       assert a.poll() is None and time.time() < deadline
       time.sleep(0.5)
     owner = json.loads((wd / 'run.lock').read_text())
