@@ -53,6 +53,7 @@ def _positive(*values):
     assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, v
 
 
+@pytest.mark.slow
 def test_mask_bench():
   out = run_smoke('mask_bench.py')
   assert out['benchmark'] == 'block_masks'
@@ -65,6 +66,7 @@ def test_mask_bench():
     _positive(*res.values())
 
 
+@pytest.mark.slow
 def test_input_pipeline_bench():
   out = run_smoke('input_pipeline_bench.py')
   assert out['benchmark'] == 'input_pipeline'
@@ -72,6 +74,7 @@ def test_input_pipeline_bench():
   _positive(out['images_per_sec'], out['sec_per_batch'])
 
 
+@pytest.mark.slow
 def test_input_pipeline_bench_jpeg():
   """The real pipeline on written JPEGs: both IDCTs, 1 and 2 threads, and
   the per-stage breakdown."""
@@ -96,6 +99,7 @@ def test_input_pipeline_bench_jpeg():
       _positive(r['images_per_sec'], r['images_per_cpu_sec'])
 
 
+@pytest.mark.slow
 def test_eval_check_bench():
   out = run_smoke('eval_check_bench.py')
   assert out['benchmark'] == 'eval_check' and out['files'] == 64
@@ -103,6 +107,7 @@ def test_eval_check_bench():
             *out['byte_check_only'].values())
 
 
+@pytest.mark.slow
 def test_compile_bench():
   out = run_smoke('compile_bench.py')
   assert out['benchmark'] == 'train_step_compile'
@@ -112,6 +117,7 @@ def test_compile_bench():
   assert out['compile_ratio_vs_tiny'] == {'tiny': 1.0}
 
 
+@pytest.mark.slow
 def test_tokenizer_bench():
   out = run_smoke('tokenizer_bench.py')
   assert out['benchmark'] == 'tokenizer'
@@ -120,6 +126,7 @@ def test_tokenizer_bench():
             out['params_millions'])
 
 
+@pytest.mark.slow
 def test_train_step_bench():
   out = run_smoke('train_step_bench.py')
   assert out['benchmark'] == 'train_step'
@@ -128,6 +135,7 @@ def test_train_step_bench():
             out['images_per_sec'])
 
 
+@pytest.mark.slow
 def test_profile_step():
   """The op profile: every executed instruction in one category, shares
   summing to 1, matmuls present."""
@@ -140,6 +148,7 @@ def test_profile_step():
   assert out['top_ops'] and all(o['ms'] >= 0 for o in out['top_ops'])
 
 
+@pytest.mark.slow
 def test_digits_eval(tmp_path):
   """Pretraining, linear probe and fine-tuning, 2 steps each."""
   out = run_smoke('digits_eval.py', f'--workdir={tmp_path}')
@@ -152,6 +161,7 @@ def test_digits_eval(tmp_path):
                         'metrics.jsonl')
 
 
+@pytest.mark.slow
 def test_romae_ablation(tmp_path):
   """The 'all' run (every robust-MAE switch): 2 pretraining steps, its
   reconstruction MSE and its step cost."""

@@ -134,6 +134,7 @@ class _Cfg(dict):
     return self[k]
 
 
+@pytest.mark.slow
 def test_block_masks_in_the_pipeline_are_exact_and_resume_exactly():
   cfg = _Cfg(_config(kind='block', num_masking_patches=98,
                      min_num_patches=16, variant='cae', ratio=0.5))

@@ -29,6 +29,7 @@ def report():
   return core.run(BOOTMAE)
 
 
+@pytest.mark.slow
 def test_bootmae_fixture_passes(report):
   assert report['pass'], report['failures']
   fwd = report['forward']
@@ -162,6 +163,7 @@ def test_bad_bootmae_config_fails_before_building(override, words):
     assert w in str(e.value), str(e.value)
 
 
+@pytest.mark.slow
 def test_bootmae_tiny_steps_checkpoint_and_shard_the_ema_like_the_params(
     tmp_path):
   """bootmae_tiny on the embedded photos (masks from tf.data): the EMA moves

@@ -27,6 +27,7 @@ def report():
   return core.run(CAE)
 
 
+@pytest.mark.slow
 def test_cae_fixture_passes(report):
   assert report['pass'], report['failures']
   fwd = report['forward']
@@ -72,6 +73,7 @@ def test_wrong_architecture_is_named():
   assert 'decoder.head.weight: got (10, 64)' in msg
 
 
+@pytest.mark.slow
 def test_teacher_is_the_encoder_under_stop_gradient():
   fx, model, params, batch = _model_and_params()
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -90,6 +92,7 @@ def test_teacher_is_the_encoder_under_stop_gradient():
                              rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pixel_targets_train_without_a_tokenizer():
   fx, _, _, batch = _model_and_params()
   config = parity_cae.experiment_config(fx['config'])
@@ -125,6 +128,7 @@ def test_token_targets_without_a_tokenizer_fail_before_building():
   assert c.optim.grad_clip_norm == 3.0 and c.loss.align_weight == 2.0
 
 
+@pytest.mark.slow
 def test_cae_tiny_checkpoint_round_trips_through_a_pth(tmp_path):
   """`--config.init_from=x.pth` and the convert tool's export, for CAE:
   encoder, regressor and decoder (teacher keys written, then skipped); the

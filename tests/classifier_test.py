@@ -94,6 +94,7 @@ def _assert_same_state_dict(got, want, skip=()):
     (768, 12, 'avg', True),    # ViT-B shape
     (768, 12, 'token', True),
 ])
+@pytest.mark.slow
 def test_timm_vit_parity(width, heads, global_pool, scan):
   tm = _timm_vit(width, heads, global_pool)
   sd = _numpy_state_dict(tm)
@@ -400,6 +401,7 @@ def test_fixed_posemb_is_a_buffer():
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+@pytest.mark.slow
 def test_mae_linprobe_layout_bn_stats_and_parity():
   """MAE main_linprobe: head = Sequential(BatchNorm1d(affine=False,
   eps=1e-6), Linear) on the cls token; the BN buffers go to batch_stats."""
@@ -489,6 +491,7 @@ def _torch_attentive_reference(tokens, sd, num_heads, ln_eps, bn_eps):
   return f.linear(x, t('head.weight'), t('head.bias'))
 
 
+@pytest.mark.slow
 def test_attentive_probe_cae_layout_parity():
   """CAE's attentive probe (--use_cls): the query attends over all tokens
   after the encoder's final norm; keys query_token, attentive_blocks.0.*,

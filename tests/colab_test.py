@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import types
+import pytest
 
 from conftest import ROOT
 
@@ -59,6 +60,7 @@ def _rows(workdir) -> list:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_cae_bootmae_colab_runs(tmp_path, monkeypatch):
   """Also the end-to-end check that cae_tiny and bootmae_tiny train, log
   their loss terms and draw reconstructions."""
@@ -88,6 +90,7 @@ def test_cae_bootmae_colab_runs(tmp_path, monkeypatch):
     assert os.path.exists(f'{tmp_path}/{name}/recon_0000004.png')
 
 
+@pytest.mark.slow
 def test_colab_cells_run(tmp_path, monkeypatch):
   code = _replaced(_code(NOTEBOOK), [
       ('config.total_steps = 300',
@@ -101,6 +104,7 @@ def test_colab_cells_run(tmp_path, monkeypatch):
   assert os.path.getsize(tmp_path / 'recon.png') > 1000
 
 
+@pytest.mark.slow
 def test_pretrain_and_probe_colab_runs(tmp_path, monkeypatch, capsys):
   """One MAE run pretrained in stages, a linear probe of its encoder after
   each stage and of a random encoder, and the plot of probe accuracy
@@ -148,6 +152,7 @@ def test_pretrain_and_probe_colab_runs(tmp_path, monkeypatch, capsys):
   assert f'{4:5d}  {ns["top1"][4]:.3f}' in out
 
 
+@pytest.mark.slow
 def test_compare_with_pytorch_colab_runs(curves_short_workdir, tmp_path,
                                          monkeypatch, capsys):
   """The comparison with the official curves on the session's 3-epoch run

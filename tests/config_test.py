@@ -18,6 +18,7 @@ from mim_jax.methods.mae import config as mae_config
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
 def test_config_builds_model(path):
   config = config_lib.load_config_file(path)

@@ -32,6 +32,7 @@ def short_run(request, tmp_path_factory, worker_id):
                                             request.param)
 
 
+@pytest.mark.slow
 def test_short_run_tracks_every_term(short_run):
   """Each logged term of the first 3 epochs (1 seed) within 3 sigma of the
   official seeds at every epoch, the first included."""

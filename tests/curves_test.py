@@ -203,6 +203,7 @@ def test_official_init_rule_is_the_official_init():
     np.testing.assert_array_equal(sd[k], ref[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_initial_loss_distribution_matches_the_official_init():
   """The loss at initialisation over 12 seeds of each init, on the same two
   batches, through the same (fixture-checked) forward: one distribution."""
@@ -228,6 +229,7 @@ def test_short_run_tracks_the_reference(curves_short_workdir, epochs):
   assert report['lr_max_abs_rel'] < 1e-5
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(curves_short_workdir, tmp_path):
   """benchmarks/curves_vs_pytorch.py --smoke on the shared short run."""
   os.symlink(curves_short_workdir, tmp_path / 'seed0')

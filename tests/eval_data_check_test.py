@@ -169,6 +169,7 @@ print('RESULT', json.dumps(out), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_scan_half_each_and_agree(tmp_path):
   """Each JAX process of a pod scans half the files; both then name every
   bad file and drop the same ones."""

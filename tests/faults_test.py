@@ -118,6 +118,7 @@ def test_a_bad_evaluation_file_stops_the_run_before_it_starts(tmp_path):
   assert _saved_steps(wd) == [2]
 
 
+@pytest.mark.slow
 def test_a_failing_hook_loses_no_training(tmp_path, monkeypatch):
   """A figure that fails at step 3 (no checkpoint is due there): the run
   stops with that error, after saving step 3."""

@@ -17,6 +17,7 @@ from flax import traverse_util
 from conftest import PipelineCrash
 from conftest import crash_train_pipeline
 from mim_jax import config_lib
+from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import optim
 from mim_jax import sharding
@@ -192,6 +193,7 @@ def _mesh(n):
                             jax.devices()[:n])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('task', ['finetune', 'linprobe', 'attnprobe'])
 def test_step_on_8_devices_with_fsdp_matches_one_device(task):
   config = _task_config(task)
@@ -215,6 +217,7 @@ def test_step_on_8_devices_with_fsdp_matches_one_device(task):
     assert max(jax.tree.leaves(moved)) > 0
 
 
+@pytest.mark.slow
 def test_linear_probe_run_keeps_the_pretrained_encoder_exactly(
     pretrained, tmp_path):
   config = _task_config('linprobe', steps_=4)
@@ -241,6 +244,7 @@ def test_linear_probe_run_keeps_the_pretrained_encoder_exactly(
   assert os.listdir(tmp_path / 'lin' / 'best') == [str(best['step'])]
 
 
+@pytest.mark.slow
 def test_finetune_resume_is_exact_and_eval_only_reproduces(
     pretrained, tmp_path, monkeypatch):
   """A fine-tune run (mixup/cutmix, RandAugment, random erasing, init_from a
@@ -284,7 +288,7 @@ def test_finetune_resume_is_exact_and_eval_only_reproduces(
 def test_init_from_missing_path_is_named(tmp_path):
   config = _task_config('finetune')
   config.init_from = str(tmp_path / 'nope.pth')
-  with pytest.raises(ValueError, match='does not exist'):
+  with pytest.raises(errors.MissingFileError, match='does not exist'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 

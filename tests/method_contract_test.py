@@ -200,6 +200,7 @@ def _one_step(config, batch, accum):
   return step(state, batch, {})[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('recipe', [cae_config, bootmae_config])
 def test_accumulation_keeps_every_loss_term(recipe):
   config = recipe.get_config('tiny')

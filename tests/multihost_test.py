@@ -49,6 +49,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_restore_in_one(tmp_path):
   wd = str(tmp_path / 'run')
   port = _free_port()

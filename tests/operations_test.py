@@ -122,6 +122,7 @@ def test_step_guard_keeps_the_state_and_names_the_value():
   assert max(moved) > 0
 
 
+@pytest.mark.slow
 def test_poisoned_batch_is_skipped_and_counted(tmp_path, monkeypatch):
   """nonfinite='skip': the run goes on past a NaN batch, logs it as
   train/skipped_steps (no loss for that step), and every checkpoint is
@@ -154,6 +155,7 @@ def test_stop_mode_stops_at_the_poisoned_step(tmp_path, monkeypatch):
   assert _saved_steps(wd) == [2]
 
 
+@pytest.mark.slow
 def test_huge_lr_stops_after_k_skips_and_keeps_finite_checkpoints(tmp_path):
   """The issue's probe: lr 1e4 with a checkpoint every step. Params would
   be NaN within a few steps; instead updates are skipped, the run stops
@@ -214,6 +216,7 @@ def _logged_steps(workdir) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_step_and_saves(tmp_path):
   """Ctrl-C (SIGINT) acts as SIGTERM: no KeyboardInterrupt traceback, the
   step is saved, exit status EXIT_STOPPED."""
@@ -230,6 +233,7 @@ def test_sigint_finishes_the_step_and_saves(tmp_path):
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('sig', [signal.SIGTERM])
 def test_signal_saves_then_resume_is_bit_identical(tmp_path, sig):
   """SIGTERM mid-run: the CLI finishes its step, saves it (no periodic save
@@ -267,6 +271,7 @@ def test_signal_saves_then_resume_is_bit_identical(tmp_path, sig):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_failed_save_exits_with_the_path_instead_of_hanging(tmp_path):
   """The checkpoint folder becomes unusable mid-run (replaced by a file:
   chmod does not stop root). The next save fails; the CLI exits non-zero
@@ -339,6 +344,7 @@ def _largest_file(folder: str) -> str:
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     tmp_path, trained, caplog):
   """A truncated array file in the newest checkpoint: the run logs why,
@@ -398,6 +404,7 @@ def test_layout_change_on_resume_is_refused_before_writing(tmp_path,
   assert _saved_steps(wd) == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_safe_change_on_resume_is_logged_and_kept_in_history(
     tmp_path, trained, caplog):
   """A longer schedule and another logging interval: allowed, logged, and
@@ -453,6 +460,7 @@ def _run(*args):
                         capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_without_traceback(tmp_path):
   """The ViT-B recipe without ImageNet prepared: the last line names the
   problem and the fix, no traceback (exit 2); --verbose shows it."""
@@ -488,6 +496,7 @@ def test_bad_weights_files_are_named_before_anything_is_made(
     assert not wd.exists()
 
 
+@pytest.mark.slow
 def test_convert_import_of_an_empty_file_is_one_line(tmp_path):
   path = tmp_path / 'empty.pth'
   path.write_bytes(b'')
@@ -533,6 +542,7 @@ def _broken_files(folder) -> dict[str, bytes]:
   return bad
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_counted_and_logged_by_path(tmp_path,
                                                            caplog):
   folder = str(tmp_path / 'photos')

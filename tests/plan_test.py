@@ -18,6 +18,7 @@ from mim_jax.targets import tokenizer
 from mim_jax.tools import plan
 
 
+@pytest.mark.slow
 def test_plan_tiny_on_8_devices_fsdp():
   c = mae_config.get_config('tiny')
   c.min_shard_size = 0
@@ -49,6 +50,7 @@ def _tiny_cae(target):
   return c
 
 
+@pytest.mark.slow
 def test_plan_counts_the_tokenizer_of_token_targets():
   """CAE with token targets: the frozen dVAE runs inside the step, so its
   FLOPs are in flops_per_step and its replicated params in the bytes per
@@ -85,6 +87,7 @@ def test_plan_counts_the_tokenizer_of_token_targets():
   assert 0.95 * tok_flops < extra < 1.05 * tok_flops, (extra, tok_flops)
 
 
+@pytest.mark.slow
 def test_plan_vitb_on_8_devices_counts_real_flops():
   c = mae_config.get_config('B/16')
   out = plan.plan(c, 8)
@@ -98,6 +101,7 @@ def test_plan_vitb_on_8_devices_counts_real_flops():
   assert 110e6 < params < 115e6   # ViT-B encoder + MAE decoder, float32
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_json_and_sets_fake_devices():
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)

@@ -46,6 +46,7 @@ def _images(n=4, size=32, seed=0):
 # Switches off: the official computation, bit for bit.
 
 
+@pytest.mark.slow
 def test_switches_off_give_identical_parity_reports(monkeypatch):
   base = core.run(os.path.join(FIXTURES, 'mae'))
   adapter = MAE.parity
@@ -302,6 +303,7 @@ def test_mae_inserts_the_next_masked_patches_of_the_noise_order():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_insertion_with_scan_matches_the_loop():
   c = _robust_tiny()
   batch = {'image': _images(2),
@@ -417,6 +419,7 @@ def _train_config():
   return c
 
 
+@pytest.mark.slow
 def test_romae_trains_and_checkpoints_its_statistics(tmp_path):
   """(Resume exactness is the trainer's, tested in train_test.py: the
   inserted patches come from the pipeline's noise like the mask.)"""

@@ -310,6 +310,7 @@ def _one_device_step():
   return params0, jax.device_get(state.params), loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan,remat', [(False, 'none'), (True, 'dots')])
 def test_step_on_data4_fsdp2_matches_one_device(scan, remat):
   params0, ref_params, ref_loss = _one_device_step()
@@ -332,6 +333,7 @@ def test_step_on_data4_fsdp2_matches_one_device(scan, remat):
       state.params)
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_bf16_moments_and_accumulation_under_fsdp():
   config = _config(dtype='bfloat16')
   config.optim.mu_dtype = 'bfloat16'
@@ -351,6 +353,7 @@ def test_bf16_compute_with_bf16_moments_and_accumulation_under_fsdp():
 # Reshard on restore.
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_8_restores_on_4_and_1(tmp_path):
   config = _config()
   mesh8 = _mesh([('data', 4), ('fsdp', 2)], 8)

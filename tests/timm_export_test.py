@@ -119,6 +119,7 @@ def _rel_err(got, want):
     ('cae', 'token', False), ('cae', 'avg', True),
     ('bootmae', 'token', False), ('bootmae', 'avg', False),
 ])
+@pytest.mark.slow
 def test_strict_load_and_forward_features_match(name, pool, scan):
   c = _config(name, scan)
   params = _params(name, scan)
@@ -274,6 +275,7 @@ def _cli(*args):
       env=dict(os.environ, PYTHONPATH=ROOT))
 
 
+@pytest.mark.slow
 def test_cli_exports_the_bootmae_momentum_encoder(tmp_path):
   c = _config('bootmae')
   wd, out = str(tmp_path / 'run'), str(tmp_path / 'vit.pth')

@@ -88,6 +88,7 @@ def test_view_and_token_ids_match_the_torch_tokenizer(encoder_pkl):
   assert (ids == want).mean() > 0.99  # f32 conv order: rare argmax ties
 
 
+@pytest.mark.slow
 def test_token_targets_train(encoder_pkl, tmp_path):
   _, path = encoder_pkl
   c = _config(path)

@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 from PIL import Image
+import pytest
 
 from conftest import ROOT
 from mim_jax import experiment
@@ -16,6 +17,7 @@ from mim_jax.convert import core
 from mim_jax.methods.mae import config as mae_config
 
 
+@pytest.mark.slow
 def test_export_import_and_visualize(tmp_path):
   c = mae_config.get_config('tiny')
   c.input.batch_size = 8

@@ -37,6 +37,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_cli_killed_and_restarted_resumes(tmp_path):
   """README command 1, killed after its first checkpoint, then the very same
   command again: it resumes from the last checkpoint and trains to the end."""
@@ -76,6 +77,7 @@ def test_cli_killed_and_restarted_resumes(tmp_path):
   assert '40' in os.listdir(os.path.join(wd, 'checkpoints'))
 
 
+@pytest.mark.slow
 def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
   """A run killed during step 6 (last checkpoint: step 4) and restarted ends
   where an uninterrupted run ends: same params, since masks and crops depend

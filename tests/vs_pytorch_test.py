@@ -85,6 +85,7 @@ def test_spec_tables_are_the_fixtures(tmp_path):
       np.testing.assert_array_equal(spec[k], sd[k])
 
 
+@pytest.mark.slow
 def test_smoke_run():
   """`--smoke`: proof, one round of each side, the table and a last JSON
   line with both sides' positive numbers."""
@@ -108,6 +109,7 @@ def test_smoke_run():
       r['mim_jax']['img_per_s'] / r['pytorch']['img_per_s'])
 
 
+@pytest.mark.slow
 def test_xla_cpu_limits_smoke():
   """benchmarks/xla_cpu_limits.py: each minimal program runs on both sides
   (in separate processes) and every time and ratio is positive."""
