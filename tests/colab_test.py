@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import types
+
 import pytest
 
 from conftest import ROOT
