@@ -48,6 +48,7 @@ def test_short_run_tracks_every_term(short_run):
     assert not bad, (method, term, bad)
 
 
+@pytest.mark.slow
 def test_schedules_are_upstreams_step_by_step(short_run):
   """Our lr (and BootMAE's EMA momentum and feature weight) at every step
   equal to the values upstream set, as the reference recorded them."""
@@ -57,6 +58,7 @@ def test_schedules_are_upstreams_step_by_step(short_run):
   assert all(v < 1e-5 for v in worst.values()), worst
 
 
+@pytest.mark.slow
 def test_a_term_the_reference_lacks_is_named(short_run, tmp_path):
   """compare_curves names the missing term and lists the reference's."""
   method, workdir = short_run

@@ -217,6 +217,7 @@ def test_initial_loss_distribution_matches_the_official_init():
       ours.std(ddof=1), theirs.std(ddof=1)) / math.sqrt(12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('epochs', [CURVES_SHORT_EPOCHS])
 def test_short_run_tracks_the_reference(curves_short_workdir, epochs):
   """configs/mae_curves_tiny.py for its first 3 epochs (1 seed) against the
@@ -244,6 +245,7 @@ def test_benchmark_smoke(curves_short_workdir, tmp_path):
   assert out['init']['seeds'] == 4 and out['init']['official']['std'] > 0
 
 
+@pytest.mark.slow
 def test_logged_throughput_uses_the_planners_flop_count(curves_short_workdir):
   """train/tflops_per_device and train/mfu of the shared run follow from
   the planner's FLOPs per step (`train.step_flops`, one count for both)."""

@@ -458,6 +458,7 @@ def test_every_shipped_config_names_a_valid_optimizer():
     optim.validate_config(config_lib.load_config_file(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, fields, state_type', [
     ('lion', dict(eps=None, b2=0.99), optax.ScaleByLionState),
     # min_dim_size_to_factor 16: the tiny model's matrices are factored.
