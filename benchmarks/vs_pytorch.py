@@ -99,7 +99,7 @@ def jax_config(model: str, batch_size: int, scan: bool = True):
     c.model.variant = model
   c.model.dtype = 'float32'
   # Scanned blocks, the recipes' layout: on an idle 2-core CPU the ViT-B
-  # step takes 7.9 s scanned and 11.0 s unrolled (README, "Speed").
+  # step takes 7.9 s scanned and 11.0 s unrolled (docs/speed.md).
   c.model.scan = scan
   if not scan:  # 'linears' pays only with scan: unrolled it costs 1.5x
     c.model.remat_policy = 'none'

@@ -1,5 +1,5 @@
 r"""Minimal programs of the ops where mim_jax's train step loses time to
-PyTorch on XLA:CPU, each timed in jax and in torch (README, "Speed").
+PyTorch on XLA:CPU, each timed in jax and in torch (docs/speed.md).
 
   python benchmarks/xla_cpu_limits.py [--rounds=3] [--repeats=5]
   python benchmarks/xla_cpu_limits.py --smoke     # tests: tiny shapes

@@ -17,7 +17,7 @@ The official MAE ViT-B recipe (configs/mae_vitb.py), plus:
                                   before block index 7 (OUR reading)
   loss.inserted_in_loss = True    OUR choice (the paper's is unknown)
 Everything else (epochs, lr, masks) is MAE's: the paper builds on MAE's
-recipe. The measured effect of each switch is in the README (digits
+recipe. The measured effect of each switch is in docs/training.md (digits
 ablation, benchmarks/romae_ablation.py).
 """
 

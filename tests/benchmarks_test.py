@@ -1,6 +1,6 @@
 """Every script in benchmarks/ runs, in its smoke mode (tiny sizes, one
 iteration), as a subprocess; its JSON (the last line of its output) is
-parsed and checked. The README quotes figures from these scripts: this
+parsed and checked. The docs quote figures from these scripts: this
 keeps them runnable between the runs that produce the figures.
 
 curves_vs_pytorch.py, vs_pytorch.py and mask_distribution.py have their own

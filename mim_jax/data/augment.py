@@ -64,7 +64,7 @@ def sample_crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
 # libjpeg's accurate integer IDCT, PIL's default: TF's default ('', the
 # fast IDCT) is off by about 1 level per pixel, noise that raised the loss
 # of the tiny reference recipe by about 1 sigma of the official seed spread
-# (README, "Loss curves"). With it, a decoded JPEG equals PIL's pixel for
+# (docs/curves.md). With it, a decoded JPEG equals PIL's pixel for
 # pixel (a partial decode differs only at chroma samples on the window's
 # border).
 JPEG_DCT = 'INTEGER_ACCURATE'

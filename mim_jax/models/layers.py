@@ -48,7 +48,7 @@ REMAT_POLICIES = {
     # the residual between attention and MLP are kept; LayerNorms, softmax
     # probabilities and GELU are recomputed in the backward pass (one extra
     # q k^T dot per block, no other matmul), so the scan stacks about half
-    # the activations (README, "Speed").
+    # the activations (docs/speed.md).
     'linears': jax.checkpoint_policies.save_only_these_names(
         'qkv', 'attn_out', 'resid_mid', 'mlp_hidden'),
 }
@@ -199,8 +199,8 @@ def attend(q, k, v, num_heads: int, dtype: Dtype,
 
   # Head-major operands make both dots plain batched matmuls over (N, H),
   # with contiguous rows: on XLA:CPU the token-major einsums ran the
-  # probabilities @ values dot at a tenth of the matmul rate (README,
-  # "Speed").
+  # probabilities @ values dot at a tenth of the matmul rate
+  # (docs/speed.md).
   q, k, v = heads(q * (hd ** -0.5)), heads(k), heads(v)
   logits = jnp.einsum('nhqd,nhkd->nhqk', q, k).astype(jnp.float32)
   if bias is not None:

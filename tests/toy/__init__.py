@@ -1,6 +1,6 @@
-"""A throwaway method built through the contract alone (README "Adding a
-method"): nothing in mim_jax/ names it. It predicts every masked patch from
-the visible tokens' mean latent plus a learned per-position embedding, and
+"""A throwaway method built through the contract alone
+(docs/adding_a_method.md): nothing in mim_jax/ names it. It predicts every
+masked patch from the visible tokens' mean latent plus a learned per-position embedding, and
 regresses the patch pixels centred by a running per-channel mean (a
 'running' target provider, whose state lives in TrainState.target_state).
 Its classifier card (`CARD`) alone makes `classifier` configs for it:

@@ -53,7 +53,7 @@ def get_config(variant: str = 'B/16'):
   c = config_lib.base_config()
   c.model_name = 'cae'
   # The frozen DALL-E dVAE: 8192 tokens of a 112 px Lanczos view. The file
-  # is not downloaded for you; see the README.
+  # is not downloaded for you; see docs/training.md (CAE).
   c.tokenizer = dict(weights=convert_dvae.DEFAULT_PATH, hidden=256, groups=4,
                      blocks_per_group=2, vocab_size=8192)
   c.model = dict(

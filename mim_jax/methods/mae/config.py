@@ -36,7 +36,7 @@ def get_config(variant: str = 'B/16'):
       scan=True,
       # Recompute LayerNorms, softmax and GELU in the backward pass, keep
       # the linear layers' outputs (layers.REMAT_POLICIES): 1.2x faster on
-      # CPU than no remat, and less activation memory (README, "Speed").
+      # CPU than no remat, and less activation memory (docs/speed.md).
       remat_policy='linears', dtype='float32')
   c.model.update(model)
   c.loss = dict(norm_pix_loss=True, pop_norm='none', pop_axis='channel',
