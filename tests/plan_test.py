@@ -102,29 +102,27 @@ def test_plan_vitb_on_8_devices_counts_real_flops():
 
 
 @pytest.mark.slow
-def test_plan_cli_prints_json_and_sets_fake_devices():
-  env = dict(os.environ)
+def _plan_cli(mesh: str) -> subprocess.CompletedProcess:
+  """`python -m mim_jax.tools.plan` of the tiny MAE on 4 fake devices (the
+  CLI sets them: XLA_FLAGS unset)."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)
-  r = subprocess.run(
+  return subprocess.run(
       [sys.executable, '-m', 'mim_jax.tools.plan',
-       '--config=configs/mae_tiny.py', '--devices=4',
-       "--config.mesh=(('data', 2), ('fsdp', 2))"],
+       '--config=configs/mae_tiny.py', '--devices=4', f'--config.mesh={mesh}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
       check=False)
+
+
+def test_plan_cli_prints_json_and_sets_fake_devices():
+  r = _plan_cli("(('data', 2), ('fsdp', 2))")
   assert r.returncode == 0, r.stderr[-2000:]
   out = json.loads(r.stdout)
   assert out['devices'] == 4 and out['mesh'] == {'data': 2, 'fsdp': 2}
 
 
 def test_plan_cli_prints_a_bad_mesh_as_one_line():
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)
-  r = subprocess.run(
-      [sys.executable, '-m', 'mim_jax.tools.plan',
-       '--config=configs/mae_tiny.py', '--devices=4',
-       "--config.mesh=(('data', 3),)"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-      check=False)
+  r = _plan_cli("(('data', 3),)")
   assert r.returncode == 2, r.stderr[-2000:]
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith('error: config.mesh') and '3 slots' in last, last
