@@ -101,7 +101,6 @@ def test_plan_vitb_on_8_devices_counts_real_flops():
   assert 110e6 < params < 115e6   # ViT-B encoder + MAE decoder, float32
 
 
-@pytest.mark.slow
 def _plan_cli(mesh: str) -> subprocess.CompletedProcess:
   """`python -m mim_jax.tools.plan` of the tiny MAE on 4 fake devices (the
   CLI sets them: XLA_FLAGS unset)."""
@@ -114,6 +113,7 @@ def _plan_cli(mesh: str) -> subprocess.CompletedProcess:
       check=False)
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_json_and_sets_fake_devices():
   r = _plan_cli("(('data', 2), ('fsdp', 2))")
   assert r.returncode == 0, r.stderr[-2000:]
