@@ -41,6 +41,7 @@ import os
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
+import dataclasses
 from typing import Any, Sequence
 
 from absl import logging
@@ -169,6 +170,63 @@ def validate_config(input_config: Any, *, patch_size: int,
   return image_size, mask_fn, host_batch
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrainAugment:
+  """The training transform of one example: RandomResizedCrop, flip, (for
+  labelled pipelines) RandAugment, normalisation, random erasing, and the
+  extra views of the same crop and flip."""
+  image_size: int
+  scale: tuple
+  ratio: tuple
+  hflip: bool
+  mean: tuple
+  std: tuple
+  ra_spec: Any
+  ra_fill: tuple
+  erasing: dict
+  views: dict
+
+  @classmethod
+  def from_config(cls, input_config: Any, image_size: int, labeled: bool,
+                  views: dict[str, int]) -> '_TrainAugment':
+    mean, std = _mean_std(input_config)
+    ra_spec, erasing = _augment_config(input_config, labeled)
+    return cls(
+        image_size=image_size,
+        scale=_pair(input_config.get('crop_scale', (0.2, 1.0)),
+                    'crop_scale'),
+        ratio=_pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)),
+                    'crop_ratio'),
+        hflip=bool(input_config.get('hflip', True)), mean=mean, std=std,
+        ra_spec=ra_spec, ra_fill=_ra_fill(mean), erasing=erasing,
+        views=views)
+
+  def __call__(self, data, key, crop_key, flip_key) -> dict:
+    """{'image': normalised float32, view name: uint8} of encoded `data`."""
+    crop = augment.decode_and_random_crop(data, crop_key, self.scale,
+                                          self.ratio)
+    image = augment.resize(crop, self.image_size)
+    if self.hflip:
+      image = augment.random_flip(image, flip_key)
+    if self.ra_spec is not None:
+      # timm applies RandAugment to the uint8 (PIL) crop after the flip.
+      image = tf.cast(randaugment.apply(
+          tf.cast(tf.round(image), tf.uint8),
+          seeds.fold_in(key, _RANDAUGMENT_KEY), self.ra_spec,
+          fill=self.ra_fill), tf.float32)
+    image = augment.normalize(image, self.mean, self.std)
+    if self.erasing:
+      image = random_erasing.apply(image, seeds.fold_in(key, _ERASING_KEY),
+                                   **self.erasing)
+    example = {'image': image}
+    for name, size in self.views.items():
+      view = augment.resize_lanczos_uint8(crop, size)
+      # The same flip_key: both views flip together.
+      example[name] = (augment.random_flip(view, flip_key) if self.hflip
+                       else view)
+    return example
+
+
 def make_train_dataset(input_config: Any,
                        *,
                        patch_size: int,
@@ -218,13 +276,8 @@ def make_train_dataset(input_config: Any,
   process_index, process_count = _process_info(process_index, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
-  views = _check_views(views)
-  scale = _pair(input_config.get('crop_scale', (0.2, 1.0)), 'crop_scale')
-  ratio = _pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)), 'crop_ratio')
-  hflip = bool(input_config.get('hflip', True))
-  mean, std = _mean_std(input_config)
-  ra_spec, erasing = _augment_config(input_config, labeled)
-  ra_fill = _ra_fill(mean)
+  augment_fn = _TrainAugment.from_config(input_config, image_size, labeled,
+                                         _check_views(views))
 
   source = sources.open_source(input_config, seed=seed,
                                process_index=process_index,
@@ -235,22 +288,33 @@ def make_train_dataset(input_config: Any,
         f'model.num_classes={num_classes} but {source.description} has '
         f'{source.num_classes} classes; set --config.model.num_classes='
         f'{source.num_classes}.')
+  logging.info('Train pipeline: host %d/%d, host batch %d.', process_index,
+               process_count, host_batch)
+  ds = read_checked(_records_from(source, start_step * host_batch),
+                    source, input_config)
 
-  # Local record position of the first example, and where it lies.
-  first_record = start_step * host_batch
-  start_epoch, skip = divmod(first_record, source.num_records)
-  logging.info(
-      'Train pipeline: host %d/%d, host batch %d, start_step %d -> epoch %d, '
-      'skipping %d undecoded records.', process_index, process_count,
-      host_batch, start_step, start_epoch, skip)
-
-  ds = tf.data.Dataset.counter(start_epoch).flat_map(source.epoch)
-  if skip:
-    ds = ds.skip(skip)
-  ds = read_checked(ds.enumerate(), source, input_config)
-
-  train_key = seeds.base_key(seed, seeds.TRAIN)
   mask_example, mask_batch = masks.stages(mask_fn)
+  process = _train_example_fn(
+      augment_fn, source, mask_example if with_masks else None, labeled,
+      seed=seed, start_step=start_step, host_batch=host_batch,
+      process_index=process_index)
+  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(host_batch, drop_remainder=True)
+  if mask_batch is not None and with_masks:
+    ds = ds.map(mask_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+  return _finish(ds, input_config)
+
+
+def _train_example_fn(augment_fn: '_TrainAugment',
+                      source: sources.RecordSource, mask_example, labeled,
+                      *, seed: int, start_step: int, host_batch: int,
+                      process_index: int):
+  """(position, record, data, filled) -> the example: its crop, flip and
+  mask keyed by (seed, step, global index) only; `mask_example` None for
+  pipelines without masks."""
+  train_key = seeds.base_key(seed, seeds.TRAIN)
 
   def process(position, record, data, filled):
     step = start_step + position // host_batch
@@ -258,26 +322,8 @@ def make_train_dataset(input_config: Any,
     key = seeds.fold_in(train_key, step, index)
     crop_key, flip_key, mask_key = tf.unstack(
         tf.random.experimental.stateless_split(key, 3))
-    crop = augment.decode_and_random_crop(data, crop_key, scale, ratio)
-    image = augment.resize(crop, image_size)
-    if hflip:
-      image = augment.random_flip(image, flip_key)
-    if ra_spec is not None:
-      # timm applies RandAugment to the uint8 (PIL) crop after the flip.
-      image = tf.cast(randaugment.apply(
-          tf.cast(tf.round(image), tf.uint8),
-          seeds.fold_in(key, _RANDAUGMENT_KEY), ra_spec, fill=ra_fill),
-                      tf.float32)
-    image = augment.normalize(image, mean, std)
-    if erasing:
-      image = random_erasing.apply(image, seeds.fold_in(key, _ERASING_KEY),
-                                   **erasing)
-    example = {'image': image}
-    for name, size in views.items():
-      view = augment.resize_lanczos_uint8(crop, size)
-      # The same flip_key: both views flip together.
-      example[name] = augment.random_flip(view, flip_key) if hflip else view
-    if with_masks:
+    example = augment_fn(data, key, crop_key, flip_key)
+    if mask_example is not None:
       example.update(mask_example(mask_key))
     if labeled:
       example['label'] = source.label(record)
@@ -287,13 +333,21 @@ def make_train_dataset(input_config: Any,
       example[BAD_KEY] = filled
     return example
 
-  ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  ds = ds.batch(host_batch, drop_remainder=True)
-  if mask_batch is not None and with_masks:
-    ds = ds.map(mask_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
-  return _finish(ds, input_config)
+  return process
+
+
+def _records_from(source: sources.RecordSource,
+                  first_record: int) -> tf.data.Dataset:
+  """(local position, record) of the source's epochs in order, from the
+  local record position `first_record` on (resume: whole epochs are
+  skipped by number, the rest undecoded)."""
+  start_epoch, skip = divmod(first_record, source.num_records)
+  logging.info('Records from position %d: epoch %d, skipping %d undecoded '
+               'records.', first_record, start_epoch, skip)
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(source.epoch)
+  if skip:
+    ds = ds.skip(skip)
+  return ds.enumerate()
 
 
 def image_checker(input_config: Any,
@@ -447,22 +501,9 @@ def make_eval_dataset(input_config: Any,
   host_batch = _host_batch_size(int(batch_size), process_count,
                                 f'{section}.batch_size')
   mean, std = _mean_std(input_config)
-  if bad_images not in image_check.EVAL_BAD_IMAGE_MODES:
-    raise errors.ConfigError(f'{bad_images_field}={bad_images!r}: use one '
-                             f'of {image_check.EVAL_BAD_IMAGE_MODES}.')
-  max_pixels = image_checker(input_config, mode='error').max_pixels
-
-  def screen(files):
-    where = (data or input_config.get('data')).split(':', 1)[1]
-    return image_check.screen_eval_files(
-        files, _scan_on_all_processes(files, max_pixels), mode=bad_images,
-        field=bad_images_field, where=where)
-
-  source = sources.open_source(input_config, seed=0, data=data, split=split,
-                               process_index=process_index,
-                               process_count=process_count, labeled=True,
-                               screen=screen,
-                               data_field=data_field if data else 'input.data')
+  source = _eval_source(input_config, data, split, process_index,
+                        process_count, bad_images, bad_images_field,
+                        data_field)
   num_batches = eval_batches(source.total_records, host_batch,
                              process_count)
 
@@ -481,6 +522,29 @@ def make_eval_dataset(input_config: Any,
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
   ds = ds.batch(host_batch, drop_remainder=True)
   return _finish(ds, input_config), num_batches, source.total_records
+
+
+def _eval_source(input_config: Any, data, split, process_index: int,
+                 process_count: int, bad_images: str, bad_images_field: str,
+                 data_field: str) -> sources.RecordSource:
+  """The labelled source of an evaluation set, a folder's files checked
+  first (see `make_eval_dataset`)."""
+  if bad_images not in image_check.EVAL_BAD_IMAGE_MODES:
+    raise errors.ConfigError(f'{bad_images_field}={bad_images!r}: use one '
+                             f'of {image_check.EVAL_BAD_IMAGE_MODES}.')
+  max_pixels = image_checker(input_config, mode='error').max_pixels
+
+  def screen(files):
+    where = (data or input_config.get('data')).split(':', 1)[1]
+    return image_check.screen_eval_files(
+        files, _scan_on_all_processes(files, max_pixels), mode=bad_images,
+        field=bad_images_field, where=where)
+
+  return sources.open_source(input_config, seed=0, data=data, split=split,
+                             process_index=process_index,
+                             process_count=process_count, labeled=True,
+                             screen=screen,
+                             data_field=data_field if data else 'input.data')
 
 
 def _scan_on_all_processes(paths: list[str],
