@@ -342,6 +342,27 @@ def _flat(tree: dict) -> dict:
           traverse_util.flatten_dict(tree).items()}
 
 
+def _encoder_problems(missing, extra, mismatched, src_posemb, src_row_first,
+                      tgt_posemb, tgt_row_first) -> list[str]:
+  """The reasons `load_encoder` refuses a source encoder (none: [])."""
+  problems = []
+  if missing:
+    problems.append(f'the pretrained encoder lacks {len(missing)} params: '
+                    f'{missing[:12]}')
+  if extra:
+    problems.append(f'it holds {len(extra)} params this model does not '
+                    f'have: {extra[:12]}')
+  if mismatched:
+    problems.append(f'shape mismatches ({len(mismatched)}): '
+                    f'{mismatched[:12]}')
+  if (src_posemb == 'sincos' and tgt_posemb == 'sincos' and
+      src_row_first != tgt_row_first):
+    problems.append('the fixed sin-cos position tables differ: '
+                    f'posemb_row_first={src_row_first} pretrained, '
+                    f'{tgt_row_first} here')
+  return problems
+
+
 def load_encoder(source: dict, source_fields: dict, target: dict,
                  target_fields: dict, fresh: Optional[re.Pattern] = None
                  ) -> dict:
@@ -389,24 +410,10 @@ def load_encoder(source: dict, source_fields: dict, target: dict,
                 f'{tuple(np.shape(tgt[k]))} in this model'
                 for k in sorted(set(src) & set(tgt))
                 if tuple(np.shape(src[k])) != tuple(np.shape(tgt[k]))]
-  problems = []
-  if missing:
-    problems.append(f'the pretrained encoder lacks {len(missing)} params: '
-                    f'{missing[:12]}')
-  if extra:
-    problems.append(f'it holds {len(extra)} params this model does not '
-                    f'have: {extra[:12]}')
-  if mismatched:
-    problems.append(f'shape mismatches ({len(mismatched)}): '
-                    f'{mismatched[:12]}')
-  fixed = lambda f: field(f, 'posemb') == 'sincos'
-  if (fixed(source_fields) and fixed(target_fields) and
-      field(source_fields, 'posemb_row_first') !=
-      field(target_fields, 'posemb_row_first')):
-    problems.append('the fixed sin-cos position tables differ: '
-                    f'posemb_row_first='
-                    f'{field(source_fields, "posemb_row_first")} pretrained, '
-                    f'{field(target_fields, "posemb_row_first")} here')
+  problems = _encoder_problems(missing, extra, mismatched,
+                               *(field(f, k) for f in (source_fields,
+                                                       target_fields)
+                                 for k in ('posemb', 'posemb_row_first')))
   if problems:
     raise errors.WeightsFileError(
         'Cannot load the pretrained encoder into this model: ' +
