@@ -33,12 +33,21 @@ def _saved_steps(workdir) -> list[int]:
                 if d.isdigit())
 
 
+def _owner(path):
+  """The lock file's JSON, or None while it is absent or half written."""
+  try:
+    return json.loads(path.read_text())
+  except (FileNotFoundError, ValueError):
+    return None
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_owner(
     tmp_path):
-  """Run A trains; run B on the same workdir stops in one line naming A's
-  host and pid (exit 2) and writes nothing; A goes on, and its lock is
-  gone once it ends."""
+  """Run A takes the workdir; run B on it stops in one line naming A's host
+  and pid (exit 2) and writes nothing; A goes on to train, saves on
+  SIGTERM (held from the start of its setup), and its lock is gone once it
+  ends."""
   wd = tmp_path / 'wd'
   args = [f'--workdir={wd}', '--config=configs/mae_tiny.py',
           '--config.knn.data=None', '--config.total_steps=100000',
@@ -48,11 +57,11 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_owner(
                        text=True)
   try:
     deadline = time.time() + TIMEOUT_S
-    rows = wd / 'metrics.jsonl'
-    while not (rows.exists() and rows.read_text()):  # A is training
+    owner = None
+    while owner is None:  # until A holds the workdir
       assert a.poll() is None and time.time() < deadline
       time.sleep(0.5)
-    owner = json.loads((wd / 'run.lock').read_text())
+      owner = _owner(wd / 'run.lock')
     assert owner['pid'] == a.pid
     b = subprocess.run(CLI + args, cwd=ROOT, env=ENV, capture_output=True,
                        text=True, timeout=TIMEOUT_S)
@@ -66,6 +75,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_naming_the_owner(
     _, err = a.communicate(timeout=TIMEOUT_S)
   assert a.returncode == 75, err[-3000:]
   assert not os.path.exists(wd / 'run.lock')
+  assert _saved_steps(wd)  # A trained and saved
   steps = [json.loads(line)['step'] for line in open(wd / 'metrics.jsonl')]
   assert steps == sorted(set(steps))  # one run's rows only
 
