@@ -27,6 +27,7 @@ import platform
 import re
 import socket
 import statistics
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,6 +71,18 @@ def _version(package: str) -> str | None:
     return None
 
 
+def nvidia_smi() -> str | None:
+  """nvidia-smi's name, driver and memory of each GPU (None without it)."""
+  try:
+    res = subprocess.run(
+        ['nvidia-smi', '--query-gpu=name,driver_version,memory.total',
+         '--format=csv,noheader'], capture_output=True, text=True,
+        timeout=20, check=False)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return res.stdout.strip() or None
+
+
 def probe(smoke: bool) -> dict:
   """The machine, as the JSON's `device`."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -79,7 +92,8 @@ def probe(smoke: bool) -> dict:
              jaxlib=_version('jaxlib'),
              jax_cuda12_plugin=_version('jax-cuda12-plugin'),
              host=socket.gethostname(),
-             python=platform.python_version(), cpus=os.cpu_count())
+             python=platform.python_version(), cpus=os.cpu_count(),
+             nvidia_smi=nvidia_smi())
   if smoke:  # (importing torch costs seconds; its version is enough)
     out['torch'] = _version('torch')
   else:

@@ -281,3 +281,18 @@ def test_accelerator_check_records_failures(tmp_path):
   assert parts['late']['error'].startswith('skipped')
   assert parts['good']['ok'] and parts['good']['result'] == {'a': 1}
   assert [p['ok'] for p in parts.values()] == [False, False, False, True]
+
+
+def test_accelerator_check_peaks(monkeypatch):
+  """The GPU's dense bf16 peak from jax's device_kind (PEAK_TFLOPS wins);
+  the JSON's file name from it."""
+  import accelerator_check as ac  # pylint: disable=g-import-not-at-top,import-error
+  monkeypatch.delenv('PEAK_TFLOPS', raising=False)
+  for kind, peak in (('NVIDIA H100 80GB HBM3', 989.0),
+                     ('NVIDIA H100 PCIe', 756.0), ('NVIDIA H200', 989.0),
+                     ('NVIDIA GH200 480GB', 989.0),
+                     ('NVIDIA A100-SXM4-80GB', 312.0), ('cpu', None)):
+    assert ac.peak_tflops(kind)[0] == peak, kind
+  monkeypatch.setenv('PEAK_TFLOPS', '500')
+  assert ac.peak_tflops('NVIDIA H100 80GB HBM3') == (500.0, 'PEAK_TFLOPS')
+  assert ac.slug('NVIDIA H100 80GB HBM3') == 'nvidia_h100_80gb_hbm3'
