@@ -2,18 +2,26 @@ r"""Train-step speed side by side: the official PyTorch MAE and mim_jax.
 
   python benchmarks/vs_pytorch.py [--models=S/16,B/16] [--rounds=3]
       [--steps=3] [--batch_size=16] [--noproof] [--smoke]
+      [--dtype=float32|bfloat16] [--device=cpu|cuda]
 
 Both sides train the same model (MAE pretraining, 224 px, norm-pix loss,
-75% masks, decoder 8 x 512 with 16 heads, float32, AdamW) on a synthetic
-batch, on the CPU of this machine, one framework per process:
+75% masks, decoder 8 x 512 with 16 heads, AdamW) on a synthetic batch, on
+the CPU of this machine (`--device=cpu`, the default) or on its GPU
+(`--device=cuda`: PyTorch on `cuda`, JAX on its default backend, which must
+be a GPU), one framework per process. `--dtype`: float32 (default) or
+bfloat16 compute: PyTorch under `torch.autocast(dtype=torch.bfloat16)`
+(AMP: float32 weights and optimizer; no loss scaling, which bf16 does not
+need), mim_jax with `model.dtype='bfloat16'` (float32 params).
 
 - PyTorch: a small MAE written here on timm's `Block` (timm's default
   attention, i.e. fused `scaled_dot_product_attention`), with the official
   state-dict names. Step = zero_grad, forward, backward, AdamW step (lr
   1.5e-4, betas (0.9, 0.95), weight decay 0.05 except biases and 1-D
-  params); `warmup` untimed steps first; `torch.set_num_threads(cores)`.
+  params); `warmup` untimed steps first; `torch.set_num_threads(cores)`;
+  on cuda, `torch.cuda.synchronize()` around the timed steps.
 - mim_jax: `benchmarks/train_step_bench.py:time_train_step` on the MAE
-  recipe (`methods/mae/config.py`, variant S/16 or B/16), one device.
+  recipe (`methods/mae/config.py`, variant S/16, B/16 or L/16), one
+  device; timed to `block_until_ready`.
 
 Each round runs one PyTorch and one JAX subprocess (this script with
 `--side=torch|jax`), alternating which goes first (torch, jax, jax, torch,
@@ -22,11 +30,12 @@ imports only its own framework. img/s per side is the median over rounds.
 
 FLOPs per image: one count for both sides, XLA's cost analysis of our train
 step (`train.step_flops`, the planner's count) / batch size. Each child also
-times a 2048^3 float32 matmul with its own framework (best of 5), and
-`matmul_fraction` = the side's FLOP/s / that matmul's FLOP/s.
+times an n^3 matmul in `--dtype` with its own framework (n = 2048 on CPU,
+8192 on GPU; best of 5), and `matmul_fraction` = the side's FLOP/s / that
+matmul's FLOP/s.
 
-Proof (on by default, `--noproof` skips it): before anything is timed, the
-PyTorch MAE loads the official fixture (tests/fixtures/mae: state dict,
+Proof (on by default, `--noproof` skips it; float32, on the CPU): before
+anything is timed, the PyTorch MAE loads the official fixture (tests/fixtures/mae: state dict,
 images, noise) and must reproduce its loss to 1e-6 (relative) and its
 gradients to 2e-5 (relative to each tensor's max; the key third of the qkv
 biases, whose true gradient is zero, to 1e-7 absolute). So every number is
@@ -34,7 +43,8 @@ of the official computation.
 
 Prints a table, then (last line) one JSON object: per model
 {"pytorch": {...}, "mim_jax": {...}, "ratio": mim_jax / pytorch img/s},
-"machine", "rounds". `--smoke`: the fixture-sized model (32 px, patch 4,
+"machine" (with the GPU's name on cuda), "rounds", "dtype", "device".
+`--smoke`: the fixture-sized model (32 px, patch 4,
 width 64, depth 4), 1 round, 1 step (the test suite runs it).
 """
 
@@ -64,7 +74,9 @@ from absl import flags
 
 FIXTURE = os.path.join(ROOT, 'tests', 'fixtures', 'mae')
 SMOKE = 'smoke'      # the model of --smoke: the fixture's sizes
-MATMUL_N = 2048
+MATMUL_N = {'cpu': 2048, 'cuda': 8192}  # the matmul's size per --device
+DEVICES = ('cpu', 'cuda')
+DTYPES = ('float32', 'bfloat16')
 # The official pretraining optimizer (main_pretrain.py) at batch 256.
 LR, BETAS, WEIGHT_DECAY = 1.5e-4, (0.9, 0.95), 0.05
 TOL = dict(loss_rel=1e-6, grad_rel_to_max=2e-5, key_bias_abs=1e-7)
@@ -81,9 +93,11 @@ def num_cores() -> int:
 # The model, in mim_jax's terms (parent and jax child).
 
 
-def jax_config(model: str, batch_size: int, scan: bool = True):
+def jax_config(model: str, batch_size: int, scan: bool = True,
+               dtype: str = 'float32'):
   """The MAE recipe for `model` ('S/16', 'B/16', ... or SMOKE) on one
-  device, float32, norm-pix targets, `batch_size` images of its size."""
+  device, `dtype` compute, norm-pix targets, `batch_size` images of its
+  size."""
   from mim_jax.methods.mae import config as mae_config
   c = mae_config.get_config('B/16')
   if model == SMOKE:
@@ -97,7 +111,7 @@ def jax_config(model: str, batch_size: int, scan: bool = True):
     c.input.image_size = e.input.image_size
   else:
     c.model.variant = model
-  c.model.dtype = 'float32'
+  c.model.dtype = dtype
   # Scanned blocks, the recipes' layout: on an idle 2-core CPU the ViT-B
   # step takes 7.9 s scanned and 11.0 s unrolled (docs/speed.md).
   c.model.scan = scan
@@ -359,48 +373,82 @@ def proof(fused_attn=None) -> dict:
   return out
 
 
-def torch_matmul_flops(repeats: int) -> float:
-  """FLOP/s of a MATMUL_N^3 float32 torch.mm, best of `repeats`."""
+def _torch_sync(device: str):
   import torch
+  if device == 'cuda':
+    torch.cuda.synchronize()
+
+
+def torch_matmul_flops(repeats: int, device: str = 'cpu',
+                       dtype: str = 'float32') -> float:
+  """FLOP/s of an n^3 torch.mm (n = MATMUL_N[device]) in `dtype` on
+  `device`, best of `repeats`."""
+  import torch
+  n = MATMUL_N[device]
   g = torch.Generator().manual_seed(0)
-  a = torch.randn(MATMUL_N, MATMUL_N, generator=g)
-  b = torch.randn(MATMUL_N, MATMUL_N, generator=g)
+  a, b = (torch.randn(n, n, generator=g).to(device, getattr(torch, dtype))
+          for _ in range(2))
   torch.mm(a, b)
   best = float('inf')
   for _ in range(repeats):
+    _torch_sync(device)
     t = time.perf_counter()
     torch.mm(a, b)
+    _torch_sync(device)
     best = min(best, time.perf_counter() - t)
-  return 2 * MATMUL_N ** 3 / best
+  return 2 * n ** 3 / best
+
+
+def _torch_device(device: str) -> dict:
+  """Checks that `device` is usable; its name (GPU) for the JSON."""
+  import torch
+  if device == 'cpu':
+    return {}
+  if not torch.cuda.is_available():
+    raise RuntimeError(
+        f'--device=cuda, but PyTorch {torch.__version__} sees no CUDA GPU '
+        '(torch.cuda.is_available() is False): install a CUDA build of '
+        'torch, or run with --device=cpu.')
+  return dict(gpu=torch.cuda.get_device_name(0),
+              cuda=torch.version.cuda)
 
 
 def run_torch(spec_path: str, batch_size: int, steps: int, warmup: int,
-              matmul_repeats: int) -> dict:
-  """The torch child: matmul rate, then `steps` timed train steps."""
+              matmul_repeats: int, device: str = 'cpu',
+              dtype: str = 'float32') -> dict:
+  """The torch child: matmul rate, then `steps` timed train steps on
+  `device`, under bf16 autocast when `dtype` is bfloat16."""
+  import contextlib
   import torch
   torch.set_num_threads(num_cores())
+  info = _torch_device(device)
   with np.load(spec_path) as z:
     args = json.loads(str(z['args']))
     model = build_torch_mae(args, z['pos_embed'], z['decoder_pos_embed'])
-  model.train(True)
+  model.to(device).train(True)
   opt = torch.optim.AdamW(decay_groups(model), lr=LR, betas=BETAS)
   size = args['img_size']
   imgs = torch.randn(batch_size, 3, size, size,
-                     generator=torch.Generator().manual_seed(0))
-  matmul = torch_matmul_flops(matmul_repeats)
+                     generator=torch.Generator().manual_seed(0)).to(device)
+  matmul = torch_matmul_flops(matmul_repeats, device, dtype)
+  amp = (torch.autocast(device, dtype=torch.bfloat16)
+         if dtype == 'bfloat16' else contextlib.nullcontext())
 
   def step():
     opt.zero_grad()
-    loss = model(imgs)[0]
+    with amp:
+      loss = model(imgs)[0]
     loss.backward()
     opt.step()
     return loss
 
   for _ in range(warmup):
     step()
+  _torch_sync(device)
   t = time.perf_counter()
   for _ in range(steps):
     loss = step()
+  _torch_sync(device)
   dt = (time.perf_counter() - t) / steps
   if not np.isfinite(loss.item()):
     raise FloatingPointError(f"PyTorch loss {loss.item()}")
@@ -408,20 +456,23 @@ def run_torch(spec_path: str, batch_size: int, steps: int, warmup: int,
               matmul_flop_per_s=matmul, threads=torch.get_num_threads(),
               attention='fused' if model.blocks[0].attn.fused_attn
               else 'explicit', jax_imported='jax' in sys.modules,
-              version=torch.__version__)
+              version=torch.__version__, **info)
 
 
 # --------------------------------------------------------------------------
 # mim_jax side.
 
 
-def jax_matmul_flops(repeats: int) -> float:
-  """FLOP/s of a jitted MATMUL_N^3 float32 jnp.dot, best of `repeats`."""
+def jax_matmul_flops(repeats: int, device: str = 'cpu',
+                     dtype: str = 'float32') -> float:
+  """FLOP/s of a jitted n^3 jnp.dot (n = MATMUL_N[device]) in `dtype`,
+  best of `repeats`."""
   import jax
   import jax.numpy as jnp
+  n = MATMUL_N[device]
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(ka, (MATMUL_N, MATMUL_N), jnp.float32)
-  b = jax.random.normal(kb, (MATMUL_N, MATMUL_N), jnp.float32)
+  a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
   dot = jax.jit(jnp.dot)
   dot(a, b).block_until_ready()
   best = float('inf')
@@ -429,17 +480,33 @@ def jax_matmul_flops(repeats: int) -> float:
     t = time.perf_counter()
     dot(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * MATMUL_N ** 3 / best
+  return 2 * n ** 3 / best
+
+
+def _jax_device(device: str) -> dict:
+  """Checks that JAX's default backend fits `device`; its kind (GPU)."""
+  import jax
+  d = jax.devices()[0]
+  if device == 'cpu':
+    return {}
+  if d.platform != 'gpu':
+    raise RuntimeError(
+        f'--device=cuda, but JAX {jax.__version__} runs on {d.platform!r} '
+        '(no CUDA backend): pip install -U "jax[cuda12]", and leave '
+        'JAX_PLATFORMS unset.')
+  return dict(gpu=d.device_kind)
 
 
 def run_jax(model: str, batch_size: int, steps: int, count_flops: bool,
-            matmul_repeats: int, scan: bool = True) -> dict:
+            matmul_repeats: int, scan: bool = True, device: str = 'cpu',
+            dtype: str = 'float32') -> dict:
   """The jax child: matmul rate, `time_train_step`, then (optionally, after
   timing) the FLOPs per image of the train step."""
   import jax
   import train_step_bench
-  config = jax_config(model, batch_size, scan)
-  matmul = jax_matmul_flops(matmul_repeats)
+  info = _jax_device(device)
+  config = jax_config(model, batch_size, scan, dtype)
+  matmul = jax_matmul_flops(matmul_repeats, device, dtype)
   r = train_step_bench.time_train_step(config, steps)
   # (step_sec is rounded to 0.1 ms; images_per_sec to 0.1 img/s.)
   img_per_s = (batch_size / r['step_sec'] if r['step_sec']
@@ -448,7 +515,7 @@ def run_jax(model: str, batch_size: int, steps: int, count_flops: bool,
              step_s=r['step_sec'], compile_s=r['compile_sec'],
              matmul_flop_per_s=matmul, scan=bool(config.model.scan),
              devices=jax.device_count(), torch_imported='torch' in sys.modules,
-             version=jax.__version__)
+             version=jax.__version__, platform=r['platform'], **info)
   if count_flops:
     from mim_jax import sharding
     from mim_jax import train
@@ -474,13 +541,16 @@ def _child(side: str, env: dict, **kw) -> dict:
   return json.loads(lines[-1])
 
 
-def child_envs(smoke: bool) -> dict:
-  """Environments of the children: JAX on this CPU as one device, and (but
-  for --smoke) with XLA's optimisations (the test suite turns them off)."""
+def child_envs(smoke: bool, device: str = 'cpu') -> dict:
+  """Environments of the children: JAX on this CPU as one device (on
+  --device=cuda: its default backend), and (but for --smoke) with XLA's
+  optimisations (the test suite turns them off)."""
   base = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
   xla_flags = [f for f in base.get('XLA_FLAGS', '').split()
                if not f.startswith('--xla_force_host_platform_device_count')]
   jax_env = dict(base, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(xla_flags))
+  if device != 'cpu':
+    jax_env.pop('JAX_PLATFORMS')
   if not smoke:
     jax_env.pop('JAX_DISABLE_MOST_OPTIMIZATIONS', None)
   return {'torch': base, 'jax': jax_env}
@@ -498,13 +568,17 @@ def _side_summary(runs: list[dict], flop_per_img: float) -> dict:
 
 
 def benchmark(models, rounds: int, steps: int, warmup: int, batch_size: int,
-              smoke: bool, matmul_repeats: int, scan: bool = True):
+              smoke: bool, matmul_repeats: int, scan: bool = True,
+              device: str = 'cpu', dtype: str = 'float32'):
   """Alternating rounds per model.
 
   Returns:
-    (result dict of the JSON line, {'torch': version, 'jax': version}).
+    (result dict of the JSON line, {'torch': version, 'jax': version, and
+    on cuda each side's GPU name}).
   """
-  envs = child_envs(smoke)
+  envs = child_envs(smoke, device)
+  common = dict(batch_size=batch_size, steps=steps, device=device,
+                dtype=dtype, matmul_repeats=matmul_repeats)
   result = {}
   with tempfile.TemporaryDirectory() as tmp:
     for model in models:
@@ -517,13 +591,10 @@ def benchmark(models, rounds: int, steps: int, warmup: int, batch_size: int,
         for side in order:
           if side == 'torch':
             out = _child('torch', envs['torch'], model=model, spec=spec,
-                         batch_size=batch_size, steps=steps, warmup=warmup,
-                         matmul_repeats=matmul_repeats)
+                         warmup=warmup, **common)
           else:
             out = _child('jax', envs['jax'], model=model,
-                         batch_size=batch_size, steps=steps,
-                         flops=flop_per_img is None, scan=scan,
-                         matmul_repeats=matmul_repeats)
+                         flops=flop_per_img is None, scan=scan, **common)
             flop_per_img = out.get('flop_per_img', flop_per_img)
           if out.get('jax_imported') or out.get('torch_imported'):
             raise RuntimeError(f'The {side} child imported the other '
@@ -543,6 +614,9 @@ def benchmark(models, rounds: int, steps: int, warmup: int, batch_size: int,
                            official_args=args)
     versions = {'torch': runs['torch'][0]['version'],
                 'jax': runs['jax'][0]['version']}
+    for side in ('torch', 'jax'):
+      if 'gpu' in runs[side][0]:
+        versions[f'{side}_gpu'] = runs[side][0]['gpu']
   return result, versions
 
 
@@ -572,12 +646,15 @@ def main(argv):
     return
   if f.side == 'torch':
     print(json.dumps(run_torch(f.spec, f.batch_size, f.steps, f.warmup,
-                               f.matmul_repeats)))
+                               f.matmul_repeats, f.device, f.dtype)))
     return
   if f.side == 'jax':
     print(json.dumps(run_jax(f.model, f.batch_size, f.steps, f.flops,
-                             f.matmul_repeats, f.scan)))
+                             f.matmul_repeats, f.scan, f.device, f.dtype)))
     return
+  if f.device != 'cpu':  # the parent holds no GPU memory: the children do
+    import jax
+    jax.config.update('jax_platforms', 'cpu')
   models = [SMOKE] if f.smoke else f.models
   rounds, steps = (1, 1) if f.smoke else (f.rounds, f.steps)
   repeats = 2 if f.smoke else f.matmul_repeats
@@ -592,14 +669,15 @@ def main(argv):
       print(json.dumps(dict(proof=checked)))
       sys.exit('The PyTorch MAE does not reproduce the official fixture.')
   result, versions = benchmark(models, rounds, steps, f.warmup,
-                               f.batch_size, f.smoke, repeats, f.scan)
+                               f.batch_size, f.smoke, repeats, f.scan,
+                               f.device, f.dtype)
   print(table(result, models))
   result.update(
       machine=dict(cores=num_cores(), cpu=platform.processor() or
                    platform.machine(), python=platform.python_version(),
                    **versions),
       rounds=rounds, steps=steps, batch_size=f.batch_size,
-      proof=checked)
+      dtype=f.dtype, device=f.device, proof=checked)
   print(json.dumps(result))
 
 
@@ -618,6 +696,11 @@ def _define_flags():
   flags.DEFINE_bool('proof', True, 'Check the PyTorch MAE against the '
                     'official fixture first (exit 1 if it fails).')
   flags.DEFINE_bool('smoke', False, 'Fixture-sized model, 1 round, 1 step.')
+  flags.DEFINE_enum('dtype', 'float32', list(DTYPES), 'Compute dtype: '
+                    'bfloat16 = torch.autocast (AMP) / model.dtype.')
+  flags.DEFINE_enum('device', 'cpu', list(DEVICES), 'cpu: both on this '
+                    'CPU; cuda: PyTorch on cuda, JAX on its default backend '
+                    '(a GPU).')
   # A child's flags (set by the parent).
   flags.DEFINE_enum('side', None, ['torch', 'jax', 'proof'],
                     'Run one side in this process and print one JSON line.')

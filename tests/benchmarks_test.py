@@ -20,6 +20,8 @@ import pytest
 
 from conftest import ROOT
 
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
 # Generous: a hang fails, a busy machine should not.
 TIMEOUT_S = 300
 
@@ -224,3 +226,73 @@ def test_stages_made_by_the_library_work_in_tf_data(extra):
   assert set(batch) == {'mask', 'noise'}
   np.testing.assert_array_equal(batch['mask'].numpy().sum(1),
                                 extra.get('total_masked', 120))
+
+
+@pytest.mark.slow
+def test_accelerator_check_smoke(curves_short_workdir, tmp_path):
+  """benchmarks/accelerator_check.sh --smoke on the shared short run (its
+  MFU part reads that workdir; the other parts' scripts have their own
+  smoke tests): one JSON with the device, the part's result and the
+  summary, its path printed last; the curves part's report in-process."""
+  import accelerator_check  # pylint: disable=g-import-not-at-top,import-error
+  out = tmp_path / 'check.json'
+  proc = subprocess.run(
+      ['bash', 'benchmarks/accelerator_check.sh', '--smoke', '--parts=mfu',
+       f'--mfu_workdir={curves_short_workdir}', f'--out={out}'],
+      cwd=ROOT, env=dict(_env(), PYTHON=sys.executable),
+      capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == str(out)
+  r = json.loads(out.read_text())
+  assert r['benchmark'] == 'accelerator_check' and r['smoke'] and r['ok']
+  assert r['device']['platform'] == 'cpu'
+  assert r['device']['slug'] == 'smoke_cpu'
+  assert {'jax', 'torch', 'device_kind', 'peak_tflops'} <= set(r['device'])
+  assert set(r['parts']) == {'mfu'}
+  mfu = r['parts']['mfu']
+  assert mfu['ok'] and mfu['rc'] == 0 and mfu['error'] is None
+  assert mfu['result']['rows_left_out'] == [1]
+  _positive(mfu['result']['mfu'], mfu['result']['images_per_sec'],
+            mfu['seconds'], r['total_s'])
+  assert r['summary']['train_mfu'] == mfu['result']['mfu']
+  curves = accelerator_check.curves(curves_short_workdir, None)
+  assert curves['epochs'] == 3 and curves['dtype'] == 'float32'
+  assert {'within_2sigma', 'final_within', 'no_bias', 'met'} <= set(
+      curves['goals'])
+
+
+def test_accelerator_check_records_failures(tmp_path):
+  """A part that timed out, failed or was skipped is recorded with its
+  error (and its output's tail); the others still count."""
+  import accelerator_check  # pylint: disable=g-import-not-at-top,import-error
+  for name, status, log in (('slow', '124 30.0 30', 'step 1\n'),
+                            ('bad', '1 2.5 60', 'Traceback: boom\n'),
+                            ('late', 'skipped 0 0', None),
+                            ('good', '0 1.0 60', 'x\n{"a": 1}\n')):
+    (tmp_path / f'{name}.status').write_text(status)
+    (tmp_path / f'{name}.cmd').write_text(f'run {name}')
+    if log is not None:
+      (tmp_path / f'{name}.log').write_text(log)
+  parts = {n: accelerator_check.part(str(tmp_path), n)
+           for n in ('slow', 'bad', 'late', 'good')}
+  assert parts['slow']['error'] == 'timed out after 30 s'
+  assert parts['bad']['error'] == 'exit status 1'
+  assert 'boom' in parts['bad']['log_tail']
+  assert parts['late']['error'].startswith('skipped')
+  assert parts['good']['ok'] and parts['good']['result'] == {'a': 1}
+  assert [p['ok'] for p in parts.values()] == [False, False, False, True]
+
+
+def test_accelerator_check_peaks(monkeypatch):
+  """The GPU's dense bf16 peak from jax's device_kind (PEAK_TFLOPS wins);
+  the JSON's file name from it."""
+  import accelerator_check as ac  # pylint: disable=g-import-not-at-top,import-error
+  monkeypatch.delenv('PEAK_TFLOPS', raising=False)
+  for kind, peak in (('NVIDIA H100 80GB HBM3', 989.0),
+                     ('NVIDIA H100 PCIe', 756.0), ('NVIDIA H200', 989.0),
+                     ('NVIDIA GH200 480GB', 989.0),
+                     ('NVIDIA A100-SXM4-80GB', 312.0), ('cpu', None)):
+    assert ac.peak_tflops(kind)[0] == peak, kind
+  monkeypatch.setenv('PEAK_TFLOPS', '500')
+  assert ac.peak_tflops('NVIDIA H100 80GB HBM3') == (500.0, 'PEAK_TFLOPS')
+  assert ac.slug('NVIDIA H100 80GB HBM3') == 'nvidia_h100_80gb_hbm3'

@@ -87,10 +87,12 @@ def test_spec_tables_are_the_fixtures(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_run():
-  """`--smoke`: proof, one round of each side, the table and a last JSON
-  line with both sides' positive numbers."""
+  """`--smoke --dtype=bfloat16` (the CPU path of the GPU check): proof,
+  one round of each side, the table and a last JSON line with both sides'
+  positive numbers."""
   res = subprocess.run(
-      [sys.executable, 'benchmarks/vs_pytorch.py', '--smoke'],
+      [sys.executable, 'benchmarks/vs_pytorch.py', '--smoke',
+       '--dtype=bfloat16'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
       env=dict(os.environ, PYTHONPATH=ROOT))
   assert res.returncode == 0, res.stderr[-3000:]
@@ -98,6 +100,7 @@ def test_smoke_run():
   assert any(x.startswith('proof (fused attention)') for x in lines)
   out = json.loads(lines[-1])
   assert out['rounds'] == 1 and out['proof']['ok']
+  assert (out['dtype'], out['device']) == ('bfloat16', 'cpu')
   assert out['machine']['cores'] >= 1
   assert {'torch', 'jax'} <= set(out['machine'])
   r = out['smoke']
