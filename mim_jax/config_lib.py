@@ -126,6 +126,9 @@ def tiny_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # 898 test): about a second per evaluation on a 2-core CPU.
   c.knn.data = 'embedded:digits'
   c.knn.every_steps = 200
+  # The recipes compute in bfloat16 (accelerators); CPU runs, the tests
+  # and the reference curves (configs/*_curves_tiny.py) in float32.
+  c.model.dtype = 'float32'
   return c
 
 
