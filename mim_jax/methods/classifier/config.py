@@ -167,7 +167,7 @@ def _tiny(c, task: str):
   c.model.variant = None
   c.model.encoder.update(config_lib.TINY_ENCODER)
   c.model.num_classes = 10
-  c.model.dtype = 'float32'     # CPU runs: bf16 brings nothing there
+  c.model.dtype = 'float32'     # CPU runs and tests (recipes: bfloat16)
   c.input.update(data='embedded:digits', split='train', image_size=32,
                  num_train_examples=899, shuffle_buffer=1000)
   c.input.batch_size = 64 if task == 'finetune' else 128
