@@ -5,6 +5,7 @@ the loss at initialisation over seeds. For MAE, CAE and BootMAE.
   python benchmarks/curves_vs_pytorch.py --method=mae|cae|bootmae
       [--seeds=0,1,2] [--workdir=/tmp/mim_jax_curves_<method>]
       [--init_seeds=16] [--figure=...png] [--json=...json]
+      [--dtype=bfloat16]
 
 1. Curves: trains `configs/<method>_curves_tiny.py` (the recipe of
    tests/fixtures/curves_<method>_tiny/, 15 epochs, 480 steps) once per seed
@@ -24,6 +25,9 @@ the loss at initialisation over seeds. For MAE, CAE and BootMAE.
    forward: mean, std, range and a two-sample KS test.
 
 Prints a markdown summary, then (last line) one JSON object.
+`--dtype`: the model's compute dtype (`config.model.dtype`; the recipe's
+float32 by default), for the run, the init losses and the default names
+(workdir /tmp/mim_jax_curves_<method>_<dtype>, results ..._<dtype>.json).
 `--smoke`: one seed stopped after 1 epoch, 4 inits, no figure (the test
 suite runs it so the script cannot rot).
 """
@@ -75,8 +79,12 @@ def reference_path(method: str) -> str:
                       'curves.json')
 
 
-def recipe(method: str = 'mae'):
-  return config_lib.load_config_file(config_path(method))
+def recipe(method: str = 'mae', dtype: str | None = None):
+  """The method's curves recipe, in `dtype` when given."""
+  c = config_lib.load_config_file(config_path(method))
+  if dtype:
+    c.model.dtype = dtype
+  return c
 
 
 def official_init(config, seed: int) -> dict:
@@ -137,8 +145,8 @@ def first_batches(config, n: int) -> list[dict]:
 
 
 def init_distribution(method: str, num_seeds: int,
-                      num_batches: int = 4) -> dict:
-  c = recipe(method)
+                      num_batches: int = 4, dtype: str | None = None) -> dict:
+  c = recipe(method, dtype)
   batches = first_batches(c, num_batches)
   ours = initial_losses(c, range(num_seeds), batches, official=False)
   theirs = initial_losses(c, range(1000, 1000 + num_seeds), batches,
@@ -157,10 +165,10 @@ def init_distribution(method: str, num_seeds: int,
 
 
 def train_seed(method: str, seed: int, workdir: str,
-               stop_after: int | None = None):
+               stop_after: int | None = None, dtype: str | None = None):
   """Trains one seed unless its workdir already finished."""
   from mim_jax import train  # pylint: disable=g-import-not-at-top
-  c = recipe(method)
+  c = recipe(method, dtype)
   c.seed = seed
   c.stop_after_steps = stop_after
   end = stop_after or TOTAL_STEPS
@@ -201,12 +209,12 @@ def figure_for(figure: str | None, term: str) -> str | None:
 
 
 def curves(method: str, seeds, root: str, figure: str | None,
-           stop_after: int | None = None) -> dict:
+           stop_after: int | None = None, dtype: str | None = None) -> dict:
   """{term: judged compare_curves report} over the trained seeds."""
   workdirs = []
   for s in seeds:
     workdirs.append(os.path.join(root, f'seed{s}'))
-    train_seed(method, s, workdirs[-1], stop_after)
+    train_seed(method, s, workdirs[-1], stop_after, dtype)
   return {t: judge(compare_curves.run(
       workdirs, [reference_path(method)], out=figure_for(figure, t), term=t))
           for t in TERMS[method]}
@@ -266,12 +274,14 @@ _SUMMARY = ('ours', 'reference_seeds', 'sigma_floor', 'max_abs_z', 'mean_z',
             'per_seed_mean_z')
 
 
-def result_of(method: str, reports: dict, scheds: dict, init: dict) -> dict:
+def result_of(method: str, reports: dict, scheds: dict, init: dict,
+              dtype: str | None = None) -> dict:
   """The JSON: the total loss's report at the top level (`curves`,
   `points`), every curve's under `terms`, the schedules, the init."""
   summary = lambda r: {k: r[k] for k in _SUMMARY}
   return dict(
-      method=method, curves=summary(reports['loss']),
+      method=method, dtype=dtype or 'float32',
+      curves=summary(reports['loss']),
       points=reports['loss']['points'],
       terms={t: dict(curves=summary(r), points=r['points'])
              for t, r in reports.items()},
@@ -280,12 +290,18 @@ def result_of(method: str, reports: dict, scheds: dict, init: dict) -> dict:
       init=init)
 
 
-def _default(name: str, method: str, ext: str) -> str:
-  """benchmarks/results/curves_vs_pytorch[_<method>].<ext> (MAE keeps the
-  first name)."""
+# --dtype -> the suffix of the default names.
+_DTYPE_SUFFIX = {None: '', 'float32': '', 'bfloat16': '_bf16',
+                 'float16': '_fp16'}
+
+
+def _default(name: str, method: str, ext: str,
+             dtype: str | None = None) -> str:
+  """benchmarks/results/curves_vs_pytorch[_<method>][_bf16].<ext> (MAE
+  keeps the first name)."""
   if name:
     return name
-  suffix = '' if method == 'mae' else f'_{method}'
+  suffix = ('' if method == 'mae' else f'_{method}') + _DTYPE_SUFFIX[dtype]
   return os.path.join(ROOT, 'benchmarks', 'results',
                       f'curves_vs_pytorch{suffix}.{ext}')
 
@@ -298,17 +314,18 @@ def main(argv):
   stop_after = None
   if f.smoke:
     seeds, stop_after = seeds[:1], 32
-  workdir = f.workdir or f'/tmp/mim_jax_curves_{f.method}'
-  figure = None if f.smoke else _default(f.figure, f.method, 'png')
-  reports = curves(f.method, seeds, workdir, figure, stop_after)
+  workdir = f.workdir or '/tmp/mim_jax_curves_' + f.method + (
+      f'_{f.dtype}' if f.dtype else '')
+  figure = None if f.smoke else _default(f.figure, f.method, 'png', f.dtype)
+  reports = curves(f.method, seeds, workdir, figure, stop_after, f.dtype)
   scheds = schedules(f.method, [os.path.join(workdir, f'seed{s}')
                                 for s in seeds])
   init = init_distribution(f.method, 4 if f.smoke else f.init_seeds,
-                           1 if f.smoke else 4)
+                           1 if f.smoke else 4, f.dtype)
   print(markdown(reports, init))
-  result = result_of(f.method, reports, scheds, init)
+  result = result_of(f.method, reports, scheds, init, f.dtype)
   if not f.smoke:
-    path = _default(f.json, f.method, 'json')
+    path = _default(f.json, f.method, 'json', f.dtype)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'w') as fh:
       json.dump(result, fh, indent=1)
@@ -328,4 +345,6 @@ if __name__ == '__main__':
                       'terms: <stem>_<term>.png).')
   flags.DEFINE_string('json', None, 'JSON (default next to the figure).')
   flags.DEFINE_bool('smoke', False, 'Tiny run (tests).')
+  flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
+                    'config.model.dtype (default: the recipe\'s float32).')
   app.run(main)

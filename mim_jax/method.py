@@ -449,6 +449,30 @@ def image_batch(config: Config, batch_size: int, patch_size: int,
   return out
 
 
+# The compute dtypes of `config.model.dtype`. Params, optimizer state, the
+# softmax, LayerNorm statistics and the losses stay float32 whichever it is
+# (docs/training.md, "Precision").
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def compute_dtype(value) -> jnp.dtype:
+  """`config.model.dtype` (a name such as 'bfloat16') as a jnp dtype.
+
+  Raises:
+    errors.ConfigError: not one of COMPUTE_DTYPES.
+  """
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in COMPUTE_DTYPES:
+    raise errors.ConfigError(
+        f'model.dtype={value!r} is not a compute dtype: use one of '
+        f'{COMPUTE_DTYPES} (e.g. --config.model.dtype=bfloat16; params '
+        'stay float32 either way).')
+  return dtype
+
+
 def model_from_config(factory: Callable[..., Any], config: Config,
                       **fields):
   """`factory(**config.model, **fields)` with the dtype string made a jnp
@@ -468,7 +492,7 @@ def model_from_config(factory: Callable[..., Any], config: Config,
         'it). Remove it from config.model.')
   kw.update(fields)
   if 'dtype' in kw:
-    kw['dtype'] = jnp.dtype(kw['dtype'])
+    kw['dtype'] = compute_dtype(kw['dtype'])
   try:
     return factory(**kw)
   except TypeError as e:

@@ -35,6 +35,7 @@ from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import hooks as hooks_lib
 from mim_jax import input_pipeline
+from mim_jax import method as method_lib
 from mim_jax import metrics as metrics_lib
 from mim_jax import nonfinite
 from mim_jax import optim
@@ -60,6 +61,7 @@ def validate_config(config, num_devices: int, data_parallel: int):
                                  patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)
   optim.validate_config(config)
+  method_lib.compute_dtype(config.model.get('dtype', 'float32'))
   method = experiment.method_of(config)
   method.validate_config(config)
   spec = method.batch_spec(config, 1)

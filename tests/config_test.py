@@ -37,6 +37,7 @@ def test_official_recipes():
     assert c.optim.b2 == 0.95 and c.optim.weight_decay == 0.05
     assert c.total_epochs == 800 and c.warmup_epochs == 40
     assert c.input.mask.ratio == 0.75 and c.loss.norm_pix_loss
+    assert c.model.dtype == 'bfloat16'   # the tiny runs: float32
     model = experiment.build_model(c)
     assert model.encoder['width'] == width
     assert model.encoder['depth'] == depth
@@ -63,6 +64,7 @@ def _tiny(**kw):
     ({'input.batch_size': 12}, ['batch size 12', '8 data-parallel']),
     ({'grad_accum_steps': 4, 'input.batch_size': 16},
      ['batch size 16', 'x 4 accumulation']),
+    ({'model.dtype': 'bf16'}, ["model.dtype='bf16'", "'bfloat16'"]),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, overrides, words):
   with pytest.raises(ValueError) as e:
@@ -208,6 +210,8 @@ def test_config_json_of_an_older_workdir():
   saved['model']['mask_ratio'] = 0.6
   assert config_lib.resume_changes(saved, c) == (
       [], ['input.mask.ratio: 0.6 -> 0.75'])
+  saved['model']['dtype'] = 'bfloat16'   # the compute dtype: no layout
+  assert config_lib.resume_changes(saved, c)[0] == []
   saved['model']['mask_ratio'] = 0.5
   with pytest.raises(ValueError, match='model.mask_ratio=0.5 but '
                      'input.mask.ratio=0.6'):

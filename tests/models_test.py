@@ -303,6 +303,18 @@ def test_unknown_remat_policy_is_named():
                    batch)
 
 
+def test_bfloat16_layer_norm_takes_float32_statistics():
+  """flax's LayerNorm under dtype=bfloat16 reduces in float32: inputs with
+  a large mean (bf16 spacing 2 at 300) still normalise to bf16 precision."""
+  x = 300.0 + jax.random.normal(jax.random.PRNGKey(0), (4, 64))
+  ln = layers.layer_norm(1e-6, jnp.bfloat16)
+  params = ln.init(jax.random.PRNGKey(0), x)
+  y = ln.apply(params, x)
+  y32 = layers.layer_norm(1e-6, jnp.float32).apply(params, x)
+  assert y.dtype == jnp.bfloat16
+  assert _max_abs(y, y32) < 0.02
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = _tiny(dtype=jnp.bfloat16)
   batch = _inputs()

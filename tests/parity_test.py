@@ -35,6 +35,15 @@ def test_mae_fixture_passes(report):
   assert curve['final_params']['worst_rel_to_max'] <= 2e-5
 
 
+def test_bfloat16_replay_reports_its_deviation(report):
+  """check_parity --dtype: the curve in bf16 compute moves off the float32
+  one (so bf16 took effect) by well under a percent (0.35% measured)."""
+  out = core.dtype_curve(MAE, 'bfloat16', report['curve']['losses'])
+  assert out['steps'] == 30 and out['dtype'] == 'bfloat16'
+  assert 1e-4 < out['vs_float32']['max_rel'] < 0.02
+  assert out['float32_vs_fixture']['max_rel'] <= 1e-5
+
+
 def test_cli_fails_on_wrong_recipe(tmp_path):
   """Leaving cls/mask tokens out of weight decay must be caught (exit 1)."""
   bad = tmp_path / 'mae_bad'

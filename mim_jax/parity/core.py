@@ -22,6 +22,7 @@ import numpy as np
 
 from mim_jax import errors
 from mim_jax import experiment
+from mim_jax import method as method_lib
 from mim_jax import methods
 from mim_jax import optim
 from mim_jax import providers as providers_lib
@@ -258,3 +259,54 @@ def replay_curve(fx, config, model, loss_fn, method, params, zero,
               losses=losses, lr_max_rel=lr_err, terms_max_rel=term_err,
               decay_groups_match=ours_decay == ref_decay,
               final_params=fcmp, failures=failures)
+
+
+def _deviation(ours, ref) -> dict:
+  """Per-step relative deviation |ours - ref| / |ref|: max, mean, each."""
+  errs = [rel(a, b) for a, b in zip(ours, ref)]
+  return dict(max_rel=max(errs), mean_rel=float(np.mean(errs)),
+              max_at_step=int(np.argmax(errs)), per_step=errs)
+
+
+def dtype_curve(path: str, dtype: str, float32_losses=None) -> dict:
+  """The fixture's training curve replayed with the model computing in
+  `dtype` (params, optimizer state, softmax, LayerNorm statistics and the
+  loss stay float32), against the fixture's curve and our float32 replay.
+
+  Reported, not judged: a low-precision run is not parity, this measures
+  how far it drifts (docs/parity.md).
+
+  Args:
+    path: a fixture folder with a training curve.
+    dtype: a compute dtype, e.g. 'bfloat16' (`method.COMPUTE_DTYPES`).
+    float32_losses: our float32 replay's losses when already known (the
+      `curve.losses` of `run`); replayed here otherwise.
+
+  Raises:
+    errors.ConfigError: a fixture without a training curve, or a bad dtype.
+  """
+  name = method_lib.compute_dtype(dtype).name
+  fx, method, config, model, _, params = load_converted(path)
+  if 'curve' not in fx:
+    raise errors.ConfigError(f'{path} holds no training curve '
+                             '(train_curve.json): nothing to replay.')
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  zero = method.parity.zero_gradient_slices(fx['state_dict'], fx['config'])
+  ema = (None if method.parity.initial_ema is None
+         else method.parity.initial_ema(fx, model, params))
+  loss_fn = experiment.build_loss(config)
+  if float32_losses is None:
+    float32_losses = replay_curve(fx, config, model, loss_fn, method, params,
+                                  zero, ema)['losses']
+  low_config = ml_collections.ConfigDict(config.to_dict())
+  low_config.model.dtype = name
+  low = replay_curve(fx, low_config, method.build_model(low_config), loss_fn,
+                     method, params, zero, ema)['losses']
+  ref, _ = method.parity.curve_reference(fx)
+  return dict(fixture=os.path.abspath(path), method=method.name,
+              dtype=name, steps=len(low),
+              vs_fixture=_deviation(low, ref),
+              vs_float32=_deviation(low, float32_losses),
+              float32_vs_fixture=_deviation(float32_losses, ref),
+              losses={name: low, 'float32': list(float32_losses),
+                      'fixture': [float(x) for x in ref]})

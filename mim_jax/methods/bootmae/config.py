@@ -47,7 +47,7 @@ def get_config(variant: str = 'B/16'):
   c.model = dict(
       variant=variant, encoder=dict(), decoder_width=512, decoder_depth=2,
       # The first and the last block: [0, 11] (B), [0, 23] (L).
-      feature_depth=2, taps=(0, -1), dtype='float32')
+      feature_depth=2, taps=(0, -1), dtype='bfloat16')
   c.loss = dict(feature_weight=1.0, feature_ramp_fraction=0.25,
                 weighted_mask=True)
   c.input.mean = (0.5, 0.5, 0.5)

@@ -65,7 +65,7 @@ def get_config(variant: str = 'B/16'):
       decoder_layer_scale=v['layer_scale'],
       vocab_size=c.tokenizer.get_ref('vocab_size'),
       target='tokens', scan=False,
-      remat_policy='none', dtype='float32')
+      remat_policy='none', dtype='bfloat16')
   c.loss = dict(align_weight=2.0, norm_pix_loss=True)
   c.input.batch_size = 2048
   c.input.crop_scale = (0.08, 1.0)

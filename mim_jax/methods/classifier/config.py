@@ -44,7 +44,7 @@ def _model(card: method_lib.EncoderCard, variant) -> dict:
   return dict(variant=variant, encoder=dict(card.encoder), num_classes=1000,
               pool='avg', head='linear', feature_block=None,
               freeze_encoder=False, head_init_std=2e-5, scan=False,
-              remat_policy='none', dtype='float32')
+              remat_policy='none', dtype='bfloat16')
 
 
 def get_config(task: str, method: str, size: str = 'B'):
@@ -167,6 +167,7 @@ def _tiny(c, task: str):
   c.model.variant = None
   c.model.encoder.update(config_lib.TINY_ENCODER)
   c.model.num_classes = 10
+  c.model.dtype = 'float32'     # CPU runs and tests (recipes: bfloat16)
   c.input.update(data='embedded:digits', split='train', image_size=32,
                  num_train_examples=899, shuffle_buffer=1000)
   c.input.batch_size = 64 if task == 'finetune' else 128

@@ -180,7 +180,8 @@ class Classifier(nn.Module):
       1e-6 for 'bn_linear' (MAE's BatchNorm1d(eps=1e-6)), 1e-5 for
       'attentive' (CAE's LP_BatchNorm, torch's default).
     scan, remat_policy: passed to the encoder.
-    dtype: compute dtype (params, BatchNorm and logits stay float32).
+    dtype: compute dtype of the encoder, fc_norm and attentive block
+      (params, BatchNorm, the head and its logits stay float32).
   """
   encoder: dict
   num_classes: int
@@ -271,6 +272,8 @@ class Classifier(nn.Module):
           x[:, 1:].mean(axis=1))
     else:
       feats = x[:, 0]
+    # The head runs in float32 whatever the compute dtype: a (width x
+    # classes) matmul, and the logits keep their precision for the loss.
     feats = feats.astype(jnp.float32)
     kernel_init = layers.logical(trunc_normal(self.head_init_std),
                                  ('embed', None))
@@ -279,14 +282,14 @@ class Classifier(nn.Module):
     if self.head == 'bn_linear':
       logits = BNLinear(self.num_classes, kernel_init, bias_init,
                         1e-6 if self.bn_eps is None else self.bn_eps,
-                        self.dtype, name='head')(feats, train=train)
+                        jnp.float32, name='head')(feats, train=train)
     else:
       y = feats
       if self.head == 'attentive':
         # CAE names this BatchNorm `fc_norm` (statistics only).
         y = BatchNorm(epsilon=1e-5 if self.bn_eps is None else self.bn_eps,
                       use_running_average=not train, name='fc_norm')(y)
-      logits = nn.Dense(self.num_classes, dtype=self.dtype,
+      logits = nn.Dense(self.num_classes, dtype=jnp.float32,
                         kernel_init=kernel_init, bias_init=bias_init,
                         name='head')(y)
     return logits.astype(jnp.float32), {'features': feats}

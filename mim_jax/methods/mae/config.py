@@ -37,7 +37,7 @@ def get_config(variant: str = 'B/16'):
       # Recompute LayerNorms, softmax and GELU in the backward pass, keep
       # the linear layers' outputs (layers.REMAT_POLICIES): 1.2x faster on
       # CPU than no remat, and less activation memory (docs/speed.md).
-      remat_policy='linears', dtype='float32')
+      remat_policy='linears', dtype='bfloat16')
   c.model.update(model)
   c.loss = dict(norm_pix_loss=True, pop_norm='none', pop_axis='channel',
                 pop_mean=(0.0, 0.0, 0.0), pop_std=(1.0, 1.0, 1.0),
