@@ -358,7 +358,9 @@ class Method:
       mask).
     batch_spec: (config, batch_size) -> {key: ShapeDtypeStruct} of the
       arrays the model and loss take from the pipeline: keys from
-      PIPELINE_KEYS or from `views`. Only these go to the devices.
+      PIPELINE_KEYS or from `views`. Only these go to the devices. A uint8
+      'image' (`image_batch`'s) reaches the model normalised, float32
+      (`mim_jax.images.model_batch`); a float one as it is.
     loss: (pred, out, batch, *, step, schedule, **config.loss) -> (loss,
       aux); scalar entries of aux are logged with the loss.
     to_pixels: (config, pred, out, batch) -> (N, L, p*p*C) numpy
