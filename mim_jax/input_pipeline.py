@@ -204,8 +204,8 @@ class _TrainAugment:
                     'crop_scale'),
         ratio=_pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)),
                     'crop_ratio'),
-        hflip=bool(input_config.get('hflip', True)), ra_spec=ra_spec, ra_fill=_ra_fill(mean), erasing=erasing,
-        views=views)
+        hflip=bool(input_config.get('hflip', True)), ra_spec=ra_spec,
+        ra_fill=_ra_fill(mean), erasing=erasing, views=views)
 
   def __call__(self, data, key, crop_key, flip_key) -> dict:
     """{'image': uint8, view name: uint8, (erasing) 'erase': int32 boxes}
@@ -464,8 +464,8 @@ def make_eval_dataset(input_config: Any,
 
   Each image is resized so its shorter side is image_size / crop_pct, then
   center-cropped to image_size (timm's eval transform, bicubic), uint8 (the
-  steps normalise it on the devices). The last batches are padded with `valid` = 0 so every host
-  yields the same number of full batches.
+  steps normalise it on the devices). The last batches are padded with
+  `valid` = 0 so every host yields the same number of full batches.
 
   A folder is checked whole first (every file read and decoded, split
   between the JAX processes: `image_check.scan`), so a bad file fails here,
