@@ -49,6 +49,7 @@ from scipy import stats
 
 from mim_jax import config_lib
 from mim_jax import experiment
+from mim_jax import images
 from mim_jax import input_pipeline
 from mim_jax import providers as providers_lib
 from mim_jax import state as state_lib
@@ -110,9 +111,13 @@ def initial_losses(config, seeds, batches, official: bool) -> np.ndarray:
   model = experiment.build_model(config)
   spec = experiment.batch_spec(config)
   providers = experiment.providers_of(config)
-  compute = jax.jit(steps.make_loss_fn(model, experiment.build_loss(config),
-                                       providers),
-                    static_argnames='train')
+  loss_fn = steps.make_loss_fn(model, experiment.build_loss(config),
+                               providers)
+  image_input = images.ImageInput.from_config(config)
+  compute = jax.jit(
+      lambda params, b, *a, **kw: loss_fn(
+          params, images.model_batch(b, image_input), *a, **kw),
+      static_argnames='train')
   out = []
   for seed in seeds:
     if official:

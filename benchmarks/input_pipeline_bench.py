@@ -13,7 +13,7 @@ made too, as in training.
 --jpeg: the real training pipeline (`input_pipeline.make_train_dataset`,
 the ViT-B/16 MAE recipe's input: 224 px, random 75% masks) on a folder of
 real JPEGs (`input.data='folder:<dir>'`): read, partial decode of the crop
-window, RandomResizedCrop (bicubic, antialiased), flip, normalisation, mask.
+window, RandomResizedCrop (bicubic, antialiased), flip, uint8 out, mask.
 The JPEGs (224-500 px a side, random sizes and aspect ratios, quality 90,
 4:2:0 chroma as most photos) are cut from the scikit-image photos that
 `embedded:skimage` ships, and written to --jpeg_dir (default: a temporary
@@ -32,7 +32,8 @@ INTEGER_ACCURATE, which matches PIL; 'fast': TF's default ''), by
 overriding `augment.JPEG_DCT` while the pipeline is built. The breakdown
 (one thread) times the per-example work cumulatively, stage by stage, with
 the pipeline's own functions, and alternatives to it (ALTERNATIVES: the
-full decode, a tf.cond flip, uint8 images normalised later).
+full decode, a tf.cond flip, float32 images normalised on the host as
+before M13).
 
 --smoke (the tests): 2 timed batches after 1 warm-up; with --jpeg, 16
 images, batch 8, threads 1 and 2, both IDCTs.
@@ -78,19 +79,17 @@ JPEG_SIDES = (224, 500)
 GOAL_PER_CORE = 150
 # The breakdown's cumulative stages (each adds its work to the previous
 # one's), then the alternatives.
-STAGES = ('read', 'decode_crop', 'resize', 'flip', 'normalize', 'mask')
+STAGES = ('read', 'decode_crop', 'resize', 'flip', 'uint8', 'mask')
 # Alternatives to the whole per-example work ('mask'), one change each:
 #   full_decode  the whole JPEG decoded, then cropped (up to the crop only);
 #   flip_cond    the flip as tf.cond (only flipped images pay the reverse,
 #                and no select over every pixel); bit-identical;
-#   uint8_out    uint8 images out, normalised later (on the accelerator):
-#                exact, the resized pixels being integer levels;
-#   both         flip_cond and uint8_out.
+#   float_out    float32 images normalised on the host (the pipeline's
+#                output before M13; now the steps normalise uint8 pixels).
 ALTERNATIVES = {
     'full_decode': dict(stage='decode_crop', full_decode=True),
     'flip_cond': dict(flip_cond=True),
-    'uint8_out': dict(uint8_out=True),
-    'both': dict(flip_cond=True, uint8_out=True),
+    'float_out': dict(float_out=True),
 }
 WARMUP = 3
 
@@ -217,7 +216,7 @@ def pipeline(input_config, patch_size: int, threads: int):
 
 def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
                    full_decode: bool = False, flip_cond: bool = False,
-                   uint8_out: bool = False):
+                   float_out: bool = False):
   """The training pipeline's per-example work up to `stage` (of STAGES),
   batched as the pipeline does, on 1 thread; the other arguments are the
   ALTERNATIVES.
@@ -269,10 +268,10 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
     image = augment.resize(crop, image_size)
     if upto >= STAGES.index('flip'):
       image = flip(image, flip_key)
-    if uint8_out:
-      image = tf.cast(image, tf.uint8)
-    elif upto >= STAGES.index('normalize'):
+    if float_out:
       image = augment.normalize(image, mean, std)
+    elif upto >= STAGES.index('uint8'):
+      image = tf.cast(image, tf.uint8)
     example = {'image': image}
     if upto >= STAGES.index('mask'):
       example.update(mask_example(mask_key))
@@ -325,7 +324,7 @@ def jpeg_mode(f, batches: int, warmup: int) -> dict:
   return dict(
       benchmark='input_pipeline_jpeg',
       pipeline='input_pipeline.make_train_dataset (MAE B/16 input: '
-      'decode_and_crop_jpeg, RandomResizedCrop bicubic, flip, normalise, '
+      'decode_and_crop_jpeg, RandomResizedCrop bicubic, flip, uint8, '
       'random 0.75 masks)',
       jpegs=files, jpeg_dir=f.jpeg_dir, image_size=f.image_size,
       patch_size=patch, host_batch=f.batch, batches=batches,

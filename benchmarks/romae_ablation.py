@@ -63,6 +63,7 @@ from absl import logging
 
 import digits_eval  # the digits protocol and its flags
 import train_step_bench
+from mim_jax import images
 from mim_jax import input_pipeline
 from mim_jax import methods
 from mim_jax import train
@@ -131,7 +132,9 @@ def test_recon_mse(config, workdir: str) -> float:
   p = vit.patch_size_of(config.model)
   batch = input_pipeline.make_vis_batch(inp, patch_size=p, seed=0,
                                         num_images=FLAGS.recon_images)
-  batch = {k: batch[k] for k in ('image', 'noise')}
+  batch = images.model_batch({k: batch[k] for k in ('image', 'noise')},
+                             images.ImageInput.from_config(config))
+  batch = {k: np.asarray(v) for k, v in batch.items()}
   pred, out = model.apply({'params': state.params}, batch, train=False)
   if state.target_state:
     # The running statistics as of the last step (no batch folded in).

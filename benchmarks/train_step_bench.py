@@ -23,7 +23,8 @@ from ml_collections import config_flags
 
 def compile_step(config):
   """The config's train step compiled for one synthetic batch (random masks
-  of the config's ratio, extra views as random uint8).
+  of the config's ratio, uint8 images and extra views as random pixels,
+  no random-erasing boxes).
 
   Returns:
     (compiled step, state, batch, frozen targets, compile seconds).
@@ -48,14 +49,16 @@ def compile_step(config):
   noise = rng.random((bs, n), np.float32)
   keep = masking.num_visible(n, config_lib.mask_ratio(config))
   rank = np.argsort(np.argsort(noise, axis=1), axis=1)
-  made = {'image': rng.standard_normal((bs, size, size, 3), np.float32),
+  made = {'image': rng.integers(0, 256, (bs, size, size, 3), np.uint8),
           'noise': noise, 'mask': (rank >= keep).astype(np.float32)}
   host = {}
   for k, s in shapes.items():
     if k in made:
       host[k] = made[k]
-    else:  # an extra uint8 view of the method (e.g. the tokenizer's)
+    elif s.dtype == np.uint8:  # an extra view (e.g. the tokenizer's)
       host[k] = rng.integers(0, 256, s.shape, np.uint8)
+    else:  # labels, random-erasing boxes (none)
+      host[k] = np.zeros(s.shape, s.dtype)
   state, shardings, _, schedule = state_lib.create_train_state(
       config, model, mesh, shapes)
   data_sh = sharding.data_sharding(mesh)

@@ -38,6 +38,7 @@ from clu import periodic_actions
 
 from mim_jax import checkpoint
 from mim_jax import errors
+from mim_jax import images
 from mim_jax import input_pipeline
 from mim_jax import knn
 from mim_jax import nonfinite
@@ -290,6 +291,7 @@ class Evaluator:
             bad_images=ec.get('bad_images', 'error'),
             bad_images_field='eval.bad_images', data_field='eval.data'))
     self.model, self.mesh = model, mesh
+    self.image_input = images.ImageInput.from_config(config)
     self.metrics_fn = method.labelled.eval_metrics
     self.step_fn = None  # jitted at the first pass, for the state's shardings
     self.data_sh = sharding.data_sharding(mesh)
@@ -308,7 +310,7 @@ class Evaluator:
                                {'params': params, 'model_state': model_state})
       self.step_fn = steps.make_eval_step(
           self.model, self.metrics_fn, self.mesh, shardings['params'],
-          shardings['model_state'])
+          shardings['model_state'], image_input=self.image_input)
     totals = None
     for local in self.ds.as_numpy_iterator():
       batch = sharding.to_global(local, self.data_sh)

@@ -4,7 +4,9 @@
 their patch masks (or, for fine-tuning and probes, their labels), generated
 inside tf.data:
 
-  image: float32 (B, H, W, 3), (x / 255 - mean) / std.
+  image: uint8 (B, H, W, 3), the pixels; the jitted steps normalise them on
+         the devices, (x / 255 - mean) / std with input.mean / input.std
+         (`mim_jax.images`): a quarter of float32's host-to-device bytes.
   noise: float32 (B, L), L = (H / p) * (W / p); ascending order lists the
          visible patches first.
   mask:  float32 (B, L), 1.0 = masked. For 'random' masks the
@@ -19,8 +21,13 @@ inside tf.data:
   label: int32 (B,) class index (labelled pipelines, `labeled=True`), with
          `image` augmented by the fine-tuning recipe when the config asks:
          RandAugment (`input.randaugment`, e.g. 'rand-m9-mstd0.5-inc1', on
-         the uint8 crop) and random erasing (`input.random_erasing`, on the
-         normalised image), as timm's `create_transform`.
+         the uint8 crop) and random erasing (`input.random_erasing`), as
+         timm's `create_transform`.
+  erase: int32 (B, K, 4) (labelled, input.random_erasing.prob > 0): the
+         random-erasing rectangles [top, left, h, w] of each image (zeros:
+         none), K = max_count. timm fills them with noise in normalised
+         space, after normalisation: the train step does that on the
+         devices (`mim_jax.images.erase`), so the image stays uint8.
 
 `make_eval_dataset` yields the fixed evaluation batches (resize + center
 crop, `valid` marks the padding of the last batch).
@@ -80,8 +87,10 @@ BATCH_KEYS = ('image', 'noise', 'mask', 'step', 'index')
 # good one fills its place (`mim_jax.data.image_check`); summed per batch
 # into train/bad_images.
 BAD_KEY = 'bad_images'
-# What labelled pipelines add (fine-tuning, probes).
+# What labelled pipelines add (fine-tuning, probes): the class, and with
+# random erasing the rectangles to erase (`mim_jax.images.ERASE_KEY`).
 LABEL_KEY = 'label'
+ERASE_KEY = 'erase'
 # Per-example key streams besides crop / flip / mask (folded into the
 # example key, so adding them leaves the pretraining streams unchanged).
 _RANDAUGMENT_KEY = 1001
@@ -173,14 +182,12 @@ def validate_config(input_config: Any, *, patch_size: int,
 @dataclasses.dataclass(frozen=True)
 class _TrainAugment:
   """The training transform of one example: RandomResizedCrop, flip, (for
-  labelled pipelines) RandAugment, normalisation, random erasing, and the
-  extra views of the same crop and flip."""
+  labelled pipelines) RandAugment and the random-erasing rectangles, and
+  the extra views of the same crop and flip."""
   image_size: int
   scale: tuple
   ratio: tuple
   hflip: bool
-  mean: tuple
-  std: tuple
   ra_spec: Any
   ra_fill: tuple
   erasing: dict
@@ -189,7 +196,7 @@ class _TrainAugment:
   @classmethod
   def from_config(cls, input_config: Any, image_size: int, labeled: bool,
                   views: dict[str, int]) -> '_TrainAugment':
-    mean, std = _mean_std(input_config)
+    mean, _ = _mean_std(input_config)
     ra_spec, erasing = _augment_config(input_config, labeled)
     return cls(
         image_size=image_size,
@@ -197,28 +204,27 @@ class _TrainAugment:
                     'crop_scale'),
         ratio=_pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)),
                     'crop_ratio'),
-        hflip=bool(input_config.get('hflip', True)), mean=mean, std=std,
-        ra_spec=ra_spec, ra_fill=_ra_fill(mean), erasing=erasing,
-        views=views)
+        hflip=bool(input_config.get('hflip', True)), ra_spec=ra_spec,
+        ra_fill=_ra_fill(mean), erasing=erasing, views=views)
 
   def __call__(self, data, key, crop_key, flip_key) -> dict:
-    """{'image': normalised float32, view name: uint8} of encoded `data`."""
+    """{'image': uint8, view name: uint8, (erasing) 'erase': int32 boxes}
+    of encoded `data`."""
     crop = augment.decode_and_random_crop(data, crop_key, self.scale,
                                           self.ratio)
-    image = augment.resize(crop, self.image_size)
+    # resize's values are integers in [0, 255]: the cast is exact.
+    image = tf.cast(augment.resize(crop, self.image_size), tf.uint8)
     if self.hflip:
       image = augment.random_flip(image, flip_key)
     if self.ra_spec is not None:
       # timm applies RandAugment to the uint8 (PIL) crop after the flip.
-      image = tf.cast(randaugment.apply(
-          tf.cast(tf.round(image), tf.uint8),
-          seeds.fold_in(key, _RANDAUGMENT_KEY), self.ra_spec,
-          fill=self.ra_fill), tf.float32)
-    image = augment.normalize(image, self.mean, self.std)
-    if self.erasing:
-      image = random_erasing.apply(image, seeds.fold_in(key, _ERASING_KEY),
-                                   **self.erasing)
+      image = randaugment.apply(image, seeds.fold_in(key, _RANDAUGMENT_KEY),
+                                self.ra_spec, fill=self.ra_fill)
     example = {'image': image}
+    if self.erasing:
+      example[ERASE_KEY] = random_erasing.sample_boxes(
+          seeds.fold_in(key, _ERASING_KEY), self.image_size,
+          self.image_size, **self.erasing)
     for name, size in self.views.items():
       view = augment.resize_lanczos_uint8(crop, size)
       # The same flip_key: both views flip together.
@@ -457,9 +463,9 @@ def make_eval_dataset(input_config: Any,
   """The finite, ordered evaluation pipeline of one host.
 
   Each image is resized so its shorter side is image_size / crop_pct, then
-  center-cropped to image_size (timm's eval transform, bicubic), and
-  normalised. The last batches are padded with `valid` = 0 so every host
-  yields the same number of full batches.
+  center-cropped to image_size (timm's eval transform, bicubic), uint8 (the
+  steps normalise it on the devices). The last batches are padded with
+  `valid` = 0 so every host yields the same number of full batches.
 
   A folder is checked whole first (every file read and decoded, split
   between the JAX processes: `image_check.scan`), so a bad file fails here,
@@ -500,7 +506,6 @@ def make_eval_dataset(input_config: Any,
   process_index, process_count = _process_info(process_index, process_count)
   host_batch = _host_batch_size(int(batch_size), process_count,
                                 f'{section}.batch_size')
-  mean, std = _mean_std(input_config)
   source = _eval_source(input_config, data, split, process_index,
                         process_count, bad_images, bad_images_field,
                         data_field)
@@ -509,14 +514,14 @@ def make_eval_dataset(input_config: Any,
 
   def process(record):
     crop = augment.decode_and_center_crop(source.read(record), crop_pct)
-    image = augment.normalize(augment.resize(crop, image_size), mean, std)
+    image = tf.cast(augment.resize(crop, image_size), tf.uint8)
     return {'image': image, 'label': source.label(record),
             'valid': tf.constant(1.0, tf.float32)}
 
   ds = source.ordered().map(process, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
   pad = num_batches * host_batch - source.num_records
-  blank = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+  blank = {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
            'label': tf.constant(0, tf.int32),
            'valid': tf.constant(0.0, tf.float32)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
@@ -597,8 +602,8 @@ def make_vis_batch(input_config: Any,
                    ) -> dict[str, np.ndarray]:
   """A fixed batch of the first source images, for reconstruction plots.
 
-  Images are resized (shorter side) and center-cropped, with no random
-  augmentation; masks come from the configured mask function with a fixed
+  Images (uint8) are resized (shorter side) and center-cropped, with no
+  random augmentation; masks come from the configured mask function with a fixed
   key, so every call returns the same batch.
 
   Args:
@@ -616,7 +621,6 @@ def make_vis_batch(input_config: Any,
     raise errors.ConfigError(f'num_images={num_images} must be >= 1.')
   mask_fn = masks.make_mask_fn(_mask_config(input_config),
                                image_size // patch_size)
-  mean, std = _mean_std(input_config)
   views = _check_views(views)
   source = sources.open_source(input_config, seed=seed, process_index=0,
                                process_count=1)
@@ -625,8 +629,7 @@ def make_vis_batch(input_config: Any,
 
   def process(index, record):
     crop = augment.decode_and_center_crop(source.read(record))
-    image = augment.resize(crop, image_size)
-    example = {'image': augment.normalize(image, mean, std)}
+    example = {'image': tf.cast(augment.resize(crop, image_size), tf.uint8)}
     for name, size in views.items():
       example[name] = augment.resize_lanczos_uint8(crop, size)
     example.update(mask_example(seeds.fold_in(vis_key, _VIS_STEP, index)))

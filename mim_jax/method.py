@@ -52,10 +52,11 @@ from mim_jax import errors
 
 Config = ml_collections.ConfigDict
 
-# Keys the input pipeline makes (see input_pipeline.py): normalised images,
-# the masking noise and the mask it implies, and (labelled pipelines) the
-# class label.
-PIPELINE_KEYS = ('image', 'noise', 'mask', 'label')
+# Keys the input pipeline makes (see input_pipeline.py): uint8 images
+# (normalised on the devices, `mim_jax.images`), the masking noise and the
+# mask it implies, and (labelled pipelines) the class label and the
+# random-erasing boxes.
+PIPELINE_KEYS = ('image', 'noise', 'mask', 'label', 'erase')
 # Kinds of target providers (see TargetProvider).
 PROVIDER_KINDS = ('ema', 'frozen', 'running')
 # What the input pipeline makes for a method (`Method.pipeline`): 'masked',
@@ -357,7 +358,9 @@ class Method:
       mask).
     batch_spec: (config, batch_size) -> {key: ShapeDtypeStruct} of the
       arrays the model and loss take from the pipeline: keys from
-      PIPELINE_KEYS or from `views`. Only these go to the devices.
+      PIPELINE_KEYS or from `views`. Only these go to the devices. A uint8
+      'image' (`image_batch`'s) reaches the model normalised, float32
+      (`mim_jax.images.model_batch`); a float one as it is.
     loss: (pred, out, batch, *, step, schedule, **config.loss) -> (loss,
       aux); scalar entries of aux are logged with the loss.
     to_pixels: (config, pred, out, batch) -> (N, L, p*p*C) numpy
@@ -432,13 +435,17 @@ class Method:
 def image_batch(config: Config, batch_size: int, patch_size: int,
                 keys: tuple[str, ...],
                 views: Mapping[str, View] = None) -> dict:
-  """ShapeDtypeStructs of pipeline arrays: 'image' float32 (B, H, W, 3),
-  'noise' / 'mask' float32 (B, L), 'label' int32 (B,), and uint8
-  (B, S, S, 3) views."""
+  """ShapeDtypeStructs of pipeline arrays: 'image' uint8 (B, H, W, 3)
+  (the steps normalise it on the devices), 'noise' / 'mask' float32
+  (B, L), 'label' int32 (B,), 'erase' int32 (B, K, 4) (K =
+  input.random_erasing.max_count), and uint8 (B, S, S, 3) views."""
   size = int(config.input.image_size)
   num_patches = (size // patch_size) ** 2
+  erasing = config.input.get('random_erasing') or {}
   shapes = {
-      'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), np.float32),
+      'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), np.uint8),
+      'erase': jax.ShapeDtypeStruct(
+          (batch_size, int(erasing.get('max_count', 1)), 4), np.int32),
       'noise': jax.ShapeDtypeStruct((batch_size, num_patches), np.float32),
       'mask': jax.ShapeDtypeStruct((batch_size, num_patches), np.float32),
       'label': jax.ShapeDtypeStruct((batch_size,), np.int32)}

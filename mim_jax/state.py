@@ -13,6 +13,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from mim_jax import experiment
+from mim_jax import images
 from mim_jax import optim
 from mim_jax import providers as providers_lib
 from mim_jax import sharding
@@ -53,7 +54,8 @@ def init_variables(model, batch_shapes: dict, seed: int, rules=()):
   """Initialises the boxed variables (params carry their logical axes);
   `rules` (init_rules_of(config)) redraw params as the official code
   initialises them."""
-  dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_shapes.items()}
+  dummy = {k: jnp.zeros(v.shape, v.dtype)
+           for k, v in images.model_shapes(batch_shapes).items()}
   key = jax.random.PRNGKey(seed)
   variables = dict(model.init({'params': key,
                                'dropout': jax.random.PRNGKey(0)},

@@ -5,7 +5,9 @@ Shared by the trainer (`train.py`), the planner and the parity checker, so
 the fixtures are replayed through exactly the code that trains. What the
 config builds (model, loss, providers) comes from `mim_jax.experiment`;
 the target providers' behaviour from `mim_jax.providers`; the non-finite
-guard from `mim_jax.nonfinite`.
+guard from `mim_jax.nonfinite`. Every jitted pass turns the pipeline's uint8
+images into the model's input first, on the devices, with
+`images.model_batch` (once per batch).
 """
 
 import functools
@@ -18,6 +20,7 @@ from jax.sharding import Mesh
 
 from mim_jax import errors
 from mim_jax import experiment
+from mim_jax import images as images_lib
 from mim_jax import nonfinite
 from mim_jax import optim
 from mim_jax import providers as providers_lib
@@ -104,20 +107,24 @@ def grads_and_metrics(compute: Callable, params, batch, rng,
           jax.tree.map(lambda a: a * scale, aux), model_state)
 
 
-# Folded into the step's key for the batch transform (mixup / cutmix), so
-# it draws independently of dropout.
+# Folded into the step's key for the batch transform (mixup / cutmix) and
+# for the random-erasing fill, so they draw independently of dropout.
 _TRANSFORM_KEY = 0x6D6978
+_ERASE_KEY = 0x657261
 
 
 def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
                     seed: int = 0, accum_steps: int = 1, ema_momentum=None,
                     batch_transform: Optional[Callable] = None,
-                    guard: bool = True):
+                    guard: bool = True,
+                    image_input: Optional[images_lib.ImageInput] = None):
   """Returns the pure `train_step(state, batch, frozen) -> (state,
   metrics)`.
 
-  `frozen` holds the weights of 'frozen' providers ({} without). The
-  method's `batch_transform` (mixup, ...) runs first, on the devices. After
+  `frozen` holds the weights of 'frozen' providers ({} without). First, on
+  the devices, uint8 images are normalised with `image_input` and their
+  random-erasing boxes filled (`images.model_batch`; float images pass as
+  they are); then the method's `batch_transform` (mixup, ...) runs. After
   the optimizer update, an 'ema' provider's `state.ema_params` moves with
   `ema_momentum` (step -> (m, 1 - m)): ema = m * ema + (1 - m) * params;
   'running' providers update their `state.target_state` entry; the model's
@@ -138,6 +145,8 @@ def make_train_step(model, loss_fn: Callable, schedule, providers=(), *,
 
   def train_step(state: TrainState, batch, frozen):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+    batch = images_lib.model_batch(batch, image_input,
+                                   jax.random.fold_in(rng, _ERASE_KEY))
     if batch_transform is not None:
       batch = batch_transform(batch, jax.random.fold_in(rng, _TRANSFORM_KEY))
     step_compute = functools.partial(
@@ -178,7 +187,8 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
       model, loss_fn, schedule, experiment.providers_of(config),
       seed=config.seed, accum_steps=config.get('grad_accum_steps', 1),
       ema_momentum=experiment.ema_schedule(config),
-      batch_transform=experiment.batch_transform(config))
+      batch_transform=experiment.batch_transform(config),
+      image_input=images_lib.ImageInput.from_config(config))
   rules = sharding.activation_rules(sharding.rules_from_config(config), mesh)
 
   def sharded_step(state, batch, frozen):
@@ -195,9 +205,11 @@ def jit_train_step(config, model, loss_fn: Callable, schedule, mesh: Mesh,
 
 
 def make_eval_step(model, metrics_fn: Callable, mesh: Mesh, param_shardings,
-                   model_state_shardings=None):
+                   model_state_shardings=None, *,
+                   image_input: Optional[images_lib.ImageInput] = None):
   """Jitted `(params, model_state, batch) -> {name: sum over the valid
-  examples}, plus 'count'`: one batch of an evaluation pass.
+  examples}, plus 'count'`: one batch of an evaluation pass (its uint8
+  images normalised with `image_input`).
 
   `metrics_fn` is the method's `eval_metrics` ((pred, out, batch) -> {name:
   (B,) values}); `batch['valid']` (0 for padding) weights the sums, which
@@ -206,6 +218,7 @@ def make_eval_step(model, metrics_fn: Callable, mesh: Mesh, param_shardings,
   """
 
   def step(params, model_state, batch):
+    batch = images_lib.model_batch(batch, image_input)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       variables = {'params': params, **(model_state or {})}
       pred, out = model.apply(variables, batch, train=False)
@@ -225,7 +238,8 @@ FEATURES = ('cls', 'avg')
 
 def make_features(config, mesh: Mesh, feature: str = 'cls'):
   """Jitted `(params, batch) -> (features, label, valid)` of whole images
-  through the method's encoder (`Method.encoder`, params['encoder']), in
+  (uint8, normalised with the config's input.mean/std) through the method's
+  encoder (`Method.encoder`, params['encoder']), in
   inference mode, replicated so every host reads the global batch.
 
   feature: 'cls' (the cls token after the final norm) or 'avg' (the mean of
@@ -242,8 +256,10 @@ def make_features(config, mesh: Mesh, feature: str = 'cls'):
     raise errors.ConfigError(f'knn.feature={feature!r}; use one of '
                              f'{FEATURES}.')
   encoder = vit.Encoder(**method.encoder(config))
+  image_input = images_lib.ImageInput.from_config(config)
 
   def features(params, batch):
+    batch = images_lib.model_batch(batch, image_input)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       latent, _ = encoder.apply({'params': params['encoder']},
                                 batch['image'])
@@ -254,14 +270,21 @@ def make_features(config, mesh: Mesh, feature: str = 'cls'):
   return jax.jit(features, out_shardings=sharding.replicated(mesh))
 
 
-def make_forward(model, mesh: Mesh | None = None):
-  """Jitted eval forward `(params, batch) -> (pred, out)`.
+def make_forward(model, mesh: Mesh | None = None, *,
+                 image_input: Optional[images_lib.ImageInput] = None):
+  """Jitted eval forward `(params, batch) -> (pred, out, model_batch)`:
+  `model_batch` is the batch the model saw (uint8 images normalised with
+  `image_input`), for figures in its normalised pixel space.
 
   With a mesh the outputs are replicated, so every process (of a multi-host
   run) can read them; the batch is the same host-side array everywhere.
   """
-  fwd = lambda params, batch: model.apply(  # pylint: disable=g-long-lambda
-      {'params': params}, batch, train=False)
+
+  def fwd(params, batch):
+    batch = images_lib.model_batch(batch, image_input)
+    pred, out = model.apply({'params': params}, batch, train=False)
+    return pred, out, batch
+
   if mesh is None:
     return jax.jit(fwd)
   return jax.jit(fwd, out_shardings=sharding.replicated(mesh))

@@ -34,6 +34,7 @@ from mim_jax import config_lib
 from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import hooks as hooks_lib
+from mim_jax import images
 from mim_jax import input_pipeline
 from mim_jax import method as method_lib
 from mim_jax import metrics as metrics_lib
@@ -65,7 +66,8 @@ def validate_config(config, num_devices: int, data_parallel: int):
   method = experiment.method_of(config)
   method.validate_config(config)
   spec = method.batch_spec(config, 1)
-  made = (set(input_pipeline.BATCH_KEYS) | {input_pipeline.LABEL_KEY}
+  made = (set(input_pipeline.BATCH_KEYS) | {input_pipeline.LABEL_KEY,
+                                            input_pipeline.ERASE_KEY}
           | set(method.views(config)))
   missing = sorted(set(spec) - made)
   if missing:
@@ -218,7 +220,8 @@ class Run:
   `batches` yields host batches from `start_step` on; `train_step(state,
   batch, frozen) -> (state, metrics)` is jitted with the state's shardings;
   `evaluator` / `knn_monitor` / `vis` (forward function and batch) are None
-  where the config has none.
+  where the config has none. `batch_shapes`: the global batch the step
+  takes (`experiment.batch_spec`).
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -230,7 +233,7 @@ class Run:
   frozen: dict
   train_step: Any
   batches: Any
-  batch_keys: tuple
+  batch_shapes: dict
   start_step: int
   end_step: int
   mgr: Any
@@ -481,11 +484,13 @@ def _build(config, workdir: str, mesh, lock) -> Run:
                'TFLOP/s.', flops / 1e9, flops / config.input.batch_size / 1e9,
                peak)
   vis = (None if vis_batch is None
-         else (steps.make_forward(model, mesh), vis_batch))
+         else (steps.make_forward(
+             model, mesh, image_input=images.ImageInput.from_config(config)),
+               vis_batch))
   return Run(config=config, workdir=workdir, mesh=mesh, method=method,
              model=model, state=state, state_shardings=shardings,
              frozen=frozen, train_step=train_step, batches=batches,
-             batch_keys=tuple(batch_shapes), start_step=resumed.step,
+             batch_shapes=batch_shapes, start_step=resumed.step,
              end_step=end_step, mgr=resumed.mgr or _manager(config, workdir),
              writer=writer, progress_writer=progress_writer, flops=flops,
              peak=peak, lock=lock, evaluator=evaluator,
@@ -530,6 +535,32 @@ def _next_batch(it):
     raise errors.DataError(found.group(0)) from None
 
 
+def _step_batch(local: dict, batch_shapes: dict) -> dict:
+  """The arrays of host batch `local` that the step takes, checked
+  against the global `batch_shapes` (host rows: a process's share).
+
+  Raises:
+    errors.DataError: naming the array, what it is and what is expected.
+  """
+  out = {}
+  count = jax.process_count()
+  for k, spec in batch_shapes.items():
+    if k not in local:
+      raise errors.DataError(
+          f'the input pipeline gave no {k!r} (it gave {sorted(local)}); '
+          f'the step expects {k!r} {np.dtype(spec.dtype).name} '
+          f'{spec.shape} (batch_spec).')
+    v = np.asarray(local[k])
+    want = (spec.shape[0] // count, *spec.shape[1:])
+    if v.shape != want or v.dtype != spec.dtype:
+      raise errors.DataError(
+          f'batch[{k!r}] is {v.dtype.name} {v.shape}; the step expects '
+          f'{np.dtype(spec.dtype).name} {want} per host (batch_spec; images '
+          'are uint8 pixels, normalised on the devices).')
+    out[k] = v
+  return out
+
+
 # Errors that end a run on purpose: no rescue save (a stop has saved; a
 # non-finite state or a failing save must not be saved; a run whose lock
 # was taken over no longer owns the checkpoints).
@@ -570,7 +601,7 @@ def loop(run: Run, hooks: Sequence[hooks_lib.Hook]):
   while step < run.end_step:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       local = _next_batch(run.batches)
-      batch = sharding.to_global({k: local[k] for k in run.batch_keys},
+      batch = sharding.to_global(_step_batch(local, run.batch_shapes),
                                  data_sh)
       state, metrics = run.train_step(state, batch, run.frozen)
     step += 1

@@ -71,12 +71,14 @@ def save_png(grid: np.ndarray, path: str):
 
 
 def render(method, config, forward, params, batch) -> np.ndarray | None:
-  """Runs `forward(params, batch) -> (pred, out)` and draws the grid of
-  `method.to_pixels` (None when the config predicts no pixels, e.g. token
-  targets)."""
+  """Runs `forward(params, batch) -> (pred, out, model_batch)`
+  (`steps.make_forward`: `model_batch` holds the normalised images the
+  model saw) and draws the grid of `method.to_pixels` (None when the config
+  predicts no pixels, e.g. token targets)."""
   if method.to_pixels is None:
     return None
-  pred, out = forward(params, batch)
+  pred, out, batch = forward(params, batch)
+  batch = {k: np.asarray(v) for k, v in batch.items()}
   pixels = method.to_pixels(config, pred, out, batch)
   if pixels is None:
     return None

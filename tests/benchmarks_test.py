@@ -95,8 +95,8 @@ def test_input_pipeline_bench_jpeg():
       _positive(r['images_per_sec'], r['images_per_cpu_sec'],
                 r['images_per_sec_per_thread'])
     assert set(res['breakdown_1_thread']) == {
-        'read', 'decode_crop', 'resize', 'flip', 'normalize', 'mask',
-        'full_decode', 'flip_cond', 'uint8_out', 'both'}
+        'read', 'decode_crop', 'resize', 'flip', 'uint8', 'mask',
+        'full_decode', 'flip_cond', 'float_out'}
     for r in res['breakdown_1_thread'].values():
       _positive(r['images_per_sec'], r['images_per_cpu_sec'])
 

@@ -67,14 +67,13 @@ def _assert_batch_equal(a, b):
 
 def _assert_valid_batch(batch, batch_size):
   assert batch['image'].shape == (batch_size, IMAGE_SIZE, IMAGE_SIZE, 3)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == np.uint8  # normalised on the devices
   for key in ('noise', 'mask'):
     assert batch[key].shape == (batch_size, NUM_PATCHES), key
     assert batch[key].dtype == np.float32, key
   for key in ('step', 'index'):
     assert batch[key].shape == (batch_size,), key
     assert batch[key].dtype == np.int32, key
-  assert np.all(np.isfinite(batch['image']))
   assert np.all((batch['noise'] >= 0) & (batch['noise'] < 1))
   # Exactly len_keep visible patches: the ones with the smallest noise.
   np.testing.assert_array_equal((batch['mask'] == 0).sum(axis=1), LEN_KEEP)
@@ -92,7 +91,8 @@ def test_embedded_batch():
   _assert_valid_batch(batch, 8)
   np.testing.assert_array_equal(batch['step'], 0)
   np.testing.assert_array_equal(batch['index'], np.arange(8))
-  images = batch['image']
+  images = (batch['image'] / 255 - np.array(_config().mean)) / np.array(
+      _config().std)
   # Normalised with ImageNet statistics: within [-mean/std, (1-mean)/std].
   assert images.min() >= -2.2 and images.max() <= 2.7
   assert abs(images.mean()) < 1.5 and images.std() > 0.2
@@ -407,8 +407,7 @@ def test_vis_batch_embedded_center_crop():
                                         num_images=2)
   _assert_valid_batch(batch, 2)
   # astronaut.png is square: its center crop is the whole (resized) photo.
-  pixels = input_pipeline.denormalize(batch['image'][0], _config().mean,
-                                      _config().std)
+  pixels = batch['image'][0] / 255
   assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
   assert 0.0 <= pixels.min() and pixels.max() <= 1.0
 
@@ -566,8 +565,46 @@ def test_tfds_labelled_train_pipeline(tfds_dir):
   batches = list(ds.take(3).as_numpy_iterator())
   labels = np.concatenate([b['label'] for b in batches])
   assert set(labels) <= {0, 1} and len(set(labels)) == 2
-  assert np.isfinite(np.stack([b['image'] for b in batches])).all()
+  erase = np.stack([b['erase'] for b in batches])  # (3, 4, 1, 4) boxes
+  assert erase.dtype == np.int32 and erase.shape == (3, 4, 1, 4)
+  drawn = erase[..., 2] > 0  # about half the images, boxes inside
+  assert 0 < drawn.sum() < 12 and (erase[..., :2] >= 0).all()
+  assert (erase[..., 0] + erase[..., 2] <= IMAGE_SIZE).all()
   again = next(input_pipeline.make_train_dataset(
       config, patch_size=PATCH, seed=0, process_index=0, process_count=1,
       labeled=True, with_masks=False, start_step=2).as_numpy_iterator())
   np.testing.assert_array_equal(again['image'], batches[2]['image'])
+  np.testing.assert_array_equal(again['erase'], batches[2]['erase'])
+  evals = input_pipeline.make_eval_dataset(config, data=None, split='train',
+                                           batch_size=4)[0]
+  _assert_normalised_on_device(batches + list(evals.as_numpy_iterator()),
+                               config)
+
+
+def _assert_normalised_on_device(batches, config):
+  """The pipelines ship uint8 pixels; normalised in the jitted step
+  (`images.model_batch`) they equal the float32 images the pipeline made
+  before (`augment.normalize` of the same resized crop, integer-valued)
+  within 1e-6; the erasing boxes are filled in the step, only inside the
+  boxes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mim_jax import images  # pylint: disable=g-import-not-at-top
+  image_input = images.ImageInput(mean=config.mean, std=config.std)
+  to_model = jax.jit(images.model_batch, static_argnums=1)
+  for batch in batches:
+    host = augment.normalize(tf.cast(batch['image'], tf.float32),
+                             config.mean, config.std).numpy()
+    plain = {'image': batch['image']}
+    np.testing.assert_allclose(to_model(plain, image_input)['image'], host,
+                               rtol=0, atol=1e-6)
+    if 'erase' not in batch:
+      continue
+    erased = to_model(batch, image_input, jax.random.PRNGKey(0))
+    assert 'erase' not in erased
+    changed = np.any(np.abs(np.asarray(erased['image']) - host) > 1e-5, -1)
+    inside = np.zeros_like(changed)
+    for i, (top, left, h, w) in enumerate(batch['erase'][:, 0]):
+      inside[i, top:top + h, left:left + w] = True
+    np.testing.assert_array_equal(changed, inside)
+  with pytest.raises(errors.DataError, match='int32.*uint8 pixels'):
+    images.model_batch({'image': batch['label']}, image_input)

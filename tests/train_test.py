@@ -16,6 +16,7 @@ from conftest import PipelineCrash
 from conftest import ROOT
 from conftest import crash_train_pipeline
 from conftest import tiny_mae_config
+from mim_jax import errors
 from mim_jax import train
 
 SMALL = ['--config.total_steps=40', '--config.warmup_steps=4',
@@ -99,3 +100,21 @@ def test_resume_after_crash_is_exact(tmp_path, monkeypatch):
   assert max(diffs) <= 1e-6
   rows = _rows(wd)
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_step_batch_names_what_the_step_expects():
+  """A host batch of the wrong dtype or shape fails in one line naming the
+  array, what it is and what the step takes (uint8 images since M13)."""
+  # pylint: disable-next=protected-access
+  check = train._step_batch
+  spec = {'image': jax.ShapeDtypeStruct((4, 8, 8, 3), np.uint8),
+          'label': jax.ShapeDtypeStruct((4,), np.int32)}
+  ok = {'image': np.zeros((4, 8, 8, 3), np.uint8),
+        'label': np.zeros(4, np.int32), 'step': np.zeros(4, np.int32)}
+  assert set(check(ok, spec)) == {'image', 'label'}
+  with pytest.raises(errors.DataError,
+                     match=r"'image'\] is float32 \(4, 8, 8, 3\); the step "
+                     r'expects uint8 \(4, 8, 8, 3\)'):
+    check(dict(ok, image=ok['image'].astype(np.float32)), spec)
+  with pytest.raises(errors.DataError, match="gave no 'label'"):
+    check({'image': ok['image']}, spec)

@@ -3,7 +3,10 @@
 A port of `timm.data.random_erasing.RandomErasing` for one normalised image
 (H, W, C), the way timm's fine-tuning transform applies it (after
 normalisation, before batching). All randomness is stateless: the output is
-a pure function of the image and the seed.
+a pure function of the image and the seed. The pipeline keeps its images
+uint8, so it only draws the rectangles (`sample_boxes`); the train step
+fills them in normalised space (`mim_jax.images.erase`). `apply` does both
+here, the reference.
 
 With probability `prob` the image gets `count` rectangles, count uniform in
 [1, max_count] (timm's min_count is 1). Each rectangle makes up to 10
@@ -82,13 +85,58 @@ def _sample_rectangle(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
   return window, tf.reduce_any(fits)
 
 
+def _keys(seed: tf.Tensor, max_count: int) -> tf.Tensor:
+  """The per-image keys: erase?, count, then (box, fill) per rectangle."""
+  # stateless_split depends on the seed dtype: int32 and int64 seeds of the
+  # same value must give the same output.
+  return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64),
+                                                2 + 2 * max_count)
+
+
 # No Python control flow depends on tensors here: skipping AutoGraph's
 # conversion makes tracing inside tf.data maps faster.
+@tf.autograph.experimental.do_not_convert
+def sample_boxes(seed: tf.Tensor, height, width, *,
+                 prob: float = 0.25, mode: str = 'pixel', max_count: int = 1,
+                 min_area: float = 0.02, max_area: float = 1 / 3,
+                 min_aspect: float = 0.3) -> tf.Tensor:
+  """The rectangles timm's RandomErasing erases in one image (see `apply`
+  for the arguments), without filling them: the input pipeline ships them
+  with the uint8 image and the train step fills them in normalised space
+  (`mim_jax.images.erase`).
+
+  Returns:
+    int32 (max_count, 4) [top, left, h, w] in timm's order; a rectangle not
+    drawn (no erasing, beyond the count, or no attempt fit) is all zeros.
+  """
+  _check_args(prob, mode, max_count, min_area, max_area, min_aspect)
+  if prob == 0:
+    return tf.zeros([max_count, 4], tf.int32)
+  height = tf.cast(height, tf.float32)
+  width = tf.cast(width, tf.float32)
+  keys = _keys(seed, max_count)
+  # timm erases unless random() > prob; `<` keeps prob 0 exact.
+  erase = tf.random.stateless_uniform([], seed=keys[0]) < prob
+  count = tf.random.stateless_uniform([], seed=keys[1], minval=1,
+                                      maxval=max_count + 1, dtype=tf.int32)
+  boxes = []
+  for i in range(max_count):
+    window, fits = _sample_rectangle(keys[2 + 2 * i], height, width,
+                                     tf.cast(count, tf.float32), min_area,
+                                     max_area, min_aspect)
+    used = fits & erase & (i < count)
+    boxes.append(tf.where(used, tf.cast(window, tf.int32),
+                          tf.zeros([4], tf.int32)))
+  return tf.stack(boxes)
+
+
 @tf.autograph.experimental.do_not_convert
 def apply(image: tf.Tensor, seed: tf.Tensor, *, prob: float = 0.25,
           mode: str = 'pixel', max_count: int = 1, min_area: float = 0.02,
           max_area: float = 1 / 3, min_aspect: float = 0.3) -> tf.Tensor:
-  """Applies timm's RandomErasing to one normalised image.
+  """Applies timm's RandomErasing to one normalised image, in TF (the
+  reference of `sample_boxes` + `mim_jax.images.erase`, which split it
+  between the pipeline and the train step).
 
   Args:
     image: float (H, W, C), normalised; H and W may be dynamic.
@@ -115,29 +163,21 @@ def apply(image: tf.Tensor, seed: tf.Tensor, *, prob: float = 0.25,
   if not image.dtype.is_floating:
     raise ValueError(f'image must be a float (normalised) tensor, got '
                      f'{image.dtype.name}.')
-  if prob == 0:
-    return image
   static_shape = image.shape
   shape = tf.shape(image)
-  height = tf.cast(shape[0], tf.float32)
-  width = tf.cast(shape[1], tf.float32)
-  # stateless_split depends on the seed dtype: int32 and int64 seeds of the
-  # same value must give the same output.
-  seed = tf.cast(seed, tf.int64)
-  keys = tf.random.experimental.stateless_split(seed, 2 + 2 * max_count)
-  # timm erases unless random() > prob; `<` keeps prob 0 exact.
-  erase = tf.random.stateless_uniform([], seed=keys[0]) < prob
-  count = tf.random.stateless_uniform([], seed=keys[1], minval=1,
-                                      maxval=max_count + 1, dtype=tf.int32)
+  height, width = shape[0], shape[1]
+  boxes = sample_boxes(seed, height, width, prob=prob, mode=mode,
+                       max_count=max_count, min_area=min_area,
+                       max_area=max_area, min_aspect=min_aspect)
+  if prob == 0:
+    return image
+  keys = _keys(seed, max_count)
   rows = tf.range(height)[:, None, None]
   cols = tf.range(width)[None, :, None]
   for i in range(max_count):
-    window, fits = _sample_rectangle(keys[2 + 2 * i], height, width,
-                                     tf.cast(count, tf.float32), min_area,
-                                     max_area, min_aspect)
-    top, left, h, w = tf.unstack(window)
+    top, left, h, w = tf.unstack(boxes[i])
     inside = ((rows >= top) & (rows < top + h) & (cols >= left) &
-              (cols < left + w) & fits & erase & (i < count))
+              (cols < left + w))
     noise_key = keys[3 + 2 * i]
     if mode == 'pixel':
       values = tf.random.stateless_normal(shape, seed=noise_key,

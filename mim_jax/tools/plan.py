@@ -61,6 +61,7 @@ from ml_collections import config_flags
 
 from mim_jax import errors
 from mim_jax import experiment
+from mim_jax import images
 from mim_jax import optim
 from mim_jax import sharding
 from mim_jax import state as state_lib
@@ -91,7 +92,7 @@ def forward_flops_per_image(config) -> float:
   image: the model-card FLOPs of a classifier (a pretraining model's
   forward includes its masking and decoder)."""
   model = experiment.build_model(config)
-  batch = experiment.batch_spec(config, 1)
+  batch = images.model_shapes(experiment.batch_spec(config, 1))
   variables = jax.eval_shape(
       lambda: nn.meta.unbox(state_lib.init_variables(model, batch, 0)))
   fwd = jax.jit(lambda v, b: model.apply(v, b, train=False))

@@ -48,6 +48,7 @@ def main(argv):
 def _draw(argv):
   del argv
   from mim_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mim_jax import images  # pylint: disable=g-import-not-at-top
   from mim_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mim_jax import steps  # pylint: disable=g-import-not-at-top
   from mim_jax import visualize  # pylint: disable=g-import-not-at-top
@@ -70,8 +71,9 @@ def _draw(argv):
       seed=FLAGS.seed, num_images=FLAGS.num_images,
       views={k: v.size for k, v in method.views(config).items()})
   batch = {k: batch[k] for k in experiment.batch_spec(config, 1)}
-  grid = visualize.render(method, config, steps.make_forward(model), params,
-                          batch)
+  forward = steps.make_forward(
+      model, image_input=images.ImageInput.from_config(config))
+  grid = visualize.render(method, config, forward, params, batch)
   if grid is None:
     raise app.UsageError(
         f'{config.model_name} with these settings predicts no pixels (e.g. '

@@ -33,10 +33,12 @@ BEST_METRICS = ('top1', 'top5', 'ema_top1', 'ema_top5')
 
 
 def batch_spec(config, batch_size: int) -> dict:
-  """Images and their class labels."""
+  """Images and their class labels, and the random-erasing boxes when
+  input.random_erasing.prob is set."""
+  erasing = config.input.get('random_erasing') or {}
+  keys = ('image', 'label') + (('erase',) if erasing.get('prob') else ())
   return method.image_batch(config, batch_size,
-                            vit.patch_size_of(config.model),
-                            ('image', 'label'))
+                            vit.patch_size_of(config.model), keys)
 
 
 def batch_transform(config):
