@@ -13,7 +13,8 @@ made too, as in training.
 --jpeg: the real training pipeline (`input_pipeline.make_train_dataset`,
 the ViT-B/16 MAE recipe's input: 224 px, random 75% masks) on a folder of
 real JPEGs (`input.data='folder:<dir>'`): read, partial decode of the crop
-window, RandomResizedCrop (bicubic, antialiased), flip, normalisation, mask.
+window, RandomResizedCrop (PIL's bicubic, the flip fused in),
+normalisation, mask.
 The JPEGs (224-500 px a side, random sizes and aspect ratios, quality 90,
 4:2:0 chroma as most photos) are cut from the scikit-image photos that
 `embedded:skimage` ships, and written to --jpeg_dir (default: a temporary
@@ -21,7 +22,8 @@ folder, removed afterwards).
 
   python benchmarks/input_pipeline_bench.py --jpeg [--dct=accurate,fast]
       [--threads=1,2,4] [--batch=64] [--batches=20] [--jpeg_images=256]
-      [--jpeg_dir=/tmp/jpegs] [--nobreakdown]
+      [--jpeg_dir=/tmp/jpegs] [--nobreakdown] [--compare_repeats=3]
+      [--notorchvision] [--image_size=224]
 
 Rates per core: tf.data runs on a private threadpool of N threads (every op
 single-threaded), N from --threads; `images_per_sec` is the wall-clock
@@ -32,10 +34,18 @@ INTEGER_ACCURATE, which matches PIL; 'fast': TF's default ''), by
 overriding `augment.JPEG_DCT` while the pipeline is built. The breakdown
 (one thread) times the per-example work cumulatively, stage by stage, with
 the pipeline's own functions, and alternatives to it (ALTERNATIVES: the
-full decode, a tf.cond flip, uint8 images normalised later).
+full decode, TF's resize, uint8 images normalised later, input.jpeg_draft).
+
+Side by side (keys 'mim_jax', 'torchvision', 'ratio'): the pipeline on one
+thread and the official MAE transform (TORCHVISION: torchvision on PIL
+images, torch.set_num_threads(1)) on the same files, alternating,
+--compare_repeats times, the best of each; both also with uint8 images
+out (ours: the normalisation left out; torchvision: PILToTensor instead of
+ToTensor + Normalize). 'ratio': ours / theirs in images per CPU-second,
+'uint8_vs_official' ours uint8 against the official normalised transform.
 
 --smoke (the tests): 2 timed batches after 1 warm-up; with --jpeg, 16
-images, batch 8, threads 1 and 2, both IDCTs.
+images, batch 8, threads 1 and 2, both IDCTs, one comparison round.
 """
 
 import contextlib
@@ -283,7 +293,7 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
       return {'shape': tf.shape(crop)}
     image = resize(crop, flip_key)
     if not uint8_out and upto >= STAGES.index('normalize'):
-      image = augment.normalize(tf.cast(image, tf.float32), mean, std)
+      image = augment.normalize(image, mean, std)
     example = {'image': image}
     if upto >= STAGES.index('mask'):
       example.update(mask_example(mask_key))
@@ -298,12 +308,12 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
 
 @contextlib.contextmanager
 def uint8_images():
-  """Pipelines built inside emit uint8 images: `augment.normalize` becomes
-  a cast (what a train step that normalises on the accelerator takes)."""
-  import tensorflow as tf
+  """Pipelines built inside emit uint8 images: `augment.normalize` returns
+  them as they are (what a train step that normalises on the accelerator
+  takes)."""
   from mim_jax.data import augment
   normalize = augment.normalize
-  augment.normalize = lambda image, mean, std: tf.cast(image, tf.uint8)
+  augment.normalize = lambda image, mean, std: image
   try:
     yield
   finally:

@@ -214,7 +214,7 @@ class _TrainAugment:
       # timm applies RandAugment to the uint8 (PIL) crop after the flip.
       image = randaugment.apply(image, seeds.fold_in(key, _RANDAUGMENT_KEY),
                                 self.ra_spec, fill=self.ra_fill)
-    image = augment.normalize(tf.cast(image, tf.float32), self.mean, self.std)
+    image = augment.normalize(image, self.mean, self.std)
     if self.erasing:
       image = random_erasing.apply(image, seeds.fold_in(key, _ERASING_KEY),
                                    **self.erasing)

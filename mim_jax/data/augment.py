@@ -276,7 +276,8 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 def normalize(image: tf.Tensor, mean: Sequence[float],
               std: Sequence[float]) -> tf.Tensor:
-  """Maps [0, 255] pixels to (x / 255 - mean) / std (mean/std in [0, 1])."""
+  """Maps [0, 255] pixels (uint8 or float) to float32 (x / 255 - mean) / std
+  (mean/std in [0, 1])."""
   mean = tf.constant(mean, tf.float32)
   std = tf.constant(std, tf.float32)
-  return (image / 255.0 - mean) / std
+  return (tf.cast(image, tf.float32) / 255.0 - mean) / std
