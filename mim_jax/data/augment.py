@@ -214,11 +214,13 @@ def resize_pil_uint8(image: tf.Tensor, size: int, method: str = 'lanczos',
   average (after rounding), its lanczos3 by 0.19, which changed 2.7% of a
   small DALL-E encoder's ids. PIL's 8-bit path (22-bit fixed-point
   coefficients, two passes each rounded to uint8, their order chosen by
-  the Pillow version) is also the fastest CPU path here: a 280 px crop to
-  224 px bicubic costs 1.1 ms of CPU in PIL and 0.25 ms of call overhead,
-  against 1.8 ms for TF's antialiased bicubic (docs/speed.md); written in
-  TF ops (sparse matmuls) it was exact too but 2x slower still. The flip,
-  done on the PIL image, costs nearly nothing.
+  the Pillow version) is also the faster bicubic: a 280 px crop to 224 px
+  costs 1.1 ms of CPU in PIL plus 0.2 ms of call overhead, against 2.0 ms
+  for TF's antialiased bicubic, rounded (docs/speed.md). Written in TF ops
+  (sparse int32 matmuls) it was exact too, but took 3.6-4 ms; for Lanczos a
+  270 px crop to 112 px costs 1.8 ms this way, 6-7 ms in TF ops and 1.6 ms
+  with TF's lanczos3. The flip, done on the PIL image, costs nearly
+  nothing.
 
   Args:
     image: uint8 (h, w, c), c 1 or 3.
