@@ -469,10 +469,12 @@ def test_pil_resizes_are_pils():
     flip = bool(i % 2)
     for method, pil in (('lanczos', Image.LANCZOS),
                         ('bicubic', Image.BICUBIC)):
+      # pylint: disable=cell-var-from-loop
       ds = tf.data.Dataset.from_tensors(image).map(
-          lambda x: augment.resize_pil_uint8(x, size, method,  # pylint: disable=cell-var-from-loop
-                                             tf.constant(flip)),  # pylint: disable=cell-var-from-loop
+          lambda x: augment.resize_pil_uint8(x, size, method,
+                                             tf.constant(flip)),
           num_parallel_calls=2)
+      # pylint: enable=cell-var-from-loop
       assert ds.element_spec.shape == (size, size, shape[2])
       got, = ds.as_numpy_iterator()
       src = Image.fromarray(image[..., 0] if shape[2] == 1 else image)
@@ -484,7 +486,8 @@ def test_train_image_is_pils_resized_crop():
   """The training image is PIL's bicubic resize of the RandomResizedCrop
   window (torchvision's pixels), flipped where the flip key says."""
   config = _config(image_size=48)
-  augment_fn = input_pipeline._TrainAugment.from_config(  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  augment_fn = input_pipeline._TrainAugment.from_config(
       config, 48, labeled=False, views={})
   rng = np.random.default_rng(1)
   buffer = io.BytesIO()
