@@ -13,7 +13,8 @@ made too, as in training.
 --jpeg: the real training pipeline (`input_pipeline.make_train_dataset`,
 the ViT-B/16 MAE recipe's input: 224 px, random 75% masks) on a folder of
 real JPEGs (`input.data='folder:<dir>'`): read, partial decode of the crop
-window, RandomResizedCrop (bicubic, antialiased), flip, uint8 out, mask.
+window, RandomResizedCrop (PIL's bicubic, the flip fused in), uint8 out
+(the steps normalise on the device), mask.
 The JPEGs (224-500 px a side, random sizes and aspect ratios, quality 90,
 4:2:0 chroma as most photos) are cut from the scikit-image photos that
 `embedded:skimage` ships, and written to --jpeg_dir (default: a temporary
@@ -21,7 +22,8 @@ folder, removed afterwards).
 
   python benchmarks/input_pipeline_bench.py --jpeg [--dct=accurate,fast]
       [--threads=1,2,4] [--batch=64] [--batches=20] [--jpeg_images=256]
-      [--jpeg_dir=/tmp/jpegs] [--nobreakdown]
+      [--jpeg_dir=/tmp/jpegs] [--nobreakdown] [--compare_repeats=3]
+      [--notorchvision] [--image_size=224]
 
 Rates per core: tf.data runs on a private threadpool of N threads (every op
 single-threaded), N from --threads; `images_per_sec` is the wall-clock
@@ -32,11 +34,21 @@ INTEGER_ACCURATE, which matches PIL; 'fast': TF's default ''), by
 overriding `augment.JPEG_DCT` while the pipeline is built. The breakdown
 (one thread) times the per-example work cumulatively, stage by stage, with
 the pipeline's own functions, and alternatives to it (ALTERNATIVES: the
-full decode, a tf.cond flip, float32 images normalised on the host as
-before M13).
+full decode, TF's resize, float32 images normalised on the host as before
+M13, input.jpeg_draft).
+
+Side by side (keys 'mim_jax', 'torchvision', 'ratio'): the pipeline on one
+thread and the official MAE transform (TORCHVISION: torchvision on PIL
+images, torch.set_num_threads(1)) on the same files, alternating,
+--compare_repeats times, the best of each; both also with uint8 images
+out (ours: the pipeline as it is, normalised: the host normalisation of
+before M13 added; torchvision: PILToTensor instead of ToTensor +
+Normalize). 'ratio': ours / theirs in images per CPU-second,
+'uint8_vs_official' ours uint8 against the official normalised transform.
 
 --smoke (the tests): 2 timed batches after 1 warm-up; with --jpeg, 16
-images, batch 8, threads 1 and 2, both IDCTs.
+images, batch 8, threads 1 and 2, both IDCTs (the breakdown of the first),
+one comparison round.
 """
 
 import glob
@@ -70,6 +82,10 @@ flags.DEFINE_list('dct', ['accurate'], '--jpeg: IDCTs to measure, of '
                   '(TF\'s default).')
 flags.DEFINE_list('threads', ['1', '2'], '--jpeg: tf.data threadpool sizes.')
 flags.DEFINE_bool('breakdown', True, '--jpeg: per-stage costs on 1 thread.')
+flags.DEFINE_bool('torchvision', True, '--jpeg: also the official MAE '
+                  'transform (torchvision) on the same files, and ratios.')
+flags.DEFINE_integer('compare_repeats', 3, '--jpeg: measurements of each side '
+                     'against torchvision (alternating; the best counts).')
 
 # --dct names -> augment.JPEG_DCT values.
 DCT = {'accurate': 'INTEGER_ACCURATE', 'fast': ''}
@@ -78,19 +94,27 @@ JPEG_SIDES = (224, 500)
 # The P3 goal: images/s on one core at 224 px.
 GOAL_PER_CORE = 150
 # The breakdown's cumulative stages (each adds its work to the previous
-# one's), then the alternatives.
-STAGES = ('read', 'decode_crop', 'resize', 'flip', 'uint8', 'mask')
+# one's), then the alternatives. 'flip' is PIL's resize with the flip fused
+# into it, as the pipeline does.
+STAGES = ('read', 'decode_crop', 'resize', 'flip', 'mask')
 # Alternatives to the whole per-example work ('mask'), one change each:
 #   full_decode  the whole JPEG decoded, then cropped (up to the crop only);
-#   flip_cond    the flip as tf.cond (only flipped images pay the reverse,
-#                and no select over every pixel); bit-identical;
+#   tf_resize    TF's antialiased bicubic (rounded) and a tf.cond flip, the
+#                resize before M13 (0.15 grey levels per pixel off PIL's);
 #   float_out    float32 images normalised on the host (the pipeline's
-#                output before M13; now the steps normalise uint8 pixels).
+#                output before M13; now the steps normalise uint8 pixels);
+#   jpeg_draft   input.jpeg_draft (crops >= 2x the image size decoded at
+#                1/2, 1/4, 1/8 scale; not PIL's pixels).
 ALTERNATIVES = {
     'full_decode': dict(stage='decode_crop', full_decode=True),
-    'flip_cond': dict(flip_cond=True),
+    'tf_resize': dict(tf_resize=True),
     'float_out': dict(float_out=True),
+    'jpeg_draft': dict(jpeg_draft=True),
 }
+# The official MAE transform (main_pretrain.py), torchvision on PIL images.
+TORCHVISION = ('PIL open + convert(RGB), RandomResizedCrop(224, scale=(0.2, '
+               '1.0), BICUBIC), RandomHorizontalFlip, ToTensor, Normalize '
+               '(ImageNet), default_collate; 1 thread')
 WARMUP = 3
 
 
@@ -215,8 +239,8 @@ def pipeline(input_config, patch_size: int, threads: int):
 
 
 def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
-                   full_decode: bool = False, flip_cond: bool = False,
-                   float_out: bool = False):
+                   full_decode: bool = False, tf_resize: bool = False,
+                   float_out: bool = False, jpeg_draft: bool = False):
   """The training pipeline's per-example work up to `stage` (of STAGES),
   batched as the pipeline does, on 1 thread; the other arguments are the
   ALTERNATIVES.
@@ -241,12 +265,16 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
   train_key = seeds.base_key(0, seeds.TRAIN)
   upto = STAGES.index(stage)
 
-  def flip(image, key):
-    if not flip_cond:
-      return augment.random_flip(image, key)
-    # The same draw as augment.random_flip.
-    do = tf.random.stateless_uniform([], seed=key) < 0.5
-    return tf.cond(do, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  def resize(crop, key):
+    flip = (augment.flip_decision(key) if upto >= STAGES.index('flip')
+            else None)
+    if not tf_resize:
+      return augment.resize_bicubic_uint8(crop, image_size, flip)
+    image = augment.resize(crop, image_size)
+    if flip is not None:
+      image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]),
+                      lambda: image)
+    return tf.cast(image, tf.uint8)
 
   def process(position, record):
     key = seeds.fold_in(train_key, position // batch, position % batch)
@@ -262,16 +290,13 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
           crop_key, shape[0], shape[1], scale, ratio))
       crop = image[top:top + h, left:left + w]
     else:
-      crop = augment.decode_and_random_crop(data, crop_key, scale, ratio)
+      crop = augment.decode_and_random_crop(
+          data, crop_key, scale, ratio, image_size if jpeg_draft else None)
     if stage == 'decode_crop':
       return {'shape': tf.shape(crop)}
-    image = augment.resize(crop, image_size)
-    if upto >= STAGES.index('flip'):
-      image = flip(image, flip_key)
+    image = resize(crop, flip_key)
     if float_out:
       image = augment.normalize(image, mean, std)
-    elif upto >= STAGES.index('uint8'):
-      image = tf.cast(image, tf.uint8)
     example = {'image': image}
     if upto >= STAGES.index('mask'):
       example.update(mask_example(mask_key))
@@ -282,6 +307,105 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
               deterministic=True)
   ds = ds.batch(batch, drop_remainder=True).prefetch(2)
   return ds.with_options(thread_options(1))
+
+
+def host_normalized(ds, mean, std):
+  """`ds` with its uint8 images normalised to float32 on the host, as the
+  pipeline did before M13 (now the steps normalise on the device)."""
+  from mim_jax.data import augment
+  return ds.map(lambda b: dict(b, image=augment.normalize(b['image'], mean,
+                                                          std)))
+
+
+def torchvision_transforms(image_size: int, mean, std) -> dict:
+  """The official MAE transform ('normalized') and the same with uint8
+  tensors out instead of ToTensor + Normalize ('uint8')."""
+  import warnings
+  with warnings.catch_warnings():  # torchvision.io's image.so, unused
+    warnings.simplefilter('ignore')
+    from torchvision import transforms as T
+  crop = [T.RandomResizedCrop(image_size, scale=(0.2, 1.0),
+                              interpolation=T.InterpolationMode.BICUBIC),
+          T.RandomHorizontalFlip()]
+  return {
+      'normalized': T.Compose(crop + [T.ToTensor(),
+                                      T.Normalize(list(mean), list(std))]),
+      'uint8': T.Compose(crop + [T.PILToTensor()]),
+  }
+
+
+def torchvision_rate(transform, files: list, batch: int, batches: int,
+                     warmup: int) -> dict:
+  """`_rate` of `transform` on `files` (cycled), as torchvision's
+  ImageFolder + DataLoader do it on one worker with one thread: PIL
+  open + convert('RGB'), the transform, default_collate."""
+  import torch
+  from PIL import Image
+  from torch.utils.data import default_collate
+  torch.set_num_threads(1)
+  torch.manual_seed(0)
+  position = 0
+
+  def next_batch():
+    nonlocal position
+    images = []
+    for _ in range(batch):
+      with open(files[position % len(files)], 'rb') as fp:
+        images.append(transform(Image.open(fp).convert('RGB')))
+      position += 1
+    return default_collate(images)
+
+  for _ in range(warmup):
+    next_batch()
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(batches):
+    next_batch()
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  n = batches * batch
+  return dict(images_per_sec=round(n / wall, 1),
+              images_per_cpu_sec=round(n / cpu, 1),
+              cpu_cores_busy=round(cpu / wall, 2))
+
+
+def _best(runs: list) -> dict:
+  """The run with the most images per CPU-second, with every run's rate."""
+  best = dict(max(runs, key=lambda r: r['images_per_cpu_sec']))
+  best['runs_images_per_cpu_sec'] = [r['images_per_cpu_sec'] for r in runs]
+  return best
+
+
+def versus_torchvision(folder: str, input_config, patch: int, batches: int,
+                       warmup: int, repeats: int) -> dict:
+  """Ours (the training pipeline, 1 thread, normalised and uint8) against
+  the official transform (TORCHVISION, normalised and uint8) on the same
+  JPEGs, each measured `repeats` times, alternating; the best of each."""
+  files = sorted(glob.glob(os.path.join(folder, 'img_*.jpg')))
+  transforms = torchvision_transforms(input_config.image_size,
+                                      input_config.mean, input_config.std)
+  runs = {('mim_jax', k): [] for k in transforms}
+  runs.update({('torchvision', k): [] for k in transforms})
+  batch = input_config.batch_size
+  for _ in range(repeats):
+    ours = pipeline(input_config, patch, 1)
+    runs['mim_jax', 'normalized'].append(_rate(
+        host_normalized(ours, tuple(input_config.mean),
+                        tuple(input_config.std)), batches, warmup))
+    ours = pipeline(input_config, patch, 1)
+    runs['mim_jax', 'uint8'].append(_rate(ours, batches, warmup))
+    for name, transform in transforms.items():
+      runs['torchvision', name].append(torchvision_rate(
+          transform, files, batch, batches, warmup))
+  out = {side: {k: _best(runs[side, k]) for k in transforms}
+         for side in ('mim_jax', 'torchvision')}
+
+  def ratio(ours, theirs):
+    return round(out['mim_jax'][ours]['images_per_cpu_sec'] /
+                 out['torchvision'][theirs]['images_per_cpu_sec'], 2)
+
+  out['ratio'] = dict(normalized=ratio('normalized', 'normalized'),
+                      uint8=ratio('uint8', 'uint8'),
+                      uint8_vs_official=ratio('uint8', 'normalized'))
+  return out
 
 
 def jpeg_mode(f, batches: int, warmup: int) -> dict:
@@ -308,7 +432,8 @@ def jpeg_mode(f, batches: int, warmup: int) -> dict:
           r = _rate(pipeline(input_config, patch, t), batches, warmup)
           r['images_per_sec_per_thread'] = round(r['images_per_sec'] / t, 1)
           res['threads'][str(t)] = r
-        if f.breakdown:
+        # --smoke: the breakdown of the first IDCT only (the same code).
+        if f.breakdown and not (f.smoke and dct != f.dct[0]):
           variants = {s: dict(stage=s) for s in STAGES}
           variants.update(ALTERNATIVES)
           res['breakdown_1_thread'] = {
@@ -318,18 +443,20 @@ def jpeg_mode(f, batches: int, warmup: int) -> dict:
         results[dct] = res
       finally:
         augment.JPEG_DCT = default_dct
+    versus = versus_torchvision(folder, input_config, patch, batches, warmup,
+                                f.compare_repeats) if f.torchvision else {}
   finally:
     if not f.jpeg_dir:
       shutil.rmtree(folder, ignore_errors=True)
   return dict(
       benchmark='input_pipeline_jpeg',
       pipeline='input_pipeline.make_train_dataset (MAE B/16 input: '
-      'decode_and_crop_jpeg, RandomResizedCrop bicubic, flip, uint8, '
+      'decode_and_crop_jpeg, RandomResizedCrop bicubic, flip, normalise, '
       'random 0.75 masks)',
       jpegs=files, jpeg_dir=f.jpeg_dir, image_size=f.image_size,
       patch_size=patch, host_batch=f.batch, batches=batches,
       goal_images_per_sec_per_core=GOAL_PER_CORE, cpu_cores=os.cpu_count(),
-      results=results)
+      results=results, torchvision_transform=TORCHVISION, **versus)
 
 
 def print_table(out: dict):
@@ -345,6 +472,8 @@ def print_table(out: dict):
       print(f'| {dct} | {t} | {r["images_per_sec"]} | '
             f'{r["images_per_sec_per_thread"]} | {r["images_per_cpu_sec"]} '
             f'| {r["cpu_cores_busy"]} |')
+  if 'ratio' in out:
+    print_versus(out)
   if not any('breakdown_1_thread' in r for r in out['results'].values()):
     return
   print('\n| IDCT | per-example work (1 thread) | CPU ms per image | '
@@ -366,6 +495,20 @@ def print_table(out: dict):
   print()
 
 
+def print_versus(out: dict):
+  """The comparison with torchvision as a markdown table."""
+  print('\n| 1 thread, images per CPU-second (best; all runs) | normalised '
+        'float32 | uint8 |')
+  print('|---|---|---|')
+  for side in ('mim_jax', 'torchvision'):
+    cells = [f'{r["images_per_cpu_sec"]} ({r["runs_images_per_cpu_sec"]})'
+             for r in (out[side]['normalized'], out[side]['uint8'])]
+    print(f'| {side} | {cells[0]} | {cells[1]} |')
+  r = out['ratio']
+  print(f'| ratio | {r["normalized"]} | {r["uint8"]} (uint8 vs official '
+        f'normalised: {r["uint8_vs_official"]}) |')
+
+
 def main(_):
   f = flags.FLAGS
   batches = f.batches
@@ -376,6 +519,7 @@ def main(_):
     batches, warmup = 2, 1
     f.jpeg_images, f.batch, f.threads = 16, 8, ['1', '2']
     f.dct = list(DCT)
+    f.compare_repeats = 1
   if not f.jpeg:
     config_mode(f.config, batches, warmup)
     return

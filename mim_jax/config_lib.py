@@ -51,7 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
       # Folder sources: undecodable, empty or over-large files are 'skip'ped
       # (logged once by path, counted in train/bad_images) or stop the run
       # ('error'); see mim_jax/data/image_check.py.
-      bad_images='skip', max_image_pixels=89_478_485)
+      bad_images='skip', max_image_pixels=89_478_485,
+      # JPEG crops >= 2x the image size decoded at 1/2, 1/4 or 1/8 scale
+      # (faster; pixels no longer PIL's), see docs/speed.md.
+      jpeg_draft=False)
   c.lr = placeholder(float)      # absolute lr; overrides base_lr when set
   c.base_lr = 1.5e-4             # lr = base_lr * batch_size / 256
   c.total_epochs = 800.0

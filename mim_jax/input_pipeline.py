@@ -176,6 +176,7 @@ def validate_config(input_config: Any, *, patch_size: int,
   _, process_count = _process_info(0, process_count)
   host_batch = _host_batch_size(int(input_config.batch_size), process_count)
   image_checker(input_config)  # bad_images, max_image_pixels
+  _draft_size(input_config, image_size, {})
   return image_size, mask_fn, host_batch
 
 
@@ -192,6 +193,7 @@ class _TrainAugment:
   ra_fill: tuple
   erasing: dict
   views: dict
+  draft_size: int | None
 
   @classmethod
   def from_config(cls, input_config: Any, image_size: int, labeled: bool,
@@ -205,17 +207,17 @@ class _TrainAugment:
         ratio=_pair(input_config.get('crop_ratio', (3 / 4, 4 / 3)),
                     'crop_ratio'),
         hflip=bool(input_config.get('hflip', True)), ra_spec=ra_spec,
-        ra_fill=_ra_fill(mean), erasing=erasing, views=views)
+        ra_fill=_ra_fill(mean), erasing=erasing, views=views,
+        draft_size=_draft_size(input_config, image_size, views))
 
   def __call__(self, data, key, crop_key, flip_key) -> dict:
     """{'image': uint8, view name: uint8, (erasing) 'erase': int32 boxes}
     of encoded `data`."""
     crop = augment.decode_and_random_crop(data, crop_key, self.scale,
-                                          self.ratio)
-    # resize's values are integers in [0, 255]: the cast is exact.
-    image = tf.cast(augment.resize(crop, self.image_size), tf.uint8)
-    if self.hflip:
-      image = augment.random_flip(image, flip_key)
+                                          self.ratio, self.draft_size)
+    # PIL's resize (torchvision's on PIL images), the flip fused into it.
+    flip = augment.flip_decision(flip_key) if self.hflip else None
+    image = augment.resize_bicubic_uint8(crop, self.image_size, flip)
     if self.ra_spec is not None:
       # timm applies RandAugment to the uint8 (PIL) crop after the flip.
       image = randaugment.apply(image, seeds.fold_in(key, _RANDAUGMENT_KEY),
@@ -226,11 +228,20 @@ class _TrainAugment:
           seeds.fold_in(key, _ERASING_KEY), self.image_size,
           self.image_size, **self.erasing)
     for name, size in self.views.items():
-      view = augment.resize_lanczos_uint8(crop, size)
-      # The same flip_key: both views flip together.
-      example[name] = (augment.random_flip(view, flip_key) if self.hflip
-                       else view)
+      # The same flip: both views flip together.
+      example[name] = augment.resize_pil_uint8(crop, size, 'lanczos', flip)
     return example
+
+
+def _draft_size(input_config: Any, image_size: int,
+                views: dict[str, int]) -> int | None:
+  """input.jpeg_draft: the side JPEG crops are decoded down to at most (the
+  largest output), or None (off, the default: PIL's pixels)."""
+  draft = input_config.get('jpeg_draft', False)
+  if not isinstance(draft, bool):
+    raise errors.ConfigError(f'input.jpeg_draft={draft!r} must be True or '
+                             'False.')
+  return max([image_size, *views.values()]) if draft else None
 
 
 def make_train_dataset(input_config: Any,

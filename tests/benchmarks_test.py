@@ -78,8 +78,9 @@ def test_input_pipeline_bench():
 
 @pytest.mark.slow
 def test_input_pipeline_bench_jpeg():
-  """The real pipeline on written JPEGs: both IDCTs, 1 and 2 threads, and
-  the per-stage breakdown."""
+  """The real pipeline on written JPEGs: both IDCTs, 1 and 2 threads, the
+  per-stage breakdown (of the accurate IDCT), and torchvision's official
+  transform on the same files."""
   out = run_smoke('input_pipeline_bench.py', '--jpeg')
   assert out['benchmark'] == 'input_pipeline_jpeg'
   assert (out['image_size'], out['patch_size'], out['host_batch']) == (
@@ -94,11 +95,21 @@ def test_input_pipeline_bench_jpeg():
     for r in res['threads'].values():
       _positive(r['images_per_sec'], r['images_per_cpu_sec'],
                 r['images_per_sec_per_thread'])
-    assert set(res['breakdown_1_thread']) == {
-        'read', 'decode_crop', 'resize', 'flip', 'uint8', 'mask',
-        'full_decode', 'flip_cond', 'float_out'}
-    for r in res['breakdown_1_thread'].values():
-      _positive(r['images_per_sec'], r['images_per_cpu_sec'])
+  # The smoke breaks down the first IDCT only.
+  assert 'breakdown_1_thread' not in out['results']['fast']
+  breakdown = out['results']['accurate']['breakdown_1_thread']
+  assert set(breakdown) == {
+      'read', 'decode_crop', 'resize', 'flip', 'mask', 'full_decode',
+      'tf_resize', 'float_out', 'jpeg_draft'}
+  for r in breakdown.values():
+    _positive(r['images_per_sec'], r['images_per_cpu_sec'])
+  # Side by side with the official transform (torchvision) on the files.
+  for side in ('mim_jax', 'torchvision'):
+    assert set(out[side]) == {'normalized', 'uint8'}
+    for r in out[side].values():
+      _positive(r['images_per_cpu_sec'], *r['runs_images_per_cpu_sec'])
+  assert set(out['ratio']) == {'normalized', 'uint8', 'uint8_vs_official'}
+  _positive(*out['ratio'].values())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Tests for mim_jax.input_pipeline and mim_jax.data (CPU, offline, fast)."""
 
+import io
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -454,25 +455,84 @@ def test_crop_window_in_bounds_and_fallback():
   np.testing.assert_array_equal(window.numpy(), [0, 493, 10, 13])
 
 
-def test_tokenizer_view_resize_is_pils():
-  """The tokenizer view's resize is PIL's LANCZOS (BEiT/CAE's
-  second_interpolation) bit for bit, RGB and grey, shrinking and growing,
-  inside a parallel tf.data map, with a static shape."""
+def test_pil_resizes_are_pils():
+  """The training crop's resize (BICUBIC) and the tokenizer view's (LANCZOS,
+  BEiT/CAE's second_interpolation) are PIL's bit for bit, flipped or not,
+  RGB and grey, shrinking and growing, inside a parallel tf.data map, with
+  a static shape."""
   rng = np.random.default_rng(0)
   cases = [((57, 90, 3), 64), ((300, 211, 3), 64), ((40, 33, 1), 112),
            ((64, 64, 3), 64)]
   images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape, _ in cases]
-  for (shape, size), image in zip(cases, images):
+  for i, ((shape, size), image) in enumerate(zip(cases, images)):
+    flip = bool(i % 2)
     for method, pil in (('lanczos', Image.LANCZOS),
                         ('bicubic', Image.BICUBIC)):
+      # pylint: disable=cell-var-from-loop
       ds = tf.data.Dataset.from_tensors(image).map(
-          lambda x: augment.resize_pil_uint8(x, size, method),  # pylint: disable=cell-var-from-loop
+          lambda x: augment.resize_pil_uint8(x, size, method,
+                                             tf.constant(flip)),
           num_parallel_calls=2)
+      # pylint: enable=cell-var-from-loop
       assert ds.element_spec.shape == (size, size, shape[2])
       got, = ds.as_numpy_iterator()
       src = Image.fromarray(image[..., 0] if shape[2] == 1 else image)
       want = np.asarray(src.resize((size, size), pil)).reshape(got.shape)
-      np.testing.assert_array_equal(got, want)
+      np.testing.assert_array_equal(got, want[:, ::-1] if flip else want)
+
+
+def test_train_image_is_pils_resized_crop():
+  """The training image is PIL's bicubic resize of the RandomResizedCrop
+  window (torchvision's pixels), flipped where the flip key says."""
+  config = _config(image_size=48)
+  # pylint: disable-next=protected-access
+  augment_fn = input_pipeline._TrainAugment.from_config(
+      config, 48, labeled=False, views={})
+  rng = np.random.default_rng(1)
+  buffer = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)).save(
+      buffer, format='PNG')
+  data = tf.constant(buffer.getvalue())
+  flips = set()
+  for k in range(4):
+    crop_key, flip_key = tf.constant([k, 1]), tf.constant([k, 2])
+    image = augment_fn(data, tf.constant([k, 0]), crop_key, flip_key)['image']
+    crop = augment.decode_and_random_crop(data, crop_key, config.crop_scale,
+                                          config.crop_ratio).numpy()
+    want = np.asarray(Image.fromarray(crop).resize((48, 48), Image.BICUBIC))
+    flip = bool(augment.flip_decision(flip_key))
+    flips.add(flip)
+    got = image.numpy()
+    if got.dtype != np.uint8:  # normalised on the host
+      got = (got * config.std + config.mean) * 255
+    np.testing.assert_allclose(got, want[:, ::-1] if flip else want,
+                               atol=1e-3)
+  assert flips == {False, True}
+
+
+def test_jpeg_draft_decodes_large_crops_at_reduced_scale():
+  """input.jpeg_draft: a crop >= 4x the size decodes at 1/4 scale (shorter
+  side still >= size), near the full decode shrunk; small crops are
+  untouched; a non-bool is refused."""
+  rng = np.random.default_rng(2)
+  base = np.asarray(Image.fromarray(
+      rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).resize(
+          (500, 400), Image.BICUBIC))
+  buffer = io.BytesIO()
+  Image.fromarray(base).save(buffer, format='JPEG', quality=90)
+  data = tf.constant(buffer.getvalue())
+  seed = tf.constant([0, 0])
+  for size, shrink in ((64, 4), (300, 1)):
+    full = augment.decode_and_random_crop(data, seed, (1, 1), (1.25, 1.25))
+    draft = augment.decode_and_random_crop(data, seed, (1, 1), (1.25, 1.25),
+                                           draft_size=size).numpy()
+    assert draft.shape == (400 // shrink, 500 // shrink, 3)
+    want = np.asarray(Image.fromarray(full.numpy()).resize(
+        (500 // shrink, 400 // shrink), Image.BOX))
+    assert np.abs(draft.astype(float) - want).mean() < 2.0
+  with pytest.raises(errors.ConfigError, match='jpeg_draft'):
+    input_pipeline.validate_config(_config(jpeg_draft='yes'), patch_size=PATCH,
+                                   process_count=1)
 
 
 # ----------------------------------------------------------- labelled data

@@ -82,9 +82,15 @@ def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
   return image
 
 
+# JPEG draft: libjpeg's DCT scalings (decode at 1/r of the size) that
+# decode_and_crop_jpeg offers.
+_DRAFT_RATIOS = (1, 2, 4, 8)
+
+
 def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
                            scale: Sequence[float],
-                           ratio: Sequence[float]) -> tf.Tensor:
+                           ratio: Sequence[float],
+                           draft_size: int | None = None) -> tf.Tensor:
   """Decodes an image and takes a RandomResizedCrop window (not resized).
 
   JPEGs are only partially decoded (`decode_and_crop_jpeg`), which is much
@@ -95,6 +101,11 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
     seed: stateless seed, int tensor of shape [2].
     scale: (min, max) area fraction.
     ratio: (min, max) aspect ratio.
+    draft_size: JPEG draft (`input.jpeg_draft`): a window whose shorter side
+      is at least 2, 4 or 8 times `draft_size` is decoded at 1/2, 1/4 or
+      1/8 of its size by libjpeg's scaled IDCT (as PIL's `Image.draft`),
+      keeping its shorter side >= draft_size. Faster, but no longer PIL's
+      pixels. None: full resolution.
 
   Returns:
     uint8 tensor (h, w, 3), the crop.
@@ -103,8 +114,10 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
   def jpeg_crop():
     shape = tf.io.extract_jpeg_shape(image_bytes)
     window = sample_crop_window(seed, shape[0], shape[1], scale, ratio)
-    return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3,
-                                      dct_method=JPEG_DCT)
+    if draft_size is None:
+      return tf.io.decode_and_crop_jpeg(image_bytes, window, channels=3,
+                                        dct_method=JPEG_DCT)
+    return _draft_crop(image_bytes, window, draft_size)
 
   def generic_crop():
     image = _decode(image_bytes)
@@ -116,6 +129,21 @@ def decode_and_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor,
   crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg_crop, generic_crop)
   crop.set_shape([None, None, 3])
   return crop
+
+
+def _draft_crop(image_bytes: tf.Tensor, window: tf.Tensor,
+                draft_size: int) -> tf.Tensor:
+  """The JPEG window [top, left, h, w] decoded at the largest DCT scaling
+  1/r that keeps its shorter side >= draft_size (window in 1/r units)."""
+  side = tf.minimum(window[2], window[3])
+  index = tf.add_n([tf.cast(side >= r * draft_size, tf.int32)
+                    for r in _DRAFT_RATIOS[1:]])
+
+  def branch(r):
+    return lambda: tf.io.decode_and_crop_jpeg(
+        image_bytes, window // r, channels=3, ratio=r, dct_method=JPEG_DCT)
+
+  return tf.switch_case(index, [branch(r) for r in _DRAFT_RATIOS])
 
 
 def decode_and_center_crop(image_bytes: tf.Tensor,
@@ -146,8 +174,9 @@ def decode_and_center_crop(image_bytes: tf.Tensor,
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bicubic resize to (size, size), rounded to integer levels, as float32
-  in [0, 255].
+  """TF's antialiased bicubic resize to (size, size), rounded to integer
+  levels, as float32 in [0, 255] (evaluation and visualisation batches;
+  training crops take PIL's own, `resize_bicubic_uint8`).
 
   Antialiasing matters here: crops of large photos are shrunk by 10x or more
   for small image sizes, and without it bicubic aliases badly (PIL, used by
@@ -171,41 +200,59 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
 _PIL_FILTERS = {'lanczos': Image.LANCZOS, 'bicubic': Image.BICUBIC}
 
 
-def resize_pil_uint8(image: tf.Tensor, size: int,
-                     method: str = 'lanczos') -> tf.Tensor:
+def resize_pil_uint8(image: tf.Tensor, size: int, method: str = 'lanczos',
+                     flip: tf.Tensor | None = None) -> tf.Tensor:
   """`PIL.Image.resize((size, size), LANCZOS | BICUBIC)` of a uint8 image,
   computed by PIL itself (a `tf.numpy_function`; PIL's C resampling
-  releases the GIL, so parallel map calls run in parallel).
+  releases the GIL, so parallel map calls run in parallel), then flipped
+  left-right where `flip` is true.
 
-  The tokenizer view of BEiT/CAE: torchvision's resized crop with
-  `second_interpolation='lanczos'` on the PIL crop. Its ids are an argmax,
-  so sub-level differences change targets: TF's antialiased lanczos3 is off
-  by 0.19 grey levels on average and changed 2.7% of a small DALL-E
-  encoder's ids. PIL's 8-bit path (22-bit fixed-point coefficients, two
-  passes each rounded to uint8, their order chosen by the Pillow version)
-  written in TF ops was exact too but 4x slower: a 270 px crop to 112 px
-  costs 1.8 ms of CPU this way, 6-7 ms that way, 1.6 ms with TF's
-  lanczos3.
+  The official pipelines' resize: torchvision's RandomResizedCrop on a PIL
+  image is PIL's resize of the crop (bicubic for the model's view, Lanczos
+  for BEiT/CAE's tokenizer view). Pixel for pixel, which TF's antialiased
+  kernels are not: its bicubic is off by 0.15 grey levels per pixel on
+  average (after rounding), its lanczos3 by 0.19, which changed 2.7% of a
+  small DALL-E encoder's ids. PIL's 8-bit path (22-bit fixed-point
+  coefficients, two passes each rounded to uint8, their order chosen by
+  the Pillow version) is also the faster bicubic: a 280 px crop to 224 px
+  costs 1.1 ms of CPU in PIL plus 0.2 ms of call overhead, against 2.0 ms
+  for TF's antialiased bicubic, rounded (docs/speed.md). Written in TF ops
+  (sparse int32 matmuls) it was exact too, but took 3.6-4 ms; for Lanczos a
+  270 px crop to 112 px costs 1.8 ms this way, 6-7 ms in TF ops and 1.6 ms
+  with TF's lanczos3. The flip, done on the PIL image, costs nearly
+  nothing.
 
   Args:
     image: uint8 (h, w, c), c 1 or 3.
     size: output side.
     method: 'lanczos' or 'bicubic' (PIL's, a = -0.5).
+    flip: optional bool scalar tensor: mirror the output left-right.
 
   Returns:
     uint8 (size, size, c).
   """
   resample = _PIL_FILTERS[method]
 
-  def run(pixels):
+  def run(pixels, mirror):
     grey = pixels.shape[-1] == 1
     out = Image.fromarray(pixels[..., 0] if grey else pixels).resize(
         (size, size), resample)
+    if mirror:
+      out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     out = np.asarray(out)
     return out[..., None] if grey else out
 
-  out = tf.numpy_function(run, [image], tf.uint8, stateful=False)
+  if flip is None:
+    flip = tf.constant(False)
+  out = tf.numpy_function(run, [image, flip], tf.uint8, stateful=False)
   return tf.ensure_shape(out, [size, size, image.shape[-1]])
+
+
+def resize_bicubic_uint8(image: tf.Tensor, size: int,
+                         flip: tf.Tensor | None = None) -> tf.Tensor:
+  """RandomResizedCrop's resize (and flip) of the crop: PIL's BICUBIC, uint8,
+  as torchvision's transform on a PIL image (see `resize_pil_uint8`)."""
+  return resize_pil_uint8(image, size, 'bicubic', flip)
 
 
 def resize_lanczos_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -215,17 +262,24 @@ def resize_lanczos_uint8(image: tf.Tensor, size: int) -> tf.Tensor:
   return resize_pil_uint8(image, size, 'lanczos')
 
 
+def flip_decision(seed: tf.Tensor) -> tf.Tensor:
+  """Whether an image flips left-right: true with probability 0.5 (a bool
+  scalar tensor), one draw per seed."""
+  return tf.random.stateless_uniform([], seed=seed) < 0.5
+
+
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Flips (H, W, C) left-right with probability 0.5."""
-  flip = tf.random.stateless_uniform([], seed=seed) < 0.5
+  """Flips (H, W, C) left-right where `flip_decision(seed)`."""
   # tf.cond reverses only when it flips (tf.where computed both: 16% of the
   # per-image CPU of the 224 px JPEG pipeline).
-  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+  return tf.cond(flip_decision(seed), lambda: tf.reverse(image, axis=[1]),
+                 lambda: image)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float],
               std: Sequence[float]) -> tf.Tensor:
-  """Maps [0, 255] pixels to (x / 255 - mean) / std (mean/std in [0, 1])."""
+  """Maps [0, 255] pixels (uint8 or float) to float32 (x / 255 - mean) / std
+  (mean/std in [0, 1])."""
   mean = tf.constant(mean, tf.float32)
   std = tf.constant(std, tf.float32)
-  return (image / 255.0 - mean) / std
+  return (tf.cast(image, tf.float32) / 255.0 - mean) / std
