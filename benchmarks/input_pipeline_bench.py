@@ -481,7 +481,7 @@ def print_table(out: dict):
   print('|---|---|---|---|---|')
   for dct, res in out['results'].items():
     previous = None
-    for name, r in res['breakdown_1_thread'].items():
+    for name, r in res.get('breakdown_1_thread', {}).items():
       ms = 1000 / r['images_per_cpu_sec']
       added = ''
       if name in STAGES:
