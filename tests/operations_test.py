@@ -24,6 +24,7 @@ from mim_jax import checkpoint
 from mim_jax import errors
 from mim_jax import experiment
 from mim_jax import input_pipeline
+from mim_jax import method
 from mim_jax import nonfinite
 from mim_jax import sharding
 from mim_jax import signals
@@ -62,13 +63,23 @@ def _all_finite(tree) -> bool:
 
 
 def _poison(monkeypatch, batches: set[int]):
-  """Training pipelines whose batches `batches` (0-based) carry NaN
-  images."""
+  """Training pipelines of normalised float32 images (as a custom pipeline
+  may ship them; uint8 pixels cannot be NaN) whose batches `batches`
+  (0-based) carry NaN images."""
+  real = method.image_batch
+
+  def float_images(*args, **kw):
+    shapes = real(*args, **kw)
+    return dict(shapes, image=jax.ShapeDtypeStruct(shapes['image'].shape,
+                                                   np.float32))
+
+  monkeypatch.setattr(method, 'image_batch', float_images)
 
   def poison(i, batch):
-    if i in batches:
-      return dict(batch, image=np.full_like(batch['image'], np.nan))
-    return batch
+    image = ((batch['image'] / np.float32(255) - 0.45) / 0.25).astype(
+        np.float32)
+    return dict(batch, image=np.full_like(image, np.nan) if i in batches
+                else image)
 
   wrap_train_pipeline(monkeypatch, poison)
 
