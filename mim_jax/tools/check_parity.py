@@ -1,10 +1,12 @@
 r"""Checks mim_jax against a folder of official PyTorch numbers.
 
-  python -m mim_jax.tools.check_parity FIXTURE_DIR [FIXTURE_DIR ...]
+  python -m mim_jax.tools.check_parity FIXTURE_DIR [FIXTURE_DIR ...] [--scan]
 
 Prints one JSON object per folder (forward outputs, every gradient, the
 replayed training curve and final parameters, with the worst errors) and
 exits 1 when any check is over the tolerances of the fixtures README.
+`--scan` runs the model with its blocks in `nn.scan` (the same official
+keys, converted to and from the stacked layout).
 """
 
 import json
@@ -18,6 +20,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 flags.DEFINE_bool('verbose', False, 'Include per-step losses in the report.')
+flags.DEFINE_bool('scan', False, 'Build the model with scan=True.')
 FLAGS = flags.FLAGS
 
 
@@ -32,7 +35,7 @@ def main(argv):
     if not os.path.exists(os.path.join(d, 'config.json')):
       raise app.UsageError(f'{d} is not a fixture folder (no config.json).')
     try:
-      report = core.run(d)
+      report = core.run(d, scan=FLAGS.scan)
     except errors.UserError as e:  # bad input: one line; a bug: traceback
       sys.exit(f'error: {e}')
     if not FLAGS.verbose and 'curve' in report:
