@@ -532,7 +532,7 @@ def _segmented_scan(stack: nn.Module, scanned: Callable, x, xs,
   `block_stack`)."""
   if stack.is_initializing():
     stack(x, xs, *broadcast)   # creates the stacked params, whole
-  params = nn.meta.unbox(stack.variables['params'])
+  params = nn.meta.unbox(stack.variables.get('params', {}))
   segments = list(zip(cuts, cuts[1:]))
   keys = [None] * len(segments)
   if not deterministic:
