@@ -133,9 +133,11 @@ def load_converted(path: str, scan: bool = False):
   return fx, method, config, model, batch, params
 
 
-def run(path: str, scan: bool = False) -> dict[str, Any]:
+def run(path: str, scan: bool = False, curve: bool = True
+        ) -> dict[str, Any]:
   """Runs every check on one fixture folder (with the model's blocks in
-  `nn.scan` when `scan`); returns the JSON report."""
+  `nn.scan` when `scan`; without the training-curve replay when not
+  `curve`); returns the JSON report."""
   fx, method, config, model, batch, params = load_converted(path, scan)
   adapter = method.parity
   jax.config.update('jax_default_matmul_precision', 'highest')
@@ -185,7 +187,7 @@ def run(path: str, scan: bool = False) -> dict[str, Any]:
   report['grads'] = gcmp
 
   # 3. The training curve, replayed through our optax chain + train step.
-  if 'curve' in fx:
+  if curve and 'curve' in fx:
     report['curve'] = replay_curve(fx, config, model, loss_fn, method,
                                    params, zero, ema)
   failures = (report['forward']['failures'] + report['grads']['failures'] +
