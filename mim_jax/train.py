@@ -61,6 +61,7 @@ def validate_config(config, num_devices: int, data_parallel: int):
   input_pipeline.validate_config(config.input,
                                  patch_size=vit.patch_size_of(config.model))
   sharding.rules_from_config(config)
+  vit.validate_drop_path(config.model)
   optim.validate_config(config)
   method_lib.compute_dtype(config.model.get('dtype', 'float32'))
   method = experiment.method_of(config)

@@ -624,7 +624,6 @@ def test_bad_options_raise_before_compiling():
   _, batch = _images()
   for kw, msg in [(dict(feature_block=2), r'depth 2.*0\.\.1'),
                   (dict(feature_block=-1), r'depth 2.*0\.\.1'),
-                  (dict(feature_block=0, scan=True), 'scan=False'),
                   (dict(pool='max'), 'pool'),
                   (dict(head='mlp'), 'head'),
                   (dict(encoder=dict(final_norm=True)), 'final_norm')]:

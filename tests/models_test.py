@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
+from mim_jax import errors
 from mim_jax import masking
 from mim_jax.data import masks
 from mim_jax.methods.mae import model as mae
@@ -468,3 +469,76 @@ def test_block_attention_computes_in_the_block_dtype():
   variables = block.init(jax.random.key(0), x)
   _, state = block.apply(variables, x, capture_intermediates=True)
   assert state['intermediates']['attn']['__call__'][0].dtype == jnp.bfloat16
+
+
+class _ShiftDrop(nn.Module):
+  """Test block: shifts its (N, depth) carry left and appends what its
+  drop path makes of a 1 (0, or 1 / keep), so after `depth` blocks column
+  i holds block i's draws."""
+  drop_path: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, rate=None):
+    kept = layers.DropPath(self.drop_path)(jnp.ones_like(x[:, :1]),
+                                          self.deterministic, rate)
+    return jnp.concatenate([x[:, 1:], kept], axis=1), None
+
+
+class _Stack(nn.Module):
+  scan: bool
+  taps: tuple = ()
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.block_stack(
+        x, depth=4, block_kwargs={}, scan=self.scan, deterministic=False,
+        drop_path_rates=vit.drop_path_rates(0.6, 4), block=_ShiftDrop,
+        taps=self.taps)
+
+
+@pytest.mark.parametrize('scan,taps', [(False, ()), (True, ()),
+                                       (True, (1,))])
+def test_drop_path_rates_are_upstreams_linspace_per_layer(scan, taps):
+  """Block i drops with linspace(0, 0.6, 4)[i], per sample: block 0 never
+  (x / 1 exactly), a kept sample is scaled by 1 / (1 - rate_i); also in a
+  scan cut into segments by a tap."""
+  rates = np.linspace(0, 0.6, 4)
+  assert vit.drop_path_rates(0.6, 4) == tuple(rates)
+  assert layers.scan_rates(vit.drop_path_rates(0.6, 4))[0] == 0.0
+  np.testing.assert_array_equal(
+      layers.scan_rates(vit.drop_path_rates(0.6, 4))[1],
+      rates.astype(np.float32))
+  out = _Stack(scan, taps).apply({}, jnp.zeros((256, 4)),
+                                 rngs={'dropout': jax.random.PRNGKey(0)})
+  x = np.asarray(out[0] if taps else out)
+  np.testing.assert_array_equal(x[:, 0], 1.0)
+  for i in range(1, 4):
+    kept = x[:, i] != 0
+    np.testing.assert_allclose(x[kept, i], 1 / (1 - rates[i]), rtol=1e-6)
+    assert abs(1 - kept.mean() - rates[i]) < 0.1, (i, kept.mean())
+  assert len({tuple(x[:, i] != 0) for i in (1, 2, 3)}) == 3  # own draws
+
+
+def test_per_block_rates_and_taps_with_scan_match_the_loop():
+  """A per-block drop_path_rate list, taps and an insertion split: the
+  scanned encoder (one stacked tree) computes what the loop does;
+  a list of the wrong length is refused before building, naming the
+  depth."""
+  fields = dict(TINY_ENC, depth=4, drop_path_rate=(0.0, 0.2, 0.1, 0.3),
+                taps=(2, 0))
+  images = _inputs()['image']
+  insert = (1, jnp.array([[3, 5], [1, 2]]), jnp.ones((1, 1, 32)))
+  ids_keep = jnp.tile(jnp.arange(8)[None], (2, 1))
+  loop = vit.Encoder(**fields)
+  params = _random_params(loop, images, ids_keep)
+  scan = vit.Encoder(**fields, scan=True)
+  run = lambda m, p: jax.jit(lambda p: m.apply(
+      {'params': p}, images, ids_keep, insert=insert))(p)
+  want = run(loop, params)
+  got = run(scan, vit.loop_to_scan(params))
+  assert [t.shape[1] for t in got[1]['taps']] == [11, 9]
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert _max_abs(a, b) <= 1e-5
+  with pytest.raises(errors.ConfigError, match='give 4 rates'):
+    vit.validate_drop_path(dict(encoder=dict(fields, drop_path_rate=(.1,))))

@@ -66,3 +66,14 @@ def test_cli_fails_on_wrong_recipe(tmp_path):
   out = json.loads(res.stdout)
   assert not out['pass']
   assert any('weight-decay groups differ' in f for f in out['failures'])
+
+
+@pytest.mark.parametrize('name', ['cae', 'bootmae'])
+def test_fixtures_pass_with_scan(name):
+  """The stacked layout (scan=True: every block group stacked, BootMAE's
+  taps as scan segments) gives the official outputs and every gradient
+  under the official keys (check_parity --scan also replays the curve;
+  MAE's scan is checked against its loop in models_test)."""
+  report = core.run(os.path.join(FIXTURES, name), scan=True, curve=False)
+  assert report['scan'] and report['pass'], report['failures']
+  assert report['grads']['compared'] == {'cae': 144, 'bootmae': 163}[name]

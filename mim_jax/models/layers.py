@@ -6,7 +6,7 @@ the two is a mechanical rename plus transposes (see `mim_jax/convert`).
 """
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -148,18 +148,25 @@ def constrain_tokens(x: jax.Array) -> jax.Array:
 
 
 class DropPath(nn.Module):
-  """Stochastic depth per sample (timm `drop_path`)."""
+  """Stochastic depth per sample (timm `drop_path`).
+
+  `rate` may be overridden per call by a traced scalar (a scanned stack's
+  per-layer rate); a rate of 0 keeps every sample, x / 1 = x exactly.
+  """
   rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    if self.rate == 0.0 or deterministic:
+  def __call__(self, x, deterministic: bool, rate=None):
+    rate = self.rate if rate is None else rate
+    static = isinstance(rate, (int, float))
+    if deterministic or (static and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     rng = self.make_rng('dropout')
     mask = jax.random.bernoulli(rng, keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    scale = keep if static else jnp.asarray(keep, x.dtype)
+    return jnp.where(mask, x / scale, jnp.zeros_like(x))
 
 
 def qv_biases(module: nn.Module, width: int):
@@ -374,7 +381,9 @@ class Block(nn.Module):
   rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
-  def __call__(self, x, _=None):
+  def __call__(self, x, rate=None):
+    """(x, None): the block's output; `rate` overrides `drop_path` (a
+    scanned stack's per-layer rate, see `block_stack`)."""
     x = constrain_tokens(x)
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm1')(x)
     # By keyword: positionally, dtype would land on `floor_head_dim`.
@@ -383,12 +392,14 @@ class Block(nn.Module):
                   rel_pos_grid=self.rel_pos_grid,
                   name='attn')(y, self.deterministic)
     x = x + DropPath(self.drop_path)(
-        layer_scale(self, 'gamma_1', y, self.layer_scale), self.deterministic)
+        layer_scale(self, 'gamma_1', y, self.layer_scale), self.deterministic,
+        rate)
     x = checkpoint_name(x, 'resid_mid')
     y = layer_norm(self.layernorm_eps, self.dtype, 'norm2')(x)
     y = Mlp(self.mlp_dim, self.dtype, name='mlp')(y)
     x = x + DropPath(self.drop_path)(
-        layer_scale(self, 'gamma_2', y, self.layer_scale), self.deterministic)
+        layer_scale(self, 'gamma_2', y, self.layer_scale), self.deterministic,
+        rate)
     x = constrain_tokens(x)
     # The second output is the per-block activation, collected by scan.
     return x, None
@@ -396,9 +407,10 @@ class Block(nn.Module):
 
 def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
                 remat_policy: str = 'none', deterministic: bool = True,
-                drop_path_rates: Optional[tuple] = None,
+                drop_path_rates: Optional[Sequence[float]] = None,
                 name: str = 'blocks', taps: tuple[int, ...] = (),
-                split: Optional[tuple[int, Callable]] = None):
+                split: Optional[tuple[int, Callable]] = None,
+                block: Callable = Block, broadcast: tuple = ()):
   """Applies `depth` blocks, as a python loop or as one `nn.scan`.
 
   Call it inside the `nn.compact` method of the owning module, so the blocks
@@ -408,78 +420,132 @@ def block_stack(x, *, depth: int, block_kwargs: dict, scan: bool = False,
   `remat_policy` wraps each block in `nn.remat` with a jax checkpoint policy.
   `mim_jax.models.vit` converts params between the two layouts.
 
-  With `taps` (block indices, loop only) it returns (x, [outputs of those
-  blocks]) instead of x. `block_kwargs` are `Block` fields (e.g.
-  rel_pos_bias and rel_pos_grid for BEiT's per-block relative position
-  bias, whose table scan stacks like any other param).
+  `block` is the block module (default `Block`; it takes the fields
+  `block_kwargs`, `drop_path` and `deterministic`, and is called as
+  `block(x, rate, *broadcast)` -> (x, None)); `broadcast` are arrays that
+  every block sees unchanged (e.g. a cross-attention's features).
+  `drop_path_rates` gives one stochastic-depth rate per block (default 0).
+  With `scan=True` and rates that differ, they are the scan's per-layer
+  input (`scan_rates`), so every layer drops with its own rate.
+
+  With `taps` (block indices) it returns (x, [outputs of those blocks, in
+  increasing block order]) instead of x.
 
   `split=(k, fn)` runs blocks 0..k-1, then `x = fn(x)` (which may change
-  the sequence length, e.g. append tokens), then blocks k..depth-1. With
-  `scan=True` the params stay one stacked `{name}` tree (same layout,
-  converters and layer decay as without a split); the stack runs as two
-  scans over its layer slices [0, k) and [k, depth), each compiling one
-  block.
+  the sequence length, e.g. append tokens), then blocks k..depth-1.
+
+  With `scan=True`, taps and a split cut the stack into segments (a tap at
+  block i ends a segment at i + 1; the split starts one at k); the params
+  stay one stacked `{name}` tree (same layout, converters and layer decay)
+  and each segment runs as a scan over its layer slice, compiling one block
+  each. Each segment draws its dropout / drop-path keys from its own split
+  of the stack's 'dropout' key, so under dropout a segmented stack draws
+  other masks than an unsegmented one (equal in distribution).
+
+  Raises:
+    ValueError: taps or a split outside the blocks, or as many rates as
+      blocks not given.
   """
+  rates = _check_stack(depth, taps, split, drop_path_rates)
   policy = get_remat_policy(remat_policy)
-  block_cls: Callable = Block
+  block_cls = block
   if remat_policy != 'none':
-    block_cls = nn.remat(Block, policy=policy, prevent_cse=not scan)
-  if scan and taps:
-    raise ValueError(f'block outputs {taps} can only be tapped with '
-                     'scan=False.')
+    block_cls = nn.remat(block, policy=policy, prevent_cse=not scan)
+  taps = tuple(sorted(set(taps)))
+  if not scan:
+    return _loop_stack(x, block_cls, block_kwargs, rates, deterministic,
+                       name, taps, split, broadcast)
+  static_rate, xs = scan_rates(rates)
+
+  def scanned(length: int, **kw):
+    return nn.scan(
+        block_cls,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(0,) + (nn.broadcast,) * len(broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+    )(**block_kwargs, drop_path=static_rate, deterministic=deterministic,
+      **kw)
+
+  stack = scanned(depth, name=name)
+  cuts = sorted({0, depth} | {t + 1 for t in taps} |
+                ({split[0]} if split is not None else set()))
+  if split is None and len(cuts) == 2:
+    x, _ = stack(x, xs, *broadcast)
+    return (x, [x]) if taps else x   # taps == (depth - 1,) here
+  return _segmented_scan(stack, scanned, x, xs, broadcast, cuts, taps, split,
+                         deterministic)
+
+
+def _check_stack(depth: int, taps, split, drop_path_rates) -> tuple:
+  """The per-block rates of `block_stack` (zeros when None), checked."""
+  bad = [t for t in taps if not 0 <= t < depth]
+  if bad:
+    raise ValueError(f'taps {bad} are outside the {depth} blocks: use '
+                     f'0..{depth - 1}.')
   if split is not None and not 0 <= split[0] < depth:
     raise ValueError(f'split at block {split[0]} is outside the {depth} '
                      f'blocks: use 0..{depth - 1}.')
-  if scan:
-    if drop_path_rates and len(set(drop_path_rates)) > 1:
-      raise ValueError('scan=True needs one drop_path rate for all layers; '
-                       'use scan=False for a linearly increasing rate.')
-    rate = drop_path_rates[0] if drop_path_rates else 0.0
+  if drop_path_rates is None:
+    return (0.0,) * depth
+  rates = tuple(float(r) for r in drop_path_rates)
+  if len(rates) != depth:
+    raise ValueError(f'{len(rates)} drop-path rates for {depth} blocks: '
+                     'give one rate per block.')
+  return rates
 
-    def scanned(length: int, **kw):
-      return nn.scan(
-          block_cls,
-          variable_axes={'params': 0},
-          split_rngs={'params': True, 'dropout': True},
-          length=length,
-          metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(**block_kwargs, drop_path=rate, deterministic=deterministic, **kw)
 
-    stack = scanned(depth, name=name)
-    if split is None:
-      x, _ = stack(x, None)
-      return x
-    return _split_scan(stack, scanned, x, depth, split, deterministic)
+def scan_rates(rates: Sequence[float]):
+  """(static_rate, xs) of a scanned stack: one python rate for all layers
+  when they agree (xs None: nothing is drawn at rate 0), else rate 0 and
+  the (depth,) float32 array of per-layer rates that the scan feeds to
+  layer i as its input."""
+  rates = tuple(float(r) for r in rates)
+  if len(set(rates)) <= 1:
+    return (rates[0] if rates else 0.0), None
+  return 0.0, jnp.asarray(rates, jnp.float32)
+
+
+def _loop_stack(x, block_cls, block_kwargs: dict, rates: tuple,
+                deterministic: bool, name: str, taps: tuple, split,
+                broadcast: tuple):
+  """The python-loop `block_stack`: blocks `{name}_{i}`."""
   tapped = []
-  for i in range(depth):
+  for i, rate in enumerate(rates):
     if split is not None and i == split[0]:
       x = split[1](x)
-    rate = drop_path_rates[i] if drop_path_rates else 0.0
     x, _ = block_cls(**block_kwargs, drop_path=rate,
-                     deterministic=deterministic, name=f'{name}_{i}')(x, None)
+                     deterministic=deterministic, name=f'{name}_{i}')(
+                         x, None, *broadcast)
     if i in taps:
       tapped.append(x)
   return (x, tapped) if taps else x
 
 
-def _split_scan(stack: nn.Module, scanned: Callable, x, depth: int,
-                split: tuple[int, Callable], deterministic: bool):
-  """Runs the bound stacked module `stack` as two scans over its layer
-  slices, with `split[1]` in between (see `block_stack`)."""
-  k, between = split
+def _segmented_scan(stack: nn.Module, scanned: Callable, x, xs,
+                    broadcast: tuple, cuts: list, taps: tuple, split,
+                    deterministic: bool):
+  """Runs the bound stacked module `stack` as one scan per layer slice
+  [cuts[j], cuts[j + 1]), with `split[1]` before the slice that starts at
+  `split[0]` and the taps collected after the slices they end (see
+  `block_stack`)."""
   if stack.is_initializing():
-    stack(x, None)           # creates the stacked params, whole
-  params = nn.meta.unbox(stack.variables['params'])
-  rng = None if deterministic else stack.make_rng('dropout')
-
-  def run(x, lo: int, hi: int, key):
-    if hi == lo:
-      return x
-    part = jax.tree.map(lambda a: a[lo:hi], params)
+    stack(x, xs, *broadcast)   # creates the stacked params, whole
+  params = nn.meta.unbox(stack.variables.get('params', {}))
+  segments = list(zip(cuts, cuts[1:]))
+  keys = [None] * len(segments)
+  if not deterministic:
+    keys = list(jax.random.split(stack.make_rng('dropout'), len(segments)))
+  tapped = []
+  for (lo, hi), key in zip(segments, keys):
+    if split is not None and lo == split[0]:
+      x = split[1](x)
+    part = jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], params)
     rngs = {} if key is None else {'dropout': key}
-    y, _ = scanned(hi - lo).apply({'params': part}, x, None, rngs=rngs)
-    return y
-
-  keys = (None, None) if rng is None else tuple(jax.random.split(rng))
-  x = run(x, 0, k, keys[0])
-  return run(between(x), k, depth, keys[1])
+    x, _ = scanned(hi - lo).apply(
+        {'params': part}, x, None if xs is None else xs[lo:hi], *broadcast,
+        rngs=rngs)
+    if hi - 1 in taps:
+      tapped.append(x)
+  return (x, tapped) if taps else x

@@ -53,7 +53,38 @@ def encoder_fields(variant: Optional[str],
   the explicit `encoder` fields."""
   fields = decode_variant(variant)
   fields.update(encoder or {})
+  rate = fields.get('drop_path_rate')
+  if rate is not None and np.ndim(rate):  # a per-block list: hashable
+    fields['drop_path_rate'] = tuple(float(r) for r in rate)
   return fields
+
+
+def drop_path_rates(rate, depth: int) -> tuple[float, ...]:
+  """The per-block stochastic-depth rates of an encoder field
+  `drop_path_rate`: upstream's `linspace(0, rate, depth)` for a number, or
+  the sequence as given (one rate per block).
+
+  Raises:
+    errors.ConfigError: a sequence whose length is not `depth`.
+  """
+  if np.ndim(rate) == 0:
+    return tuple(float(r) for r in np.linspace(0, float(rate), depth))
+  rates = tuple(float(r) for r in rate)
+  if len(rates) != depth:
+    raise errors.ConfigError(
+        f'drop_path_rate lists {len(rates)} rates for an encoder of {depth} '
+        f'blocks: give {depth} rates (one per block), or one number for '
+        'the linear rise linspace(0, rate, depth).')
+  return rates
+
+
+def validate_drop_path(model_config) -> None:
+  """Checks `config.model.encoder.drop_path_rate` against the encoder's
+  depth (see `drop_path_rates`), before anything is built."""
+  fields = encoder_fields(model_config.get('variant'),
+                          model_config.get('encoder'))
+  if 'depth' in fields and fields.get('drop_path_rate') is not None:
+    drop_path_rates(fields['drop_path_rate'], int(fields['depth']))
 
 
 def patch_size_of(model_config) -> int:
@@ -125,7 +156,7 @@ class Encoder(nn.Module):
   layer_scale: Optional[float] = None
   posemb_row_first: bool = False  # BEiT-family sin-cos layout
   layernorm_eps: float = 1e-6
-  drop_path_rate: float = 0.0
+  drop_path_rate: Any = 0.0       # a number, or one rate per block
   taps: tuple[int, ...] = ()      # blocks whose outputs go to out['taps']
   posemb: str = 'sincos'          # or 'learned'
   final_norm: bool = True
@@ -252,9 +283,9 @@ class Encoder(nn.Module):
 
   def _blocks(self, x, grid, tapped_blocks, insert, pos, train: bool):
     """The transformer blocks (drop path rising linearly to
-    drop_path_rate), with the taps and the insertion split."""
-    dpr = tuple(float(r) for r in
-                np.linspace(0, self.drop_path_rate, self.depth))
+    drop_path_rate, or its per-block rates), with the taps and the
+    insertion split."""
+    dpr = drop_path_rates(self.drop_path_rate, self.depth)
     block_kwargs = dict(num_heads=self.num_heads,
                         mlp_dim=self.mlp_dim or 4 * self.width,
                         qkv_bias=self.qkv_bias,

@@ -109,9 +109,11 @@ def compare_tensor_dict(ours: dict, ref: dict, tol: float, zero_slices=None,
               missing=missing, compared=len(ref) - len(missing))
 
 
-def load_converted(path: str):
+def load_converted(path: str, scan: bool = False):
   """A fixture folder through its method's adapter: (fixture, method,
-  experiment config, model, batch (numpy), converted initial params)."""
+  experiment config, model, batch (numpy), converted initial params).
+  `scan=True` builds the model with its blocks in `nn.scan` (stacked params,
+  converted to and from the same official keys)."""
   fx = load_fixture(path)
   method = methods.get(fx['config']['method'])
   if method.parity is None:
@@ -120,6 +122,8 @@ def load_converted(path: str):
         'parity adapter (Method.parity).')
   adapter = method.parity
   config = adapter.experiment_config(fx['config'])
+  if scan:
+    config.model.scan = True
   model = method.build_model(config)
   batch = adapter.batch_from_inputs(fx['inputs'], fx['config'])
   shapes = jax.eval_shape(lambda: state_lib.init_params(
@@ -130,16 +134,20 @@ def load_converted(path: str):
   return fx, method, config, model, batch, params
 
 
-def run(path: str) -> dict[str, Any]:
-  """Runs every check on one fixture folder; returns the JSON report."""
-  fx, method, config, model, batch, params = load_converted(path)
+def run(path: str, scan: bool = False, curve: bool = True
+        ) -> dict[str, Any]:
+  """Runs every check on one fixture folder (with the model's blocks in
+  `nn.scan` when `scan`; without the training-curve replay when not
+  `curve`); returns the JSON report."""
+  fx, method, config, model, batch, params = load_converted(path, scan)
   adapter = method.parity
   jax.config.update('jax_default_matmul_precision', 'highest')
   loss_fn = experiment.build_loss(config)
   conv = method.converter
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   report: dict[str, Any] = {'fixture': os.path.abspath(path),
-                            'method': method.name, 'tolerances': TOL}
+                            'method': method.name, 'scan': scan,
+                            'tolerances': TOL}
   zero = adapter.zero_gradient_slices(fx['state_dict'], fx['config'])
 
   # 1. Forward outputs (methods with a momentum target get the fixture's
@@ -180,7 +188,7 @@ def run(path: str) -> dict[str, Any]:
   report['grads'] = gcmp
 
   # 3. The training curve, replayed through our optax chain + train step.
-  if 'curve' in fx:
+  if curve and 'curve' in fx:
     report['curve'] = replay_curve(fx, config, model, loss_fn, method,
                                    params, zero, ema)
   failures = (report['forward']['failures'] + report['grads']['failures'] +
@@ -206,7 +214,9 @@ def replay_curve(fx, config, model, loss_fn, method, params, zero,
   # The official decay grouping, compared name by name.
   wd = optim.decay_mask(params, tuple(cfg.optim.get(
       'wd_exclude', optim.NO_DECAY)))
-  ours_decay = {k for k, v in conv.to_torch_keys(wd).items() if bool(v)}
+  # One flag per element, so a scanned stack's mask splits per layer.
+  wd = jax.tree.map(lambda m, p: np.full(np.shape(p), bool(m)), wd, params)
+  ours_decay = {k for k, v in conv.to_torch_keys(wd).items() if v.all()}
   ref_decay = set(adapter.reference_decay(fx))
   if ours_decay != ref_decay:
     failures.append(

@@ -1,11 +1,14 @@
 r"""Checks mim_jax against a folder of official PyTorch numbers.
 
-  python -m mim_jax.tools.check_parity FIXTURE_DIR [FIXTURE_DIR ...]
+  python -m mim_jax.tools.check_parity FIXTURE_DIR [FIXTURE_DIR ...] [--scan]
   python -m mim_jax.tools.check_parity --dtype=bfloat16 FIXTURE_DIR ...
 
 Prints one JSON object per folder (forward outputs, every gradient, the
 replayed training curve and final parameters, with the worst errors) and
 exits 1 when any check is over the tolerances of the fixtures README.
+
+`--scan` runs the model with its blocks in `nn.scan` (the same official
+keys, converted to and from the stacked layout).
 
 With --dtype, it instead replays each fixture's training curve with the
 model computing in that dtype (float32 params, optimizer and losses) and
@@ -28,6 +31,7 @@ flags.DEFINE_bool('verbose', False, 'Include per-step losses in the report.')
 flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16', 'float16'],
                   'Replay the curves in this compute dtype and report the '
                   'deviation (instead of the parity checks).')
+flags.DEFINE_bool('scan', False, 'Build the model with scan=True.')
 FLAGS = flags.FLAGS
 
 
@@ -51,7 +55,7 @@ def main(argv):
       raise app.UsageError(f'{d} is not a fixture folder (no config.json).')
     try:
       report = core.dtype_curve(d, FLAGS.dtype) if FLAGS.dtype else (
-          core.run(d))
+          core.run(d, scan=FLAGS.scan))
     except errors.UserError as e:  # bad input: one line; a bug: traceback
       sys.exit(f'error: {e}')
     if not FLAGS.verbose:

@@ -47,7 +47,10 @@ def get_config(variant: str = 'B/16'):
   c.model = dict(
       variant=variant, encoder=dict(), decoder_width=512, decoder_depth=2,
       # The first and the last block: [0, 11] (B), [0, 23] (L).
-      feature_depth=2, taps=(0, -1), dtype='bfloat16')
+      feature_depth=2, taps=(0, -1),
+      # Scanned blocks (the taps cut the encoder's scan in two), remat
+      # keeping the named linears (docs/speed.md).
+      scan=True, remat_policy='linears', dtype='bfloat16')
   c.loss = dict(feature_weight=1.0, feature_ramp_fraction=0.25,
                 weighted_mask=True)
   c.input.mean = (0.5, 0.5, 0.5)
@@ -62,7 +65,8 @@ def get_config(variant: str = 'B/16'):
                boundary_steps=placeholder(tuple))
   if 'tiny_model' in v:
     c = config_lib.tiny_overrides(c)
-    c.model = dict(v['tiny_model'], dtype='float32')
+    c.model = dict(v['tiny_model'], scan=False, remat_policy='none',
+                   dtype='float32')
     c.input.mask.update(v['tiny_mask'])
     c.ema = dict(v['tiny_ema'], boundary_epochs=placeholder(tuple))
   return c

@@ -25,6 +25,9 @@ RULES = [
     ('lm_head.proj.', 'pixel_head/'),
 ]
 EMA = 'model_ema.'
+# Groups of blocks that `scan=True` stacks: the encoder's and both
+# decoders'.
+STACKED = ('blocks', 'pixel_blocks', 'feature_blocks')
 # The momentum-encoder keys upstream reads (and the fixtures store).
 EMA_PREFIXES = ('patch_embed.', 'cls_token', 'pos_embed', 'blocks.')
 _HEAD = 'lm_head.proj.weight'
@@ -62,7 +65,7 @@ def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
   online = {k: v for k, v in state_dict.items() if not k.startswith(EMA)}
   return core.torch_to_flax(_head_in(online), params, RULES,
                             frozen=frozen_buffers(model, image_size),
-                            strict=strict)
+                            strict=strict, stacked=STACKED)
 
 
 def ema_to_flax(state_dict, model, params, image_size: int) -> Optional[dict]:
@@ -75,7 +78,7 @@ def ema_to_flax(state_dict, model, params, image_size: int) -> Optional[dict]:
     return None
   frozen = {'pos_embed': frozen_buffers(model, image_size)['pos_embed']}
   return core.torch_to_flax(ema, {'encoder': params['encoder']}, RULES,
-                            frozen=frozen, strict=False)
+                            frozen=frozen, strict=False, stacked=STACKED)
 
 
 def to_torch(params, model, image_size: int) -> dict[str, np.ndarray]:
@@ -88,12 +91,12 @@ def to_torch(params, model, image_size: int) -> dict[str, np.ndarray]:
 
 def to_torch_keys(tree) -> dict[str, np.ndarray]:
   """Any params-shaped tree (e.g. gradients) -> official keys."""
-  return _head_out(core.flax_to_torch(tree, RULES))
+  return _head_out(core.flax_to_torch(tree, RULES, stacked=STACKED))
 
 
 def ema_to_torch_keys(ema, model=None, image_size: Optional[int] = None):
   """{'encoder': ...} -> `model_ema.*` keys that upstream reads."""
   frozen = {} if model is None else {
       'pos_embed': frozen_buffers(model, image_size)['pos_embed']}
-  sd = core.flax_to_torch(ema, RULES, frozen=frozen)
+  sd = core.flax_to_torch(ema, RULES, frozen=frozen, stacked=STACKED)
   return {EMA + k: v for k, v in sd.items() if k.startswith(EMA_PREFIXES)}

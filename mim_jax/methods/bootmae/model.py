@@ -53,21 +53,28 @@ class CrossAttention(nn.Module):
 
 class DecodeBlock(nn.Module):
   """x += SelfAttn(LN1 x); x += CrossAttn(LN3 x, LN4 feature);
-  x += MLP(LN2 x)."""
+  x += MLP(LN2 x). Called as a `layers.block_stack` block: (x, rate,
+  feature) -> (x, None); BootMAE's decoders have no drop path (`drop_path`
+  and `rate` stay 0, the identity)."""
   num_heads: int
   mlp_dim: int
   layernorm_eps: float = 1e-6
+  drop_path: float = 0.0
+  deterministic: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, feature):
+  def __call__(self, x, rate, feature):
     ln = lambda name: layers.layer_norm(self.layernorm_eps, self.dtype, name)
-    x = x + layers.Attention(self.num_heads, 'qv', floor_head_dim=True,
-                             dtype=self.dtype, name='attn')(ln('norm1')(x))
-    x = x + CrossAttention(self.num_heads, self.dtype, name='c_attn')(
-        ln('norm3')(x), ln('norm4')(feature))
-    return x + layers.Mlp(self.mlp_dim, self.dtype, name='mlp')(
-        ln('norm2')(x))
+    drop = lambda y: layers.DropPath(self.drop_path)(y, self.deterministic,
+                                                     rate)
+    x = x + drop(layers.Attention(self.num_heads, 'qv', floor_head_dim=True,
+                                  dtype=self.dtype, name='attn')(
+                                      ln('norm1')(x)))
+    x = x + drop(CrossAttention(self.num_heads, self.dtype, name='c_attn')(
+        ln('norm3')(x), ln('norm4')(feature)))
+    return x + drop(layers.Mlp(self.mlp_dim, self.dtype, name='mlp')(
+        ln('norm2')(x))), None
 
 
 class PatchHead(nn.Module):
@@ -96,7 +103,9 @@ class PatchHead(nn.Module):
 class BootMAE(nn.Module):
   """Params: encoder; pixel regressor pixel_{down, mask_token, blocks_{i},
   norm, head}; feature predictor feature_{down, mask_token, blocks_{i},
-  norm, head}."""
+  norm, head}. `scan=True` stacks the encoder's and both decoders' blocks
+  (`blocks`, `pixel_blocks`, `feature_blocks`, leading layer axis); the
+  taps then cut the encoder's scan into segments (`layers.block_stack`)."""
   encoder: dict
   decoder_width: int = 512
   decoder_depth: int = 2
@@ -105,6 +114,8 @@ class BootMAE(nn.Module):
   # Not a config.model field: build_model passes config.input.mask.ratio.
   mask_ratio: float = 0.75
   in_chans: int = 3
+  scan: bool = False
+  remat_policy: str = 'none'
   dtype: Any = jnp.float32
 
   def tap_indices(self) -> tuple[int, int]:
@@ -119,7 +130,8 @@ class BootMAE(nn.Module):
   def encoder_fields(self) -> dict:
     enc = dict(qkv_bias='qv', posemb_row_first=True)
     enc.update(self.encoder)
-    return dict(enc, dtype=self.dtype)
+    return dict(enc, scan=self.scan, remat_policy=self.remat_policy,
+                dtype=self.dtype)
 
   def _predictor(self, z, feature, ids_vis, ids_masked, pos, width, depth,
                  prefix, num_heads, eps):
@@ -138,9 +150,12 @@ class BootMAE(nn.Module):
     x = x.at[rows, ids_vis].set(x_vis[:, 1:])
     x = x.at[rows, ids_masked].set(x_mask)
     x = jnp.concatenate([x_vis[:, :1], x], axis=1)
-    for i in range(depth):
-      x = DecodeBlock(num_heads, 4 * width, eps, self.dtype,
-                      name=f'{prefix}_blocks_{i}')(x, feature)
+    x = layers.block_stack(
+        x, depth=depth, block_kwargs=dict(
+            num_heads=num_heads, mlp_dim=4 * width, layernorm_eps=eps,
+            dtype=self.dtype),
+        scan=self.scan, remat_policy=self.remat_policy,
+        name=f'{prefix}_blocks', block=DecodeBlock, broadcast=(feature,))
     return layers.layer_norm(eps, self.dtype, f'{prefix}_norm')(x)
 
   @nn.compact

@@ -59,7 +59,9 @@ def targets(config) -> tuple:
 
 
 def validate_config(config) -> None:
-  """Token targets need the tokenizer file's path and a matching vocab."""
+  """Token targets need the tokenizer file's path and a matching vocab; a
+  per-block encoder drop path needs the decoders' own rate."""
+  build_model(config).decoder_rate()
   if _tokens(config):
     tokenizer.validate_config(config)
 

@@ -42,7 +42,8 @@ VARIANTS = {
 VARIANTS['tiny'] = dict(
     VARIANTS['B/16'], tiny_model=dict(
         variant=None, decoder_width=64, decoder_num_heads=4,
-        regressor_depth=2, decoder_depth=2, target='pixels',
+        regressor_depth=2, decoder_depth=2, target='pixels', scan=False,
+        remat_policy='none',
         encoder=dict(config_lib.TINY_ENCODER, layer_scale=0.1,
                      drop_path_rate=0.0)))
 
@@ -64,8 +65,10 @@ def get_config(variant: str = 'B/16'):
       regressor_depth=4, decoder_depth=4,
       decoder_layer_scale=v['layer_scale'],
       vocab_size=c.tokenizer.get_ref('vocab_size'),
-      target='tokens', scan=False,
-      remat_policy='none', dtype='bfloat16')
+      # One scanned block per stack (compile time flat in depth); remat
+      # keeps the named linears (docs/speed.md).
+      target='tokens', scan=True,
+      remat_policy='linears', dtype='bfloat16')
   c.loss = dict(align_weight=2.0, norm_pix_loss=True)
   c.input.batch_size = 2048
   c.input.crop_scale = (0.08, 1.0)

@@ -21,9 +21,9 @@ RULES = [
 ]
 # The teacher is a copy of the encoder (momentum 0): not separate params.
 TEACHER = 'alignment_encoder.'
-# Groups of blocks that `scan=True` stacks: the encoder's and the decoder's
-# (the regressor is always a loop).
-STACKED = ('blocks', 'decoder_blocks')
+# Groups of blocks that `scan=True` stacks: the encoder's, the regressor's
+# and the decoder's.
+STACKED = ('blocks', 'regressor_blocks', 'decoder_blocks')
 
 
 def frozen_buffers(model, image_size: int) -> dict[str, np.ndarray]:

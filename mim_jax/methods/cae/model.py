@@ -18,9 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_jax import errors
 from mim_jax.models import init_rules as ir
 from mim_jax.models import layers
 from mim_jax.models import vit
+
+
+def _linspace(rate: float, depth: int) -> tuple[float, ...]:
+  """Upstream's per-block rates, linspace(0, rate, depth)."""
+  return tuple(float(r) for r in np.linspace(0, rate, depth))
 
 
 class CrossAttention(nn.Module):
@@ -43,8 +49,10 @@ class CrossAttention(nn.Module):
 
 
 class RegressorBlock(nn.Module):
-  """x = x_q + g1 * CrossAttn(LN_q(x_q + pos_q), LN_k(kv + pos_k), LN_v(kv));
-  x = LN_2(x) (post-norm); x = x + g2 * MLP(x). Only the queries move."""
+  """x = x_q + g1 * CrossAttn(LN_q(x_q + pos_q), LN_k(kv + pos_k), LN_v(kv))
+  with kv = [z_vis, x_q]; x = LN_2(x) (post-norm); x = x + g2 * MLP(x).
+  Only the queries move. Called as a `layers.block_stack` block: `rate`
+  overrides `drop_path`, and it returns (x, None)."""
   num_heads: int
   mlp_dim: int
   layer_scale: float = 0.1
@@ -54,18 +62,19 @@ class RegressorBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_q, x_kv, pos_q, pos_k):
+  def __call__(self, x_q, rate, z_vis, pos_q, pos_k):
     ln = lambda name: layers.layer_norm(self.layernorm_eps, self.dtype, name)
+    x_kv = jnp.concatenate([z_vis, x_q], axis=1)
     y = CrossAttention(self.num_heads, self.dtype, name='cross_attn')(
         ln('norm1_q')(x_q + pos_q), ln('norm1_k')(x_kv + pos_k),
         ln('norm1_v')(x_kv))
     drop = layers.DropPath(self.drop_path)
     scale = lambda name, y: layers.layer_scale(self, name, y,
                                                self.layer_scale)
-    x = x_q + drop(scale('gamma_1_cross', y), self.deterministic)
+    x = x_q + drop(scale('gamma_1_cross', y), self.deterministic, rate)
     x = ln('norm2_cross')(x)
     y = layers.Mlp(self.mlp_dim, self.dtype, name='mlp_cross')(x)
-    return x + drop(scale('gamma_2_cross', y), self.deterministic)
+    return x + drop(scale('gamma_2_cross', y), self.deterministic, rate), None
 
 
 class CAE(nn.Module):
@@ -98,6 +107,23 @@ class CAE(nn.Module):
     return dict(enc, scan=self.scan, remat_policy=self.remat_policy,
                 dtype=self.dtype)
 
+  def decoder_rate(self) -> float:
+    """The drop-path rate that the regressor and decoder rise to.
+
+    Raises:
+      errors.ConfigError: the encoder lists per-block rates and no
+        decoder_drop_path_rate is set.
+    """
+    if self.decoder_drop_path_rate is not None:
+      return float(self.decoder_drop_path_rate)
+    rate = self.encoder.get('drop_path_rate', 0.0)
+    if np.ndim(rate):
+      raise errors.ConfigError(
+          'model.encoder.drop_path_rate lists per-block rates: set '
+          'model.decoder_drop_path_rate (one number) for the regressor and '
+          'decoder.')
+    return float(rate)
+
   def _encoder(self) -> vit.Encoder:
     return vit.Encoder(**self.encoder_fields(), name='encoder')
 
@@ -111,12 +137,15 @@ class CAE(nn.Module):
     x = jnp.broadcast_to(mask_token.astype(self.dtype),
                          (n, num_masked, width))
     pos_kv = jnp.concatenate([pos_vis, pos_masked], axis=1)
-    for i, dp in enumerate(np.linspace(0, rate, self.regressor_depth)):
-      x = RegressorBlock(
-          self.decoder_num_heads, mlp_dim, self.decoder_layer_scale,
-          drop_path=float(dp), layernorm_eps=eps, deterministic=not train,
-          dtype=self.dtype, name=f'regressor_blocks_{i}')(
-              x, jnp.concatenate([z_vis, x], axis=1), pos_masked, pos_kv)
+    x = layers.block_stack(
+        x, depth=self.regressor_depth,
+        block_kwargs=dict(num_heads=self.decoder_num_heads, mlp_dim=mlp_dim,
+                          layer_scale=self.decoder_layer_scale,
+                          layernorm_eps=eps, dtype=self.dtype),
+        scan=self.scan, remat_policy=self.remat_policy,
+        deterministic=not train, name='regressor_blocks',
+        drop_path_rates=_linspace(rate, self.regressor_depth),
+        block=RegressorBlock, broadcast=(z_vis, pos_masked, pos_kv))
     return layers.layer_norm(eps, self.dtype, 'regressor_norm')(x)
 
   def _decode(self, y, mlp_dim: int, eps: float, rate: float, train: bool):
@@ -130,8 +159,7 @@ class CAE(nn.Module):
                           dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, name='decoder_blocks',
-        drop_path_rates=tuple(
-            float(r) for r in np.linspace(0, rate, self.decoder_depth)))
+        drop_path_rates=_linspace(rate, self.decoder_depth))
     return layers.layer_norm(eps, self.dtype, 'decoder_norm')(y)
 
   @nn.compact
@@ -178,8 +206,7 @@ class CAE(nn.Module):
         *grid_hw, width, cls_token=False, row_first=True)[0], self.dtype)
     pos_vis, pos_masked = rd[ids_vis], rd[ids_masked]
     n = images.shape[0]
-    rate = (enc.drop_path_rate if self.decoder_drop_path_rate is None
-            else self.decoder_drop_path_rate)
+    rate = self.decoder_rate()
     latent_predict = self._regress(z_vis, pos_vis, pos_masked, mlp_dim, eps,
                                    rate, train)
     y = self._decode(latent_predict + pos_masked, mlp_dim, eps, rate, train)

@@ -43,8 +43,8 @@ def card_of(method: str) -> method_lib.EncoderCard:
 def _model(card: method_lib.EncoderCard, variant) -> dict:
   return dict(variant=variant, encoder=dict(card.encoder), num_classes=1000,
               pool='avg', head='linear', feature_block=None,
-              freeze_encoder=False, head_init_std=2e-5, scan=False,
-              remat_policy='none', dtype='bfloat16')
+              freeze_encoder=False, head_init_std=2e-5, scan=True,
+              remat_policy='linears', dtype='bfloat16')
 
 
 def get_config(task: str, method: str, size: str = 'B'):
@@ -165,6 +165,7 @@ def _tiny(c, task: str):
   """The digits run: scikit-learn's handwritten digits (embedded, 32 px),
   a tiny encoder (config_lib.TINY_ENCODER), short schedules on the CPU."""
   c.model.variant = None
+  c.model.update(scan=False, remat_policy='none')
   c.model.encoder.update(config_lib.TINY_ENCODER)
   c.model.num_classes = 10
   c.model.dtype = 'float32'     # CPU runs and tests (recipes: bfloat16)

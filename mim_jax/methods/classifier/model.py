@@ -170,7 +170,7 @@ class Classifier(nn.Module):
       after that block computes, which is how BootMAE probes (its
       `--depth 10` on ViT-B is feature_block=9, with average pooling); the
       later blocks still run and keep their params, so full checkpoints
-      load. Needs scan=False.
+      load. With scan=True the encoder's scan runs in two segments.
     freeze_encoder: the encoder outputs pass through `stop_gradient`, so
       probes compute no encoder gradients (the encoder grads are zeros).
     head_init_std: the head kernel's trunc-normal std (timm
@@ -205,7 +205,7 @@ class Classifier(nn.Module):
 
     Raises:
       ValueError: unknown pool or head, a feature_block outside the
-        encoder's blocks or with scan=True, or an encoder `final_norm`
+        encoder's blocks, or an encoder `final_norm`
         that contradicts the pooling.
     """
     if self.pool not in POOLS:
@@ -225,9 +225,6 @@ class Classifier(nn.Module):
         raise ValueError(
             f'feature_block={self.feature_block} is outside the encoder '
             f'of depth {self.depth}: use 0..{self.depth - 1} (0-based).')
-      if self.scan:
-        raise ValueError('feature_block needs scan=False: block outputs '
-                         'cannot be tapped inside nn.scan.')
       fields['taps'] = (self.feature_block,)
       fields['norm_taps'] = final_norm
     return fields
