@@ -52,9 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
       # (logged once by path, counted in train/bad_images) or stop the run
       # ('error'); see mim_jax/data/image_check.py.
       bad_images='skip', max_image_pixels=89_478_485,
-      # JPEG crops >= 2x the image size decoded at 1/2, 1/4 or 1/8 scale
-      # (faster; pixels no longer PIL's), see docs/speed.md.
-      jpeg_draft=False)
+      jpeg_draft=False)  # True: big JPEG crops decoded small (docs/speed.md)
   c.lr = placeholder(float)      # absolute lr; overrides base_lr when set
   c.base_lr = 1.5e-4             # lr = base_lr * batch_size / 256
   c.total_epochs = 800.0
@@ -73,9 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   # has none; init_strict=False for encoder-only files (random decoder).
   c.init_from = placeholder(str)
   c.init_strict = True
-  # Pure FSDP over every device: params, optimizer state and EMA are split
-  # by the rules below, the batch over (data, fsdp). Data parallelism with
-  # replicated params: (('data', -1),). See `python -m mim_jax.tools.plan`.
+  # Pure FSDP over every device (params, optimizer state, EMA and batch
+  # split); data parallelism: (('data', -1),). See tools/plan.py.
   c.mesh = (('data', 1), ('fsdp', -1), ('tensor', 1))
   c.sharding_rules = sharding.DEFAULT_RULES
   c.min_shard_size = sharding.DEFAULT_MIN_SHARD_SIZE

@@ -561,10 +561,9 @@ def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
       update, then the lr (p -= lr * mu);
     'sgd' (ours): torch SGD with `momentum` (default 0.9), `nesterov`,
       weight_decay added to the gradient;
-    any other name: `optax.<name>(learning_rate=schedule, **kwargs)`, e.g.
-      'lion', 'adafactor', 'lamb', 'adam', 'rmsprop', where kwargs are the
-      config.optim fields outside GENERIC_FIELDS (None means unset: optax's
-      default). A field the function does not take is an error.
+    any other name: `optax.<name>(learning_rate=schedule, **kwargs)` (e.g.
+      'lion', 'adafactor'), kwargs the config.optim fields outside
+      GENERIC_FIELDS (None: optax's default; an unknown field: an error).
 
   Around every optimizer, the same generic pieces, in this order:
     1. gradient clipping (`grad_clip_norm`, torch's formula);
@@ -587,8 +586,7 @@ def make_tx(config, params=None) -> tuple[optax.GradientTransformation, Any]:
        to rounding);
     5. the lr schedule (`make_schedule`): ours end with it, optax's take it
        as their learning_rate.
-  optim.freeze: regexes of param paths that never change (probes): they
-  get no update and no optimizer state.
+  optim.freeze: regexes of param paths that never change (probes).
 
   Args:
     config: the experiment ConfigDict.
