@@ -334,9 +334,10 @@ def check_overrides(argv: list[str]):
 # (the model, the optimizer's kind and moment dtype): refused.
 LAYOUT_FIELDS = ('model_name', 'model.', 'optim.name', 'optim.mu_dtype')
 # Model fields that leave the checkpoint as it is: the compute dtype (params
-# are float32 whatever it is), so a float32 run of an older recipe resumes
-# in bfloat16, and the other way round.
-NOT_LAYOUT_FIELDS = ('model.dtype',)
+# are float32 whatever it is) and the remat policy (what the backward pass
+# recomputes), so a float32, no-remat run of an older recipe resumes under
+# the bf16, remat 'linears' one, and the other way round.
+NOT_LAYOUT_FIELDS = ('model.dtype', 'model.remat_policy')
 
 
 def flat_json(config) -> dict:

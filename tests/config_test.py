@@ -211,6 +211,7 @@ def test_config_json_of_an_older_workdir():
   assert config_lib.resume_changes(saved, c) == (
       [], ['input.mask.ratio: 0.6 -> 0.75'])
   saved['model']['dtype'] = 'bfloat16'   # the compute dtype: no layout
+  saved['model']['remat_policy'] = 'full'  # what backward recomputes: none
   assert config_lib.resume_changes(saved, c)[0] == []
   saved['model']['mask_ratio'] = 0.5
   with pytest.raises(ValueError, match='model.mask_ratio=0.5 but '
