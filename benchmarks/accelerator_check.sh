@@ -23,7 +23,7 @@
 #   curves_bf16  configs/mae_curves_tiny.py in bf16, seed 0, 480 steps, vs
 #       the official curves (mim_jax.tools.compare_curves) with the goals.
 #   compile      benchmarks/compile_bench.py: B/16 and L/16 on one device
-#       (and COMPILE_CONFIGS below).
+#       (the configs of COMPILE_CONFIGS below, with their ViT-B ones).
 # Every part's timeout is its cap or what is left of --budget (default
 # 450 s; smoke: caps 300 s, budget 1200 s), whichever is less; a part with
 # under 20 s left is skipped.
@@ -34,11 +34,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
-# >>> To fill after merging compile_bench.py's --configs: a comma-separated
-# list of config files to compile as well (e.g. configs/cae_vitl.py,...).
-# Empty: MAE variants only.
-COMPILE_CONFIGS=""
-# <<<
+# The config files whose train steps the compile part compiles, each with
+# its ViT-B config (compile_bench.py --configs; they replace --variants).
+# Empty: the MAE variants B/16 and L/16.
+COMPILE_CONFIGS="configs/mae_vitl.py,configs/cae_vitl.py,configs/bootmae_vitl.py"
 
 PY=${PYTHON:-python}
 SMOKE=0
