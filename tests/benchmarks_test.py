@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import CURVES_SHORT_EPOCHS
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
@@ -267,7 +268,8 @@ def test_accelerator_check_smoke(curves_short_workdir, tmp_path):
             mfu['seconds'], r['total_s'])
   assert r['summary']['train_mfu'] == mfu['result']['mfu']
   curves = accelerator_check.curves(curves_short_workdir, None)
-  assert curves['epochs'] == 3 and curves['dtype'] == 'float32'
+  assert curves['epochs'] == CURVES_SHORT_EPOCHS
+  assert curves['dtype'] == 'float32'
   assert {'within_2sigma', 'final_within', 'no_bias', 'met'} <= set(
       curves['goals'])
 

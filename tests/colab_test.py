@@ -12,6 +12,7 @@ import types
 
 import pytest
 
+from conftest import CURVES_SHORT_EPOCHS
 from conftest import ROOT
 
 COLABS = os.path.join(ROOT, 'colabs')
@@ -156,7 +157,7 @@ def test_pretrain_and_probe_colab_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_compare_with_pytorch_colab_runs(curves_short_workdir, tmp_path,
                                          monkeypatch, capsys):
-  """The comparison with the official curves on the session's 3-epoch run
+  """The comparison with the official curves on the session's 2-epoch run
   of MAE's reference recipe: the notebook's training call finds it finished
   and trains nothing; the figure and a table per term. The notebook loops
   over MAE, CAE and BootMAE alike; the test runs the loop for MAE (CAE's
@@ -170,7 +171,7 @@ def test_compare_with_pytorch_colab_runs(curves_short_workdir, tmp_path,
   path = os.path.join(COLABS, 'compare_with_pytorch.ipynb')
   code = _replaced(_code(path), [
       ("METHODS = ['mae', 'cae', 'bootmae']", "METHODS = ['mae']"),
-      ('EPOCHS = 15', 'EPOCHS = 3'),
+      ('EPOCHS = 15', f'EPOCHS = {CURVES_SHORT_EPOCHS}'),
       ("'/tmp/mim_jax_curves'", repr(str(tmp_path / 'curves'))),
       ("FIGURES = '/tmp'", f'FIGURES = {str(tmp_path)!r}'),
   ])
@@ -178,7 +179,7 @@ def test_compare_with_pytorch_colab_runs(curves_short_workdir, tmp_path,
   shown = _run(code, path, monkeypatch, ns)
   assert shown == [str(tmp_path / 'curves_vs_pytorch_mae.png')]
   assert os.path.getsize(shown[0]) > 10_000
-  assert int(ns['states']['mae'].step) == 96
+  assert int(ns['states']['mae'].step) == 32 * CURVES_SHORT_EPOCHS
   assert _rows(workdir) == before            # nothing trained
   assert set(ns['TERMS']) == {'mae', 'cae', 'bootmae'}
   out = capsys.readouterr().out

@@ -117,8 +117,8 @@ def tiny_mae_config(**kw):
 
 
 CURVES = os.path.join(FIXTURES, 'curves_mae_tiny')
-# The short run of the reference recipe: its first 3 epochs (of 15).
-CURVES_SHORT_EPOCHS = 3
+# The short run of the reference recipe: its first 2 epochs (of 15).
+CURVES_SHORT_EPOCHS = 2
 
 
 def _train_curves_short(workdir: str, method: str = 'mae'):
@@ -133,7 +133,7 @@ def _train_curves_short(workdir: str, method: str = 'mae'):
 
 
 def shared_curves_short(tmp_path_factory, worker_id, method: str) -> str:
-  """A workdir of `configs/<method>_curves_tiny.py` stopped after 3 epochs
+  """A workdir of `configs/<method>_curves_tiny.py` stopped after 2 epochs
   (the schedule still spans 15), trained once for the whole session,
   whatever the number of xdist workers (a file lock guards the shared
   folder)."""
@@ -152,5 +152,5 @@ def shared_curves_short(tmp_path_factory, worker_id, method: str) -> str:
 
 @pytest.fixture(scope='session')
 def curves_short_workdir(tmp_path_factory, worker_id):
-  """The MAE reference recipe's first 3 epochs (shared_curves_short)."""
+  """The MAE reference recipe's first 2 epochs (shared_curves_short)."""
   return shared_curves_short(tmp_path_factory, worker_id, 'mae')

@@ -27,14 +27,14 @@ SCHEDULES = {'cae': {'lr_per_step'},
 
 @pytest.fixture(scope='module', params=sorted(SCHEDULES))
 def short_run(request, tmp_path_factory, worker_id):
-  """(method, workdir of its reference recipe's first 3 epochs)."""
+  """(method, workdir of its reference recipe's first 2 epochs)."""
   return request.param, shared_curves_short(tmp_path_factory, worker_id,
                                             request.param)
 
 
 @pytest.mark.slow
 def test_short_run_tracks_every_term(short_run):
-  """Each logged term of the first 3 epochs (1 seed) within 3 sigma of the
+  """Each logged term of the first 2 epochs (1 seed) within 3 sigma of the
   official seeds at every epoch, the first included."""
   method, workdir = short_run
   for term in curves_vs_pytorch.TERMS[method]:
