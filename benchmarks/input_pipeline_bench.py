@@ -274,7 +274,7 @@ def stage_pipeline(input_config, patch_size: int, stage: str = 'mask', *,
     if flip is not None:
       image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]),
                       lambda: image)
-    return tf.cast(image, tf.uint8)
+    return image
 
   def process(position, record):
     key = seeds.fold_in(train_key, position // batch, position % batch)

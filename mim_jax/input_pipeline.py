@@ -525,7 +525,7 @@ def make_eval_dataset(input_config: Any,
 
   def process(record):
     crop = augment.decode_and_center_crop(source.read(record), crop_pct)
-    image = tf.cast(augment.resize(crop, image_size), tf.uint8)
+    image = augment.resize(crop, image_size)
     return {'image': image, 'label': source.label(record),
             'valid': tf.constant(1.0, tf.float32)}
 
@@ -640,7 +640,7 @@ def make_vis_batch(input_config: Any,
 
   def process(index, record):
     crop = augment.decode_and_center_crop(source.read(record))
-    example = {'image': tf.cast(augment.resize(crop, image_size), tf.uint8)}
+    example = {'image': augment.resize(crop, image_size)}
     for name, size in views.items():
       example[name] = augment.resize_lanczos_uint8(crop, size)
     example.update(mask_example(seeds.fold_in(vis_key, _VIS_STEP, index)))

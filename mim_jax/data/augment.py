@@ -174,9 +174,9 @@ def decode_and_center_crop(image_bytes: tf.Tensor,
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """TF's antialiased bicubic resize to (size, size), rounded to integer
-  levels, as float32 in [0, 255] (evaluation and visualisation batches;
-  training crops take PIL's own, `resize_bicubic_uint8`).
+  """TF's antialiased bicubic resize to (size, size), rounded to uint8
+  (evaluation and visualisation batches; training crops take PIL's own,
+  `resize_bicubic_uint8`).
 
   Antialiasing matters here: crops of large photos are shrunk by 10x or more
   for small image sizes, and without it bicubic aliases badly (PIL, used by
@@ -188,12 +188,12 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
     size: output side.
 
   Returns:
-    float32 (size, size, 3), integer-valued.
+    uint8 (size, size, 3).
   """
   image = tf.image.resize(tf.cast(image, tf.float32), [size, size],
                           method='bicubic', antialias=True)
   # Bicubic overshoots around edges.
-  return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 # PIL's resampling filters by name.
@@ -266,14 +266,6 @@ def flip_decision(seed: tf.Tensor) -> tf.Tensor:
   """Whether an image flips left-right: true with probability 0.5 (a bool
   scalar tensor), one draw per seed."""
   return tf.random.stateless_uniform([], seed=seed) < 0.5
-
-
-def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Flips (H, W, C) left-right where `flip_decision(seed)`."""
-  # tf.cond reverses only when it flips (tf.where computed both: 16% of the
-  # per-image CPU of the 224 px JPEG pipeline).
-  return tf.cond(flip_decision(seed), lambda: tf.reverse(image, axis=[1]),
-                 lambda: image)
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float],
