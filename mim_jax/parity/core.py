@@ -134,6 +134,16 @@ def load_converted(path: str, scan: bool = False):
   return fx, method, config, model, batch, params
 
 
+def _zero_and_ema(fx, method, model, params):
+  """(the gradient slices that must be zero, the fixture's initial EMA
+  weights or None) of a fixture, as every replay starts from them."""
+  adapter = method.parity
+  zero = adapter.zero_gradient_slices(fx['state_dict'], fx['config'])
+  ema = (None if adapter.initial_ema is None
+         else adapter.initial_ema(fx, model, params))
+  return zero, ema
+
+
 def run(path: str, scan: bool = False, curve: bool = True
         ) -> dict[str, Any]:
   """Runs every check on one fixture folder (with the model's blocks in
@@ -148,13 +158,10 @@ def run(path: str, scan: bool = False, curve: bool = True
   report: dict[str, Any] = {'fixture': os.path.abspath(path),
                             'method': method.name, 'scan': scan,
                             'tolerances': TOL}
-  zero = adapter.zero_gradient_slices(fx['state_dict'], fx['config'])
-
   # 1. Forward outputs (methods with a momentum target get the fixture's
   # initial EMA weights).
+  zero, ema = _zero_and_ema(fx, method, model, params)
   providers = experiment.providers_of(config)
-  ema = (None if adapter.initial_ema is None
-         else adapter.initial_ema(fx, model, params))
   targets = providers_lib.states_for(providers, ema_params=ema)
   compute = functools.partial(
       steps.make_loss_fn(model, loss_fn, providers), targets=targets)
@@ -301,9 +308,7 @@ def dtype_curve(path: str, dtype: str, float32_losses=None) -> dict:
     raise errors.ConfigError(f'{path} holds no training curve '
                              '(train_curve.json): nothing to replay.')
   jax.config.update('jax_default_matmul_precision', 'highest')
-  zero = method.parity.zero_gradient_slices(fx['state_dict'], fx['config'])
-  ema = (None if method.parity.initial_ema is None
-         else method.parity.initial_ema(fx, model, params))
+  zero, ema = _zero_and_ema(fx, method, model, params)
   loss_fn = experiment.build_loss(config)
   if float32_losses is None:
     float32_losses = replay_curve(fx, config, model, loss_fn, method, params,
