@@ -24,11 +24,6 @@ from mim_jax.models import layers
 from mim_jax.models import vit
 
 
-def _linspace(rate: float, depth: int) -> tuple[float, ...]:
-  """Upstream's per-block rates, linspace(0, rate, depth)."""
-  return tuple(float(r) for r in np.linspace(0, rate, depth))
-
-
 class CrossAttention(nn.Module):
   """Separate q/k/v projections, q and v biases, no key bias."""
   num_heads: int
@@ -144,7 +139,7 @@ class CAE(nn.Module):
                           layernorm_eps=eps, dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, name='regressor_blocks',
-        drop_path_rates=_linspace(rate, self.regressor_depth),
+        drop_path_rates=vit.drop_path_rates(rate, self.regressor_depth),
         block=RegressorBlock, broadcast=(z_vis, pos_masked, pos_kv))
     return layers.layer_norm(eps, self.dtype, 'regressor_norm')(x)
 
@@ -159,7 +154,7 @@ class CAE(nn.Module):
                           dtype=self.dtype),
         scan=self.scan, remat_policy=self.remat_policy,
         deterministic=not train, name='decoder_blocks',
-        drop_path_rates=_linspace(rate, self.decoder_depth))
+        drop_path_rates=vit.drop_path_rates(rate, self.decoder_depth))
     return layers.layer_norm(eps, self.dtype, 'decoder_norm')(y)
 
   @nn.compact
