@@ -12,11 +12,13 @@ they are checked against the values our model computes, and on export they
 are written, so an exported state dict loads with `strict=True` upstream.
 """
 
+import json
 import os
 import re
 from typing import Iterable, Mapping, Optional
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
@@ -63,8 +65,9 @@ def _map_key(key: str, rules: Rules, forward: bool) -> Optional[str]:
 
 def check_weights_file(path: str) -> None:
   """Cheap checks of a weights file before anything is built: it exists,
-  is not empty, and starts as torch.save's zip archive, a legacy pickle or
-  an .npz (a zip) does.
+  is not empty, and starts as torch.save's zip archive, a legacy pickle, an
+  .npz (a zip) or a safetensors file does (a safetensors file must also be
+  whole: its header's tensors must fill it exactly).
 
   Raises:
     errors.MissingFileError / errors.WeightsFileError naming the file and
@@ -74,19 +77,100 @@ def check_weights_file(path: str) -> None:
     raise errors.MissingFileError(f'checkpoint {path!r} does not exist: '
                                   'check the path.')
   if os.path.isdir(path):
-    raise errors.WeightsFileError(f'checkpoint {path!r} is a folder, not a '
-                                  '.pth/.pt/.npz file.')
+    raise errors.WeightsFileError(
+        f'checkpoint {path!r} is a folder, not a .pth/.pt/.npz/.safetensors '
+        'file (a transformers folder needs config.json and '
+        'model.safetensors).')
   if os.path.getsize(path) == 0:
     raise errors.WeightsFileError(
         f'checkpoint {path!r} is empty (0 bytes): its download or copy did '
         'not finish; fetch it again.')
+  if is_safetensors(path):
+    safetensors_header(path)
+    return
   with open(path, 'rb') as f:
     head = f.read(4)
   if not (head.startswith(b'PK') or head[:1] == b'\x80'):
     raise errors.WeightsFileError(
-        f'checkpoint {path!r} is not a PyTorch checkpoint or .npz (it starts '
-        f'with {head!r}; torch.save writes a zip archive): fetch it again, '
-        'or give a state dict saved with torch.save or numpy.savez.')
+        f'checkpoint {path!r} is not a PyTorch checkpoint, .npz or '
+        f'safetensors file (it starts with {head!r}; torch.save writes a zip '
+        'archive): fetch it again, or give a state dict saved with '
+        'torch.save, numpy.savez or safetensors.')
+
+
+def is_safetensors(path: str) -> bool:
+  """A .safetensors name, or a file that starts as one (an 8-byte header
+  length, then its JSON)."""
+  if path.endswith('.safetensors'):
+    return True
+  with open(path, 'rb') as f:
+    head = f.read(9)
+  return (len(head) == 9 and head[8:9] == b'{' and
+          int.from_bytes(head[:8], 'little') < os.path.getsize(path))
+
+
+def safetensors_header(path: str) -> tuple[dict, int]:
+  """(JSON header, offset of the tensor data) of a safetensors file,
+  checked to describe the whole file (a truncated download fails here,
+  naming the missing bytes).
+
+  Raises:
+    errors.WeightsFileError: not a safetensors file, or truncated.
+  """
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    n = int.from_bytes(f.read(8), 'little')
+    raw = f.read(n) if 8 <= 8 + n <= size else b''
+  try:
+    header = json.loads(raw)
+  except ValueError:
+    header = None
+  if not isinstance(header, dict):
+    raise errors.WeightsFileError(
+        f'checkpoint {path!r} is not a whole safetensors file (its {n}-byte '
+        f'header does not fit in {size} bytes or is not JSON): it is '
+        'truncated or damaged; fetch it again.')
+  ends = [t['data_offsets'][1] for k, t in header.items()
+          if k != '__metadata__']
+  want = 8 + n + max(ends, default=0)
+  if want != size:
+    raise errors.WeightsFileError(
+        f'checkpoint {path!r} is truncated: its header describes {want} '
+        f'bytes, the file holds {size}; fetch it again.')
+  return header, 8 + n
+
+
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+    'BF16': ml_dtypes.bfloat16, 'I64': np.int64, 'I32': np.int32,
+    'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """A safetensors file's tensors as numpy arrays, without pickle (floats
+  of 16 bits, bf16 included, become float32).
+
+  Raises:
+    errors.WeightsFileError: truncated, damaged, or an unknown dtype.
+  """
+  header, start = safetensors_header(path)
+  with open(path, 'rb') as f:
+    f.seek(start)
+    data = f.read()
+  out = {}
+  for key, t in header.items():
+    if key == '__metadata__':
+      continue
+    if t['dtype'] not in _SAFETENSORS_DTYPES:
+      raise errors.WeightsFileError(
+          f'checkpoint {path!r}: tensor {key!r} has dtype {t["dtype"]}, '
+          f'which mim_jax does not read ({sorted(_SAFETENSORS_DTYPES)}).')
+    lo, hi = t['data_offsets']
+    arr = np.frombuffer(data[lo:hi],
+                        _SAFETENSORS_DTYPES[t['dtype']]).reshape(t['shape'])
+    out[key] = arr.astype(np.float32) if t['dtype'] in ('F16',
+                                                         'BF16') else arr
+  return out
 
 
 def unreadable(path: str, e: Exception) -> str:
@@ -115,6 +199,8 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       that holds no state dict.
   """
   check_weights_file(path)
+  if is_safetensors(path):
+    return load_safetensors(path)
   try:
     if path.endswith('.npz'):
       with np.load(path) as f:
@@ -145,10 +231,23 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str):
-  """Writes a state dict as .npz, or as a torch .pth for any other suffix."""
+  """Writes a state dict as .npz, .safetensors, or as a torch .pth for any
+  other suffix (through a temporary name, so a crash leaves no half-written
+  file)."""
+  tmp = f'{path}.tmp-{os.getpid()}'
   if path.endswith('.npz'):
-    np.savez(path, **state_dict)
-    return
+    with open(tmp, 'wb') as f:
+      np.savez(f, **state_dict)
+  elif path.endswith('.safetensors'):
+    from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
+    st.save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()},
+                 tmp)
+  else:
+    _save_torch(state_dict, tmp)
+  os.replace(tmp, path)
+
+
+def _save_torch(state_dict: Mapping[str, np.ndarray], path: str):
   import torch  # pylint: disable=g-import-not-at-top
   torch.save({k: torch.from_numpy(np.array(v, copy=True))
               for k, v in state_dict.items()}, path)
