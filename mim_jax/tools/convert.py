@@ -95,9 +95,13 @@ def _define_flags():
   flags.DEFINE_string('out', None,
                       'Output: .pth/.npz (export) or dir (import).')
   flags.DEFINE_bool('strict', True, 'Fail on params missing from the ckpt.')
-  flags.DEFINE_enum('format', 'official', ('official', 'timm'),
-                    'export: official (the method\'s upstream state dict) or '
-                    'timm (the encoder as a timm VisionTransformer).')
+  flags.DEFINE_enum('format', 'official', ('official', 'timm', 'hf'),
+                    'export: official (the method\'s upstream state dict), '
+                    'timm (the encoder as a timm VisionTransformer) or hf '
+                    '(a 🤗 transformers folder: ViTMAEForPreTraining for '
+                    'MAE, ViTModel for other encoders).')
+  flags.DEFINE_bool('hf_encoder', False, '--format=hf: the encoder alone '
+                    'as a ViTModel, for MAE too.')
   flags.DEFINE_enum('timm_pool', 'token', ('token', 'avg'),
                     '--format=timm: token (global_pool=\'token\', final norm) '
                     'or avg (global_pool=\'avg\', fc_norm=True).')
@@ -168,6 +172,34 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
   return kwargs
 
 
+def export_hf(config, workdir: str, out: str, step: Optional[int] = None,
+              encoder_only: bool = False) -> dict:
+  """Writes the run as a 🤗 transformers folder (config.json +
+  model.safetensors, written atomically): MAE as ViTMAEForPreTraining,
+  other methods' encoders (or MAE's, with `encoder_only`) as ViTModel.
+
+  Returns:
+    The config.json written.
+
+  Raises:
+    errors.ConfigError: transformers cannot represent the model (every
+      reason), or `out` holds other files.
+  """
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert import hf_vit  # pylint: disable=g-import-not-at-top
+  model = experiment.build_model(config)
+  state, step = weights.state_from_workdir(config, model, workdir, step)
+  hf_config, sd = weights.to_hf(config, model, state.params, encoder_only)
+  hf_vit.write_folder(out, hf_config, sd)
+  logging.info(
+      'Wrote %d tensors of step %d to %s. Load them with\n'
+      '  from transformers import %s\n  model = %s', len(sd), step, out,
+      hf_config['architectures'][0],
+      hf_vit.vit_constructor(hf_config['model_type'], out))
+  return hf_config
+
+
 def import_(config):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -192,10 +224,16 @@ def main(argv):
   if timm_only and (argv[1] != 'export' or FLAGS.format != 'timm'):
     raise app.UsageError(f'{" and ".join(timm_only)} only apply to '
                          'export --format=timm.')
+  if FLAGS['hf_encoder'].present and (argv[1] != 'export' or
+                                      FLAGS.format != 'hf'):
+    raise app.UsageError('--hf_encoder only applies to export --format=hf.')
   if argv[1] == 'export':
     if not FLAGS.workdir:
       raise app.UsageError('export needs --workdir.')
-    if FLAGS.format == 'timm':
+    if FLAGS.format == 'hf':
+      run = functools.partial(export_hf, FLAGS.config, FLAGS.workdir,
+                              FLAGS.out, FLAGS.step, FLAGS.hf_encoder)
+    elif FLAGS.format == 'timm':
       run = functools.partial(export_timm, FLAGS.config, FLAGS.workdir,
                               FLAGS.out, FLAGS.step, FLAGS.timm_pool,
                               FLAGS.timm_ema)
@@ -204,7 +242,8 @@ def main(argv):
   else:
     if FLAGS.format != 'official':
       raise app.UsageError(f'--format={FLAGS.format} is an export format; '
-                           'import reads official files (drop --format).')
+                           'import reads official files and transformers '
+                           'folders (drop --format).')
     if not FLAGS.torch_ckpt:
       raise app.UsageError('import needs --torch_ckpt.')
     run = functools.partial(import_, FLAGS.config)
