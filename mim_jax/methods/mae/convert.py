@@ -175,4 +175,13 @@ def from_hf(config, model, hf_config, state_dict, where: str
                    f'uses {ours!r}.')
   for note in filter(None, notes):
     logging.info('%s: %s', where, note)
-  return hf_vit.mae_from_hf(state_dict, where)
+  sd = hf_vit.mae_from_hf(state_dict, where)
+  zero = [k for k in ('pos_embed', 'decoder_pos_embed')
+          if k in sd and not np.any(sd[k])]
+  if zero:
+    raise core.ConversionError(
+        f'{where}: the position tables {zero} are all zeros, as in a '
+        f'transformers 5 {hf_vit.MAE_ARCH} built from a config rather than '
+        'loaded from MAE weights; mim_jax\'s MAE adds the fixed sin-cos '
+        'table (what the hub checkpoints hold): copy it in before saving.')
+  return sd
