@@ -204,7 +204,7 @@ def hf_encoder(config, model, path: str) -> dict[str, np.ndarray]:
   if note:
     logging.info('%s: %s', where, note)
   _, sd = hf_vit.read_folder(path)
-  prefix = 'vit.' if hf_config['model_type'] == hf_vit.MAE_TYPE else ''
+  prefix = hf_vit.model_prefix(sd)
   out, unknown = hf_vit.encoder_from_hf(sd, prefix, where)
   rest = [k for k in sd if not k.startswith(prefix)] + unknown
   unknown = [k for k in rest if not k.startswith(('decoder.', 'pooler.'))]

@@ -127,9 +127,13 @@ def read_config(path: str, types=(MAE_TYPE, VIT_TYPE)) -> dict:
     raise errors.MissingFileError(
         f'{path!r} has no config.json: give a transformers checkpoint '
         'folder (config.json + model.safetensors).')
-  with open(name) as f:
-    cfg = json.load(f)
-  kind = cfg.get('model_type')
+  try:
+    with open(name) as f:
+      cfg = json.load(f)
+  except ValueError as e:
+    raise errors.WeightsFileError(
+        f'{name} is not JSON ({e}): fetch the folder again.') from e
+  kind = cfg.get('model_type') if isinstance(cfg, dict) else None
   if kind not in types:
     raise errors.ConfigError(
         f'{name}: model_type {kind!r} is not {" or ".join(map(repr, types))}'
@@ -258,6 +262,12 @@ def _layers_from_hf(sd: Mapping[str, np.ndarray], pattern: re.Pattern,
   return out, unknown
 
 
+def model_prefix(sd: Mapping[str, Any]) -> str:
+  """'vit.' for a ViTMAEForPreTraining state dict, '' for a ViTMAEModel's
+  or ViTModel's (their encoder keys start at `embeddings.`)."""
+  return 'vit.' if any(k.startswith('vit.') for k in sd) else ''
+
+
 def encoder_from_hf(sd: Mapping[str, np.ndarray], prefix: str = '',
                     where: str = 'state dict') -> tuple[dict, list]:
   """The ViT encoder under `prefix` ('vit.' in ViTMAE, '' in ViTModel) in
@@ -281,8 +291,10 @@ def mae_from_hf(sd: Mapping[str, np.ndarray],
   Raises:
     core.ConversionError: keys that are neither (listed).
   """
+  prefix = model_prefix(sd)
   out, unknown = encoder_from_hf(
-      {k: v for k, v in sd.items() if k.startswith('vit.')}, 'vit.', where)
+      {k: v for k, v in sd.items() if not k.startswith('decoder.')}, prefix,
+      where)
   dec = {k: v for k, v in sd.items() if k.startswith('decoder.')}
   blocks, bad = _layers_from_hf(dec, _DECODER_LAYER, 'decoder_blocks.',
                                 where)
@@ -293,7 +305,7 @@ def mae_from_hf(sd: Mapping[str, np.ndarray],
       out[_DECODER_TOP[key]] = value
     elif not _DECODER_LAYER.match(key):
       unknown.append(key)
-  unknown += [k for k in sd if not k.startswith(('vit.', 'decoder.'))]
+  unknown += [k for k in sd if not k.startswith((prefix, 'decoder.'))]
   if unknown:
     raise core.ConversionError(
         f'{where}: {len(unknown)} keys are not {MAE_ARCH} keys: '

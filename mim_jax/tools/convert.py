@@ -54,6 +54,18 @@ What timm's VisionTransformer cannot represent stops the export with the
 reason (BEiT's relative position bias, a LayerNorm epsilon other than
 1e-6, an MLP width no float mlp_ratio gives).
 
+Export the run as a 🤗 transformers folder (config.json + model.safetensors,
+written atomically; mim_jax/convert/hf_vit.py): MAE as ViTMAEForPreTraining
+(encoder and decoder; `from_pretrained(DIR)` reports no missing or
+unexpected keys), CAE's and BootMAE's encoders (MAE's with --hf_encoder) as
+`ViTModel.from_pretrained(DIR, add_pooling_layer=False)`:
+
+  python -m mim_jax.tools.convert export --format=hf \
+      --config=configs/mae_vitb.py --workdir=DIR --out=HF_DIR [--hf_encoder]
+
+What transformers cannot represent is refused with every reason (relative
+position bias; robust MAE's encoder mask tokens, population statistics).
+
 Import an official checkpoint into an orbax params checkpoint (and check it):
 
   python -m mim_jax.tools.convert import --config=configs/mae_vitb.py \
@@ -61,7 +73,9 @@ Import an official checkpoint into an orbax params checkpoint (and check it):
 
 The released `mae_pretrain_vit_*.pth` hold the encoder only: use --nostrict
 to keep a freshly initialised decoder (it is listed in the log). PyTorch
-files are read with torch.load(weights_only=True).
+files are read with torch.load(weights_only=True). --torch_ckpt may also be
+a transformers ViTMAEForPreTraining folder (its config.json's sizes are
+checked against --config first).
 
 Bad input (a missing, empty or damaged file, a config that does not fit the
 checkpoint) prints one line, `error: ...`, with exit status 2.
@@ -91,7 +105,8 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'Training workdir (export).')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_string('torch_ckpt', None,
-                      '.pth/.pt/.npz state dict (import).')
+                      '.pth/.pt/.npz/.safetensors state dict, or a '
+                      'transformers folder (import).')
   flags.DEFINE_string('out', None,
                       'Output: .pth/.npz (export) or dir (import).')
   flags.DEFINE_bool('strict', True, 'Fail on params missing from the ckpt.')
