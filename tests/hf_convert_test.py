@@ -119,8 +119,9 @@ def _load_hf(cls, path, **kw):
 
 def test_transformers_to_mim_jax(tmp_path):
   """HF -> ours: save_pretrained's folder, the same weights under
-  transformers 5's in-memory names, and a pytorch_model.bin all import
-  to the same params, which compute HF's loss, mask and logits."""
+  transformers 5's in-memory names in a pytorch_model.bin, and sharded
+  safetensors all import to the same params, which compute HF's loss, mask
+  and logits."""
   hm = _random_hf_mae()
   folder = str(tmp_path / 'hf')
   hm.save_pretrained(folder)
@@ -138,6 +139,11 @@ def test_transformers_to_mim_jax(tmp_path):
   torch.save(hm.state_dict(), str(other / 'pytorch_model.bin'))
   assert any('q_proj' in k for k in hm.state_dict())
   again = weights.from_torch(c, model, str(other))
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  shards = str(tmp_path / 'shards')  # model.safetensors.index.json
+  hm.save_pretrained(shards, max_shard_size='40KB')
+  assert len(hf_vit.weights_files(shards)) > 1
+  again = weights.from_torch(c, model, shards)
   jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
