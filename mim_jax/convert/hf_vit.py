@@ -9,8 +9,8 @@ torch.load(weights_only=True)).
 Key names. The hub checkpoints (facebook/vit-mae-base, google/vit-*) and
 transformers 4.x use the legacy names; transformers 5 renames them in
 memory and converts on load. Both are read; this module writes the legacy
-layout, which 4.x loads as is and 5.x converts (no missing or unexpected
-keys in either):
+layout: the hub's, which 4.x loads as is (4.x is not installed here), and
+which 5.25 converts with no missing or unexpected keys (tested):
 
   legacy (written)                         5.x in memory
   vit.embeddings.cls_token                 (same)
