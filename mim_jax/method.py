@@ -156,12 +156,19 @@ class Converter:
       image_size) -> the EMA state from the file, or None when it has none.
     ema_to_torch: (ema, model, image_size) -> the official keys of the EMA
       (e.g. `model_ema.*`); `model` may be None (keys only, no buffers).
+    to_hf: methods with a 🤗 transformers model of their own (MAE:
+      ViTMAEForPreTraining): (config, model, params) -> (config.json,
+      state dict); see mim_jax/convert/hf_vit.py.
+    from_hf: (config, model, config.json, state dict, where) -> the
+      official state dict, the sizes checked against the config.
   """
   to_flax: Callable[..., Any]
   to_torch: Callable[..., dict]
   to_torch_keys: Callable[[Any], dict]
   ema_to_flax: Optional[Callable[..., Any]] = None
   ema_to_torch: Optional[Callable[..., dict]] = None
+  to_hf: Optional[Callable[..., tuple]] = None
+  from_hf: Optional[Callable[..., dict]] = None
 
   def __post_init__(self):
     if (self.ema_to_flax is None) != (self.ema_to_torch is None):

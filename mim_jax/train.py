@@ -47,6 +47,7 @@ from mim_jax import state as state_lib
 from mim_jax import steps
 from mim_jax import weights
 from mim_jax.convert import core
+from mim_jax.convert import hf_vit
 from mim_jax.data import image_check
 from mim_jax.models import vit
 
@@ -104,6 +105,8 @@ def validate_config(config, num_devices: int, data_parallel: int):
   init_from = config.get('init_from')
   if init_from and os.path.isfile(init_from):
     core.check_weights_file(init_from)  # before anything is created
+  elif hf_vit.is_folder(init_from):
+    hf_vit.check_folder(init_from)
   if not config.get('eval_only'):
     total, warm = (optim.steps_from(config, k) for k in ('total', 'warmup'))
     if not 0 <= warm < total:

@@ -25,7 +25,9 @@ from mim_jax import methods
 from mim_jax import sharding
 from mim_jax import state as state_lib
 from mim_jax.convert import core
+from mim_jax.convert import hf_vit
 from mim_jax.convert import timm_vit
+from mim_jax.models import vit
 
 # The timm key names of a ViT encoder (what `EncoderCard.key_prefix`
 # points at): everything else in a pretraining file (decoders, mask
@@ -36,12 +38,16 @@ _ENCODER_KEY = re.compile(r'(cls_token|pos_embed|patch_embed\.|blocks\.\d+\.'
 
 def from_torch(config, model, path: str, strict: bool = True,
                state_dict: Optional[dict] = None):
-  """Params from an official PyTorch state dict (.pth/.pt/.npz).
+  """Params from an official PyTorch state dict (.pth/.pt/.npz/
+  .safetensors) or a 🤗 transformers folder of the method's model
+  (`hf_state_dict`).
 
   With strict=False, params missing from the file (the decoder of the
   released encoder-only MAE checkpoints) keep a fresh initialisation.
   `state_dict`: the file's contents when already loaded.
   """
+  if state_dict is None and hf_vit.is_folder(path):
+    state_dict = hf_state_dict(config, model, path)
   shapes = experiment.batch_spec(config, 1)
   init = lambda: state_lib.init_params(model, shapes, config.seed,
                                    experiment.init_rules_of(config))
@@ -56,7 +62,7 @@ def ema_from_torch(config, model, path: str, params):
   """The EMA target of an official file (BootMAE `model_ema.*`), or None
   when the method has none or the file lacks it."""
   conv = experiment.method_of(config).converter
-  if conv.ema_to_flax is None:
+  if conv.ema_to_flax is None or hf_vit.is_folder(path):
     return None
   return conv.ema_to_flax(core.load_state_dict(path), model, params,
                           config.input.image_size)
@@ -132,20 +138,100 @@ def timm_kwargs(config, pool: str = 'token') -> dict:
                               int(config.input.image_size), pool)
 
 
-def _encoder_fields(config) -> dict:
+def to_hf(config, model, params, encoder_only: bool = False
+          ) -> tuple[dict, dict[str, np.ndarray]]:
+  """params as a 🤗 transformers folder's (config.json, state dict): the
+  method's own model where it has one (MAE: ViTMAEForPreTraining), else (or
+  with `encoder_only`) its encoder as a `ViTModel`.
+
+  Raises:
+    errors.ConfigError: the method has no encoder, or transformers cannot
+      represent the model (every reason listed).
+  """
+  conv = experiment.method_of(config).converter
+  if conv.to_hf is not None and not encoder_only:
+    return conv.to_hf(config, model, jax.device_get(params))
+  fields = _encoder_fields(config, 'hf')
+  if 'encoder' not in params:
+    raise ValueError(f'the params hold no encoder (their entries: '
+                     f'{sorted(params)}).')
+  return hf_vit.encoder_to_vit(jax.device_get(params['encoder']), fields,
+                               int(config.input.image_size))
+
+
+def hf_state_dict(config, model, path: str) -> dict[str, np.ndarray]:
+  """The official state dict of a transformers folder of the method's
+  model (its config.json checked against the config first).
+
+  Raises:
+    errors.ConfigError: the method has no transformers model, or the
+      folder's model_type or sizes do not fit.
+    errors.WeightsFileError: a missing, truncated or foreign weights file.
+  """
+  method = experiment.method_of(config)
+  if method.converter.from_hf is None:
+    raise errors.ConfigError(
+        f'{path!r} is a transformers folder, and {method.name} has no '
+        'transformers model to load it into (MAE pretraining, fine-tuning '
+        'and probes read them).')
+  hf_config, sd = hf_vit.read_folder(path)
+  where = os.path.join(path, 'config.json')
+  logging.info('Loading %d tensors of %s (%s).', len(sd), path,
+               hf_config.get('model_type'))
+  return method.converter.from_hf(config, model, hf_config, sd, where)
+
+
+def hf_encoder(config, model, path: str) -> dict[str, np.ndarray]:
+  """The encoder of a transformers ViTMAE or ViT folder, in timm key names
+  (decoder and pooler left out), its sizes checked against the model's
+  encoder (`model.encoder_fields()`, a classifier's).
+
+  Raises:
+    errors.ConfigError: another model_type, or sizes that differ.
+    core.ConversionError: keys that are no ViT keys.
+  """
+  hf_config = hf_vit.with_defaults(hf_vit.read_config(path))
+  where = os.path.join(path, 'config.json')
+  enc = vit.Encoder(**model.encoder_fields())
+  m = 'config.model.encoder.'
+  hf_vit.check_sizes(hf_config, {
+      'hidden_size': (m + 'width', enc.width),
+      'num_hidden_layers': (m + 'depth', enc.depth),
+      'num_attention_heads': (m + 'num_heads', enc.num_heads),
+      'intermediate_size': (m + 'mlp_dim', enc.mlp_dim or 4 * enc.width),
+      'patch_size': (m + 'patch_size', enc.patch_size)}, where)
+  note = hf_vit.eps_note(hf_config, enc.layernorm_eps)
+  if note:
+    logging.info('%s: %s', where, note)
+  _, sd = hf_vit.read_folder(path)
+  prefix = hf_vit.model_prefix(sd)
+  out, unknown = hf_vit.encoder_from_hf(sd, prefix, where)
+  rest = [k for k in sd if not k.startswith(prefix)] + unknown
+  unknown = [k for k in rest if not k.startswith(('decoder.', 'pooler.'))]
+  if unknown:
+    raise core.ConversionError(
+        f'{path}: {len(unknown)} keys are no ViT encoder keys: '
+        f'{sorted(unknown)[:12]}.')
+  logging.info('init_from: the %s encoder of %s (%d tensors; decoder and '
+               'pooler left out).', hf_config['model_type'], path, len(out))
+  return out
+
+
+def _encoder_fields(config, what: str = 'timm') -> dict:
   method = experiment.method_of(config)
   if method.encoder is None:
     raise errors.ConfigError(
         f'method {method.name!r} declares no pretraining encoder '
-        '(Method.encoder), so it has none to export for timm; use '
+        f'(Method.encoder), so it has none to export for {what}; use '
         '--format=official.')
   return method.encoder(config)
 
 
 def is_workdir(path: str) -> bool:
-  """True for a mim_jax training workdir (config.json + checkpoints/)."""
+  """True for a mim_jax training workdir (config.json + checkpoints/; a
+  transformers folder's config.json has a model_type instead)."""
   return tf.io.gfile.isdir(path) and tf.io.gfile.exists(
-      os.path.join(path, 'config.json'))
+      os.path.join(path, 'config.json')) and not hf_vit.is_folder(path)
 
 
 def workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -194,6 +280,9 @@ def initial_params(config, model):
     fine-tuned classifier for evaluation), or of a pretraining method when
     the config's method is a labelled task (`Method.labelled`): its
     `params['encoder']` is copied as is, checked against the task's;
+  - a 🤗 transformers folder (config.json + model.safetensors): a
+    ViTMAEForPreTraining for MAE pretraining, or its encoder (or a
+    ViTModel's) for labelled tasks;
   - an official PyTorch file (.pth/.pt/.npz) of the config's method (a
     fine-tuned classifier, or a pretraining checkpoint), or, for labelled
     tasks, a pretraining file of `config.init_method` (converted through
@@ -206,6 +295,12 @@ def initial_params(config, model):
   path = config.init_from
   method = experiment.method_of(config)
   strict = config.get('init_strict', True)
+  if hf_vit.is_folder(path):
+    if method.labelled is not None:
+      return method.labelled.from_encoder(
+          hf_encoder(config, model, path), model,
+          _fresh_params(config, model), config.input.image_size), None
+    return from_torch(config, model, path, strict=strict), None
   if is_workdir(path):
     src_config = workdir_config(path)
     if src_config.model_name == method.name:

@@ -54,6 +54,18 @@ What timm's VisionTransformer cannot represent stops the export with the
 reason (BEiT's relative position bias, a LayerNorm epsilon other than
 1e-6, an MLP width no float mlp_ratio gives).
 
+Export the run as a 🤗 transformers folder (config.json + model.safetensors,
+written atomically; mim_jax/convert/hf_vit.py): MAE as ViTMAEForPreTraining
+(encoder and decoder; `from_pretrained(DIR)` reports no missing or
+unexpected keys), CAE's and BootMAE's encoders (MAE's with --hf_encoder) as
+`ViTModel.from_pretrained(DIR, add_pooling_layer=False)`:
+
+  python -m mim_jax.tools.convert export --format=hf \
+      --config=configs/mae_vitb.py --workdir=DIR --out=HF_DIR [--hf_encoder]
+
+What transformers cannot represent is refused with every reason (relative
+position bias; robust MAE's encoder mask tokens, population statistics).
+
 Import an official checkpoint into an orbax params checkpoint (and check it):
 
   python -m mim_jax.tools.convert import --config=configs/mae_vitb.py \
@@ -61,7 +73,9 @@ Import an official checkpoint into an orbax params checkpoint (and check it):
 
 The released `mae_pretrain_vit_*.pth` hold the encoder only: use --nostrict
 to keep a freshly initialised decoder (it is listed in the log). PyTorch
-files are read with torch.load(weights_only=True).
+files are read with torch.load(weights_only=True). --torch_ckpt may also be
+a transformers ViTMAEForPreTraining folder (its config.json's sizes are
+checked against --config first).
 
 Bad input (a missing, empty or damaged file, a config that does not fit the
 checkpoint) prints one line, `error: ...`, with exit status 2.
@@ -91,13 +105,18 @@ def _define_flags():
   flags.DEFINE_string('workdir', None, 'Training workdir (export).')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_string('torch_ckpt', None,
-                      '.pth/.pt/.npz state dict (import).')
+                      '.pth/.pt/.npz/.safetensors state dict, or a '
+                      'transformers folder (import).')
   flags.DEFINE_string('out', None,
                       'Output: .pth/.npz (export) or dir (import).')
   flags.DEFINE_bool('strict', True, 'Fail on params missing from the ckpt.')
-  flags.DEFINE_enum('format', 'official', ('official', 'timm'),
-                    'export: official (the method\'s upstream state dict) or '
-                    'timm (the encoder as a timm VisionTransformer).')
+  flags.DEFINE_enum('format', 'official', ('official', 'timm', 'hf'),
+                    'export: official (the method\'s upstream state dict), '
+                    'timm (the encoder as a timm VisionTransformer) or hf '
+                    '(a 🤗 transformers folder: ViTMAEForPreTraining for '
+                    'MAE, ViTModel for other encoders).')
+  flags.DEFINE_bool('hf_encoder', False, '--format=hf: the encoder alone '
+                    'as a ViTModel, for MAE too.')
   flags.DEFINE_enum('timm_pool', 'token', ('token', 'avg'),
                     '--format=timm: token (global_pool=\'token\', final norm) '
                     'or avg (global_pool=\'avg\', fc_norm=True).')
@@ -168,6 +187,34 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
   return kwargs
 
 
+def export_hf(config, workdir: str, out: str, step: Optional[int] = None,
+              encoder_only: bool = False) -> dict:
+  """Writes the run as a 🤗 transformers folder (config.json +
+  model.safetensors, written atomically): MAE as ViTMAEForPreTraining,
+  other methods' encoders (or MAE's, with `encoder_only`) as ViTModel.
+
+  Returns:
+    The config.json written.
+
+  Raises:
+    errors.ConfigError: transformers cannot represent the model (every
+      reason), or `out` holds other files.
+  """
+  from mim_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mim_jax import weights  # pylint: disable=g-import-not-at-top
+  from mim_jax.convert import hf_vit  # pylint: disable=g-import-not-at-top
+  model = experiment.build_model(config)
+  state, step = weights.state_from_workdir(config, model, workdir, step)
+  hf_config, sd = weights.to_hf(config, model, state.params, encoder_only)
+  hf_vit.write_folder(out, hf_config, sd)
+  logging.info(
+      'Wrote %d tensors of step %d to %s. Load them with\n'
+      '  from transformers import %s\n  model = %s', len(sd), step, out,
+      hf_config['architectures'][0],
+      hf_vit.vit_constructor(hf_config['model_type'], out))
+  return hf_config
+
+
 def import_(config):
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -192,10 +239,16 @@ def main(argv):
   if timm_only and (argv[1] != 'export' or FLAGS.format != 'timm'):
     raise app.UsageError(f'{" and ".join(timm_only)} only apply to '
                          'export --format=timm.')
+  if FLAGS['hf_encoder'].present and (argv[1] != 'export' or
+                                      FLAGS.format != 'hf'):
+    raise app.UsageError('--hf_encoder only applies to export --format=hf.')
   if argv[1] == 'export':
     if not FLAGS.workdir:
       raise app.UsageError('export needs --workdir.')
-    if FLAGS.format == 'timm':
+    if FLAGS.format == 'hf':
+      run = functools.partial(export_hf, FLAGS.config, FLAGS.workdir,
+                              FLAGS.out, FLAGS.step, FLAGS.hf_encoder)
+    elif FLAGS.format == 'timm':
       run = functools.partial(export_timm, FLAGS.config, FLAGS.workdir,
                               FLAGS.out, FLAGS.step, FLAGS.timm_pool,
                               FLAGS.timm_ema)
@@ -204,7 +257,8 @@ def main(argv):
   else:
     if FLAGS.format != 'official':
       raise app.UsageError(f'--format={FLAGS.format} is an export format; '
-                           'import reads official files (drop --format).')
+                           'import reads official files and transformers '
+                           'folders (drop --format).')
     if not FLAGS.torch_ckpt:
       raise app.UsageError('import needs --torch_ckpt.')
     run = functools.partial(import_, FLAGS.config)
