@@ -67,8 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
                  wd_exclude=('bias', 'scale'),
                  grad_clip_norm=placeholder(float), mu_dtype=placeholder(str))
   c.grad_accum_steps = 1
-  # Start from an official PyTorch checkpoint (.pth/.npz) when the workdir
-  # has none; init_strict=False for encoder-only files (random decoder).
+  # Start from a weights file (.pth/.npz/.safetensors; a timm ViT state
+  # dict for classifiers) or workdir when the workdir has none;
+  # init_strict=False for encoder-only files (random decoder).
   c.init_from = placeholder(str)
   c.init_strict = True
   # Pure FSDP over every device (params, optimizer state, EMA and batch

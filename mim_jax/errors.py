@@ -27,8 +27,8 @@ class MissingFileError(UserError, FileNotFoundError):
 
 
 class WeightsFileError(UserError, ValueError):
-  """A weights file (.pth, .npz, a workdir's checkpoint) cannot be read or
-  does not fit the model."""
+  """A weights file (.pth, .npz, .safetensors, a workdir's checkpoint)
+  cannot be read or does not fit the model."""
 
 
 class DataError(UserError, ValueError):

@@ -651,7 +651,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.get('init_from'):
     raise errors.ConfigError(
         'eval_only evaluates the model of config.init_from: set '
-        '--config.init_from to a workdir or .pth file.')
+        '--config.init_from to a workdir or a .pth/.safetensors file.')
   method = experiment.method_of(config)
   if method.labelled is None or not config.get('eval'):
     raise errors.ConfigError(

@@ -34,13 +34,14 @@ from mim_jax.models import vit
 # tokens, momentum copies) is not part of the encoder.
 _ENCODER_KEY = re.compile(r'(cls_token|pos_embed|patch_embed\.|blocks\.\d+\.'
                           r'|norm\.)')
+# config.init_method of a timm VisionTransformer state dict.
+TIMM = 'timm'
 
 
 def from_torch(config, model, path: str, strict: bool = True,
                state_dict: Optional[dict] = None):
-  """Params from an official PyTorch state dict (.pth/.pt/.npz/
-  .safetensors) or a 🤗 transformers folder of the method's model
-  (`hf_state_dict`).
+  """Params from an official state dict (.pth/.pt/.npz/.safetensors) or a
+  🤗 transformers folder of the method's model (`hf_state_dict`).
 
   With strict=False, params missing from the file (the decoder of the
   released encoder-only MAE checkpoints) keep a fresh initialisation.
@@ -244,30 +245,44 @@ def workdir_config(workdir: str) -> ml_collections.ConfigDict:
 
 def encoder_state_dict(method_name: Optional[str], state_dict: dict) -> dict:
   """The encoder of a pretraining state dict of `method_name`, in timm key
-  names (its `EncoderCard.key_prefix` stripped, decoders dropped); None:
-  a file whose encoder already has timm key names at the top level.
+  names (its `EncoderCard.key_prefix` stripped, decoders dropped).
+
+  `method_name` None or TIMM: a timm `VisionTransformer` state dict (the
+  encoder's timm key names at the top level, e.g. timm's
+  `vit_base_patch16_224.mae`). A file that holds no encoder under the
+  method's prefix but one at the top level is read as timm's, and the log
+  says so (for MAE and BootMAE, whose prefix is '', both are the same).
 
   Raises:
-    ValueError: the method declares no classifier card, or the file holds
-      no encoder under its prefix.
+    errors.ConfigError: the method declares no classifier card.
+    errors.WeightsFileError: the file holds no encoder under the method's
+      prefix nor timm's names (its first keys listed).
   """
-  prefix = ''
-  if method_name is not None:
+  layouts = [(TIMM, '')]
+  if method_name not in (None, TIMM):
     card = methods.get(method_name).classifier
     if card is None:
       raise errors.ConfigError(
           f'method {method_name!r} declares no encoder to '
           'fine-tune (Method.classifier).')
-    prefix = card.key_prefix
-  out = {k[len(prefix):]: v for k, v in state_dict.items()
-         if k.startswith(prefix) and _ENCODER_KEY.match(k[len(prefix):])}
-  if not out:
-    raise errors.WeightsFileError(
-        f'no {method_name or "timm"} encoder keys (prefix {prefix!r}: '
-        'cls_token, patch_embed.*, blocks.*) in the state dict; its first '
-        f'keys are {sorted(state_dict)[:8]}. Set config.init_method to the '
-        'method that wrote the file.')
-  return out
+    layouts = [(method_name, card.key_prefix)] + (
+        layouts if card.key_prefix else [])
+  for name, prefix in layouts:
+    out = {k[len(prefix):]: v for k, v in state_dict.items()
+           if k.startswith(prefix) and _ENCODER_KEY.match(k[len(prefix):])}
+    if out:
+      if name != layouts[0][0]:
+        logging.info('init_from: no %s encoder keys (prefix %r); the file '
+                     'holds a timm VisionTransformer state dict, read as '
+                     'such.', method_name, layouts[0][1])
+      return out
+  wanted = ' nor '.join(f'{name}\'s (prefix {prefix!r})'
+                        for name, prefix in layouts)
+  raise errors.WeightsFileError(
+      f'no encoder keys (cls_token, patch_embed.*, blocks.*) in the state '
+      f'dict under {wanted}; its first keys are {sorted(state_dict)[:8]}. '
+      'Set config.init_method to the method that wrote the file, or to '
+      f'{TIMM!r} for a timm VisionTransformer state dict.')
 
 
 def initial_params(config, model):
@@ -283,10 +298,11 @@ def initial_params(config, model):
   - a 🤗 transformers folder (config.json + model.safetensors): a
     ViTMAEForPreTraining for MAE pretraining, or its encoder (or a
     ViTModel's) for labelled tasks;
-  - an official PyTorch file (.pth/.pt/.npz) of the config's method (a
-    fine-tuned classifier, or a pretraining checkpoint), or, for labelled
-    tasks, a pretraining file of `config.init_method` (converted through
-    its official key names).
+  - a weights file (.pth/.pt/.npz/.safetensors) of the config's method
+    in its official key names (a fine-tuned classifier, or a pretraining
+    checkpoint), or, for labelled tasks, a pretraining file of
+    `config.init_method` or a timm VisionTransformer state dict (see
+    `_labelled_from_file`).
 
   Raises:
     ValueError: a missing path, or a checkpoint of another architecture
@@ -337,18 +353,47 @@ def initial_params(config, model):
   if not tf.io.gfile.exists(path):
     raise errors.MissingFileError(
         f'init_from={path!r} does not exist: give a mim_jax workdir (with '
-        'config.json and checkpoints/) or a PyTorch .pth/.pt/.npz file.')
+        'config.json and checkpoints/) or a .pth/.pt/.npz/.safetensors '
+        'state dict.')
   sd = core.load_state_dict(path)
-  # A classifier file (fine-tuned: 'head.*' keys) loads whole; any other
-  # file gives a labelled task its encoder.
-  if method.labelled is not None and not any(
-      k.startswith('head.') for k in sd):
-    src = config.get('init_method') or None
-    logging.info('init_from: the %s encoder of %s.', src or 'timm', path)
-    return method.labelled.from_encoder(
-        encoder_state_dict(src, sd), model, _fresh_params(config, model),
-        config.input.image_size), None
+  if method.labelled is not None:
+    return _labelled_from_file(config, model, path, sd, strict), None
   return from_torch(config, model, path, strict=strict, state_dict=sd), None
+
+
+def _labelled_from_file(config, model, path: str, sd: dict, strict: bool):
+  """A labelled task's params from a weights file: a classifier file
+  (`head.*` keys: an official or timm fine-tuned model) loads whole; any
+  other file gives the encoder alone (`encoder_state_dict`: the layout of
+  `config.init_method`, or timm's), and so does a classifier file that
+  does not fit a training run's classifier whole (another class count or
+  pooling: its head and fc_norm then start fresh, and the log says why).
+
+  Raises:
+    errors.WeightsFileError: the encoder does not fit, or (eval_only) the
+      file has no head or does not fit whole.
+  """
+  has_head = any(k.startswith('head.') for k in sd)
+  if config.get('eval_only') and not has_head:
+    raise errors.WeightsFileError(
+        f'init_from={path!r} holds no classifier head (head.* keys), and '
+        'eval_only evaluates a classifier as it is: give a fine-tuned file '
+        'or workdir, or fine-tune from this one first.')
+  if has_head:
+    try:
+      return from_torch(config, model, path, strict=strict, state_dict=sd)
+    except core.ConversionError as e:
+      if config.get('eval_only'):
+        raise
+      logging.warning(
+          'init_from: %s does not load whole into this classifier (%s); '
+          'loading its encoder alone: the head and fc_norm start fresh.',
+          path, ' '.join(str(e).split())[:600])
+  src = config.get('init_method') or None
+  logging.info('init_from: the %s encoder of %s.', src or TIMM, path)
+  return experiment.method_of(config).labelled.from_encoder(
+      encoder_state_dict(src, sd), model, _fresh_params(config, model),
+      config.input.image_size)
 
 
 def _check_same(expected, got, path: str):
@@ -366,6 +411,9 @@ def _check_same(expected, got, path: str):
 
 
 def _fresh_params(config, model):
-  """The model's initial params (what a loaded encoder leaves fresh)."""
-  return state_lib.init_params(model, experiment.batch_spec(config, 1),
-                               config.seed, experiment.init_rules_of(config))
+  """The model's initial params (what a loaded encoder leaves fresh),
+  drawn in one compiled call (op by op, the tiny configs' init took
+  twice as long)."""
+  return jax.jit(lambda: state_lib.init_params(
+      model, experiment.batch_spec(config, 1), config.seed,
+      experiment.init_rules_of(config)))()

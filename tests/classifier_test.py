@@ -1,5 +1,6 @@
 """Classifier (fine-tuning and probing) against timm, and its converter."""
 
+import pickle
 import warnings
 
 import flax.linen as nn
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from mim_jax import experiment
+from mim_jax import weights
 from mim_jax.convert import core
 from mim_jax.convert import timm_vit
 from mim_jax.methods import classifier as classifier_lib
+from mim_jax.methods.classifier import config as recipe
 from mim_jax.methods.classifier import convert
 from mim_jax.methods.classifier import model as model_lib
 from mim_jax.models import layers
@@ -549,6 +553,84 @@ def test_attentive_head_shapes_and_frozen_encoder_grads():
   assert np.any(np.asarray(grads['head']['kernel']))
   assert np.any(np.asarray(grads['attentive_block']['cross_attn']['v'][
       'kernel']))
+
+
+# ---------------------------------------------------------------------------
+# A timm VisionTransformer state dict through config.init_from.
+
+
+def _refuse(*args, **kw):
+  raise AssertionError('a safetensors file was read through pickle')
+
+
+class _RefusingUnpickler(pickle.Unpickler):
+
+  def __init__(self, *args, **kw):  # pylint: disable=super-init-not-called
+    _refuse()
+
+
+def _no_pickle(monkeypatch):
+  """Makes every pickle (and torch.load) read fail."""
+  for name in ('load', 'loads'):
+    monkeypatch.setattr(pickle, name, _refuse)
+  monkeypatch.setattr(pickle, 'Unpickler', _RefusingUnpickler)
+  monkeypatch.setattr(torch, 'load', _refuse)
+
+
+@pytest.mark.parametrize('task,method,pool,suffix', [
+    ('finetune', 'mae', 'avg', 'safetensors'),   # head loads too
+    ('linprobe', 'mae', 'token', 'pth'),         # timm's .mae layout
+    ('finetune', 'cae', 'avg', 'safetensors'),   # 'encoder.' prefix, qv, ls
+])
+def test_init_from_a_timm_state_dict_gives_timm_features(
+    task, method, pool, suffix, tmp_path, monkeypatch):
+  """A real timm ViT's state dict (perturbed random weights) starts a
+  classifier config whatever its init_method: our encoder's tokens equal
+  timm's forward_features and, where the head fits, our logits its
+  logits. CAE: no `encoder.*` keys, so the file is read as timm's; its
+  qkv bias (key part dropped) and ls1/ls2 gammas map onto q/v biases and
+  gamma_1/gamma_2, and its pos_embed must be the fixed row-first table."""
+  cae = method == 'cae'
+  torch.manual_seed(0)
+  tm = _perturb(_timm().models.vision_transformer.VisionTransformer(
+      img_size=IMG, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+      num_classes=NUM_CLASSES if task == 'finetune' else 0,
+      global_pool=pool, fc_norm=pool == 'avg',
+      init_values=0.1 if cae else None)).eval()
+  if cae:
+    with torch.no_grad():
+      tm.pos_embed.copy_(torch.from_numpy(
+          layers.posemb_sincos_2d(4, 4, 32, row_first=True)))
+  sd = {k: v.contiguous() for k, v in tm.state_dict().items()}
+  path = str(tmp_path / f'vit.{suffix}')
+  if suffix == 'safetensors':
+    pytest.importorskip('safetensors.torch').save_file(sd, path)
+    _no_pickle(monkeypatch)
+  else:
+    torch.save(sd, path)
+  c = recipe.get_config(task, method, 'tiny')
+  c.model.encoder.update(MU, mlp_dim=128)
+  c.model.scan = cae
+  c.init_from = path
+  model = experiment.build_model(c)
+  params, _ = weights.initial_params(c, model)
+  monkeypatch.undo()
+  x_t, batch = _images()
+  with torch.no_grad():
+    want, logits_t = tm.forward_features(x_t).numpy(), tm(x_t).numpy()
+  tokens, _ = jax.jit(vit.Encoder(**model.encoder_fields(), scan=cae).apply)(
+      {'params': params['encoder']}, batch['image'])
+  assert _rel_err(tokens, want) < 1e-5
+  if method == 'mae' and task == 'finetune':   # head and fc_norm too
+    logits, _ = model.apply({'params': params}, batch)
+    assert _rel_err(logits, logits_t) < 1e-5
+  if cae:   # read as timm's, as init_method='timm' asks
+    assert (sorted(weights.encoder_state_dict('cae', sd)) ==
+            sorted(weights.encoder_state_dict('timm', sd)))
+    block = vit.scan_to_loop(params['encoder'])['blocks_1']
+    np.testing.assert_array_equal(block['gamma_1'], sd['blocks.1.ls1.gamma'])
+    np.testing.assert_array_equal(block['attn']['v_bias'],
+                                  sd['blocks.1.attn.qkv.bias'][64:])
 
 
 # ---------------------------------------------------------------------------

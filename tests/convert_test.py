@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import pickle
 
 import jax
 import numpy as np
@@ -108,6 +109,40 @@ def test_npz_round_trip(tmp_path):
   _assert_same_state_dict(core.load_state_dict(out), sd)
   with pytest.raises(FileNotFoundError, match='nope.pth'):
     core.load_state_dict(str(tmp_path / 'nope.pth'))
+
+
+def test_safetensors_round_trip_without_pickle(tmp_path, monkeypatch):
+  """Written and read back bit for bit with no pickle anywhere (torch.load
+  and pickle refuse); bf16 tensors come back as float32; a truncated or
+  damaged file is a user error naming the bytes."""
+  from safetensors import torch as st  # pylint: disable=g-import-not-at-top
+  sd = _state_dict()
+  out = str(tmp_path / 'x.safetensors')
+  core.save_state_dict(sd, out)
+  bf16 = str(tmp_path / 'bf16.safetensors')
+  st.save_file({'w': torch.linspace(-3, 3, 7, dtype=torch.bfloat16)}, bf16)
+  refuse = lambda *a, **k: pytest.fail('pickle used for a safetensors file')
+  for module, name in ((torch, 'load'), (pickle, 'load'), (pickle, 'loads'),
+                       (np, 'load')):
+    monkeypatch.setattr(module, name, refuse)
+  _assert_same_state_dict(core.load_state_dict(out), sd)
+  w = core.load_state_dict(bf16)['w']
+  assert w.dtype == np.float32
+  np.testing.assert_array_equal(w, torch.linspace(
+      -3, 3, 7, dtype=torch.bfloat16).float().numpy())
+  data = open(out, 'rb').read()
+  cut = str(tmp_path / 'cut.safetensors')
+  with open(cut, 'wb') as f:
+    f.write(data[:-100])
+  with pytest.raises(errors.WeightsFileError,
+                     match=rf'is truncated: .* {len(data)} bytes, the file '
+                     rf'holds {len(data) - 100}; fetch it again'):
+    core.load_state_dict(cut)
+  header = int.from_bytes(data[:8], 'little')
+  with open(cut, 'wb') as f:   # the header cut in half
+    f.write(data[:8 + header // 2])
+  with pytest.raises(errors.WeightsFileError, match='not a whole safetensors'):
+    core.load_state_dict(cut)
 
 
 @pytest.mark.parametrize('content, error, match', [

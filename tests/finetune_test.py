@@ -285,10 +285,18 @@ def test_finetune_resume_is_exact_and_eval_only_reproduces(
 # Bad input, before anything compiles.
 
 
-def test_init_from_missing_path_is_named(tmp_path):
+def test_init_from_missing_or_truncated_file_is_named(tmp_path):
   config = _task_config('finetune')
   config.init_from = str(tmp_path / 'nope.pth')
   with pytest.raises(errors.MissingFileError, match='does not exist'):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  cut = tmp_path / 'cut.safetensors'
+  core.save_state_dict({'cls_token': np.ones((1, 1, 64), np.float32)},
+                       str(cut))
+  cut.write_bytes(cut.read_bytes()[:-8])
+  config.init_from = str(cut)
+  with pytest.raises(errors.WeightsFileError,
+                     match=r'is truncated: its header describes \d+ bytes'):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
@@ -339,13 +347,13 @@ def test_missing_eval_split_is_refused(tmp_path):
 
 def test_init_from_official_pretrain_and_finetuned_files(pretrained,
                                                          tmp_path):
-  """An MAE pretraining file (encoder + decoder, official keys) gives the
-  classifier its encoder; a fine-tuned file (fc_norm.*, head.*) loads
-  whole, exactly."""
+  """An MAE pretraining file (encoder + decoder, official keys, here as
+  safetensors) gives the classifier its encoder; a fine-tuned file
+  (fc_norm.*, head.*) loads whole, exactly."""
   src = weights.workdir_config(pretrained)
   src_model = experiment.build_model(src)
   src_params, _ = weights.from_workdir(src, src_model, pretrained)
-  pth = str(tmp_path / 'checkpoint-7.pth')
+  pth = str(tmp_path / 'checkpoint-7.safetensors')
   core.save_state_dict(weights.to_torch(src, src_model, src_params), pth)
   config = _task_config('finetune')
   config.init_from = pth
@@ -371,10 +379,19 @@ def test_init_from_official_pretrain_and_finetuned_files(pretrained,
   again, _ = weights.initial_params(ev, experiment.build_model(ev))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+  ev.init_from = pth   # a pretraining file: nothing to evaluate
+  with pytest.raises(errors.WeightsFileError, match='holds no classifier '
+                     r'head \(head\.\* keys\)'):
+    weights.initial_params(ev, experiment.build_model(ev))
 
-  # A pretraining file named as another method's is refused with the keys.
-  config.init_method = 'cae'
-  with pytest.raises(ValueError, match='no cae encoder keys'):
+  # No encoder in the layout of init_method nor in timm's: both named.
+  odd = str(tmp_path / 'odd.safetensors')
+  core.save_state_dict({f'backbone.{k}': v for k, v in
+                        core.load_state_dict(pth).items()}, odd)
+  config.init_from, config.init_method = odd, 'cae'
+  with pytest.raises(errors.WeightsFileError,
+                     match=r"under cae's \(prefix 'encoder\.'\) nor timm's "
+                     r"\(prefix ''\); its first keys are \['backbone\."):
     weights.initial_params(config, model)
 
 

@@ -278,16 +278,17 @@ def _cli(*args):
 @pytest.mark.slow
 def test_cli_exports_the_bootmae_momentum_encoder(tmp_path):
   c = _config('bootmae')
-  wd, out = str(tmp_path / 'run'), str(tmp_path / 'vit.pth')
+  wd, out = str(tmp_path / 'run'), str(tmp_path / 'vit.safetensors')
   state = _workdir(c, wd)
   res = _cli('export', '--format=timm', '--config=configs/bootmae_tiny.py',
              f'--workdir={wd}', f'--out={out}', '--timm_pool=avg',
-             '--timm_ema')
+             '--timm_ema', '--safetensors')
   assert res.returncode == 0, res.stderr[-3000:]
   kwargs = weights.timm_kwargs(c, 'avg')
   assert timm_vit.constructor(kwargs) in res.stderr
   assert 'momentum (EMA) encoder of step 0' in res.stderr
-  sd = core.load_state_dict(out)  # torch.load(weights_only=True)
+  assert f'safetensors.torch.load_file({out!r})' in res.stderr
+  sd = core.load_state_dict(out)  # no pickle
   _, got = _timm_features(kwargs, sd)
   want = _ours(c, state.ema_params['encoder'], 'avg')
   assert _rel_err(got, want) < 1e-5
@@ -303,3 +304,8 @@ def test_cli_rejects_bad_flags():
              '--workdir=x', '--out=x.pth')
   assert res.returncode != 0
   assert '--timm_pool only apply to export --format=timm' in res.stderr
+  res = _cli('export', '--safetensors', '--config=configs/mae_tiny.py',
+             '--workdir=x', '--out=dir/x.pth')
+  assert res.returncode != 0
+  assert ('--out=dir/x.pth does not end in .safetensors: use '
+          '--out=dir/x.safetensors' in res.stderr)

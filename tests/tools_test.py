@@ -33,7 +33,7 @@ def test_export_import_and_visualize(tmp_path):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  pth = str(tmp_path / 'export.pth')
+  pth = str(tmp_path / 'export.safetensors')  # read with no pickle
   core.save_state_dict(weights.to_torch(c, model, params), pth)
   back = weights.from_torch(c, model, pth)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):

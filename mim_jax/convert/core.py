@@ -166,8 +166,12 @@ def load_safetensors(path: str) -> dict[str, np.ndarray]:
           f'checkpoint {path!r}: tensor {key!r} has dtype {t["dtype"]}, '
           f'which mim_jax does not read ({sorted(_SAFETENSORS_DTYPES)}).')
     lo, hi = t['data_offsets']
-    arr = np.frombuffer(data[lo:hi],
-                        _SAFETENSORS_DTYPES[t['dtype']]).reshape(t['shape'])
+    dtype = np.dtype(_SAFETENSORS_DTYPES[t['dtype']])
+    if hi - lo != int(np.prod(t['shape'])) * dtype.itemsize:
+      raise errors.WeightsFileError(
+          f'checkpoint {path!r} is damaged: tensor {key!r} ({t["dtype"]} '
+          f'{t["shape"]}) spans {hi - lo} bytes; fetch it again.')
+    arr = np.frombuffer(data[lo:hi], dtype).reshape(t['shape'])
     out[key] = arr.astype(np.float32) if t['dtype'] in ('F16',
                                                          'BF16') else arr
   return out
@@ -187,8 +191,9 @@ def unreadable(path: str, e: Exception) -> str:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a PyTorch checkpoint (.pth/.pt, via torch.load(weights_only=True))
-  or a state dict saved as .npz. Unwraps {'model': ...} / {'state_dict': ...}
+  """Reads a PyTorch checkpoint (.pth/.pt, via torch.load(weights_only=True)),
+  a safetensors file (`load_safetensors`: no torch, no pickle) or a state
+  dict saved as .npz. Unwraps {'model': ...} / {'state_dict': ...}
   as written by the official training scripts; their {'model_ema': ...}
   (a timm ModelEma state dict, e.g. BootMAE's momentum encoder) comes back
   as `model_ema.`-prefixed keys.

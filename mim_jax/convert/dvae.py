@@ -67,7 +67,8 @@ _PICKLE.__dict__.update(
 
 
 def load_encoder_pkl(path: str) -> dict[str, np.ndarray]:
-  """State dict of an `encoder.pkl` (a pickled module) or of a .pth/.npz.
+  """State dict of an `encoder.pkl` (a pickled module) or of a
+  .pth/.npz/.safetensors file.
 
   The official file pickles the whole `dall_e.encoder.Encoder` module. It
   is read with `torch.load(weights_only=False)` and the `dall_e` classes

@@ -5,7 +5,7 @@ decoder, and BootMAE's momentum encoder; official key names, loads with
 strict=True upstream):
 
   python -m mim_jax.tools.convert export --config=configs/mae_vitb.py \
-      --workdir=DIR [--step=N] --out=mae_vitb.pth     # or .npz
+      --workdir=DIR [--step=N] --out=mae_vitb.pth     # or .npz, .safetensors
 
 Export the run's encoder alone as a timm `VisionTransformer` state dict
 (MAE, CAE and BootMAE alike; mim_jax/convert/timm_vit.py):
@@ -50,6 +50,11 @@ encoder's output on whole images (all patches, cls token first):
   instead (methods whose EMA target holds an encoder). Robust MAE's
   encoder mask token is not used on whole images and is left out.
 
+Either export writes the format its --out suffix names: .pth (torch.save),
+.npz, or .safetensors (no pickle; `safetensors.torch.load_file` reads it).
+--safetensors asks for safetensors explicitly, and then an --out of another
+suffix is refused (with the name to use) rather than silently renamed.
+
 What timm's VisionTransformer cannot represent stops the export with the
 reason (BEiT's relative position bias, a LayerNorm epsilon other than
 1e-6, an MLP width no float mlp_ratio gives).
@@ -73,9 +78,10 @@ Import an official checkpoint into an orbax params checkpoint (and check it):
 
 The released `mae_pretrain_vit_*.pth` hold the encoder only: use --nostrict
 to keep a freshly initialised decoder (it is listed in the log). PyTorch
-files are read with torch.load(weights_only=True). --torch_ckpt may also be
-a transformers ViTMAEForPreTraining folder (its config.json's sizes are
-checked against --config first).
+files are read with torch.load(weights_only=True), .safetensors files by
+mim_jax's own reader (mim_jax/convert/core.py), never through pickle.
+--torch_ckpt may also be a transformers ViTMAEForPreTraining folder (its
+config.json's sizes are checked against --config first).
 
 Bad input (a missing, empty or damaged file, a config that does not fit the
 checkpoint) prints one line, `error: ...`, with exit status 2.
@@ -107,8 +113,10 @@ def _define_flags():
   flags.DEFINE_string('torch_ckpt', None,
                       '.pth/.pt/.npz/.safetensors state dict, or a '
                       'transformers folder (import).')
-  flags.DEFINE_string('out', None,
-                      'Output: .pth/.npz (export) or dir (import).')
+  flags.DEFINE_string('out', None, 'Output: .pth/.npz/.safetensors '
+                      '(export), a folder (export --format=hf, import).')
+  flags.DEFINE_bool('safetensors', False, 'export: write safetensors (no '
+                    'pickle); --out must then end in .safetensors.')
   flags.DEFINE_bool('strict', True, 'Fail on params missing from the ckpt.')
   flags.DEFINE_enum('format', 'official', ('official', 'timm', 'hf'),
                     'export: official (the method\'s upstream state dict), '
@@ -144,7 +152,7 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
   Args:
     config: the run's config.
     workdir: its workdir (the checkpoint of `step`, default the latest).
-    out: the .pth (or .npz) to write.
+    out: the .pth, .npz or .safetensors to write (by its suffix).
     step: the checkpoint step; None for the latest.
     pool: 'token' or 'avg' (--timm_pool).
     ema: the momentum (EMA) encoder instead of the online one.
@@ -181,9 +189,10 @@ def export_timm(config, workdir: str, out: str, step: Optional[int] = None,
       'Wrote %d tensors (the %s encoder of step %d) to %s. Load them with\n'
       '  from timm.models.vision_transformer import VisionTransformer\n'
       '  model = %s\n'
-      '  model.load_state_dict(torch.load(%r, weights_only=True), '
-      'strict=True)', len(sd), which, step, out,
-      timm_vit.constructor(kwargs), out)
+      '  model.load_state_dict(%s, strict=True)', len(sd), which, step, out,
+      timm_vit.constructor(kwargs),
+      f'safetensors.torch.load_file({out!r})' if out.endswith(
+          '.safetensors') else f'torch.load({out!r}, weights_only=True)')
   return kwargs
 
 
@@ -229,6 +238,21 @@ def import_(config):
   logging.info('Wrote params of %s to %s', FLAGS.torch_ckpt, out)
 
 
+def _check_safetensors_flag(command: str):
+  """--safetensors: export only, and --out must say so (an --out ending
+  in .safetensors writes safetensors with or without the flag)."""
+  if not FLAGS.safetensors or FLAGS.format not in ('official', 'timm'):
+    return
+  if command != 'export':
+    raise app.UsageError('--safetensors applies to export; import reads '
+                         'any .safetensors --torch_ckpt as it is.')
+  if not FLAGS.out.endswith('.safetensors'):
+    stem = os.path.splitext(FLAGS.out)[0]
+    raise app.UsageError(f'--safetensors writes a safetensors file, but '
+                         f'--out={FLAGS.out} does not end in .safetensors: '
+                         f'use --out={stem}.safetensors.')
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in ('export', 'import'):
     raise app.UsageError('usage: convert {export|import} --config=... ...')
@@ -242,6 +266,7 @@ def main(argv):
   if FLAGS['hf_encoder'].present and (argv[1] != 'export' or
                                       FLAGS.format != 'hf'):
     raise app.UsageError('--hf_encoder only applies to export --format=hf.')
+  _check_safetensors_flag(argv[1])
   if argv[1] == 'export':
     if not FLAGS.workdir:
       raise app.UsageError('export needs --workdir.')

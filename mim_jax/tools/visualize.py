@@ -29,7 +29,8 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 flags.DEFINE_string('workdir', None, 'Training workdir with checkpoints.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-flags.DEFINE_string('torch_ckpt', None, 'Official PyTorch checkpoint.')
+flags.DEFINE_string('torch_ckpt', None, 'Official checkpoint '
+                    '(.pth/.npz/.safetensors).')
 flags.DEFINE_integer('num_images', 8, 'Rows of the figure.')
 flags.DEFINE_integer('seed', 0, 'Seed of the masks.')
 flags.DEFINE_string('out', 'recon.png', 'Output PNG (local or gs://).')

@@ -91,7 +91,8 @@ _FRESH_PARAMS = re.compile(
 
 
 def from_encoder(encoder_sd, flax_model, params, image_size: int):
-  """Loads a pretrained encoder (timm key names) into the classifier's
+  """Loads a pretrained encoder (timm key names; timm's own layer-scale
+  and qkv-bias names too: `convert.from_timm_names`) into the classifier's
   `params`; the head, fc_norm and the encoder params in `_FRESH` that the
   file lacks keep their fresh values.
 
@@ -99,7 +100,7 @@ def from_encoder(encoder_sd, flax_model, params, image_size: int):
     core.ConversionError: encoder keys of another architecture (unknown or
       mis-shaped), or encoder params the file lacks.
   """
-  sd = dict(encoder_sd)
+  sd = convert.from_timm_names(encoder_sd, flax_model)
   if not flax_model.encoder_fields()['final_norm']:
     # Global-pool classifiers drop the pretraining final norm (MAE
     # `main_finetune.py`: fc_norm replaces it, freshly initialised).

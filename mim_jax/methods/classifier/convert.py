@@ -5,6 +5,8 @@ One rule set covers every layout, as their key sets do not overlap:
 * timm `VisionTransformer` and MAE fine-tuning (`models_vit.py`,
   `mae_finetuned_vit_*.pth`): cls_token, pos_embed, patch_embed.proj.*,
   blocks.{i}.*, then norm.* (cls token) or fc_norm.* (global pool), head.*;
+  timm's layer scale `blocks.{i}.ls{1,2}.gamma` and, into an encoder with
+  q/v biases, its `attn.qkv.bias` are renamed first (`from_timm_names`);
 * BEiT-style fine-tuning of CAE / BootMAE (timm `Beit` with absolute
   position embedding): the same plus blocks.{i}.attn.q_bias / v_bias
   (qkv_bias='qv') and, for CAE, blocks.{i}.gamma_1 / gamma_2
@@ -69,6 +71,33 @@ _BN_BUFFERS = [re.escape(t) + r'\.(running_mean|running_var|'
                r'num_batches_tracked)$' for t, _ in _BN_MODULES]
 
 
+# timm VisionTransformer block names that ours (BEiT's) spell otherwise.
+_TIMM_LAYER_SCALE = re.compile(r'^(blocks\.\d+\.)ls([12])\.gamma$')
+_TIMM_QKV_BIAS = re.compile(r'^(blocks\.\d+\.attn\.)qkv\.bias$')
+
+
+def from_timm_names(state_dict, model) -> dict:
+  """timm `VisionTransformer` block names -> the encoder's BEiT-style ones:
+  `ls1.gamma` / `ls2.gamma` -> `gamma_1` / `gamma_2` and, for an encoder
+  with q/v biases (qkv_bias='qv'), `attn.qkv.bias` -> `attn.q_bias` and
+  `attn.v_bias`. timm's key bias is dropped, which is exact: it adds
+  q . b_k to all of a query's logits alike, and softmax cancels it. Other
+  keys pass unchanged (a BEiT-named file comes back as it was)."""
+  qv = model.encoder.get('qkv_bias', vit.Encoder.qkv_bias) == 'qv'
+  out = {}
+  for key, value in state_dict.items():
+    scale = _TIMM_LAYER_SCALE.match(key)
+    bias = _TIMM_QKV_BIAS.match(key) if qv else None
+    if scale:
+      out[f'{scale[1]}gamma_{scale[2]}'] = value
+    elif bias:
+      q, _, v = np.split(np.asarray(value), 3)
+      out[f'{bias[1]}q_bias'], out[f'{bias[1]}v_bias'] = q, v
+    else:
+      out[key] = value
+  return out
+
+
 def _posemb_learned(model) -> bool:
   return model.encoder.get('posemb', vit.Encoder.posemb) == 'learned'
 
@@ -104,7 +133,8 @@ def _reject_shared_rel_pos_bias(state_dict):
 
 
 def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
-  """Official fine-tuned or probe state dict -> params tree shaped like
+  """Official fine-tuned or probe state dict, or a timm
+  `VisionTransformer` one (`from_timm_names`), -> params tree shaped like
   `params` (loop or scan layout).
 
   BatchNorm buffers are skipped (see `batch_stats_to_flax`). A pretraining
@@ -117,6 +147,7 @@ def to_flax(state_dict, model, params, image_size: int, strict: bool = True):
       position bias.
   """
   _reject_shared_rel_pos_bias(state_dict)
+  state_dict = from_timm_names(state_dict, model)
   return core.torch_to_flax(state_dict, params, RULES,
                             frozen=frozen_buffers(model, image_size),
                             ignore=_BN_BUFFERS, strict=strict)
