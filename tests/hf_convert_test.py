@@ -217,6 +217,17 @@ def test_encoders_export_to_vitmodel(recipe, tmp_path):
   want, _ = jax.jit(vit.Encoder(**fields).apply)(
       {'params': params['encoder']}, jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert _rel(got, want) < 1e-5
+  if recipe is cae_config:
+    # Back into CAE's linear probe (layer scale, q/v biases): its cls
+    # features are the encoder's, the folded gammas loading as ones.
+    lp = classifier_config.get_config('linprobe', 'cae', 'tiny')
+    lp.init_from = str(tmp_path)
+    model = experiment.build_model(lp)
+    params_lp, _ = weights.initial_params(lp, model)
+    (_, out), _ = model.apply(
+        {'params': params_lp}, {'image': jnp.asarray(x.transpose(0, 2, 3, 1))},
+        mutable=['batch_stats'])
+    assert _rel(out['features'], np.asarray(want)[:, 0]) < 1e-5
 
 
 # Bad input: one line each, before anything compiles.

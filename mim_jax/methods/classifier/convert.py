@@ -95,6 +95,23 @@ def from_timm_names(state_dict, model) -> dict:
       out[f'{bias[1]}q_bias'], out[f'{bias[1]}v_bias'] = q, v
     else:
       out[key] = value
+  return _unit_layer_scale(out, model)
+
+
+def _unit_layer_scale(state_dict, model) -> dict:
+  """A file without layer scale (a plain timm ViT, or a transformers
+  ViTModel whose layer scale was folded into its projections) into an
+  encoder with layer scale: gamma_1 = gamma_2 = 1, which is that file's
+  function exactly (a fresh gamma would scale every block's branches)."""
+  if (model.encoder.get('layer_scale') is None or
+      any('.gamma_' in k for k in state_dict)):
+    return state_dict
+  out = dict(state_dict)
+  for key, value in state_dict.items():
+    block = re.match(r'^(blocks\.\d+\.)norm1\.weight$', key)
+    if block:
+      for i in (1, 2):
+        out[f'{block[1]}gamma_{i}'] = np.ones_like(np.asarray(value))
   return out
 
 
