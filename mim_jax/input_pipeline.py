@@ -346,7 +346,7 @@ def _train_example_fn(augment_fn: '_TrainAugment',
       example['label'] = source.label(record)
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
-    if source.paths is not None:
+    if source.checked:
       example[BAD_KEY] = filled
     return example
 
@@ -380,25 +380,26 @@ def read_checked(ds: tf.data.Dataset, source: sources.RecordSource,
                  input_config: Any) -> tf.data.Dataset:
   """(position, record) -> (position, record, encoded bytes, filled).
 
-  For sources of files, each file is checked before decoding
+  For checked sources (files, parquet rows), each image is checked before
+  decoding
   (`mim_jax.data.image_check`): a bad one is logged once by path and left
   out, and the next good record fills its position (`filled` = 1), or the
   run stops naming it (input.bad_images='error'). A source with no good
   file at all is refused here, before anything compiles. Other sources
   pass through (`filled` = 0).
   """
-  if source.paths is None:
+  if not source.checked:
     def read_all(position, record):
       return position, record, source.read(record), tf.constant(0)
 
     return ds.map(read_all, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
   checker = image_checker(input_config)
-  checker.first_good(source.paths)
+  checker.first_good(source.stored())
 
   def read(position, record):
     data = source.read(record)
-    return position, record, data, checker.ok(source.path(record), data)
+    return position, record, data, checker.ok(source.name(record), data)
 
   def good(unused_position, unused_record, unused_data, ok):
     return ok
@@ -649,13 +650,13 @@ def make_vis_batch(input_config: Any,
     return example
 
   records = source.ordered()
-  if source.paths is not None:  # bad files are left out (the train
-    # pipeline applies input.bad_images)
+  if source.checked:  # bad images are left out (the train pipeline
+    # applies input.bad_images)
     checker = image_checker(input_config, mode='skip')
-    checker.first_good(source.paths)
+    checker.first_good(source.stored())
 
     def good(record):
-      return checker.ok(source.path(record), source.read(record))
+      return checker.ok(source.name(record), source.read(record))
 
     records = records.filter(good)
   ds = records.repeat().take(num_images).enumerate()

@@ -1,4 +1,5 @@
-"""Checks of encoded image files before they are decoded (folder sources).
+"""Checks of encoded images before they are decoded (folder and parquet
+sources).
 
 TensorFlow's decoders stop a tf.data pipeline at the first bad file, with an
 error that does not name it. Each file read from a folder is therefore
@@ -26,7 +27,7 @@ image, so a bad file stops the run naming every bad file
 import re
 import struct
 import threading
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -143,19 +144,20 @@ class ImageChecker:
     flag.set_shape([])
     return flag
 
-  def first_good(self, paths: list[str], limit: int = 5) -> None:
-    """Reads `paths` in order until one is good, before anything compiles.
+  def first_good(self, images: Iterable[tuple[str, bytes]],
+                 limit: int = 5) -> None:
+    """Reads `images` ((name, encoded bytes), lazily) in order until one is
+    good, before anything compiles.
 
     Raises:
-      errors.DataError naming up to `limit` bad files, when none is good.
+      errors.DataError naming up to `limit` bad images, when none is good.
     """
     seen = []
-    for path in paths:
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        why = problem(f.read(), self.max_pixels)
+    for name, data in images:
+      why = problem(data, self.max_pixels)
       if why is None:
         return
-      seen.append(f'{path} ({why})')
+      seen.append(f'{name} ({why})')
     more = f' and {len(seen) - limit} more' if len(seen) > limit else ''
     raise errors.DataError(
         f'none of the {len(seen)} images can be decoded: '

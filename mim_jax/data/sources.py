@@ -11,6 +11,10 @@ Supported `input.data` values:
                                 labels, one subfolder per class (ImageNet
                                 layout), classes in sorted name order.
   embedded:NAME                 images bundled in a package (no download).
+  parquet:/path                 parquet shards of the Hugging Face image
+                                layout (`mim_jax.data.parquet`): splits
+                                from the file names (train-*.parquet),
+                                labels from the `label` column.
 
 Labelled sources (`labeled=True`, for fine-tuning and probes) also give each
 record's class: `label(record)`, an int32 in [0, num_classes).
@@ -18,17 +22,19 @@ record's class: `label(record)`, an int32 in [0, num_classes).
 
 import abc
 import os
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 from mim_jax import errors
 from mim_jax.data import embedded
+from mim_jax.data import parquet
 from mim_jax.data import seeds
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-KNOWN_PREFIXES = ('tfds:', 'folder:', 'embedded:')
+KNOWN_PREFIXES = ('tfds:', 'folder:', 'embedded:', 'parquet:')
 
 
 class RecordSource(abc.ABC):
@@ -63,9 +69,15 @@ class RecordSource(abc.ABC):
     """All records of the shard in their stored order (no shuffling)."""
 
   # Sources of image files (folders): `path(record)` names a record's file
-  # and `paths` lists them in stored order, for the checks of
-  # `mim_jax.data.image_check`.
+  # and `paths` lists them in stored order.
   paths: list[str] | None = None
+
+  @property
+  def checked(self) -> bool:
+    """Whether records may be bad images, to check before decoding
+    (`mim_jax.data.image_check`: folders, parquet shards); `name` and
+    `stored` then name and list them."""
+    return self.paths is not None
 
   def read(self, record: tf.Tensor) -> tf.Tensor:
     """Turns a record into a scalar string tensor of encoded image bytes."""
@@ -74,6 +86,17 @@ class RecordSource(abc.ABC):
   def path(self, record: tf.Tensor) -> tf.Tensor:
     """The file of a record (sources with `paths` only)."""
     raise ValueError(f'{self.description} has no files.')
+
+  def name(self, record: tf.Tensor) -> tf.Tensor:
+    """A record's name in the logs (checked sources): its file."""
+    return self.path(record)
+
+  def stored(self) -> Iterator[tuple[str, bytes]]:
+    """(name, encoded bytes) of each record in stored order, read lazily
+    (checked sources)."""
+    for path in self.paths or ():
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        yield path, f.read()
 
   def label(self, record: tf.Tensor) -> tf.Tensor:
     """The int32 class of a record (labelled sources only)."""
@@ -135,6 +158,124 @@ class ArraySource(RecordSource):
     if self._labels is None:
       return super().label(record)
     return tf.gather(self._labels, record)
+
+
+class ParquetSource(RecordSource):
+  """One host's contiguous rows of a split of parquet shards (see
+  `mim_jax.data.parquet`). Records are int64 row numbers local to the host;
+  `read` fetches a row's bytes from its (cached) row group."""
+
+  def __init__(self, path: str, split: str, *, seed: int,
+               process_index: int, process_count: int, shuffle_rows: int,
+               labeled: bool = False, field: str = 'input.data'):
+    where = f'{field}={"parquet:" + path!r}'
+    splits = parquet.find_shards(path, field)
+    if split not in splits:
+      raise errors.DataError(
+          f'{where} has no shards of split {split!r} (splits found: '
+          f'{", ".join(sorted(splits))}); set the split (input.split, or the '
+          'evaluation split) to one of them.')
+    shards = parquet.Shards(splits[split], field)
+    first, end = parquet.host_rows(shards.num_rows, process_index,
+                                   process_count)
+    if end <= first:
+      raise errors.DataError(
+          f'{where} split {split!r} has {shards.num_rows} rows, fewer than '
+          f'process_count={process_count}: host {process_index} gets none.')
+    self.description = (f'parquet:{path} split={split} rows '
+                        f'[{first}, {end}) of {shards.num_rows}')
+    self.num_records, self.total_records = end - first, shards.num_rows
+    self._shards, self._first = shards, first
+    # The row groups clipped to the host's rows, in local rows.
+    bounds = np.clip(shards.group_start, first, end) - first
+    keep = np.diff(bounds) > 0
+    self._group_start = tf.constant(bounds[:-1][keep], tf.int64)
+    self._group_size = tf.constant(np.diff(bounds)[keep], tf.int64)
+    self._num_groups = int(keep.sum())
+    mean_rows = self.num_records / self._num_groups
+    self._window = max(1, round(shuffle_rows / mean_rows))
+    shards.cache_groups = self._window + parquet.CACHE_SLACK
+    self._labels = None
+    if labeled:
+      labels, self.num_classes = _parquet_labels(shards, where)
+      self._labels = tf.constant(labels[first:end], tf.int32)
+    self._shuffle_key = seeds.fold_in(
+        seeds.base_key(seed, seeds.SHUFFLE), process_index)
+
+  @property
+  def checked(self) -> bool:
+    return True
+
+  def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+    """Row groups in a random order; rows shuffled within windows of
+    `self._window` consecutive groups of that order."""
+    key = seeds.fold_in(self._shuffle_key, epoch)
+    count = self._num_groups
+    order = tf.random.experimental.index_shuffle(
+        tf.range(count, dtype=tf.int64), key, tf.constant(count - 1,
+                                                           tf.int64))
+
+    def window(w):
+      groups = order[w * self._window:(w + 1) * self._window]
+      starts = tf.gather(self._group_start, groups)
+      rows = tf.ragged.range(
+          starts, starts + tf.gather(self._group_size, groups)).flat_values
+      size = tf.size(rows, out_type=tf.int64)
+      mix = tf.random.experimental.index_shuffle(
+          tf.range(size), seeds.fold_in(key, w), size - 1)
+      return tf.data.Dataset.from_tensor_slices(tf.gather(rows, mix))
+
+    windows = -(-count // self._window)
+    return tf.data.Dataset.range(windows).flat_map(window)
+
+  def ordered(self) -> tf.data.Dataset:
+    return tf.data.Dataset.range(self.num_records)
+
+  def read(self, record: tf.Tensor) -> tf.Tensor:
+    return self._row_op(self._shards.read, record)
+
+  def name(self, record: tf.Tensor) -> tf.Tensor:
+    return self._row_op(self._shards.name, record)
+
+  def _row_op(self, fn: Callable[[int], Any], record: tf.Tensor):
+    """fn(global row) of a local record, as a scalar string tensor."""
+    first = self._first
+    out = tf.numpy_function(lambda r: fn(first + int(r)), [record],
+                            tf.string, stateful=False)
+    out.set_shape([])
+    return out
+
+  def stored(self) -> Iterator[tuple[str, bytes]]:
+    for row in range(self._first, self._first + self.num_records):
+      yield self._shards.name(row), self._shards.read(row)
+
+  def label(self, record: tf.Tensor) -> tf.Tensor:
+    if self._labels is None:
+      return super().label(record)
+    return tf.gather(self._labels, record)
+
+
+def _parquet_labels(shards: parquet.Shards,
+                    where: str) -> tuple[np.ndarray, int]:
+  """(labels of every row of the split, number of classes).
+
+  Raises:
+    errors.DataError: no `label` column, or labels outside [0, classes).
+  """
+  if parquet.LABEL_COLUMN not in shards.schema.names:
+    raise errors.DataError(
+        f'{where}: the shards have no {parquet.LABEL_COLUMN!r} column '
+        f'(columns: {", ".join(shards.schema.names)}), so they cannot train '
+        'or evaluate a classifier; use labelled shards.')
+  labels = shards.labels()
+  classes = parquet.class_count(shards.schema) or int(labels.max()) + 1
+  bad = labels[(labels < 0) | (labels >= classes)]
+  if bad.size:
+    raise errors.DataError(
+        f'{where}: {bad.size} rows have labels outside [0, {classes}) '
+        f'(e.g. {int(bad[0])}; -1 marks unlabelled rows, as in ImageNet\'s '
+        'test split); use a labelled split.')
+  return labels, classes
 
 
 class TfdsSource(RecordSource):
@@ -342,7 +483,8 @@ def check_data_spec(data: str, field: str = 'input.data') -> tuple[str, str]:
   if not isinstance(data, str) or not data.startswith(KNOWN_PREFIXES):
     raise errors.DataError(
         f'Unknown {field}={data!r}; expected one of '
-        '"tfds:NAME[/CONFIG]", "folder:/path/to/images", "embedded:NAME" '
+        '"tfds:NAME[/CONFIG]", "folder:/path/to/images", '
+        '"parquet:/path/to/shards", "embedded:NAME" '
         f'(embedded: {", ".join(embedded.available())}).')
   kind, value = data.split(':', 1)
   if not value:
@@ -363,8 +505,8 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     seed: experiment seed (drives the per-epoch shuffling).
     process_index: this host's index.
     process_count: number of hosts; each gets a disjoint shard.
-    split: the split to read (default `input_config.split`; TFDS and
-      embedded sets; a folder source has no splits).
+    split: the split to read (default `input_config.split`; TFDS,
+      parquet and embedded sets; a folder source has no splits).
     labeled: also give each record's class (`label`, `num_classes`).
     data: the data spec (default `input_config.data`).
     screen: folder sources: called with every file of the folder (all
@@ -388,6 +530,11 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
   if kind == 'tfds':
     source = TfdsSource(value, input_config, split=split, labeled=labeled,
                         field=data_field, **shard)
+  elif kind == 'parquet':
+    source = ParquetSource(
+        value, split or input_config.get('split', 'train'), labeled=labeled,
+        shuffle_rows=int(input_config.get('shuffle_buffer', 10_000)),
+        field=data_field, **shard)
   elif kind == 'folder':
     files = _list_image_files(value, data_field)
     labels, classes = (_folder_labels(value, files, data_field) if labeled
