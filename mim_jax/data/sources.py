@@ -186,6 +186,8 @@ class ParquetSource(RecordSource):
                         f'[{first}, {end}) of {shards.num_rows}')
     self.num_records, self.total_records = end - first, shards.num_rows
     self._shards, self._first = shards, first
+    self._files = tf.constant(shards.files, tf.string)
+    self._file_start = tf.constant(shards.file_start, tf.int64)
     # The row groups clipped to the host's rows, in local rows.
     bounds = np.clip(shards.group_start, first, end) - first
     keep = np.diff(bounds) > 0
@@ -235,7 +237,11 @@ class ParquetSource(RecordSource):
     return self._row_op(self._shards.read, record)
 
   def name(self, record: tf.Tensor) -> tf.Tensor:
-    return self._row_op(self._shards.name, record)
+    """'<file> row <n>', in TF ops (it is made for every record)."""
+    row = self._first + record
+    file = tf.searchsorted(self._file_start, row[None], side='right')[0] - 1
+    within = tf.strings.as_string(row - tf.gather(self._file_start, file))
+    return tf.strings.join([tf.gather(self._files, file), ' row ', within])
 
   def _row_op(self, fn: Callable[[int], Any], record: tf.Tensor):
     """fn(global row) of a local record, as a scalar string tensor."""
