@@ -24,13 +24,10 @@ import glob
 import json
 import os
 import threading
-from typing import Any, Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from mim_jax import errors
-from mim_jax.data import seeds
 
 IMAGE_COLUMN = 'image'
 LABEL_COLUMN = 'label'
@@ -120,8 +117,8 @@ class Shards:
     self.schema = pq.read_schema(files[0])
     self.image_kind = _image_bytes_type(self.schema, files[0], field)
     group_file, group_index, sizes = [], [], []
-    for i, file in enumerate(files):
-      meta = pq.read_metadata(file)
+    self._metadata = [pq.read_metadata(file) for file in files]
+    for i, (file, meta) in enumerate(zip(files, self._metadata)):
       if IMAGE_COLUMN not in meta.schema.to_arrow_schema().names:
         _image_bytes_type(meta.schema.to_arrow_schema(), file, field)
       for g in range(meta.num_row_groups):
@@ -138,7 +135,6 @@ class Shards:
     self.cache_groups = cache_groups
     self._cache = collections.OrderedDict()
     self._lock = threading.Lock()
-    self._local = threading.local()
 
   @property
   def num_rows(self) -> int:
@@ -170,13 +166,21 @@ class Shards:
 
   def _group(self, group: int):
     """The image bytes (arrow array) of a global row group, cached."""
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     with self._lock:
       if group in self._cache:
         self._cache.move_to_end(group)
         return self._cache[group]
-    column = self._file(int(self.group_file[group])).read_row_group(
-        int(self.group_index[group]), columns=[IMAGE_COLUMN]
-    ).column(IMAGE_COLUMN).combine_chunks()
+    # A file handle per read, not per thread and shard (threads x shards
+    # open files).
+    file = int(self.group_file[group])
+    handle = pq.ParquetFile(self.files[file], metadata=self._metadata[file])
+    try:
+      column = handle.read_row_group(
+          int(self.group_index[group]), columns=[IMAGE_COLUMN]
+      ).column(IMAGE_COLUMN).combine_chunks()
+    finally:
+      handle.close()
     if self.image_kind == 'struct':
       column = column.field('bytes')
     with self._lock:
@@ -185,13 +189,28 @@ class Shards:
         self._cache.popitem(last=False)
     return column
 
-  def _file(self, index: int):
-    """The open ParquetFile of a shard, one per thread."""
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    files = self._local.__dict__.setdefault('files', {})
-    if index not in files:
-      files[index] = pq.ParquetFile(self.files[index])
-    return files[index]
+  def host_groups(self, first: int, end: int) -> tuple[np.ndarray, ...]:
+    """(first row, rows) of each row group clipped to the rows [first,
+    end), in rows counted from `first`; empty ones left out."""
+    bounds = np.clip(self.group_start, first, end) - first
+    sizes = np.diff(bounds)
+    return bounds[:-1][sizes > 0], sizes[sizes > 0]
+
+
+def open_split(path: str, split: str, field: str = 'input.data') -> Shards:
+  """The shards of `split` in the folder `path` (`find_shards`).
+
+  Raises:
+    errors.DataError: no parquet file, or none of `split` (naming the
+      splits found), or no usable `image` column.
+  """
+  splits = find_shards(path, field)
+  if split not in splits:
+    raise errors.DataError(
+        f'{field}={"parquet:" + path!r} has no shards of split {split!r} '
+        f'(splits found: {", ".join(sorted(splits))}); set the split '
+        '(input.split, or the evaluation split) to one of them.')
+  return Shards(splits[split], field)
 
 
 def host_rows(total: int, process_index: int,

@@ -169,13 +169,7 @@ class ParquetSource(RecordSource):
                process_index: int, process_count: int, shuffle_rows: int,
                labeled: bool = False, field: str = 'input.data'):
     where = f'{field}={"parquet:" + path!r}'
-    splits = parquet.find_shards(path, field)
-    if split not in splits:
-      raise errors.DataError(
-          f'{where} has no shards of split {split!r} (splits found: '
-          f'{", ".join(sorted(splits))}); set the split (input.split, or the '
-          'evaluation split) to one of them.')
-    shards = parquet.Shards(splits[split], field)
+    shards = parquet.open_split(path, split, field)
     first, end = parquet.host_rows(shards.num_rows, process_index,
                                    process_count)
     if end <= first:
@@ -188,12 +182,10 @@ class ParquetSource(RecordSource):
     self._shards, self._first = shards, first
     self._files = tf.constant(shards.files, tf.string)
     self._file_start = tf.constant(shards.file_start, tf.int64)
-    # The row groups clipped to the host's rows, in local rows.
-    bounds = np.clip(shards.group_start, first, end) - first
-    keep = np.diff(bounds) > 0
-    self._group_start = tf.constant(bounds[:-1][keep], tf.int64)
-    self._group_size = tf.constant(np.diff(bounds)[keep], tf.int64)
-    self._num_groups = int(keep.sum())
+    starts, sizes = shards.host_groups(first, end)
+    self._group_start = tf.constant(starts, tf.int64)
+    self._group_size = tf.constant(sizes, tf.int64)
+    self._num_groups = len(sizes)
     mean_rows = self.num_records / self._num_groups
     self._window = max(1, round(shuffle_rows / mean_rows))
     shards.cache_groups = self._window + parquet.CACHE_SLACK
