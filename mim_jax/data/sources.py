@@ -226,7 +226,11 @@ class ParquetSource(RecordSource):
     return tf.data.Dataset.range(self.num_records)
 
   def read(self, record: tf.Tensor) -> tf.Tensor:
-    return self._row_op(self._shards.read, record)
+    shards, first = self._shards, self._first
+    data = tf.numpy_function(lambda r: shards.read(first + int(r)), [record],
+                             tf.string, stateful=False)
+    data.set_shape([])
+    return data
 
   def name(self, record: tf.Tensor) -> tf.Tensor:
     """'<file> row <n>', in TF ops (it is made for every record)."""
@@ -234,14 +238,6 @@ class ParquetSource(RecordSource):
     file = tf.searchsorted(self._file_start, row[None], side='right')[0] - 1
     within = tf.strings.as_string(row - tf.gather(self._file_start, file))
     return tf.strings.join([tf.gather(self._files, file), ' row ', within])
-
-  def _row_op(self, fn: Callable[[int], Any], record: tf.Tensor):
-    """fn(global row) of a local record, as a scalar string tensor."""
-    first = self._first
-    out = tf.numpy_function(lambda r: fn(first + int(r)), [record],
-                            tf.string, stateful=False)
-    out.set_shape([])
-    return out
 
   def stored(self) -> Iterator[tuple[str, bytes]]:
     for row in range(self._first, self._first + self.num_records):
