@@ -32,11 +32,15 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def digits(tmp_path_factory):
-  """64 training and 32 test digits (labelled, 10 classes in the metadata)."""
+  """64 training and 32 test digits (labelled, 10 classes in the
+  metadata), and a validation split of 8 whose row 5 is no image."""
   folder = str(tmp_path_factory.mktemp('digits'))
-  for split, num in (('train', 64), ('test', 32)):
-    images = [b for _, b in embedded.load('digits', split)[:num]]
-    labels = embedded.labels('digits', split)[:num]
+  for split, num in (('train', 64), ('test', 32), ('validation', 8)):
+    source_split = 'test' if split == 'validation' else split
+    images = [b for _, b in embedded.load('digits', source_split)[:num]]
+    labels = embedded.labels('digits', source_split)[:num]
+    if split == 'validation':
+      images[5] = b'<html>not found</html>'
     write_parquet_shards(folder, split, images, labels, row_group=8,
                          classes=10)
   return folder
@@ -110,6 +114,22 @@ def test_labelled_eval_decodes_as_the_embedded_digits(digits):
   a, b = next(ours.as_numpy_iterator()), next(theirs.as_numpy_iterator())
   np.testing.assert_array_equal(a['image'], b['image'][:32])
   np.testing.assert_array_equal(a['label'], b['label'][:32])
+
+
+def test_bad_rows_of_an_evaluation_split_stop_it_or_are_dropped(digits):
+  config = _config(f'parquet:{digits}')
+  with pytest.raises(errors.DataError) as e:
+    input_pipeline.make_eval_dataset(
+        config, data=None, split='validation', batch_size=8,
+        process_index=0, process_count=1)
+  assert 'validation-00001-of-00002.parquet row 1 (not a JPEG' in str(e.value)
+  ds, _, count = input_pipeline.make_eval_dataset(
+      config, data=None, split='validation', batch_size=8, process_index=0,
+      process_count=1, bad_images='drop')
+  assert count == 7
+  labels = embedded.labels('digits', 'test')[:8]
+  np.testing.assert_array_equal(next(ds.as_numpy_iterator())['label'],
+                                labels[:5] + labels[6:] + [0])
 
 
 def _bad_shards(kind, folder):

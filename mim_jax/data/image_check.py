@@ -27,7 +27,7 @@ image, so a bad file stops the run naming every bad file
 import re
 import struct
 import threading
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -207,8 +207,12 @@ def _decode_error(data: bytes) -> Optional[str]:
   return None
 
 
-def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
-  """Every file of `paths` that would not decode: {index: why}.
+def scan(paths: Sequence[str], max_pixels: int,
+         read: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
+         ) -> dict[int, str]:
+  """Every file of `paths` that would not decode: {index: why}; with
+  `read` (int64 index -> encoded bytes, TF ops), `paths` only name the
+  images (e.g. rows of parquet shards) and `read` reads them.
 
   Each file is read, checked from its bytes (`problem`), then decoded by
   TensorFlow's decoders, JPEGs at 1/8 scale (`ratio=8`: the whole entropy-
@@ -219,12 +223,13 @@ def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
   if not paths:
     return {}
   table = tf.constant(list(paths), tf.string)
+  read = read or (lambda index: tf.io.read_file(tf.gather(table, index)))
 
   def bytes_problem(data):
     return problem(data.numpy(), max_pixels) or ''
 
   def check(index):
-    data = tf.io.read_file(tf.gather(table, index))
+    data = read(index)
     why = tf.py_function(bytes_problem, [data], tf.string)
     why.set_shape([])
 
@@ -249,8 +254,7 @@ def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
       bad[int(index)] = why.decode('utf-8', 'replace')
   for index in sorted(set(range(len(paths))) - seen):
     try:
-      with tf.io.gfile.GFile(paths[index], 'rb') as f:
-        data = f.read()
+      data = read(tf.constant(index, tf.int64)).numpy()
     except (OSError, tf.errors.OpError) as e:
       bad[index] = f'cannot be read ({type(e).__name__}: {e})'
       continue

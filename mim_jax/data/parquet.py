@@ -189,12 +189,12 @@ class Shards:
         self._cache.popitem(last=False)
     return column
 
-  def host_groups(self, first: int, end: int) -> tuple[np.ndarray, ...]:
-    """(first row, rows) of each row group clipped to the rows [first,
-    end), in rows counted from `first`; empty ones left out."""
-    bounds = np.clip(self.group_start, first, end) - first
-    sizes = np.diff(bounds)
-    return bounds[:-1][sizes > 0], sizes[sizes > 0]
+  def runs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first position, length) in the sorted global `rows` of each run of
+    rows from one row group."""
+    groups = np.searchsorted(self.group_start, rows, side='right')
+    starts = np.flatnonzero(np.diff(groups, prepend=-1))
+    return starts, np.diff(starts, append=len(rows))
 
 
 def open_split(path: str, split: str, field: str = 'input.data') -> Shards:

@@ -161,38 +161,41 @@ class ArraySource(RecordSource):
 
 
 class ParquetSource(RecordSource):
-  """One host's contiguous rows of a split of parquet shards (see
-  `mim_jax.data.parquet`). Records are int64 row numbers local to the host;
-  `read` fetches a row's bytes from its (cached) row group."""
+  """One host's contiguous share of the rows of a split of parquet shards
+  (see `mim_jax.data.parquet`). Records are int64 positions in the host's
+  (sorted) global rows; `read` fetches a row's bytes from its (cached) row
+  group."""
 
   def __init__(self, path: str, split: str, *, seed: int,
                process_index: int, process_count: int, shuffle_rows: int,
-               labeled: bool = False, field: str = 'input.data'):
+               labeled: bool = False, screen=None,
+               field: str = 'input.data'):
     where = f'{field}={"parquet:" + path!r}'
     shards = parquet.open_split(path, split, field)
-    first, end = parquet.host_rows(shards.num_rows, process_index,
-                                   process_count)
+    rows = _screened_rows(shards, screen)
+    first, end = parquet.host_rows(len(rows), process_index, process_count)
     if end <= first:
       raise errors.DataError(
-          f'{where} split {split!r} has {shards.num_rows} rows, fewer than '
+          f'{where} split {split!r} has {len(rows)} rows, fewer than '
           f'process_count={process_count}: host {process_index} gets none.')
     self.description = (f'parquet:{path} split={split} rows '
-                        f'[{first}, {end}) of {shards.num_rows}')
-    self.num_records, self.total_records = end - first, shards.num_rows
-    self._shards, self._first = shards, first
+                        f'[{first}, {end}) of {len(rows)}')
+    self.num_records, self.total_records = end - first, len(rows)
+    self._shards, self._rows = shards, rows[first:end]
+    self._row_table = tf.constant(self._rows, tf.int64)
     self._files = tf.constant(shards.files, tf.string)
     self._file_start = tf.constant(shards.file_start, tf.int64)
-    starts, sizes = shards.host_groups(first, end)
+    starts, sizes = shards.runs(self._rows)
     self._group_start = tf.constant(starts, tf.int64)
     self._group_size = tf.constant(sizes, tf.int64)
     self._num_groups = len(sizes)
-    mean_rows = self.num_records / self._num_groups
-    self._window = max(1, round(shuffle_rows / mean_rows))
+    self._window = max(1, round(shuffle_rows * len(sizes) /
+                                self.num_records))
     shards.cache_groups = self._window + parquet.CACHE_SLACK
     self._labels = None
     if labeled:
       labels, self.num_classes = _parquet_labels(shards, where)
-      self._labels = tf.constant(labels[first:end], tf.int32)
+      self._labels = tf.constant(labels[self._rows], tf.int32)
     self._shuffle_key = seeds.fold_in(
         seeds.base_key(seed, seeds.SHUFFLE), process_index)
 
@@ -226,27 +229,42 @@ class ParquetSource(RecordSource):
     return tf.data.Dataset.range(self.num_records)
 
   def read(self, record: tf.Tensor) -> tf.Tensor:
-    shards, first = self._shards, self._first
-    data = tf.numpy_function(lambda r: shards.read(first + int(r)), [record],
-                             tf.string, stateful=False)
-    data.set_shape([])
-    return data
+    return _read_row(self._shards, tf.gather(self._row_table, record))
 
   def name(self, record: tf.Tensor) -> tf.Tensor:
     """'<file> row <n>', in TF ops (it is made for every record)."""
-    row = self._first + record
+    row = tf.gather(self._row_table, record)
     file = tf.searchsorted(self._file_start, row[None], side='right')[0] - 1
     within = tf.strings.as_string(row - tf.gather(self._file_start, file))
     return tf.strings.join([tf.gather(self._files, file), ' row ', within])
 
   def stored(self) -> Iterator[tuple[str, bytes]]:
-    for row in range(self._first, self._first + self.num_records):
-      yield self._shards.name(row), self._shards.read(row)
+    for row in self._rows:
+      yield self._shards.name(int(row)), self._shards.read(int(row))
 
   def label(self, record: tf.Tensor) -> tf.Tensor:
     if self._labels is None:
       return super().label(record)
     return tf.gather(self._labels, record)
+
+
+def _read_row(shards: parquet.Shards, row: tf.Tensor) -> tf.Tensor:
+  """The encoded image of a global row (int64 tensor), a string scalar."""
+  data = tf.numpy_function(lambda r: shards.read(int(r)), [row], tf.string,
+                           stateful=False)
+  data.set_shape([])
+  return data
+
+
+def _screened_rows(shards: parquet.Shards, screen) -> np.ndarray:
+  """The split's global rows, less those `screen(names, read)` leaves out
+  (evaluation sets; see `open_source`)."""
+  rows = np.arange(shards.num_rows, dtype=np.int64)
+  if screen is None:
+    return rows
+  names = [shards.name(int(r)) for r in rows]
+  out = set(screen(names, lambda index: _read_row(shards, index)))
+  return rows[[name not in out for name in names]] if out else rows
 
 
 def _parquet_labels(shards: parquet.Shards,
@@ -490,7 +508,7 @@ def check_data_spec(data: str, field: str = 'input.data') -> tuple[str, str]:
 def open_source(input_config: Any, *, seed: int, process_index: int,
                 process_count: int, split: str | None = None,
                 labeled: bool = False, data: str | None = None,
-                screen: Callable[[list[str]], Collection[str]] | None = None,
+                screen: Callable[..., Collection[str]] | None = None,
                 data_field: str = 'input.data') -> RecordSource:
   """Opens the source named by `input_config.data` for one host.
 
@@ -503,9 +521,11 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
       parquet and embedded sets; a folder source has no splits).
     labeled: also give each record's class (`label`, `num_classes`).
     data: the data spec (default `input_config.data`).
-    screen: folder sources: called with every file of the folder (all
-      hosts, sorted) before it is split between hosts; returns the files to
-      leave out (class numbers still count their folders), or raises.
+    screen: folder and parquet sources: called with every file of the
+      folder (all hosts, sorted), or every row's name and a reader
+      (int64 index -> encoded bytes) for parquet, before they are split
+      between hosts; returns the names to leave out (class numbers still
+      count their folders), or raises.
     data_field: the config field that holds the data spec, named in every
       message ('input.data', 'eval.data', 'knn.data').
 
@@ -528,7 +548,7 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     source = ParquetSource(
         value, split or input_config.get('split', 'train'), labeled=labeled,
         shuffle_rows=int(input_config.get('shuffle_buffer', 10_000)),
-        field=data_field, **shard)
+        screen=screen, field=data_field, **shard)
   elif kind == 'folder':
     files = _list_image_files(value, data_field)
     labels, classes = (_folder_labels(value, files, data_field) if labeled
