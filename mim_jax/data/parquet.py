@@ -166,6 +166,7 @@ class Shards:
 
   def _group(self, group: int):
     """The image bytes (arrow array) of a global row group, cached."""
+    import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     with self._lock:
       if group in self._cache:
@@ -181,8 +182,8 @@ class Shards:
       ).column(IMAGE_COLUMN).combine_chunks()
     finally:
       handle.close()
-    if self.image_kind == 'struct':
-      column = column.field('bytes')
+    if self.image_kind == 'struct':  # (struct_field respects offsets)
+      column = pc.struct_field(column, 'bytes')
     with self._lock:
       self._cache[group] = column
       while len(self._cache) > self.cache_groups:
