@@ -23,7 +23,7 @@ folder, removed afterwards).
   python benchmarks/input_pipeline_bench.py --jpeg [--dct=accurate,fast]
       [--threads=1,2,4] [--batch=64] [--batches=20] [--jpeg_images=256]
       [--jpeg_dir=/tmp/jpegs] [--nobreakdown] [--compare_repeats=3]
-      [--notorchvision] [--image_size=224]
+      [--notorchvision] [--image_size=224] [--parquet]
 
 Rates per core: tf.data runs on a private threadpool of N threads (every op
 single-threaded), N from --threads; `images_per_sec` is the wall-clock
@@ -46,11 +46,18 @@ before M13 added; torchvision: PILToTensor instead of ToTensor +
 Normalize). 'ratio': ours / theirs in images per CPU-second,
 'uint8_vs_official' ours uint8 against the official normalised transform.
 
+--parquet (key 'parquet_vs_folder'): the same JPEGs also as parquet shards
+of the Hugging Face layout (2 files, row groups of HF_ROW_GROUP rows), the
+pipeline on 1 thread reading them (`input.data='parquet:<dir>'`) and
+reading the folder, alternating, --compare_repeats times, the best of each;
+'ratio': parquet / folder in images per CPU-second.
+
 --smoke (the tests): 2 timed batches after 1 warm-up; with --jpeg, 16
 images, batch 8, threads 1 and 2, both IDCTs (the breakdown of the first),
 one comparison round.
 """
 
+import copy
 import glob
 import json
 import os
@@ -86,6 +93,9 @@ flags.DEFINE_bool('torchvision', True, '--jpeg: also the official MAE '
                   'transform (torchvision) on the same files, and ratios.')
 flags.DEFINE_integer('compare_repeats', 3, '--jpeg: measurements of each side '
                      'against torchvision (alternating; the best counts).')
+flags.DEFINE_bool('parquet', False, '--jpeg: also the same JPEGs as parquet '
+                  'shards (input.data=parquet:..., Hugging Face layout) '
+                  'against the folder, 1 thread, --compare_repeats each.')
 
 # --dct names -> augment.JPEG_DCT values.
 DCT = {'accurate': 'INTEGER_ACCURATE', 'fast': ''}
@@ -93,6 +103,9 @@ JPEG_QUALITY = 90
 JPEG_SIDES = (224, 500)
 # The P3 goal: images/s on one core at 224 px.
 GOAL_PER_CORE = 150
+# Rows per row group of the parquet shards: 🤗 datasets' default for image
+# data sets.
+HF_ROW_GROUP = 100
 # The breakdown's cumulative stages (each adds its work to the previous
 # one's), then the alternatives. 'flip' is PIL's resize with the flip fused
 # into it, as the pipeline does.
@@ -408,6 +421,48 @@ def versus_torchvision(folder: str, input_config, patch: int, batches: int,
   return out
 
 
+def write_parquet(folder: str, shards: int = 2,
+                  row_group: int = HF_ROW_GROUP) -> str:
+  """The JPEGs of `folder` (img_*.jpg, in order) as parquet shards of the
+  Hugging Face layout in folder/parquet/data; returns folder/parquet."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  files = sorted(glob.glob(os.path.join(folder, 'img_*.jpg')))
+  root = os.path.join(folder, 'parquet')
+  os.makedirs(os.path.join(root, 'data'), exist_ok=True)
+  for i in range(shards):
+    part = files[i * len(files) // shards:(i + 1) * len(files) // shards]
+    images = []
+    for path in part:
+      with open(path, 'rb') as fh:
+        images.append({'bytes': fh.read(), 'path': os.path.basename(path)})
+    pq.write_table(pa.table({'image': images}),
+                   os.path.join(root, 'data', f'train-{i:05d}-of-'
+                                f'{shards:05d}.parquet'),
+                   row_group_size=row_group)
+  return root
+
+
+def versus_parquet(folder: str, input_config, patch: int, batches: int,
+                   warmup: int, repeats: int) -> dict:
+  """The training pipeline on 1 thread reading the JPEGs from the folder
+  and from parquet shards of the same bytes (`write_parquet`), alternating,
+  `repeats` times each; the best of each and parquet / folder."""
+  shards = 'parquet:' + write_parquet(folder)
+  runs = {'folder': [], 'parquet': []}
+  for _ in range(repeats):
+    for name in runs:
+      config = copy.deepcopy(input_config)
+      if name == 'parquet':
+        config.data = shards
+      runs[name].append(_rate(pipeline(config, patch, 1), batches, warmup))
+  out = {name: _best(r) for name, r in runs.items()}
+  out['ratio'] = round(out['parquet']['images_per_cpu_sec'] /
+                       out['folder']['images_per_cpu_sec'], 2)
+  out['row_group_rows'] = HF_ROW_GROUP
+  return out
+
+
 def jpeg_mode(f, batches: int, warmup: int) -> dict:
   """--jpeg: writes the JPEGs, measures; returns the JSON result."""
   from mim_jax.data import augment
@@ -445,6 +500,9 @@ def jpeg_mode(f, batches: int, warmup: int) -> dict:
         augment.JPEG_DCT = default_dct
     versus = versus_torchvision(folder, input_config, patch, batches, warmup,
                                 f.compare_repeats) if f.torchvision else {}
+    if f.parquet:
+      versus['parquet_vs_folder'] = versus_parquet(
+          folder, input_config, patch, batches, warmup, f.compare_repeats)
   finally:
     if not f.jpeg_dir:
       shutil.rmtree(folder, ignore_errors=True)

@@ -346,7 +346,7 @@ def _train_example_fn(augment_fn: '_TrainAugment',
       example['label'] = source.label(record)
     example['step'] = tf.cast(step, tf.int32)
     example['index'] = tf.cast(index, tf.int32)
-    if source.paths is not None:
+    if source.checked:
       example[BAD_KEY] = filled
     return example
 
@@ -380,25 +380,26 @@ def read_checked(ds: tf.data.Dataset, source: sources.RecordSource,
                  input_config: Any) -> tf.data.Dataset:
   """(position, record) -> (position, record, encoded bytes, filled).
 
-  For sources of files, each file is checked before decoding
+  For checked sources (files, parquet rows), each image is checked before
+  decoding
   (`mim_jax.data.image_check`): a bad one is logged once by path and left
   out, and the next good record fills its position (`filled` = 1), or the
   run stops naming it (input.bad_images='error'). A source with no good
   file at all is refused here, before anything compiles. Other sources
   pass through (`filled` = 0).
   """
-  if source.paths is None:
+  if not source.checked:
     def read_all(position, record):
       return position, record, source.read(record), tf.constant(0)
 
     return ds.map(read_all, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
   checker = image_checker(input_config)
-  checker.first_good(source.paths)
+  checker.first_good(source.stored())
 
   def read(position, record):
     data = source.read(record)
-    return position, record, data, checker.ok(source.path(record), data)
+    return position, record, data, checker.ok(source.name(record), data)
 
   def good(unused_position, unused_record, unused_data, ok):
     return ok
@@ -478,10 +479,11 @@ def make_eval_dataset(input_config: Any,
   steps normalise it on the devices). The last batches are padded with
   `valid` = 0 so every host yields the same number of full batches.
 
-  A folder is checked whole first (every file read and decoded, split
-  between the JAX processes: `image_check.scan`), so a bad file fails here,
-  before anything compiles, in one line naming every bad file; or, with
-  bad_images='drop', is left out (counts exclude it, on every host).
+  A folder (or parquet split) is checked whole first (every image read and
+  decoded, split between the JAX processes: `image_check.scan`), so a bad
+  image fails here, before anything compiles, in one line naming every bad
+  one; or, with bad_images='drop', is left out (counts exclude it, on
+  every host).
 
   Args:
     input_config: `config.input` (image_size, mean, std, tfds fields).
@@ -543,18 +545,18 @@ def make_eval_dataset(input_config: Any,
 def _eval_source(input_config: Any, data, split, process_index: int,
                  process_count: int, bad_images: str, bad_images_field: str,
                  data_field: str) -> sources.RecordSource:
-  """The labelled source of an evaluation set, a folder's files checked
-  first (see `make_eval_dataset`)."""
+  """The labelled source of an evaluation set, a folder's files or parquet
+  rows checked first (see `make_eval_dataset`)."""
   if bad_images not in image_check.EVAL_BAD_IMAGE_MODES:
     raise errors.ConfigError(f'{bad_images_field}={bad_images!r}: use one '
                              f'of {image_check.EVAL_BAD_IMAGE_MODES}.')
   max_pixels = image_checker(input_config, mode='error').max_pixels
 
-  def screen(files):
+  def screen(files, read=None):
     where = (data or input_config.get('data')).split(':', 1)[1]
     return image_check.screen_eval_files(
-        files, _scan_on_all_processes(files, max_pixels), mode=bad_images,
-        field=bad_images_field, where=where)
+        files, _scan_on_all_processes(files, max_pixels, read),
+        mode=bad_images, field=bad_images_field, where=where)
 
   return sources.open_source(input_config, seed=0, data=data, split=split,
                              process_index=process_index,
@@ -563,14 +565,16 @@ def _eval_source(input_config: Any, data, split, process_index: int,
                              data_field=data_field if data else 'input.data')
 
 
-def _scan_on_all_processes(paths: list[str],
-                           max_pixels: int) -> dict[int, str]:
-  """`image_check.scan` of `paths`, each JAX process scanning every
-  process_count-th file; every process gets the whole {index: why}."""
+def _scan_on_all_processes(paths: list[str], max_pixels: int,
+                           read=None) -> dict[int, str]:
+  """`image_check.scan` of `paths` (with `read`, the images they name),
+  each JAX process scanning every process_count-th one; every process
+  gets the whole {index: why}."""
   import jax  # pylint: disable=g-import-not-at-top
   count, index = jax.process_count(), jax.process_index()
-  local = {index + count * i: why for i, why in
-           image_check.scan(paths[index::count], max_pixels).items()}
+  local_read = read and (lambda i: read(index + count * i))
+  local = {index + count * i: why for i, why in image_check.scan(
+      paths[index::count], max_pixels, local_read).items()}
   if count == 1:
     return local
   # pylint: disable-next=g-import-not-at-top
@@ -649,13 +653,13 @@ def make_vis_batch(input_config: Any,
     return example
 
   records = source.ordered()
-  if source.paths is not None:  # bad files are left out (the train
-    # pipeline applies input.bad_images)
+  if source.checked:  # bad images are left out (the train pipeline
+    # applies input.bad_images)
     checker = image_checker(input_config, mode='skip')
-    checker.first_good(source.paths)
+    checker.first_good(source.stored())
 
     def good(record):
-      return checker.ok(source.path(record), source.read(record))
+      return checker.ok(source.name(record), source.read(record))
 
     records = records.filter(good)
   ds = records.repeat().take(num_images).enumerate()

@@ -106,11 +106,12 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
 @pytest.mark.parametrize('data, words', [
     ('tfds:mnist', ['mnist', 'tfds build']),
     ('folder:EMPTY', ['EMPTY', '.jpg']),
+    ('parquet:EMPTY', ['EMPTY', 'No parquet files']),
 ])
 def test_missing_data_fails_before_compiling(tmp_path, monkeypatch, data,
                                              words):
-  """An unprepared TFDS dataset / empty image folder is reported before the
-  state is created (nothing is compiled)."""
+  """An unprepared TFDS dataset / empty image or parquet folder is reported
+  before the state is created (nothing is compiled)."""
   empty = tmp_path / 'empty_folder'
   empty.mkdir()
   data = data.replace('EMPTY', str(empty))

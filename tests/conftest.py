@@ -154,3 +154,33 @@ def shared_curves_short(tmp_path_factory, worker_id, method: str) -> str:
 def curves_short_workdir(tmp_path_factory, worker_id):
   """The MAE reference recipe's first 2 epochs (shared_curves_short)."""
   return shared_curves_short(tmp_path_factory, worker_id, 'mae')
+
+
+def write_parquet_shards(folder, split, images, labels=None, *, shards=2,
+                         row_group=3, classes=0):
+  """Writes `images` ([bytes]) as `<split>-0000i-of-0000n.parquet` files of
+  the Hugging Face layout (image = {bytes, path}, label; `classes`: the
+  ClassLabel names in the `huggingface` metadata) in folder/data, row
+  groups of `row_group` rows. Returns `folder`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(folder, 'data'), exist_ok=True)
+  columns = {'image': [{'bytes': b, 'path': None} for b in images]}
+  if labels is not None:
+    columns['label'] = pa.array(labels, pa.int64())
+  table = pa.table(columns)
+  if classes:
+    features = {'image': {'_type': 'Image'},
+                'label': {'_type': 'ClassLabel',
+                          'names': [str(i) for i in range(classes)]}}
+    table = table.replace_schema_metadata({'huggingface': json.dumps(
+        {'info': {'features': features}})})
+  bounds = np.linspace(0, len(images), shards + 1).astype(int)
+  for i in range(shards):
+    pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]),
+                   os.path.join(folder, 'data', f'{split}-{i:05d}-of-'
+                                f'{shards:05d}.parquet'),
+                   row_group_size=row_group)
+  return folder

@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from conftest import PipelineCrash
 from conftest import crash_train_pipeline
+from conftest import write_parquet_shards
 from mim_jax import config_lib
 from mim_jax import errors
 from mim_jax import experiment
@@ -26,6 +27,7 @@ from mim_jax import steps
 from mim_jax import train
 from mim_jax import weights
 from mim_jax.convert import core
+from mim_jax.data import embedded
 from mim_jax.methods.classifier import config as recipe
 from mim_jax.methods.mae import config as mae_config
 
@@ -46,10 +48,28 @@ def _pretrain_config():
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
-  """A tiny MAE workdir, pretrained for a few steps."""
+  """A tiny MAE workdir, pretrained for a few steps, on the embedded photos
+  as parquet shards (`input.data='parquet:...'`)."""
   wd = str(tmp_path_factory.mktemp('mae_tiny'))
-  train.train_and_evaluate(_pretrain_config(), wd)
+  config = _pretrain_config()
+  photos = [b for _, b in embedded.load('skimage')]
+  config.input.data = 'parquet:' + write_parquet_shards(
+      str(tmp_path_factory.mktemp('photos')), 'train', photos)
+  train.train_and_evaluate(config, wd)
   return wd
+
+
+@pytest.fixture(scope='module')
+def digits_parquet(tmp_path_factory):
+  """The embedded digits' train split and the first 256 of its test split
+  as parquet shards (labels, 10 classes in the metadata)."""
+  folder = str(tmp_path_factory.mktemp('digits'))
+  for split, rows in (('train', None), ('test', 256)):
+    write_parquet_shards(
+        folder, split, [b for _, b in embedded.load('digits', split)][:rows],
+        embedded.labels('digits', split)[:rows], shards=3, row_group=64,
+        classes=10)
+  return 'parquet:' + folder
 
 
 def _task_config(task, steps_=4, **model):
@@ -246,15 +266,17 @@ def test_linear_probe_run_keeps_the_pretrained_encoder_exactly(
 
 @pytest.mark.slow
 def test_finetune_resume_is_exact_and_eval_only_reproduces(
-    pretrained, tmp_path, monkeypatch):
+    pretrained, digits_parquet, tmp_path, monkeypatch):
   """A fine-tune run (mixup/cutmix, RandAugment, random erasing, init_from a
-  pretraining workdir) killed after its step-2 checkpoint and restarted
-  ends with the same params as an uninterrupted run; evaluation-only of
-  its workdir gives its last evaluation."""
+  pretraining workdir; the digits as parquet shards) killed after its
+  step-2 checkpoint and restarted ends with the same params as an
+  uninterrupted run; evaluation-only of its workdir gives its last
+  evaluation."""
 
   def config():
     c = _task_config('finetune', steps_=4)
     c.init_from = pretrained
+    c.input.data = c.eval.data = digits_parquet
     c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0)
     c.input.random_erasing.prob = 0.25
     c.input.randaugment = 'rand-m9-mstd0.5-inc1'
@@ -273,6 +295,7 @@ def test_finetune_resume_is_exact_and_eval_only_reproduces(
   # Evaluation-only from the fine-tuned workdir gives the run's last eval.
   ev = recipe.get_config('eval', 'mae', 'tiny')
   ev.init_from = str(tmp_path / 'full')
+  ev.input.data = ev.eval.data = digits_parquet
   ev.eval.batch_size = 64
   row = train.evaluate(ev, str(tmp_path / 'eval'))
   last = [json.loads(line) for line in open(tmp_path / 'full' /

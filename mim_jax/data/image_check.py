@@ -1,4 +1,5 @@
-"""Checks of encoded image files before they are decoded (folder sources).
+"""Checks of encoded images before they are decoded (folder and parquet
+sources).
 
 TensorFlow's decoders stop a tf.data pipeline at the first bad file, with an
 error that does not name it. Each file read from a folder is therefore
@@ -26,7 +27,7 @@ image, so a bad file stops the run naming every bad file
 import re
 import struct
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -143,19 +144,20 @@ class ImageChecker:
     flag.set_shape([])
     return flag
 
-  def first_good(self, paths: list[str], limit: int = 5) -> None:
-    """Reads `paths` in order until one is good, before anything compiles.
+  def first_good(self, images: Iterable[tuple[str, bytes]],
+                 limit: int = 5) -> None:
+    """Reads `images` ((name, encoded bytes), lazily) in order until one is
+    good, before anything compiles.
 
     Raises:
-      errors.DataError naming up to `limit` bad files, when none is good.
+      errors.DataError naming up to `limit` bad images, when none is good.
     """
     seen = []
-    for path in paths:
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        why = problem(f.read(), self.max_pixels)
+    for name, data in images:
+      why = problem(data, self.max_pixels)
       if why is None:
         return
-      seen.append(f'{path} ({why})')
+      seen.append(f'{name} ({why})')
     more = f' and {len(seen) - limit} more' if len(seen) > limit else ''
     raise errors.DataError(
         f'none of the {len(seen)} images can be decoded: '
@@ -205,8 +207,12 @@ def _decode_error(data: bytes) -> Optional[str]:
   return None
 
 
-def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
-  """Every file of `paths` that would not decode: {index: why}.
+def scan(paths: Sequence[str], max_pixels: int,
+         read: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
+         ) -> dict[int, str]:
+  """Every file of `paths` that would not decode: {index: why}; with
+  `read` (int64 index -> encoded bytes, TF ops), `paths` only name the
+  images (e.g. rows of parquet shards) and `read` reads them.
 
   Each file is read, checked from its bytes (`problem`), then decoded by
   TensorFlow's decoders, JPEGs at 1/8 scale (`ratio=8`: the whole entropy-
@@ -217,12 +223,13 @@ def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
   if not paths:
     return {}
   table = tf.constant(list(paths), tf.string)
+  read = read or (lambda index: tf.io.read_file(tf.gather(table, index)))
 
   def bytes_problem(data):
     return problem(data.numpy(), max_pixels) or ''
 
   def check(index):
-    data = tf.io.read_file(tf.gather(table, index))
+    data = read(index)
     why = tf.py_function(bytes_problem, [data], tf.string)
     why.set_shape([])
 
@@ -247,8 +254,7 @@ def scan(paths: Sequence[str], max_pixels: int) -> dict[int, str]:
       bad[int(index)] = why.decode('utf-8', 'replace')
   for index in sorted(set(range(len(paths))) - seen):
     try:
-      with tf.io.gfile.GFile(paths[index], 'rb') as f:
-        data = f.read()
+      data = read(tf.constant(index, tf.int64)).numpy()
     except (OSError, tf.errors.OpError) as e:
       bad[index] = f'cannot be read ({type(e).__name__}: {e})'
       continue

@@ -11,6 +11,10 @@ Supported `input.data` values:
                                 labels, one subfolder per class (ImageNet
                                 layout), classes in sorted name order.
   embedded:NAME                 images bundled in a package (no download).
+  parquet:/path                 parquet shards of the Hugging Face image
+                                layout (`mim_jax.data.parquet`): splits
+                                from the file names (train-*.parquet),
+                                labels from the `label` column.
 
 Labelled sources (`labeled=True`, for fine-tuning and probes) also give each
 record's class: `label(record)`, an int32 in [0, num_classes).
@@ -18,17 +22,19 @@ record's class: `label(record)`, an int32 in [0, num_classes).
 
 import abc
 import os
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Iterator
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 from mim_jax import errors
 from mim_jax.data import embedded
+from mim_jax.data import parquet
 from mim_jax.data import seeds
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-KNOWN_PREFIXES = ('tfds:', 'folder:', 'embedded:')
+KNOWN_PREFIXES = ('tfds:', 'folder:', 'embedded:', 'parquet:')
 
 
 class RecordSource(abc.ABC):
@@ -63,9 +69,15 @@ class RecordSource(abc.ABC):
     """All records of the shard in their stored order (no shuffling)."""
 
   # Sources of image files (folders): `path(record)` names a record's file
-  # and `paths` lists them in stored order, for the checks of
-  # `mim_jax.data.image_check`.
+  # and `paths` lists them in stored order.
   paths: list[str] | None = None
+
+  @property
+  def checked(self) -> bool:
+    """Whether records may be bad images, to check before decoding
+    (`mim_jax.data.image_check`: folders, parquet shards); `name` and
+    `stored` then name and list them."""
+    return self.paths is not None
 
   def read(self, record: tf.Tensor) -> tf.Tensor:
     """Turns a record into a scalar string tensor of encoded image bytes."""
@@ -74,6 +86,17 @@ class RecordSource(abc.ABC):
   def path(self, record: tf.Tensor) -> tf.Tensor:
     """The file of a record (sources with `paths` only)."""
     raise ValueError(f'{self.description} has no files.')
+
+  def name(self, record: tf.Tensor) -> tf.Tensor:
+    """A record's name in the logs (checked sources): its file."""
+    return self.path(record)
+
+  def stored(self) -> Iterator[tuple[str, bytes]]:
+    """(name, encoded bytes) of each record in stored order, read lazily
+    (checked sources)."""
+    for path in self.paths or ():
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        yield path, f.read()
 
   def label(self, record: tf.Tensor) -> tf.Tensor:
     """The int32 class of a record (labelled sources only)."""
@@ -135,6 +158,136 @@ class ArraySource(RecordSource):
     if self._labels is None:
       return super().label(record)
     return tf.gather(self._labels, record)
+
+
+class ParquetSource(RecordSource):
+  """One host's contiguous share of the rows of a split of parquet shards
+  (see `mim_jax.data.parquet`). Records are int64 positions in the host's
+  (sorted) global rows; `read` fetches a row's bytes from its (cached) row
+  group."""
+
+  def __init__(self, path: str, split: str, *, seed: int,
+               process_index: int, process_count: int, shuffle_rows: int,
+               labeled: bool = False, screen=None,
+               field: str = 'input.data'):
+    where = f'{field}={"parquet:" + path!r}'
+    shards = parquet.open_split(path, split, field)
+    rows = _screened_rows(shards, screen)
+    first, end = parquet.host_rows(len(rows), process_index, process_count)
+    if end <= first:
+      raise errors.DataError(
+          f'{where} split {split!r} has {len(rows)} rows, fewer than '
+          f'process_count={process_count}: host {process_index} gets none.')
+    self.description = (f'parquet:{path} split={split} rows '
+                        f'[{first}, {end}) of {len(rows)}')
+    self.num_records, self.total_records = end - first, len(rows)
+    self._shards, self._rows = shards, rows[first:end]
+    self._row_table = tf.constant(self._rows, tf.int64)
+    self._files = tf.constant(shards.files, tf.string)
+    self._file_start = tf.constant(shards.file_start, tf.int64)
+    starts, sizes = shards.runs(self._rows)
+    self._group_start = tf.constant(starts, tf.int64)
+    self._group_size = tf.constant(sizes, tf.int64)
+    self._num_groups = len(sizes)
+    self._window = max(1, round(shuffle_rows * len(sizes) /
+                                self.num_records))
+    shards.cache_groups = self._window + parquet.CACHE_SLACK
+    self._labels = None
+    if labeled:
+      labels, self.num_classes = _parquet_labels(shards, where)
+      self._labels = tf.constant(labels[self._rows], tf.int32)
+    self._shuffle_key = seeds.fold_in(
+        seeds.base_key(seed, seeds.SHUFFLE), process_index)
+
+  @property
+  def checked(self) -> bool:
+    return True
+
+  def epoch(self, epoch: tf.Tensor) -> tf.data.Dataset:
+    """Row groups in a random order; rows shuffled within windows of
+    `self._window` consecutive groups of that order."""
+    key = seeds.fold_in(self._shuffle_key, epoch)
+    count = self._num_groups
+    order = tf.random.experimental.index_shuffle(
+        tf.range(count, dtype=tf.int64), key, tf.constant(count - 1,
+                                                           tf.int64))
+
+    def window(w):
+      groups = order[w * self._window:(w + 1) * self._window]
+      starts = tf.gather(self._group_start, groups)
+      rows = tf.ragged.range(
+          starts, starts + tf.gather(self._group_size, groups)).flat_values
+      size = tf.size(rows, out_type=tf.int64)
+      mix = tf.random.experimental.index_shuffle(
+          tf.range(size), seeds.fold_in(key, w), size - 1)
+      return tf.data.Dataset.from_tensor_slices(tf.gather(rows, mix))
+
+    windows = -(-count // self._window)
+    return tf.data.Dataset.range(windows).flat_map(window)
+
+  def ordered(self) -> tf.data.Dataset:
+    return tf.data.Dataset.range(self.num_records)
+
+  def read(self, record: tf.Tensor) -> tf.Tensor:
+    return _read_row(self._shards, tf.gather(self._row_table, record))
+
+  def name(self, record: tf.Tensor) -> tf.Tensor:
+    """'<file> row <n>', in TF ops (it is made for every record)."""
+    row = tf.gather(self._row_table, record)
+    file = tf.searchsorted(self._file_start, row[None], side='right')[0] - 1
+    within = tf.strings.as_string(row - tf.gather(self._file_start, file))
+    return tf.strings.join([tf.gather(self._files, file), ' row ', within])
+
+  def stored(self) -> Iterator[tuple[str, bytes]]:
+    for row in self._rows:
+      yield self._shards.name(int(row)), self._shards.read(int(row))
+
+  def label(self, record: tf.Tensor) -> tf.Tensor:
+    if self._labels is None:
+      return super().label(record)
+    return tf.gather(self._labels, record)
+
+
+def _read_row(shards: parquet.Shards, row: tf.Tensor) -> tf.Tensor:
+  """The encoded image of a global row (int64 tensor), a string scalar."""
+  data = tf.numpy_function(lambda r: shards.read(int(r)), [row], tf.string,
+                           stateful=False)
+  data.set_shape([])
+  return data
+
+
+def _screened_rows(shards: parquet.Shards, screen) -> np.ndarray:
+  """The split's global rows, less those `screen(names, read)` leaves out
+  (evaluation sets; see `open_source`)."""
+  rows = np.arange(shards.num_rows, dtype=np.int64)
+  if screen is None:
+    return rows
+  names = [shards.name(int(r)) for r in rows]
+  out = set(screen(names, lambda index: _read_row(shards, index)))
+  return rows[[name not in out for name in names]] if out else rows
+
+
+def _parquet_labels(shards: parquet.Shards,
+                    where: str) -> tuple[np.ndarray, int]:
+  """(labels of every row of the split, number of classes).
+
+  Raises:
+    errors.DataError: no `label` column, or labels outside [0, classes).
+  """
+  if parquet.LABEL_COLUMN not in shards.schema.names:
+    raise errors.DataError(
+        f'{where}: the shards have no {parquet.LABEL_COLUMN!r} column '
+        f'(columns: {", ".join(shards.schema.names)}), so they cannot train '
+        'or evaluate a classifier; use labelled shards.')
+  labels = shards.labels()
+  classes = parquet.class_count(shards.schema) or int(labels.max()) + 1
+  bad = labels[(labels < 0) | (labels >= classes)]
+  if bad.size:
+    raise errors.DataError(
+        f'{where}: {bad.size} rows have labels outside [0, {classes}) '
+        f'(e.g. {int(bad[0])}; -1 marks unlabelled rows, as in ImageNet\'s '
+        'test split); use a labelled split.')
+  return labels, classes
 
 
 class TfdsSource(RecordSource):
@@ -342,7 +495,8 @@ def check_data_spec(data: str, field: str = 'input.data') -> tuple[str, str]:
   if not isinstance(data, str) or not data.startswith(KNOWN_PREFIXES):
     raise errors.DataError(
         f'Unknown {field}={data!r}; expected one of '
-        '"tfds:NAME[/CONFIG]", "folder:/path/to/images", "embedded:NAME" '
+        '"tfds:NAME[/CONFIG]", "folder:/path/to/images", '
+        '"parquet:/path/to/shards", "embedded:NAME" '
         f'(embedded: {", ".join(embedded.available())}).')
   kind, value = data.split(':', 1)
   if not value:
@@ -354,7 +508,7 @@ def check_data_spec(data: str, field: str = 'input.data') -> tuple[str, str]:
 def open_source(input_config: Any, *, seed: int, process_index: int,
                 process_count: int, split: str | None = None,
                 labeled: bool = False, data: str | None = None,
-                screen: Callable[[list[str]], Collection[str]] | None = None,
+                screen: Callable[..., Collection[str]] | None = None,
                 data_field: str = 'input.data') -> RecordSource:
   """Opens the source named by `input_config.data` for one host.
 
@@ -363,13 +517,15 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
     seed: experiment seed (drives the per-epoch shuffling).
     process_index: this host's index.
     process_count: number of hosts; each gets a disjoint shard.
-    split: the split to read (default `input_config.split`; TFDS and
-      embedded sets; a folder source has no splits).
+    split: the split to read (default `input_config.split`; TFDS,
+      parquet and embedded sets; a folder source has no splits).
     labeled: also give each record's class (`label`, `num_classes`).
     data: the data spec (default `input_config.data`).
-    screen: folder sources: called with every file of the folder (all
-      hosts, sorted) before it is split between hosts; returns the files to
-      leave out (class numbers still count their folders), or raises.
+    screen: folder and parquet sources: called with every file of the
+      folder (all hosts, sorted), or every row's name and a reader
+      (int64 index -> encoded bytes) for parquet, before they are split
+      between hosts; returns the names to leave out (class numbers still
+      count their folders), or raises.
     data_field: the config field that holds the data spec, named in every
       message ('input.data', 'eval.data', 'knn.data').
 
@@ -388,6 +544,11 @@ def open_source(input_config: Any, *, seed: int, process_index: int,
   if kind == 'tfds':
     source = TfdsSource(value, input_config, split=split, labeled=labeled,
                         field=data_field, **shard)
+  elif kind == 'parquet':
+    source = ParquetSource(
+        value, split or input_config.get('split', 'train'), labeled=labeled,
+        shuffle_rows=int(input_config.get('shuffle_buffer', 10_000)),
+        screen=screen, field=data_field, **shard)
   elif kind == 'folder':
     files = _list_image_files(value, data_field)
     labels, classes = (_folder_labels(value, files, data_field) if labeled
