@@ -312,6 +312,11 @@ def initial_params(config, model):
   method = experiment.method_of(config)
   strict = config.get('init_strict', True)
   if hf_vit.is_folder(path):
+    if config.get('eval_only'):
+      raise errors.WeightsFileError(
+          f'init_from={path!r} is a transformers folder (an encoder, no '
+          'classifier head), and eval_only evaluates a classifier as it '
+          'is: fine-tune from it first.')
     if method.labelled is not None:
       return method.labelled.from_encoder(
           hf_encoder(config, model, path), model,

@@ -282,6 +282,10 @@ def test_bad_folders_fail_with_one_line(tmp_path):
                      match=r'config.model.encoder.width=64 but '
                      r'hidden_size=32'):
     weights.initial_params(ft, experiment.build_model(ft))
+  ev = classifier_config.get_config('eval', 'mae', 'tiny')
+  ev.init_from = ft.init_from
+  with pytest.raises(errors.WeightsFileError, match='no classifier head'):
+    weights.initial_params(ev, experiment.build_model(ev))
 
 
 def test_what_transformers_cannot_represent_is_refused():
