@@ -432,13 +432,7 @@ def encoder_problems(enc, image_size: int) -> list[str]:
   if not enc.final_norm:
     problems.append('no final norm (final_norm=False): transformers\' ViT '
                     'always ends with `layernorm`')
-  if enc.width % enc.num_heads:
-    problems.append(f'width {enc.width} is not divisible by num_heads '
-                    f'{enc.num_heads}')
-  if image_size % enc.patch_size:
-    problems.append(f'image size {image_size} is not a multiple of the '
-                    f'patch size {enc.patch_size}')
-  return problems
+  return problems + timm_vit.grid_problems(enc, image_size)
 
 
 def _plain_blocks(sd: dict) -> dict:

@@ -110,12 +110,7 @@ def timm_kwargs(fields: Mapping[str, Any], image_size: int, pool: str,
         f'hidden units, and mlp_ratio={mlp_ratio!r} rounds that to '
         f'{int(enc.width * mlp_ratio)}; use an mlp_dim that a float ratio '
         'gives back exactly (e.g. 4 * width)')
-  if enc.width % enc.num_heads:
-    problems.append(f'width {enc.width} is not divisible by num_heads '
-                    f'{enc.num_heads} (timm needs whole heads)')
-  if image_size % enc.patch_size:
-    problems.append(f'image size {image_size} is not a multiple of the '
-                    f'patch size {enc.patch_size}')
+  problems += grid_problems(enc, image_size)
   if pool == 'token' and not enc.final_norm:
     problems.append('no final norm (final_norm=False), which '
                     "global_pool='token' needs: use pool 'avg'")
@@ -134,6 +129,19 @@ def timm_kwargs(fields: Mapping[str, Any], image_size: int, pool: str,
       qkv_bias=enc.qkv_bias is not False, init_values=init_values,
       class_token=True, no_embed_class=False, pos_embed='learn',
       global_pool=pool, fc_norm=pool == 'avg', num_classes=0)
+
+
+def grid_problems(enc, image_size: int) -> list[str]:
+  """Heads and patches that do not tile the encoder (a timm or transformers
+  ViT needs whole heads and a whole patch grid)."""
+  problems = []
+  if enc.width % enc.num_heads:
+    problems.append(f'width {enc.width} is not divisible by num_heads '
+                    f'{enc.num_heads} (whole heads are needed)')
+  if image_size % enc.patch_size:
+    problems.append(f'image size {image_size} is not a multiple of the '
+                    f'patch size {enc.patch_size}')
+  return problems
 
 
 def constructor(kwargs: Mapping[str, Any]) -> str:
