@@ -194,13 +194,7 @@ def hf_encoder(config, model, path: str) -> dict[str, np.ndarray]:
   hf_config = hf_vit.with_defaults(hf_vit.read_config(path))
   where = os.path.join(path, 'config.json')
   enc = vit.Encoder(**model.encoder_fields())
-  m = 'config.model.encoder.'
-  hf_vit.check_sizes(hf_config, {
-      'hidden_size': (m + 'width', enc.width),
-      'num_hidden_layers': (m + 'depth', enc.depth),
-      'num_attention_heads': (m + 'num_heads', enc.num_heads),
-      'intermediate_size': (m + 'mlp_dim', enc.mlp_dim or 4 * enc.width),
-      'patch_size': (m + 'patch_size', enc.patch_size)}, where)
+  hf_vit.check_sizes(hf_config, hf_vit.encoder_sizes(enc), where)
   note = hf_vit.eps_note(hf_config, enc.layernorm_eps)
   if note:
     logging.info('%s: %s', where, note)

@@ -353,19 +353,30 @@ def mae_to_hf(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # Configs.
 
 
-def encoder_config(fields: Mapping[str, Any], image_size: int) -> dict:
-  """The ViTConfig / ViTMAEConfig entries of vit.Encoder `fields` (already
-  checked to be representable)."""
-  width = int(fields['width'])
+def encoder_config(enc, image_size: int) -> dict:
+  """The ViTConfig / ViTMAEConfig entries of a vit.Encoder (an instance,
+  for its defaults; already checked to be representable)."""
   return dict(
-      hidden_size=width, num_hidden_layers=int(fields['depth']),
-      num_attention_heads=int(fields['num_heads']),
-      intermediate_size=int(fields.get('mlp_dim') or 4 * width),
+      hidden_size=enc.width, num_hidden_layers=enc.depth,
+      num_attention_heads=enc.num_heads,
+      intermediate_size=enc.mlp_dim or 4 * enc.width,
       hidden_act='gelu', hidden_dropout_prob=0.0,
       attention_probs_dropout_prob=0.0,
-      layer_norm_eps=float(fields['layernorm_eps']),
-      image_size=int(image_size), patch_size=int(fields['patch_size']),
-      num_channels=3, qkv_bias=fields.get('qkv_bias', True) is not False)
+      layer_norm_eps=float(enc.layernorm_eps),
+      image_size=int(image_size), patch_size=enc.patch_size,
+      num_channels=3, qkv_bias=enc.qkv_bias is not False)
+
+
+def encoder_sizes(enc, field: str = 'config.model.encoder.'
+                  ) -> dict[str, tuple]:
+  """config.json entry -> (our config field, value) of a vit.Encoder's
+  sizes, for `check_sizes`; `field`: where the config holds the encoder."""
+  return {
+      'hidden_size': (field + 'width', enc.width),
+      'num_hidden_layers': (field + 'depth', enc.depth),
+      'num_attention_heads': (field + 'num_heads', enc.num_heads),
+      'intermediate_size': (field + 'mlp_dim', enc.mlp_dim or 4 * enc.width),
+      'patch_size': (field + 'patch_size', enc.patch_size)}
 
 
 def check_sizes(hf_config: Mapping[str, Any], ours: Mapping[str, tuple],
@@ -454,21 +465,20 @@ def _plain_blocks(sd: dict) -> dict:
   return out
 
 
-def vit_config(fields: Mapping[str, Any], image_size: int) -> dict:
+def vit_config(enc, image_size: int) -> dict:
   """config.json of the `ViTModel` that `encoder_to_vit` writes."""
-  cfg = encoder_config(fields, image_size)
+  cfg = encoder_config(enc, image_size)
   cfg.update(model_type=VIT_TYPE, architectures=[VIT_ARCH],
-             encoder_stride=int(fields['patch_size']),
+             encoder_stride=enc.patch_size,
              pooler_output_size=cfg['hidden_size'], pooler_act='tanh')
   return cfg
 
 
-def mae_config(fields: Mapping[str, Any], decoder: Mapping[str, Any],
-               image_size: int, mask_ratio: float,
-               norm_pix_loss: bool) -> dict:
+def mae_config(enc, decoder: Mapping[str, Any], image_size: int,
+               mask_ratio: float, norm_pix_loss: bool) -> dict:
   """config.json of the `ViTMAEForPreTraining` that an MAE exports to;
   `decoder`: width, depth, num_heads and mlp_dim (None: 4 * width)."""
-  cfg = encoder_config(fields, image_size)
+  cfg = encoder_config(enc, image_size)
   cfg.update(
       model_type=MAE_TYPE, architectures=[MAE_ARCH],
       decoder_hidden_size=int(decoder['width']),
@@ -500,12 +510,7 @@ def encoder_to_vit(params, fields: Mapping[str, Any], image_size: int
     g = image_size // enc.patch_size
     sd['pos_embed'] = layers.posemb_sincos_2d(
         g, g, enc.width, row_first=enc.posemb_row_first)
-  sd = _plain_blocks(sd)
-  fields = dict(fields, width=enc.width, depth=enc.depth,
-                num_heads=enc.num_heads, mlp_dim=enc.mlp_dim,
-                patch_size=enc.patch_size, layernorm_eps=enc.layernorm_eps,
-                qkv_bias=enc.qkv_bias)
-  return vit_config(fields, image_size), encoder_to_hf(sd)
+  return vit_config(enc, image_size), encoder_to_hf(_plain_blocks(sd))
 
 
 def vit_constructor(kind: str, out: str) -> str:

@@ -112,12 +112,8 @@ def to_hf(config, model, params) -> tuple[dict, dict[str, np.ndarray]]:
         '\n  '.join(problems) + '\n(export the encoder with --format=timm, '
         'or the whole model with --format=official)')
   size = int(config.input.image_size)
-  enc = _encoder(model)
-  fields = dict(width=enc.width, depth=enc.depth, num_heads=enc.num_heads,
-                mlp_dim=enc.mlp_dim, patch_size=enc.patch_size,
-                layernorm_eps=enc.layernorm_eps, qkv_bias=True)
   cfg = hf_vit.mae_config(
-      fields, dict(width=model.decoder_width, depth=model.decoder_depth,
+      _encoder(model), dict(width=model.decoder_width, depth=model.decoder_depth,
                    num_heads=model.decoder_num_heads,
                    mlp_dim=model.decoder_mlp_dim),
       size, model.mask_ratio, bool(config.loss.get('norm_pix_loss', False)))
@@ -129,12 +125,7 @@ def _hf_fields(config, model) -> dict[str, tuple]:
   """config.json entry -> (our config field, our value)."""
   enc, m = _encoder(model), 'config.model.'
   return {
-      'hidden_size': (m + 'encoder.width', enc.width),
-      'num_hidden_layers': (m + 'encoder.depth', enc.depth),
-      'num_attention_heads': (m + 'encoder.num_heads', enc.num_heads),
-      'intermediate_size': (m + 'encoder.mlp_dim',
-                            enc.mlp_dim or 4 * enc.width),
-      'patch_size': (m + 'encoder.patch_size', enc.patch_size),
+      **hf_vit.encoder_sizes(enc, m + 'encoder.'),
       'qkv_bias': (m + 'encoder.qkv_bias', enc.qkv_bias),
       'num_channels': ('in_chans', model.in_chans),
       'image_size': ('config.input.image_size',
