@@ -306,11 +306,8 @@ def initial_params(config, model):
   method = experiment.method_of(config)
   strict = config.get('init_strict', True)
   if hf_vit.is_folder(path):
-    if config.get('eval_only'):
-      raise errors.WeightsFileError(
-          f'init_from={path!r} is a transformers folder (an encoder, no '
-          'classifier head), and eval_only evaluates a classifier as it '
-          'is: fine-tune from it first.')
+    _refuse_headless_eval(config, path, 'is a transformers folder (an '
+                          'encoder, no classifier head)')
     if method.labelled is not None:
       return method.labelled.from_encoder(
           hf_encoder(config, model, path), model,
@@ -373,11 +370,9 @@ def _labelled_from_file(config, model, path: str, sd: dict, strict: bool):
       file has no head or does not fit whole.
   """
   has_head = any(k.startswith('head.') for k in sd)
-  if config.get('eval_only') and not has_head:
-    raise errors.WeightsFileError(
-        f'init_from={path!r} holds no classifier head (head.* keys), and '
-        'eval_only evaluates a classifier as it is: give a fine-tuned file '
-        'or workdir, or fine-tune from this one first.')
+  if not has_head:
+    _refuse_headless_eval(config, path,
+                          'holds no classifier head (head.* keys)')
   if has_head:
     try:
       return from_torch(config, model, path, strict=strict, state_dict=sd)
@@ -393,6 +388,20 @@ def _labelled_from_file(config, model, path: str, sd: dict, strict: bool):
   return experiment.method_of(config).labelled.from_encoder(
       encoder_state_dict(src, sd), model, _fresh_params(config, model),
       config.input.image_size)
+
+
+def _refuse_headless_eval(config, path: str, what: str):
+  """An eval config evaluates a classifier as it is: weights without a
+  head (`what` says why) are refused.
+
+  Raises:
+    errors.WeightsFileError: config.eval_only is set.
+  """
+  if config.get('eval_only'):
+    raise errors.WeightsFileError(
+        f'init_from={path!r} {what}, and eval_only evaluates a classifier '
+        'as it is: give a fine-tuned file or workdir, or fine-tune from '
+        'this one first.')
 
 
 def _check_same(expected, got, path: str):
